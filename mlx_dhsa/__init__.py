@@ -1,0 +1,18 @@
+"""Dynamic Hierarchical Sparse Attention for MLX language models."""
+
+from ._version import __version__
+from .config import DHSAConfig
+from .loading import MODEL_ALIASES, ModelNotFoundError, load
+from .patching import patch, unpatch
+from .selection import Plan
+
+__all__ = [
+    "DHSAConfig",
+    "MODEL_ALIASES",
+    "ModelNotFoundError",
+    "Plan",
+    "__version__",
+    "load",
+    "patch",
+    "unpatch",
+]

@@ -1,0 +1,82 @@
+from dataclasses import dataclass, fields
+
+BOUNDARY_METHODS = ("shift", "fixed")
+
+
+@dataclass(frozen=True)
+class DHSAConfig:
+    """Settings for Dynamic Hierarchical Sparse Attention.
+
+    Paper notation: N_b -> ``budget``; query block size -> ``block_size``; boundary
+    window w -> ``boundary_window``. Defaults are the paper's released configuration
+    (design.md section 3).
+    """
+
+    budget: int = 2048  # keys kept per query block (N_b), sinks and local window included
+    block_size: int = 128  # queries per block (Bq); a block shares one selection
+    sink: int = 128  # first keys always kept (attention sinks)
+    local: int = 128  # keys right before each query block always kept (plus the block itself)
+    dense_tail: int = 64  # last queries of every multi-token call attend to all keys
+    dense_below: int | None = None  # run dense while keys <= this; None = budget
+    boundaries: str = "shift"  # "shift": training-free key shift; "fixed": every target_chunk keys
+    boundary_window: int = 4  # w: keys averaged on each side of a gap to score it
+    nms_window: int = 8  # a chosen gap suppresses others this close
+    min_chunk: int = 8  # shortest chunk
+    target_chunk: int = 32  # average chunk length the boundary count aims at
+    max_chunk: int | None = None  # longest chunk (forced cuts); None = 4 * block_size
+    boundary_threshold: float | None = None  # None = top-count by target_chunk; else min shift
+    share_boundaries: bool = True  # compute boundaries once (first patched layer) for all layers
+    sliding_window: bool = True  # honour the model's sliding window on its sliding layers
+    use_kernel: bool = True  # use the GPU kernels when a GPU backend is present
+
+    def __post_init__(self):
+        for name in ("budget", "block_size", "boundary_window", "min_chunk", "target_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"DHSAConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("sink", "local", "dense_tail", "nms_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"DHSAConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.dense_below is not None and self.dense_below < 0:
+            raise ValueError(f"DHSAConfig.dense_below must be >= 0 or None, got {self.dense_below}")
+        if self.boundaries not in BOUNDARY_METHODS:
+            raise ValueError(
+                f"DHSAConfig.boundaries must be one of {BOUNDARY_METHODS}, got {self.boundaries!r}"
+            )
+        forced = self.sink + self.local + self.block_size
+        if self.budget < forced:
+            raise ValueError(
+                f"DHSAConfig.budget ({self.budget}) must be at least sink + local + block_size "
+                f"({self.sink} + {self.local} + {self.block_size} = {forced}): those keys are "
+                "always kept. Raise the budget or lower sink/local/block_size."
+            )
+        if not self.min_chunk <= self.target_chunk <= self.chunk_limit:
+            raise ValueError(
+                "DHSAConfig needs min_chunk <= target_chunk <= max_chunk, got "
+                f"{self.min_chunk}, {self.target_chunk}, {self.chunk_limit}"
+            )
+
+    @property
+    def dense_limit(self) -> int:
+        """Key count up to which attention stays dense (``dense_below`` or ``budget``)."""
+        return self.budget if self.dense_below is None else self.dense_below
+
+    @property
+    def chunk_limit(self) -> int:
+        """The longest chunk allowed (``max_chunk`` or ``4 * block_size``)."""
+        return self.max_chunk if self.max_chunk is not None else 4 * self.block_size
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DHSAConfig":
+        """Build a config from a dict, ignoring unknown keys (as mlx-lm's ``from_dict``)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **overrides) -> "DHSAConfig":
+        """A copy with ``overrides`` applied; unknown names raise ``TypeError`` listing the fields."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown DHSAConfig field(s) {unknown}; valid fields: {sorted(names)}")
+        return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **overrides})

@@ -1,0 +1,106 @@
+"""load(): resolve a model name, load it with mlx-lm, patch it with DHSA."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.nn as nn
+
+from .config import DHSAConfig
+from .patching import patch as patch_model
+
+# Short names -> mlx-community repositories. Paths and other repo ids pass through.
+# 9b/27b point at 4-bit conversions, which fit 8-32 GB Macs.
+MODEL_ALIASES: dict[str, str] = {
+    "gemma-2-2b": "mlx-community/gemma-2-2b",
+    "gemma-2-2b-it": "mlx-community/gemma-2-2b-it",
+    "gemma-2-9b": "mlx-community/gemma-2-9b-4bit",
+    "gemma-2-9b-it": "mlx-community/gemma-2-9b-it-4bit",
+    "gemma-2-27b": "mlx-community/gemma-2-27b-4bit",
+    "gemma-2-27b-it": "mlx-community/gemma-2-27b-it-4bit",
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither a local directory nor in (or reachable for) the HF cache."""
+
+
+def resolve(name: str) -> str:
+    """Map an alias to its repository; local paths and repo ids pass through.
+
+    Raises:
+        ModelNotFoundError: ``name`` looks like neither an alias, a path nor ``owner/repo``.
+    """
+    if name in MODEL_ALIASES:
+        return MODEL_ALIASES[name]
+    if Path(name).expanduser().exists() or name.count("/") == 1:
+        return name
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: not a local directory, not an 'owner/repo' id, and not one "
+        f"of the aliases {sorted(MODEL_ALIASES)}"
+    )
+
+
+def _missing_model_message(repo: str, error: Exception) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    how = (
+        "HF_HUB_OFFLINE is set, so nothing is downloaded: unset it, or download the model first"
+        if offline
+        else "it could not be downloaded (no network or no access); download it where you have "
+        "network, or set HF_HUB_OFFLINE=1 to use only the cache"
+    )
+    return (
+        f"model {repo!r} is not in the local cache ({HF_HUB_CACHE}) and {how} "
+        f"[{type(error).__name__}]"
+    )
+
+
+def load(
+    path_or_alias: str,
+    config: DHSAConfig | None = None,
+    *,
+    patch: bool = True,
+    tokenizer_config: dict | None = None,
+    **overrides: Any,
+) -> tuple[nn.Module, Any]:
+    """Load an mlx-lm model and tokenizer and swap its attention for DHSA.
+
+    Args:
+        path_or_alias (str): an alias from ``MODEL_ALIASES``, a local directory or an HF repo.
+        config (DHSAConfig, optional): DHSA settings; ``None`` = ``DHSAConfig()``.
+        patch (bool): ``False`` returns the unpatched (dense) model. Default: ``True``.
+        tokenizer_config (dict, optional): passed to ``mlx_lm.load``.
+        **overrides: DHSAConfig fields, e.g. ``budget=1024``.
+
+    Returns:
+        tuple: ``(model, tokenizer)`` as ``mlx_lm.load`` returns them.
+
+    Raises:
+        ModelNotFoundError: unknown alias, or a model that is neither cached nor downloadable.
+        ValueError: a model type DHSA does not support.
+        TypeError: an override that is not a DHSAConfig field.
+    """
+    import mlx_lm
+
+    config = (config or DHSAConfig()).replace(**overrides)
+    repo = resolve(path_or_alias)
+    try:
+        model, tokenizer = mlx_lm.load(repo, tokenizer_config=tokenizer_config or {})
+    except Exception as e:  # hub errors come in many types; local-path errors pass through
+        if Path(repo).expanduser().exists() or not _is_hub_error(e):
+            raise
+        raise ModelNotFoundError(_missing_model_message(repo, e)) from e
+    if patch:
+        patch_model(model, config)
+    return model, tokenizer
+
+
+def _is_hub_error(e: Exception) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    names = {"RepositoryNotFoundError", "GatedRepoError", "ModelNotFoundError"}
+    return isinstance(e, (HfHubHTTPError, LocalEntryNotFoundError, OSError, ConnectionError)) or (
+        type(e).__name__ in names
+    )

@@ -1,0 +1,70 @@
+"""Swap the attention modules of a loaded mlx-lm model for DHSAAttention (instances only)."""
+
+from collections.abc import Callable
+
+import mlx.nn as nn
+
+from .attention import DHSAAttention, SharedChunks
+from .config import DHSAConfig
+
+GEMMA2_SLIDING_WINDOW = 4096  # every released Gemma2; mlx-lm's ModelArgs drops the field
+
+
+def _patch_gemma2(model: nn.Module, config: DHSAConfig) -> None:
+    # HF Gemma2 marks even-index layers as sliding.
+    window = getattr(model.args, "sliding_window", None) or GEMMA2_SLIDING_WINDOW
+    shared = SharedChunks()
+    for i, layer in enumerate(model.layers):
+        layer.self_attn = DHSAAttention.from_base(
+            layer.self_attn, config, window=window if i % 2 == 0 else None, shared=shared, owner=i == 0
+        )
+
+
+PATCHERS: dict[str, Callable[[nn.Module, DHSAConfig], None]] = {"gemma2": _patch_gemma2}
+
+
+def dhsa_layers(model: nn.Module) -> list[DHSAAttention]:
+    """The DHSAAttention modules of ``model`` (empty if it is not patched)."""
+    layers = getattr(model, "layers", [])
+    return [l.self_attn for l in layers if isinstance(getattr(l, "self_attn", None), DHSAAttention)]
+
+
+def patch(model: nn.Module, config: DHSAConfig | None = None, **overrides) -> nn.Module:
+    """Replace the model's attention with DHSA, in place.
+
+    Args:
+        model (nn.Module): an mlx-lm model of a supported type (see ``PATCHERS``).
+        config (DHSAConfig, optional): settings; ``None`` means ``DHSAConfig()``.
+        **overrides: DHSAConfig fields to change, e.g. ``budget=1024``.
+
+    Returns:
+        nn.Module: the same model. Patching again with the same config does nothing.
+
+    Raises:
+        ValueError: unsupported model type, or already patched with another config.
+        TypeError: an override that is not a DHSAConfig field.
+    """
+    config = (config or DHSAConfig()).replace(**overrides)
+    model_type = getattr(model, "model_type", None)
+    if model_type not in PATCHERS:
+        raise ValueError(
+            f"DHSA supports model types {sorted(PATCHERS)}, got {model_type!r}"
+        )
+    patched = dhsa_layers(model)
+    if patched:
+        if all(a.config == config for a in patched):
+            return model
+        raise ValueError(
+            f"model is already patched with {patched[0].config}; call "
+            "mlx_dhsa.unpatch(model) first to patch it with other settings"
+        )
+    PATCHERS[model_type](model, config)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the model's original attention modules, in place (a no-op if not patched)."""
+    for layer in model.layers:
+        if isinstance(getattr(layer, "self_attn", None), DHSAAttention):
+            layer.self_attn = layer.self_attn._base
+    return model

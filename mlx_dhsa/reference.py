@@ -1,0 +1,121 @@
+"""Pure-MLX attention: the CPU path and the oracle every kernel is tested against.
+
+The math is mlx-lm's Gemma2 attention, written once: queries scaled by ``scale``
+(query_pre_attn_scalar^-0.5), logits soft-capped as ``c * tanh(s / c)``, a precise softmax,
+GQA through the ``(B, H_kv, repeats, L, D)`` reshape (K/V are never repeated).
+"""
+
+import mlx.core as mx
+
+from .selection import Plan
+
+# Scores per group of query blocks in sparse_attention; bounds its working memory.
+MAX_GROUP_SCORES = 1 << 24
+
+
+def _logits(q: mx.array, k: mx.array, scale: float, softcap: float | None) -> mx.array:
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    if softcap is not None:
+        scores = mx.tanh(scores / softcap) * softcap
+    return scores
+
+
+def _masked_softmax(scores: mx.array, mask: mx.array | None) -> mx.array:
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+    return mx.softmax(scores, axis=-1, precise=True)
+
+
+def dense_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    mask: mx.array | None = None,
+) -> mx.array:
+    """Dense attention with Gemma2's math: ``softmax(c * tanh(scale * q.k / c)) v``.
+
+    Args:
+        q (mx.array): queries, (B, H, L, D).
+        k (mx.array): keys, (B, H_kv, S, D); H must be a multiple of H_kv.
+        v (mx.array): values, (B, H_kv, S, D).
+        scale (float): query scale.
+        softcap (float, optional): logit soft cap c; ``None`` = no cap. Default: ``None``.
+        mask (mx.array, optional): bool, broadcastable to (B, H, L, S) or given as (L, S) /
+            (B, 1, L, S) as mlx-lm builds it; False entries are excluded. Default: ``None``.
+
+    Returns:
+        mx.array: (B, H, L, D). A row with every key masked gets the mean of the values.
+    """
+    B, H, L, D = q.shape
+    H_kv = k.shape[1]
+    q = q.reshape(B, H_kv, H // H_kv, L, D)
+    if mask is not None and mask.ndim == 4:
+        mask = mx.expand_dims(mask, 2)  # (B, 1, 1, L, S) against (B, H_kv, R, L, S)
+    scores = _logits(q, mx.expand_dims(k, 2), scale, softcap)
+    out = _masked_softmax(scores, mask) @ mx.expand_dims(v, 2)
+    return out.reshape(B, H, L, D)
+
+
+def _gather(x: mx.array, idx: mx.array) -> mx.array:
+    """Rows of x (B, H_kv, S, D) at idx (B, G, K) -> (B, H_kv, G, K, D)."""
+    B, H_kv, S, D = x.shape
+    _, G, K = idx.shape
+    return mx.stack([x[b][:, idx[b].reshape(-1)].reshape(H_kv, G, K, D) for b in range(B)])
+
+
+def sparse_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    plan: Plan,
+    *,
+    scale: float,
+    softcap: float | None = None,
+) -> mx.array:
+    """Attention of every query over its block's planned keys (paper section 3, step 5).
+
+    Query i (position ``plan.q_offset + i``) attends to the valid slots of its block that are
+    causal and inside the window, with the math of :func:`dense_attention`. Blocks are
+    processed in groups whose scores hold at most ``MAX_GROUP_SCORES`` entries, so memory
+    grows like L x budget, never L x S.
+
+    Args:
+        q (mx.array): queries, (B, H, L, D).
+        k (mx.array): keys, (B, H_kv, S, D).
+        v (mx.array): values, (B, H_kv, S, D).
+        plan (Plan): key indices per query block, (B, ceil(L / block_size), K).
+        scale (float): query scale.
+        softcap (float, optional): logit soft cap. Default: ``None``.
+
+    Returns:
+        mx.array: (B, H, L, D); a query with no allowed key gets zeros.
+    """
+    B, H, L, D = q.shape
+    H_kv = k.shape[1]
+    Bq, K = plan.block_size, plan.budget
+    NB = plan.indices.shape[1]
+    G = max(1, MAX_GROUP_SCORES // (B * H * Bq * K))
+    outs = []
+    for b0 in range(0, NB, G):
+        b1 = min(b0 + G, NB)
+        n = min(b1 * Bq, L) - b0 * Bq
+        qg = q[:, :, b0 * Bq : b0 * Bq + n]
+        qg = mx.pad(qg, [(0, 0), (0, 0), (0, (b1 - b0) * Bq - n), (0, 0)])
+        qg = qg.reshape(B, H_kv, H // H_kv, b1 - b0, Bq, D)
+        idx = plan.indices[:, b0:b1]  # (B, G, K)
+        kg = mx.expand_dims(_gather(k, idx), 2)  # (B, H_kv, 1, G, K, D)
+        vg = mx.expand_dims(_gather(v, idx), 2)
+        pos = plan.q_offset + b0 * Bq + mx.arange((b1 - b0) * Bq).reshape(b1 - b0, Bq, 1)
+        keys = idx[:, :, None, :]  # (B, G, 1, K)
+        mask = (mx.arange(K) < plan.n_valid[:, b0:b1, None, None]) & (keys <= pos)
+        if plan.window is not None:
+            mask = mask & (keys > pos - plan.window)
+        mask = mask[:, None, None]  # (B, 1, 1, G, Bq, K)
+        scores = _logits(qg, kg, scale, softcap)
+        out = _masked_softmax(scores, mask) @ vg
+        out = out * mask.any(axis=-1, keepdims=True).astype(out.dtype)
+        outs.append(out.reshape(B, H, (b1 - b0) * Bq, D)[:, :, :n])
+    return mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]

@@ -1,0 +1,191 @@
+"""Selection: which keys each query block attends to (the "plan"), pure MLX.
+
+block x chunk scores -> per-block choice of chunks under the budget -> padded key indices.
+Every step has static shapes and runs on the device; no L x S array is ever built.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .chunking import Chunks
+from .config import DHSAConfig
+
+
+@dataclass
+class Plan:
+    """The key set of every query block: where selection and attention meet.
+
+    Query i of the planned range sits at absolute position ``q_offset + i`` and belongs to
+    block ``i // block_size``. It may attend to slots ``j < n_valid[b, blk]`` of
+    ``indices[b, blk]`` whose key position ``k`` satisfies ``k <= q`` and, with a window,
+    ``k > q - window``.
+    """
+
+    indices: mx.array  # (B, NB, K) int32 key positions, ascending; padding slots hold 0
+    n_valid: mx.array  # (B, NB) int32, valid slots per block (<= K)
+    q_offset: int  # absolute position of the first planned query
+    block_size: int  # queries per block
+    window: int | None  # sliding window of the layer; None = global attention
+
+    @property
+    def budget(self) -> int:
+        return self.indices.shape[-1]
+
+
+def block_queries(queries: mx.array, block_size: int) -> mx.array:
+    """Block representatives: ``q_b = mean over the block's queries and heads``.
+
+    Args:
+        queries (mx.array): (B, H, L, D).
+        block_size (int): queries per block; the last block may be shorter.
+
+    Returns:
+        mx.array: (B, NB, D) float32 with NB = ceil(L / block_size).
+    """
+    B, H, L, D = queries.shape
+    NB = -(-L // block_size)
+    q = queries.astype(mx.float32).mean(axis=1)  # (B, L, D)
+    q = mx.pad(q, [(0, 0), (0, NB * block_size - L), (0, 0)])
+    counts = mx.minimum(L - mx.arange(NB) * block_size, block_size).astype(mx.float32)
+    return q.reshape(B, NB, block_size, D).sum(axis=2) / counts[:, None]
+
+
+def chunk_scores(qb: mx.array, summaries: mx.array) -> mx.array:
+    """Block x chunk similarity ``S_bc = q_b . k_c`` (float32, no softmax: only ranks matter).
+
+    Args:
+        qb (mx.array): block representatives, (B, NB, D).
+        summaries (mx.array): chunk summaries, (B, N_c, D).
+
+    Returns:
+        mx.array: (B, NB, N_c) float32.
+    """
+    return qb @ summaries.swapaxes(-1, -2)
+
+
+def _block_ranges(config: DHSAConfig, n_queries: int, q_offset: int, window: int | None):
+    """Per block: candidate start, sink end, local start and last query (each (NB,) int32)."""
+    NB = -(-n_queries // config.block_size)
+    q0 = q_offset + mx.arange(NB) * config.block_size
+    q1 = mx.minimum(q0 + config.block_size, q_offset + n_queries) - 1
+    lo = mx.maximum(q0 - window + 1, 0) if window is not None else mx.zeros_like(q0)
+    sink_end = mx.maximum(lo, mx.minimum(config.sink, q1 + 1))
+    local_start = mx.maximum(mx.maximum(q0 - config.local, lo), sink_end)
+    return lo, sink_end, local_start, q1
+
+
+def select(
+    scores: mx.array,
+    chunks: Chunks,
+    config: DHSAConfig,
+    *,
+    n_queries: int,
+    q_offset: int,
+    window: int | None = None,
+) -> Plan:
+    """Choose each block's keys: sinks + local window + the best chunks, ``budget`` in all.
+
+    Upsampling rule: every key inherits its chunk's score. Block b (queries q0..q1) may see
+    keys ``lo <= k <= q1`` (``lo = q0 - window + 1`` on sliding layers, else 0). It always
+    keeps the first ``sink`` of them and ``[q0 - local, q1]``; the highest-scoring chunks fill
+    the rest of the budget in score order, the last one cut at its end. Fewer candidates than
+    the budget means all of them.
+
+    Args:
+        scores (mx.array): block x chunk scores, (B, NB, N_c).
+        chunks (Chunks): the key chunks the scores refer to.
+        config (DHSAConfig): ``budget``, ``block_size``, ``sink``, ``local``.
+        n_queries (int): queries covered by the plan (NB = ceil(n_queries / block_size)).
+        q_offset (int): absolute position of the first of them.
+        window (int, optional): sliding window of the layer. Default: ``None``.
+
+    Returns:
+        Plan: the padded key indices, (B, NB, budget), and their counts.
+    """
+    B, NB, N_c = scores.shape
+    K = config.budget
+    lo, sink_end, local_start, q1 = (x[:, None] for x in _block_ranges(config, n_queries, q_offset, window))
+    s, n = chunks.starts[:, None, :], chunks.lengths[:, None, :]  # (B, 1, N_c)
+    # Chunk keys inside the free middle [sink_end, local_start) of each block.
+    c0 = mx.maximum(s, sink_end)
+    avail = mx.maximum(mx.minimum(s + n, local_start) - c0, 0)  # (B, NB, N_c)
+    room = K - (sink_end - lo) - (q1 + 1 - local_start)  # (NB, 1), >= 0 by config validation
+    order = mx.argsort(mx.where(avail > 0, -scores, mx.inf), axis=-1)
+    a_sorted = mx.take_along_axis(avail, order, axis=-1)
+    before = mx.cumsum(a_sorted, axis=-1) - a_sorted
+    take_sorted = mx.clip(room - before, 0, a_sorted)
+    take = mx.put_along_axis(mx.zeros_like(avail), order, take_sorted, axis=-1)
+    # Intervals in key order: sinks, chunk parts, local window.
+    starts = mx.concatenate(
+        [mx.broadcast_to(lo, (B, NB, 1)), c0, mx.broadcast_to(local_start, (B, NB, 1))], axis=-1
+    )
+    lengths = mx.concatenate(
+        [
+            mx.broadcast_to(sink_end - lo, (B, NB, 1)),
+            take,
+            mx.broadcast_to(q1 + 1 - local_start, (B, NB, 1)),
+        ],
+        axis=-1,
+    )
+    return Plan(
+        indices=intervals_to_indices(starts, lengths, K),
+        n_valid=lengths.sum(-1).astype(mx.int32),
+        q_offset=q_offset,
+        block_size=config.block_size,
+        window=window,
+    )
+
+
+def intervals_to_indices(starts: mx.array, lengths: mx.array, K: int) -> mx.array:
+    """Expand ascending, disjoint key intervals into a padded index list.
+
+    ``key(j) = j + st_i - off_i`` for the interval i holding slot j, where off_i is the
+    number of keys in earlier intervals; built with one scatter-add and one cumsum.
+
+    Args:
+        starts (mx.array): interval starts, (..., N), ascending.
+        lengths (mx.array): interval lengths, (..., N), total <= K.
+        K (int): slots per row.
+
+    Returns:
+        mx.array: (..., K) int32, padding slots 0.
+    """
+    lead = starts.shape[:-1]
+    starts, lengths = starts.reshape(-1, starts.shape[-1]), lengths.reshape(-1, starts.shape[-1])
+    R = starts.shape[0]
+    nonempty = lengths > 0
+    ends = mx.where(nonempty, starts + lengths, 0)
+    prev_end = mx.concatenate([mx.zeros((R, 1), ends.dtype), mx.cummax(ends, axis=-1)[:, :-1]], 1)
+    offsets = mx.cumsum(lengths, axis=-1) - lengths
+    jump = mx.where(nonempty, starts - prev_end, 0).astype(mx.int32)
+    slot = mx.minimum(offsets, K)  # slot K collects jumps past the budget
+    delta = mx.zeros((R, K + 1), mx.int32).at[mx.arange(R)[:, None], slot].add(jump)
+    keys = mx.arange(K) + mx.cumsum(delta[:, :K], axis=-1)
+    keys = mx.where(mx.arange(K) < lengths.sum(-1, keepdims=True), keys, 0)
+    return keys.reshape(*lead, K).astype(mx.int32)
+
+
+def indices_to_mask(plan: Plan, n_queries: int, S: int) -> mx.array:
+    """The plan as a dense boolean mask, for tests and the oracle only (builds L x S).
+
+    Returns:
+        mx.array: (B, L, S) bool; True where query i may attend to key k.
+    """
+    B, NB, K = plan.indices.shape
+    blk = mx.arange(n_queries) // plan.block_size
+    idx = plan.indices[:, blk]  # (B, L, K)
+    valid = mx.arange(K) < plan.n_valid[:, blk][..., None]
+    hit = (idx[..., None] == mx.arange(S)) & valid[..., None]  # (B, L, K, S)
+    mask = hit.any(axis=2)
+    return mask & key_mask(plan.q_offset, n_queries, S, plan.window)
+
+
+def key_mask(q_offset: int, n_queries: int, S: int, window: int | None) -> mx.array:
+    """Causal (and sliding-window) mask, (L, S) bool."""
+    q = q_offset + mx.arange(n_queries)[:, None]
+    k = mx.arange(S)[None]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (k > q - window)
+    return mask

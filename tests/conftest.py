@@ -1,0 +1,58 @@
+import copy
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models import gemma2
+
+from mlx_dhsa import DHSAConfig
+
+# Small DHSA settings that make tiny inputs exercise every part of the planner.
+SMALL = dict(budget=48, block_size=16, sink=4, local=8, dense_tail=8, target_chunk=8,
+             min_chunk=2, nms_window=2, boundary_window=2)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_cpu():
+    mx.random.seed(0)
+    with mx.stream(mx.cpu):
+        yield
+
+
+def small_config(**overrides) -> DHSAConfig:
+    return DHSAConfig(**{**SMALL, **overrides})
+
+
+def tiny_gemma2(n_layers: int = 4, dtype=mx.float32, **args) -> gemma2.Model:
+    """mlx-lm test sizes: hidden 128, head_dim 32, vocab 1024 (random weights, fp32)."""
+    params = dict(model_type="gemma2", hidden_size=128, num_hidden_layers=n_layers,
+                  intermediate_size=256, num_attention_heads=4, head_dim=32, rms_norm_eps=1e-6,
+                  vocab_size=1024, num_key_value_heads=2, query_pre_attn_scalar=32.0)
+    model = gemma2.Model(gemma2.ModelArgs(**{**params, **args}))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def make_qkv(B=1, H=4, H_kv=2, L=64, S=None, D=32, dtype=mx.float32, scale=1.0):
+    """Random q (B, H, L, D), k, v (B, H_kv, S, D) ~ N(0, scale^2)."""
+    S = L if S is None else S
+    q = scale * mx.random.normal((B, H, L, D))
+    k = scale * mx.random.normal((B, H_kv, S, D))
+    v = mx.random.normal((B, H_kv, S, D))
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def assert_within_baseline(out, ref32, ref_lp, factor=2.0, atol=1e-5):
+    """flash-attn rule: |out - ref32| <= factor * |ref_lp - ref32| + atol (max norms)."""
+    err = mx.abs(out.astype(mx.float32) - ref32).max().item()
+    base = mx.abs(ref_lp.astype(mx.float32) - ref32).max().item()
+    assert err <= factor * base + atol, f"error {err:.3g} > {factor} x baseline {base:.3g} + {atol}"
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_gemma2()
+
+
+def clone(model):
+    return copy.deepcopy(model)
