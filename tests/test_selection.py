@@ -1,0 +1,101 @@
+import mlx.core as mx
+import numpy as np
+from conftest import small_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlx_dhsa.chunking import Chunks, chunk_boundaries
+from mlx_dhsa.selection import block_queries, intervals_to_indices, select
+
+
+def _plan(S, n_queries, cfg, window, seed, B=1):
+    """A plan for the last n_queries of S keys, with random chunk scores."""
+    mx.random.seed(seed)
+    keys = mx.random.normal((B, 2, S, 8))
+    offset = S - n_queries
+    chunks = chunk_boundaries(keys, cfg, forced=S)
+    NB = -(-n_queries // cfg.block_size)
+    scores = mx.random.normal((B, NB, chunks.starts.shape[1]))
+    return select(scores, chunks, cfg, n_queries=n_queries, q_offset=offset, window=window), chunks
+
+
+@settings(max_examples=250, deadline=None)
+@given(
+    S=st.integers(1, 400),
+    frac=st.floats(0.0, 1.0),
+    budget=st.sampled_from([28, 33, 48, 100]),
+    block=st.sampled_from([4, 7, 16]),
+    sink=st.integers(0, 8),
+    local=st.integers(0, 8),
+    window=st.sampled_from([None, 5, 40, 130]),
+    seed=st.integers(0, 2**16),
+)
+def test_selection_invariants(S, frac, budget, block, sink, local, window, seed):
+    cfg = small_config(budget=max(budget, sink + local + block), block_size=block, sink=sink,
+                       local=local)
+    n_queries = max(1, int(frac * S))
+    plan, _ = _plan(S, n_queries, cfg, window, seed)
+    idx, n_valid = np.array(plan.indices)[0], np.array(plan.n_valid)[0]
+    offset = S - n_queries
+    for b in range(idx.shape[0]):
+        q0 = offset + b * block
+        q1 = min(q0 + block, S) - 1
+        lo = max(0, q0 - window + 1) if window else 0
+        chosen = idx[b, : n_valid[b]]
+        cand = q1 - lo + 1
+        assert n_valid[b] == min(cfg.budget, cand)  # exactly min(budget, candidates)
+        assert len(set(chosen.tolist())) == len(chosen)  # no duplicates
+        assert (np.diff(chosen) > 0).all()  # ascending
+        assert (chosen >= lo).all() and (chosen <= q1).all()  # in range, causal, window
+        assert (idx[b, n_valid[b] :] == 0).all()  # padding
+        must = set(range(lo, min(sink, q1 + 1))) | set(range(max(lo, q0 - local), q1 + 1))
+        assert must <= set(chosen.tolist())  # sinks, local window and the block itself
+
+
+def test_top_chunks_win_and_the_last_is_cut():
+    cfg = small_config(budget=28, block_size=4, sink=4, local=4)
+    S = 60
+    starts = mx.array([[0, 10, 20, 30, 40, 50]], mx.int32)
+    chunks = Chunks(starts=starts, lengths=mx.full((1, 6), 10, mx.int32), segment=64)
+    scores = mx.array([[[0.0, 5.0, 1.0, 9.0, -1.0, 0.0]]])  # one block: queries 56..59
+    plan = select(scores, chunks, cfg, n_queries=4, q_offset=56)
+    got = np.array(plan.indices)[0, 0, : int(plan.n_valid[0, 0])].tolist()
+    # sinks 0-3, local 52-59 (4 before the block + block), room 28 - 4 - 8 = 16:
+    # chunk 30-39 (score 9) whole, then chunk 10-19 (score 5) cut to its first 6 keys.
+    assert got == [0, 1, 2, 3, *range(10, 16), *range(30, 40), *range(52, 60)]
+
+
+def test_batch_rows_plan_independently():
+    cfg = small_config()
+    keys = mx.random.normal((2, 2, 300, 8))
+    chunks = chunk_boundaries(keys, cfg)
+    scores = mx.random.normal((2, 16, chunks.starts.shape[1]))
+    both = select(scores, chunks, cfg, n_queries=250, q_offset=50)
+    for b in range(2):
+        row = Chunks(chunks.starts[b : b + 1], chunks.lengths[b : b + 1], chunks.segment)
+        one = select(scores[b : b + 1], row, cfg, n_queries=250, q_offset=50)
+        assert mx.array_equal(both.indices[b], one.indices[0])
+    assert not mx.array_equal(both.indices[0], both.indices[1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(0, 6), min_size=1, max_size=8), K=st.integers(1, 40),
+       gap=st.integers(0, 3))
+def test_intervals_to_indices_matches_python(lengths, K, gap):
+    starts, pos = [], 0
+    for n in lengths:
+        pos += gap
+        starts.append(pos)
+        pos += n
+    if sum(lengths) > K:
+        K = sum(lengths)
+    got = np.array(intervals_to_indices(mx.array([starts]), mx.array([lengths]), K))[0]
+    want = [s + j for s, n in zip(starts, lengths) for j in range(n)]
+    assert got[: len(want)].tolist() == want and (got[len(want) :] == 0).all()
+
+
+def test_block_queries_average_ragged_blocks():
+    q = mx.random.normal((1, 2, 10, 4))
+    got = np.array(block_queries(q, 4))[0]
+    qn = np.array(q)[0].mean(0)
+    np.testing.assert_allclose(got, [qn[0:4].mean(0), qn[4:8].mean(0), qn[8:10].mean(0)], atol=1e-6)
