@@ -5,32 +5,39 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels, reference
-from .chunking import Chunks, chunk_boundaries, chunk_summaries
+from . import kernels, planners, reference
+from .cache import ClosedChunks, ClosedSummaries, DHSACache
+from .chunking import Chunks
 from .config import DHSAConfig
-from .selection import block_queries, chunk_scores, key_mask, select
+from .selection import Plan, key_mask
 
 
 class SharedChunks:
-    """Boundaries computed by the first patched layer and reused by the others.
+    """Closed chunks published by the first DHSA layer and borrowed by the others.
 
     Within one forward call every layer sees the same key positions, so the owner (the first
-    patched layer) recomputes the chunks and later layers reuse them when the key count and
-    the forced boundary match.
+    patched layer) brings its chunk state up to date and later layers borrow it when the
+    batch and key counts match.
     """
 
     def __init__(self):
-        self.key = None
-        self.chunks: Chunks | None = None
+        self._key = None
+        self._closed: ClosedChunks | None = None
+
+    def publish(self, keys: mx.array, closed: ClosedChunks) -> None:
+        self._key, self._closed = (keys.shape[0], keys.shape[2]), closed
+
+    def get(self, keys: mx.array) -> ClosedChunks | None:
+        return self._closed if self._key == (keys.shape[0], keys.shape[2]) else None
 
 
 class DHSAAttention(nn.Module):
     """Gemma2 attention whose multi-token calls attend only to DHSA-selected keys.
 
-    Same signature and projections as ``mlx_lm.models.gemma2.Attention``. Calls with one
-    query (decode) or with at most ``budget`` keys run dense attention with the model's mask;
-    longer calls plan per query block and run sparse attention, the last ``dense_tail``
-    queries dense.
+    Same signature and projections as ``mlx_lm.models.gemma2.Attention``. Calls over at most
+    ``dense_limit`` keys run dense attention with the model's mask; longer calls plan per
+    query block and run sparse attention, the last ``dense_tail`` queries of a multi-token
+    call dense. A decode step (one query) keeps sinks, local window and the best chunks.
     """
 
     def __init__(
@@ -74,7 +81,7 @@ class DHSAAttention(nn.Module):
             config,
             n_heads=base.n_heads,
             n_kv_heads=base.n_kv_heads,
-            head_dim=base.head_dim,
+            head_dim=getattr(base, "head_dim", base.q_proj.weight.shape[0] // base.n_heads),
             scale=base.scale,
             softcap=getattr(base, "attn_logit_softcapping", None),
             window=window,
@@ -109,7 +116,7 @@ class DHSAAttention(nn.Module):
             queries = self.rope(queries)
             keys = self.rope(keys)
 
-        output = self.attend(queries, keys, values, mask=mask, offset=offset)
+        output = self.attend(queries, keys, values, mask=mask, offset=offset, cache=cache)
         output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(output)
 
@@ -121,31 +128,32 @@ class DHSAAttention(nn.Module):
         *,
         mask: mx.array | str | None = None,
         offset: int = 0,
+        cache: Any = None,
     ) -> mx.array:
         """Attention of post-RoPE queries (B, H, L, D) at positions ``offset..`` over keys
-        and values (B, H_kv, S, D); returns (B, H, L, D)."""
+        and values (B, H_kv, S, D) (``cache`` holds them, if given); returns (B, H, L, D)."""
         L, S = queries.shape[2], keys.shape[2]
-        window = self.window if self.config.sliding_window else None
+        config = self.config
+        window = self.window if config.sliding_window else None
         args = dict(scale=self.scale, softcap=self.attn_logit_softcapping)
-        if L == 1 or S <= self.config.dense_limit:
+        if S <= config.dense_limit or (L == 1 and not config.sparse_decode):
             self.last_path = "dense"
             return reference.dense_attention(
                 queries, keys, values, mask=self._dense_mask(mask, offset, L, S, window), **args
             )
         if isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[0] > 1:
             raise NotImplementedError(
-                "DHSA sparse prefill does not support per-sequence (padded batch) masks; "
-                "prefill sequences one at a time, or raise the budget above the context length"
+                "DHSA sparse attention does not support per-sequence (padded batch) masks; "
+                "run sequences one at a time, or raise the budget above the context length"
             )
-        n_sparse = L - min(self.config.dense_tail, L)
+        # Multi-token calls end with dense_tail queries that see every key; decode never does.
+        n_sparse = L - min(config.dense_tail, L) if L > 1 else 1
         outputs = []
         if n_sparse > 0:
-            plan = self.plan(queries[:, :, :n_sparse], keys, offset=offset, window=window)
-            use_kernel = self.config.use_kernel
+            q = queries[:, :, :n_sparse]
+            plan = self.plan(q, keys, offset=offset, window=window, cache=cache)
             outputs.append(
-                kernels.sparse_attention(
-                    queries[:, :, :n_sparse], keys, values, plan, use_kernel=use_kernel, **args
-                )
+                kernels.sparse_attention(q, keys, values, plan, use_kernel=config.use_kernel, **args)
             )
             self.last_path = f"dhsa({kernels.last_path})"
         else:
@@ -159,24 +167,42 @@ class DHSAAttention(nn.Module):
             )
         return mx.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
 
-    def plan(self, queries: mx.array, keys: mx.array, *, offset: int, window: int | None):
-        """Select keys for the query blocks of ``queries`` (B, H, L, D) at ``offset``."""
-        L, S = queries.shape[2], keys.shape[2]
-        tail_start = offset + L  # queries after the planned ones run dense
-        chunks = self._chunks(keys, tail_start if tail_start < S else None)
-        scores = chunk_scores(
-            block_queries(queries, self.config.block_size), chunk_summaries(keys, chunks)
-        )
-        return select(scores, chunks, self.config, n_queries=L, q_offset=offset, window=window)
+    def plan(
+        self,
+        queries: mx.array,
+        keys: mx.array,
+        *,
+        offset: int,
+        window: int | None,
+        cache: Any = None,
+    ) -> Plan:
+        """Select keys for the query blocks of ``queries`` (B, H, L, D) at ``offset`` with the
+        planner ``config.method`` names (``planners.PLANNERS``)."""
+        return planners.plan(self, queries, keys, offset=offset, window=window, cache=cache)
 
-    def _chunks(self, keys: mx.array, forced: int | None) -> Chunks:
-        shared, key = self._shared, (keys.shape[0], keys.shape[2], forced)
-        if self.config.share_boundaries and not self._owner and shared.key == key:
-            return shared.chunks
-        chunks = chunk_boundaries(keys, self.config, forced=forced)
-        if self.config.share_boundaries and self._owner:
-            shared.key, shared.chunks = key, chunks
-        return chunks
+    def chunk_view(self, keys: mx.array, cache: Any = None) -> tuple[Chunks, mx.array]:
+        """Chunks of ``keys`` (B, H_kv, S, D) and their summaries (B, N_c, D).
+
+        A DHSACache keeps closed chunks and summaries between calls; any other cache (or none)
+        rebuilds them from the keys, with the same result. Shared boundaries come from the
+        first DHSA layer of the model.
+        """
+        config = self.config
+        if isinstance(cache, DHSACache):
+            closed, summaries = cache.chunk_state(config)
+        else:
+            closed, summaries = ClosedChunks(), ClosedSummaries()
+        borrowed = None
+        if config.share_boundaries and not self._owner:
+            borrowed = self._shared.get(keys)
+        if borrowed is not None:
+            closed = borrowed
+        else:
+            closed.sync(keys, config)
+            if config.share_boundaries and self._owner:
+                self._shared.publish(keys, closed)
+        B, _, S, _ = keys.shape
+        return closed.with_open(S, B, config), summaries.sync(keys, closed, config)
 
     @staticmethod
     def _dense_mask(mask, offset: int, L: int, S: int, window: int | None):

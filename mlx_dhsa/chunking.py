@@ -2,11 +2,13 @@
 
 Keys are cut into variable-length chunks where their content shifts. The cut is decided per
 segment of ``chunk_limit`` keys (``4 * block_size`` by default): every segment start is a
-forced boundary (so no chunk exceeds ``chunk_limit``), and inside a segment of n keys the
-``round(n / target_chunk) - 1`` strongest gaps, after non-maximum suppression, become
-boundaries. Segment-local choice keeps the average at ``target_chunk`` and makes a boundary
-depend only on nearby keys, so chunking is stable as keys arrive (chunked prefill, decode).
-All shapes are static: no host synchronisation.
+forced boundary (so no chunk exceeds ``chunk_limit``), and inside a whole segment the
+``chunk_limit // target_chunk - 1`` strongest gaps, after non-maximum suppression, become
+boundaries, so chunks average ``target_chunk`` keys. Keys after the last whole segment form
+one open chunk until their segment fills (the paper's "not-yet-chunked recent keys"). A
+segment's cuts depend on its own keys only, so chunking is identical whether keys arrive at
+once, in prefill steps or one by one (decode), which the DHSA cache relies on. All shapes are
+static: no host synchronisation.
 """
 
 from dataclasses import dataclass
@@ -65,68 +67,101 @@ def _peaks(score: mx.array, radius: int) -> mx.array:
     return mx.where(keep, score, -mx.inf)
 
 
-def chunk_boundaries(
-    keys: mx.array, config: DHSAConfig, *, forced: int | None = None
-) -> Chunks:
-    """Cut the keys into chunks.
+def segment_chunks(keys: mx.array, config: DHSAConfig, *, offset: int = 0) -> Chunks:
+    """Chunk whole segments of keys (the closed part of a sequence).
+
+    Inside a segment a cut keeps ``min_chunk`` (>= ``boundary_window``) keys to the segment
+    edges, so a segment's chunks depend on its own keys only: chunking segment by segment,
+    as keys arrive, equals chunking everything at once.
 
     Args:
-        keys (mx.array): post-RoPE keys, (B, H_kv, S, D).
-        config (DHSAConfig): chunking settings (``boundaries``, ``boundary_window``,
-            ``nms_window``, ``min_chunk``, ``target_chunk``, ``chunk_limit``,
-            ``boundary_threshold``).
-        forced (int, optional): an extra boundary (the dense-tail start). Default: ``None``.
+        keys (mx.array): post-RoPE keys, (B, H_kv, n * chunk_limit, D).
+        config (DHSAConfig): chunking settings.
+        offset (int): absolute position of the first key (a multiple of ``chunk_limit``).
 
     Returns:
-        Chunks: starts and lengths, (B, N_c) each, with N_c fixed by S and the config.
+        Chunks: ``chunks_per_segment(config)`` entries per segment, starts absolute.
     """
     B, _, S, _ = keys.shape
     seg = config.chunk_limit
-    n_seg = -(-S // seg)
-    pos = mx.arange(n_seg * seg).reshape(n_seg, seg)
-    picks_per_seg = max(seg // config.target_chunk - 1, 0)
+    n_seg = S // seg
+    pos = mx.arange(S).reshape(n_seg, seg)
+    picks_per_seg = chunks_per_segment(config) - 1
     if config.boundaries == "fixed":
         step = config.target_chunk
-        picks = pos[:, step::step]  # (n_seg, picks)
-        picks = mx.broadcast_to(picks[None], (B, *picks.shape)).reshape(B, -1)
+        picks = mx.broadcast_to(pos[None, :, step::step][..., :picks_per_seg], (B, n_seg, picks_per_seg))
     else:
-        score = _peaks(gap_scores(keys, config.boundary_window), config.nms_window)
-        p = mx.arange(S)
-        # A cut must leave min_chunk keys to the segment edges, the sequence ends and `forced`.
-        ok = (p % seg >= config.min_chunk) & (seg - p % seg >= config.min_chunk)
-        ok = ok & (S - p >= config.min_chunk)
-        if forced is not None:
-            ok = ok & (mx.abs(p - forced) >= config.min_chunk)
+        p = pos % seg
+        ok = (p >= config.min_chunk) & (seg - p >= config.min_chunk)
+        score = mx.where(ok.reshape(-1), gap_scores(keys, config.boundary_window), -mx.inf)
+        score = _peaks(score, config.nms_window)
         if config.boundary_threshold is not None:
-            ok = ok & (score > config.boundary_threshold)
-        score = mx.where(ok, score, -mx.inf)
-        score = mx.concatenate([score, mx.full((B, n_seg * seg - S), -mx.inf)], axis=1)
+            score = mx.where(score > config.boundary_threshold, score, -mx.inf)
         score = score.reshape(B, n_seg, seg)
-        # Per segment, the strongest picks_per_seg gaps (the last, partial segment takes fewer).
-        seg_len = mx.minimum(S - pos[:, 0], seg)  # (n_seg,)
-        want = mx.maximum(mx.round(seg_len / config.target_chunk).astype(mx.int32) - 1, 0)
-        order = mx.argsort(-score, axis=-1)[..., :picks_per_seg]  # (B, n_seg, picks)
-        top = mx.take_along_axis(score, order, axis=-1)
-        rank = mx.arange(picks_per_seg)
-        good = mx.isfinite(top) & (rank < want[:, None])
-        picks = mx.where(good, order + pos[:, :1], S).reshape(B, -1)
-    starts = [mx.broadcast_to(pos[:, 0][None], (B, n_seg)), picks.astype(mx.int32)]
-    if forced is not None and 0 < forced < S:
-        starts.append(mx.full((B, 1), forced, mx.int32))
-    starts = mx.sort(mx.minimum(mx.concatenate(starts, axis=1), S), axis=1).astype(mx.int32)
-    ends = mx.concatenate([starts[:, 1:], mx.full((B, 1), S, mx.int32)], axis=1)
-    return Chunks(starts=starts, lengths=ends - starts, segment=seg)
+        order = mx.argsort(-score, axis=-1)[..., :picks_per_seg]  # strongest gaps first
+        good = mx.isfinite(mx.take_along_axis(score, order, axis=-1))
+        picks = mx.where(good, order, seg) + pos[:, :1]  # unused picks: empty chunks at the end
+    starts = mx.concatenate([mx.broadcast_to(pos[None, :, :1], (B, n_seg, 1)), picks], axis=-1)
+    starts = mx.sort(starts, axis=-1)
+    ends = mx.concatenate([starts[..., 1:], mx.broadcast_to(pos[None, :, :1] + seg, (B, n_seg, 1))], -1)
+    return Chunks(
+        starts=(starts + offset).reshape(B, -1).astype(mx.int32),
+        lengths=(ends - starts).reshape(B, -1).astype(mx.int32),
+        segment=seg,
+    )
 
 
-def chunk_summaries(keys: mx.array, chunks: Chunks) -> mx.array:
+def chunks_per_segment(config: DHSAConfig) -> int:
+    """Chunk slots per closed segment: the segment start plus ``seg // target - 1`` cuts."""
+    return max(config.chunk_limit // config.target_chunk, 1)
+
+
+def open_chunk(n_closed: int, S: int, B: int, segment: int) -> Chunks:
+    """The keys after the last whole segment as one chunk (the paper's not-yet-chunked tail)."""
+    return Chunks(
+        starts=mx.full((B, 1), n_closed, mx.int32),
+        lengths=mx.full((B, 1), S - n_closed, mx.int32),
+        segment=segment,
+    )
+
+
+def concat_chunks(a: Chunks, b: Chunks) -> Chunks:
+    return Chunks(
+        starts=mx.concatenate([a.starts, b.starts], axis=1),
+        lengths=mx.concatenate([a.lengths, b.lengths], axis=1),
+        segment=a.segment,
+    )
+
+
+def chunk_boundaries(keys: mx.array, config: DHSAConfig) -> Chunks:
+    """Cut the keys into chunks: whole segments by :func:`segment_chunks`, the rest one chunk.
+
+    Args:
+        keys (mx.array): post-RoPE keys, (B, H_kv, S, D).
+        config (DHSAConfig): chunking settings.
+
+    Returns:
+        Chunks: (B, N_c) with N_c = (S // chunk_limit) * chunks_per_segment + 1, ascending.
+    """
+    B, _, S, _ = keys.shape
+    seg = config.chunk_limit
+    n_closed = S // seg * seg
+    tail = open_chunk(n_closed, S, B, seg)
+    if n_closed == 0:
+        return tail
+    return concat_chunks(segment_chunks(keys[:, :, :n_closed], config), tail)
+
+
+def chunk_summaries(keys: mx.array, chunks: Chunks, *, offset: int = 0) -> mx.array:
     """Length-normalised chunk summaries: ``k_c = (sum_{i in c} mean_h k_i) / sqrt(n_c)``.
 
     Equal to mean x sqrt(n_c) (paper, "length-normalised aggregation"). Sums are taken within
     segments, so float32 prefix sums never run longer than ``chunks.segment`` keys.
 
     Args:
-        keys (mx.array): post-RoPE keys, (B, H_kv, S, D).
-        chunks (Chunks): the chunking of those keys.
+        keys (mx.array): post-RoPE keys, (B, H_kv, S, D), the first at position ``offset``.
+        chunks (Chunks): chunks inside those keys (absolute starts).
+        offset (int): position of the first key, a multiple of ``chunks.segment``. Default: 0.
 
     Returns:
         mx.array: (B, N_c, D) float32; zero for zero-length chunks.
@@ -138,8 +173,8 @@ def chunk_summaries(keys: mx.array, chunks: Chunks) -> mx.array:
     kbar = mx.pad(kbar, [(0, 0), (0, n_seg * seg - S), (0, 0)])
     csum = mx.cumsum(kbar.reshape(B, n_seg, seg, D), axis=2)
     csum = mx.pad(csum, [(0, 0), (0, 0), (1, 0), (0, 0)]).reshape(B, -1, D)  # (B, n_seg*(seg+1), D)
-    s, n = chunks.starts, chunks.lengths
-    g = mx.minimum(s, S - 1) // seg  # a chunk lies inside one segment
+    s, n = chunks.starts - offset, chunks.lengths
+    g = mx.clip(s, 0, max(S - 1, 0)) // seg  # a chunk lies inside one segment
     lo = g * (seg + 1) + (s - g * seg)
     hi = lo + n
     total = mx.take_along_axis(csum, hi[..., None], axis=1) - mx.take_along_axis(

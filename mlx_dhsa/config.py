@@ -25,9 +25,11 @@ class DHSAConfig:
     target_chunk: int = 32  # average chunk length the boundary count aims at
     max_chunk: int | None = None  # longest chunk (forced cuts); None = 4 * block_size
     boundary_threshold: float | None = None  # None = top-count by target_chunk; else min shift
+    sparse_decode: bool = True  # decode steps attend to selected keys (False: dense decode)
     share_boundaries: bool = True  # compute boundaries once (first patched layer) for all layers
     sliding_window: bool = True  # honour the model's sliding window on its sliding layers
     use_kernel: bool = True  # use the GPU kernels when a GPU backend is present
+    method: str = "dhsa"  # planner (planners.PLANNERS): dhsa, block_sparse, streaming, oracle
 
     def __post_init__(self):
         for name in ("budget", "block_size", "boundary_window", "min_chunk", "target_chunk"):
@@ -44,12 +46,23 @@ class DHSAConfig:
             raise ValueError(
                 f"DHSAConfig.boundaries must be one of {BOUNDARY_METHODS}, got {self.boundaries!r}"
             )
+        from .planners import PLANNERS  # deferred: avoids an import cycle
+
+        if self.method not in PLANNERS:
+            raise ValueError(
+                f"DHSAConfig.method must be one of {sorted(PLANNERS)}, got {self.method!r}"
+            )
         forced = self.sink + self.local + self.block_size
         if self.budget < forced:
             raise ValueError(
                 f"DHSAConfig.budget ({self.budget}) must be at least sink + local + block_size "
                 f"({self.sink} + {self.local} + {self.block_size} = {forced}): those keys are "
                 "always kept. Raise the budget or lower sink/local/block_size."
+            )
+        if self.min_chunk < self.boundary_window:
+            raise ValueError(
+                f"DHSAConfig.min_chunk ({self.min_chunk}) must be at least boundary_window "
+                f"({self.boundary_window}) so that segments chunk independently"
             )
         if not self.min_chunk <= self.target_chunk <= self.chunk_limit:
             raise ValueError(

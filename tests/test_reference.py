@@ -11,7 +11,7 @@ SCALE, CAP = 32**-0.5, 50.0
 
 
 def _plan_for(q, k, cfg, offset, window):
-    chunks = chunk_boundaries(k, cfg, forced=None)
+    chunks = chunk_boundaries(k, cfg)
     scores = chunk_scores(block_queries(q, cfg.block_size), chunk_summaries(k, chunks))
     return select(scores, chunks, cfg, n_queries=q.shape[2], q_offset=offset, window=window)
 

@@ -13,7 +13,7 @@ def _plan(S, n_queries, cfg, window, seed, B=1):
     mx.random.seed(seed)
     keys = mx.random.normal((B, 2, S, 8))
     offset = S - n_queries
-    chunks = chunk_boundaries(keys, cfg, forced=S)
+    chunks = chunk_boundaries(keys, cfg)
     NB = -(-n_queries // cfg.block_size)
     scores = mx.random.normal((B, NB, chunks.starts.shape[1]))
     return select(scores, chunks, cfg, n_queries=n_queries, q_offset=offset, window=window), chunks

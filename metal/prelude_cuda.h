@@ -1,0 +1,198 @@
+// dhsa prelude, CUDA side: passed in `header=` to mx.fast.cuda_kernel, ahead of common.h.
+// It gives the kernel bodies in this folder one vocabulary on both backends:
+//   qualifiers   DHSA_SMEM (shared-memory pointer), DHSA_THREAD (reference to a local),
+//                DHSA_SHARED(type, name, count) (a shared array), DHSA_INLINE, DHSA_UNROLL
+//   sync         DHSA_BARRIER() (whole group), DHSA_WARP_SYNC()
+//   math         dhsa_exp2, dhsa_log2, dhsa_tanh, dhsa_rsqrt, dhsa_max, dhsa_row_max/sum,
+//                dhsa_warp_sum
+//   data         dhsa_vec16<T> (16 bytes of T), dhsa_load16, dhsa_store16
+//   matrix unit  one warp computes D(M x N, fp32) += A(M x K) B(K x N): dhsa_afrag<T>,
+//                dhsa_bfrag<T>, dhsa_acc, dhsa_load_a (A row-major), dhsa_load_bt (B given as
+//                its N x K row-major transpose), dhsa_mma, dhsa_p_to_a (accumulators of one
+//                K-wide column strip -> A fragment), dhsa_acc_row/col/rslot (which element
+//                of the tile a lane holds).
+// Here the unit is mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulate); for fp32 inputs the
+// same fragment layout is multiplied exactly in fp32 through warp shuffles.
+// The header is global (the body sits in namespace mlx::core::cu): every name has a dhsa prefix.
+#pragma once
+
+#define DHSA_SMEM
+#define DHSA_THREAD
+#define DHSA_SHARED(type, name, count) __shared__ type name[count]
+#define DHSA_INLINE __device__ __forceinline__
+#define DHSA_UNROLL _Pragma("unroll")
+#define DHSA_BARRIER() __syncthreads()
+#define DHSA_WARP_SYNC() __syncwarp()
+#define DHSA_INF __int_as_float(0x7f800000)
+
+#define DHSA_MMA_M 16
+#define DHSA_MMA_N 8
+#define DHSA_MMA_K 16
+#define DHSA_ACC_N 4     // accumulator elements per lane
+#define DHSA_ACC_ROWS 2  // distinct tile rows per lane
+
+typedef long long dhsa_long;
+
+DHSA_INLINE float dhsa_exp2(float x) { return exp2f(x); }
+DHSA_INLINE float dhsa_log2(float x) { return log2f(x); }
+DHSA_INLINE float dhsa_tanh(float x) { return tanhf(x); }
+DHSA_INLINE float dhsa_rsqrt(float x) { return rsqrtf(x); }
+DHSA_INLINE float dhsa_max(float a, float b) { return fmaxf(a, b); }
+DHSA_INLINE float dhsa_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+
+// The lanes holding one accumulator row are the 4 lanes of a quad.
+DHSA_INLINE float dhsa_row_max(float v) {
+  v = fmaxf(v, dhsa_shfl_xor(v, 1));
+  return fmaxf(v, dhsa_shfl_xor(v, 2));
+}
+DHSA_INLINE float dhsa_row_sum(float v) {
+  v += dhsa_shfl_xor(v, 1);
+  return v + dhsa_shfl_xor(v, 2);
+}
+DHSA_INLINE float dhsa_warp_sum(float v) {
+  DHSA_UNROLL
+  for (int m = 16; m > 0; m >>= 1) {
+    v += dhsa_shfl_xor(v, m);
+  }
+  return v;
+}
+
+template <typename T>
+DHSA_INLINE float dhsa_to_float(T x) { return static_cast<float>(x); }
+template <typename T>
+DHSA_INLINE T dhsa_from_float(float x) { return static_cast<T>(x); }
+
+template <typename T>
+struct __align__(16) dhsa_vec16 {
+  T e[16 / sizeof(T)];
+};
+template <typename T>
+DHSA_INLINE dhsa_vec16<T> dhsa_zero16() {
+  dhsa_vec16<T> v;
+  *reinterpret_cast<uint4*>(&v) = make_uint4(0u, 0u, 0u, 0u);
+  return v;
+}
+template <typename T>
+DHSA_INLINE dhsa_vec16<T> dhsa_load16(const T* src) {
+  return *reinterpret_cast<const dhsa_vec16<T>*>(src);
+}
+template <typename T>
+DHSA_INLINE void dhsa_store16(T* dst, const dhsa_vec16<T>& v) {
+  *reinterpret_cast<dhsa_vec16<T>*>(dst) = v;
+}
+
+// ---- matrix unit: m16n8k16 ------------------------------------------------------------
+// Lane l = 4 g + t holds A(g, 2t..2t+1), A(g+8, ..), A(g, 2t+8..), A(g+8, 2t+8..);
+// B(2t..2t+1, g), B(2t+8..2t+9, g); C(g, 2t..2t+1), C(g+8, 2t..2t+1).
+template <typename T>
+struct dhsa_afrag { uint32_t x[4]; };
+template <>
+struct dhsa_afrag<float> { float x[8]; };
+template <typename T>
+struct dhsa_bfrag { uint32_t x[2]; };
+template <>
+struct dhsa_bfrag<float> { float x[4]; };
+struct dhsa_acc { float x[4]; };
+
+DHSA_INLINE int dhsa_acc_row(int lane, int i) { return (lane >> 2) + ((i >> 1) << 3); }
+DHSA_INLINE int dhsa_acc_col(int lane, int i) { return ((lane & 3) << 1) + (i & 1); }
+DHSA_INLINE int dhsa_acc_rslot(int i) { return i >> 1; }
+
+template <typename T>
+DHSA_INLINE uint32_t dhsa_ld32(const T* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+template <typename T>
+DHSA_INLINE void dhsa_load_a(dhsa_afrag<T>& a, const T* p, int ld, int lane) {
+  const int r = lane >> 2, c = (lane & 3) << 1;
+  a.x[0] = dhsa_ld32(p + r * ld + c);
+  a.x[1] = dhsa_ld32(p + (r + 8) * ld + c);
+  a.x[2] = dhsa_ld32(p + r * ld + c + 8);
+  a.x[3] = dhsa_ld32(p + (r + 8) * ld + c + 8);
+}
+DHSA_INLINE void dhsa_load_a(dhsa_afrag<float>& a, const float* p, int ld, int lane) {
+  const int r = lane >> 2, c = (lane & 3) << 1;
+  a.x[0] = p[r * ld + c];
+  a.x[1] = p[r * ld + c + 1];
+  a.x[2] = p[(r + 8) * ld + c];
+  a.x[3] = p[(r + 8) * ld + c + 1];
+  a.x[4] = p[r * ld + c + 8];
+  a.x[5] = p[r * ld + c + 9];
+  a.x[6] = p[(r + 8) * ld + c + 8];
+  a.x[7] = p[(r + 8) * ld + c + 9];
+}
+
+// B(k, n) = p[n * ld + k]
+template <typename T>
+DHSA_INLINE void dhsa_load_bt(dhsa_bfrag<T>& b, const T* p, int ld, int lane) {
+  const int n = lane >> 2, k = (lane & 3) << 1;
+  b.x[0] = dhsa_ld32(p + n * ld + k);
+  b.x[1] = dhsa_ld32(p + n * ld + k + 8);
+}
+DHSA_INLINE void dhsa_load_bt(dhsa_bfrag<float>& b, const float* p, int ld, int lane) {
+  const int n = lane >> 2, k = (lane & 3) << 1;
+  b.x[0] = p[n * ld + k];
+  b.x[1] = p[n * ld + k + 1];
+  b.x[2] = p[n * ld + k + 8];
+  b.x[3] = p[n * ld + k + 9];
+}
+
+DHSA_INLINE void dhsa_mma(dhsa_acc& d, const dhsa_afrag<__nv_bfloat16>& a,
+                          const dhsa_bfrag<__nv_bfloat16>& b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d.x[0]), "+f"(d.x[1]), "+f"(d.x[2]), "+f"(d.x[3])
+      : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+}
+DHSA_INLINE void dhsa_mma(dhsa_acc& d, const dhsa_afrag<__half>& a, const dhsa_bfrag<__half>& b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d.x[0]), "+f"(d.x[1]), "+f"(d.x[2]), "+f"(d.x[3])
+      : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+}
+// fp32: the same product, exact, with operands fetched from the lanes that hold them.
+DHSA_INLINE void dhsa_mma(dhsa_acc& d, const dhsa_afrag<float>& a, const dhsa_bfrag<float>& b) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  DHSA_UNROLL
+  for (int k = 0; k < 16; ++k) {
+    const int src = (k & 7) >> 1, e = k & 1, h = k >> 3;
+    const float a_lo = __shfl_sync(0xffffffffu, a.x[h * 4 + e], g * 4 + src);
+    const float a_hi = __shfl_sync(0xffffffffu, a.x[h * 4 + 2 + e], g * 4 + src);
+    const float b0 = __shfl_sync(0xffffffffu, b.x[h * 2 + e], (2 * t) * 4 + src);
+    const float b1 = __shfl_sync(0xffffffffu, b.x[h * 2 + e], (2 * t + 1) * 4 + src);
+    d.x[0] = fmaf(a_lo, b0, d.x[0]);
+    d.x[1] = fmaf(a_lo, b1, d.x[1]);
+    d.x[2] = fmaf(a_hi, b0, d.x[2]);
+    d.x[3] = fmaf(a_hi, b1, d.x[3]);
+  }
+}
+
+template <typename T>
+DHSA_INLINE uint32_t dhsa_pack2(float lo, float hi);
+template <>
+DHSA_INLINE uint32_t dhsa_pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+DHSA_INLINE uint32_t dhsa_pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// s[0], s[1]: accumulators of columns 0-7 and 8-15 of a 16-wide strip (DHSA_MMA_K / DHSA_MMA_N = 2).
+template <typename T>
+DHSA_INLINE void dhsa_p_to_a(dhsa_afrag<T>& a, const dhsa_acc* s) {
+  a.x[0] = dhsa_pack2<T>(s[0].x[0], s[0].x[1]);
+  a.x[1] = dhsa_pack2<T>(s[0].x[2], s[0].x[3]);
+  a.x[2] = dhsa_pack2<T>(s[1].x[0], s[1].x[1]);
+  a.x[3] = dhsa_pack2<T>(s[1].x[2], s[1].x[3]);
+}
+DHSA_INLINE void dhsa_p_to_a(dhsa_afrag<float>& a, const dhsa_acc* s) {
+  DHSA_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    a.x[i] = s[0].x[i];
+    a.x[4 + i] = s[1].x[i];
+  }
+}

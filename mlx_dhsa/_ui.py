@@ -1,0 +1,160 @@
+"""Rich presentation for the CLI: progress bars, stats lines, tables. No logic lives here."""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+RULE = "=" * 10  # mlx-lm's separator before the stats lines
+
+
+def error(message: str) -> None:
+    """One line on stderr; no traceback."""
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
+
+
+def note(message: str) -> None:
+    console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
+
+
+def line(text: str) -> None:
+    """A plain line, never wrapped (stats and key=value lines stay greppable)."""
+    console.print(escape(text), soft_wrap=True)
+
+
+@contextmanager
+def status(message: str) -> Iterator[None]:
+    with console.status(escape(message)):
+        yield
+
+
+@contextmanager
+def progress(description: str, unit: str = "tokens") -> Iterator[Callable[[int, int], None]]:
+    """A bar updated by ``update(done, total)`` (mlx-lm's ``prompt_progress_callback``)."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(escape(description), total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+# --- chat -----------------------------------------------------------------------------------
+
+
+def chat_banner(model: str, attention: str, document_tokens: int | None) -> None:
+    doc = f"{document_tokens:,} document tokens" if document_tokens else "no document"
+    console.print(f"[bold]mlx-dhsa chat[/] {escape(model)} ({escape(attention)}, {doc})")
+    console.print("[dim]Ask a question; /reset forgets the conversation, /stats, /quit.[/]")
+
+
+def stream(segment: str) -> None:
+    console.out(segment, end="", highlight=False)
+
+
+def prefill_stats(stats) -> None:
+    """The document prefill, in mlx-lm's format plus time and attention path."""
+    line(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} tokens-per-sec")
+    line(f"Prefill: {stats.prefill_s:.3f} s")
+    line(f"Peak memory: {stats.peak_gb:.3f} GB")
+    line(f"Attention: {stats.prefill_path} (prefill)")
+
+
+def turn_stats(stats) -> None:
+    """mlx-lm's closing lines after an answer, plus prefill time, path and context size."""
+    console.print()
+    line(RULE)
+    line(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} tokens-per-sec")
+    line(f"Prefill: {stats.prefill_s:.3f} s")
+    line(f"Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.3f} tokens-per-sec")
+    line(f"Peak memory: {stats.peak_gb:.3f} GB")
+    line(f"Attention: {stats.prefill_path} (prefill), {stats.decode_path} (decode)")
+    line(f"Context: {stats.context_tokens} tokens cached")
+
+
+def session_stats(document, last) -> None:
+    if document is not None:
+        console.print("[bold]Document[/]")
+        prefill_stats(document)
+    if last is not None:
+        console.print("[bold]Last answer[/]")
+        turn_stats(last)
+    if document is None and last is None:
+        note("nothing measured yet")
+
+
+# --- profile --------------------------------------------------------------------------------
+
+
+def _kv(row) -> str:
+    return (f"method={row.method} context={row.context} prefill_s={row.prefill_s:.4f} "
+            f"prompt_tps={row.prompt_tps:.3f} generation_tps={row.generation_tps:.3f} "
+            f"peak_memory={row.peak_gb:.3f} attention={row.attention}")  # fmt: skip
+
+
+def trial(i: int, row) -> None:
+    line(f"Trial {i + 1}: {_kv(row)}")
+
+
+def profile_report(report) -> None:
+    env = report.environment
+    line(f"Averages ({env['device']}, {env['device_name']}, {env['dtype']}):")
+    for row in report.rows:
+        line(_kv(row))
+    dense = {r.context: r.prefill_s for r in report.rows if r.method == "dense"}
+    table = Table(title="prefill / decode / memory")
+    for name in ("method", "context", "prefill s", "vs dense", "decode tok/s", "peak GB",
+                 "attention"):  # fmt: skip
+        table.add_column(name, justify="left" if name in ("method", "attention") else "right")
+    for r in report.rows:
+        speedup = f"{dense[r.context] / r.prefill_s:.2f}x" if r.context in dense else "-"
+        table.add_row(r.method, str(r.context), f"{r.prefill_s:.3f}", speedup,
+                      f"{r.generation_tps:.1f}", f"{r.peak_gb:.3f}", r.attention)  # fmt: skip
+    console.print(table)
+    if any("reference" in r.attention for r in report.rows):
+        note("DHSA ran its pure-MLX reference path (no GPU kernel here): not kernel speed.")
+    dense_dhsa = [r for r in report.rows if r.method != "dense" and r.attention == "dense"]
+    if dense_dhsa:
+        note("Rows whose attention is 'dense' never exceeded the dense threshold (budget).")
+
+
+# --- niah -----------------------------------------------------------------------------------
+
+
+def niah_report(report) -> None:
+    table = Table(title=f"needle in a haystack: mean score over {len(report.depths)} depths")
+    table.add_column("method")
+    for c in report.contexts:
+        table.add_column(str(c), justify="right")
+    table.add_column("mean", justify="right")
+    for method, mean in report.summary().items():
+        cols = list(zip(*report.grid(method)))
+        table.add_row(method, *(f"{sum(c) / len(c):.2f}" for c in cols), f"{mean:.2f}")
+    console.print(table)
+    for method, mean in report.summary().items():
+        line(f"method={method} score={mean:.3f}")
+
+
+# --- info -----------------------------------------------------------------------------------
+
+
+def info(versions: dict, config: dict, aliases: dict) -> None:
+    for title, rows in (("environment", versions), ("DHSA config", config),
+                        ("model aliases", aliases)):  # fmt: skip
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in rows.items():
+            table.add_row(str(key), escape(str(value)))
+        console.print(table)

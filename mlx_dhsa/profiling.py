@@ -1,0 +1,320 @@
+"""Latency and memory of dense attention vs DHSA (and baselines), in one process, on one prompt.
+
+Numbers come from mlx-lm's ``GenerationResponse`` (prompt_tps, generation_tps, peak_memory);
+the attention path that ran is read from the DHSA layers while the prompt is processed.
+"""
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.generate import stream_generate
+from mlx_lm.models import gemma2
+from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
+
+from ._version import __version__
+from .cache import make_prompt_cache
+from .methods import Method
+from .patching import dhsa_layers
+
+
+DEFAULT_CONTEXTS = (4096, 8192, 16384, 32768)
+DEFAULT_TRIALS = 3
+DEFAULT_DECODE_TOKENS = 32
+GEMMA2_2B = dict(hidden_size=2304, num_hidden_layers=26, intermediate_size=9216,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
+                 query_pre_attn_scalar=256.0, rms_norm_eps=1e-6)  # fmt: skip
+# Random-weight Gemma2 architectures: profile runs without downloading anything.
+SHAPES: dict[str, dict] = {
+    "gemma-2-2b": GEMMA2_2B,
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, intermediate_size=256,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1024,
+                 query_pre_attn_scalar=32.0, rms_norm_eps=1e-6),  # fmt: skip
+}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    seconds: float  # mean wall time per call
+    peak_gb: float  # mx.get_peak_memory() / 1e9 over the timed calls
+
+
+def measure(fn: Callable, *args, warmup: int = 1, trials: int = 3) -> Measurement:
+    """Time ``fn(*args)``: ``warmup`` untimed calls (JIT), then the mean of ``trials`` calls."""
+    for _ in range(warmup):
+        mx.eval(fn(*args))
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    for _ in range(trials):
+        mx.eval(fn(*args))
+    return Measurement((time.perf_counter() - tic) / trials, mx.get_peak_memory() / 1e9)
+
+
+def attention_path(model: nn.Module) -> str:
+    """Which attention the latest forward call ran: ``dhsa(kernel)``, ``dhsa(reference)``
+    (joined with ``+`` if layers differ) or ``dense`` (also for an unpatched model)."""
+    sparse = sorted({a.last_path for a in dhsa_layers(model) if a.last_path.startswith("dhsa")})
+    return "+".join(sparse) if sparse else "dense"
+
+
+class PrefillPaths:
+    """A ``prompt_progress_callback`` that records the attention path of every prefill step.
+
+    mlx-lm calls it after each prompt chunk; the last call (done == total) comes after the
+    first decode step and is not counted. ``callback`` (optional) is called through.
+    """
+
+    def __init__(self, model: nn.Module, callback: Callable[[int, int], Any] | None = None):
+        self.model, self.callback, self.paths = model, callback, set()
+
+    def __call__(self, done: int, total: int):
+        if 0 < done < total:
+            self.paths.add(attention_path(self.model))
+        if self.callback is not None:
+            self.callback(done, total)
+
+    @property
+    def path(self) -> str:
+        """The sparse paths seen (joined with ``+``), else ``dense``."""
+        sparse = sorted({p for ps in self.paths for p in ps.split("+") if p.startswith("dhsa")})
+        return "+".join(sparse) if sparse else "dense"
+
+
+class _NullDetokenizer(StreamingDetokenizer):
+    def reset(self):
+        self.text, self.tokens, self.offset = "", [], 0
+
+    def add_token(self, token):
+        self.tokens.append(token)
+
+    def finalize(self):
+        pass
+
+    @property
+    def last_segment(self):
+        return ""
+
+
+class TokenIds(TokenizerWrapper):
+    """Stands in for a tokenizer when the prompt is token ids and the reply is not read
+    (random-weight shapes); it never stops on an end-of-sequence token."""
+
+    def __init__(self):
+        self._tokenizer, self._detokenizer, self._eos_token_ids = None, _NullDetokenizer(), set()
+
+
+def random_model(shape: str, dtype: mx.Dtype = mx.float32) -> nn.Module:
+    """A Gemma2 with the architecture ``SHAPES[shape]`` and random weights.
+
+    Raises:
+        ValueError: ``shape`` is not in ``SHAPES``.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    model = gemma2.Model(gemma2.ModelArgs(model_type="gemma2", **SHAPES[shape]))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def model_dtype(model: nn.Module) -> str:
+    """The dtype of the model's first floating-point parameter (``float16``, ...)."""
+    for _, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            return str(p.dtype).removeprefix("mlx.core.")
+    return "unknown"
+
+
+def backends() -> list[str]:
+    """The MLX backends this machine has: ``Metal``, ``CUDA``, ``CPU``."""
+    cuda = getattr(mx, "cuda", None)
+    found = [("Metal", mx.metal.is_available()), ("CUDA", cuda is not None and cuda.is_available())]
+    return [name for name, ok in found if ok] + ["CPU"]
+
+
+def environment(**extra: Any) -> dict:
+    """Device, backends and versions, plus ``extra`` (model name, dtype, ...)."""
+    import mlx_lm
+
+    try:
+        info = mx.device_info()
+    except RuntimeError:
+        info = {}
+    return {
+        "device": str(mx.default_device()),
+        "device_name": info.get("device_name", platform.processor() or platform.machine()),
+        "backends": backends(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "mlx_dhsa": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **extra,
+    }
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    """One trial (or the mean of trials) of one method at one context length."""
+
+    method: str
+    context: int  # prompt tokens
+    prefill_s: float  # prompt_tokens / prompt_tps
+    prompt_tps: float
+    generation_tps: float
+    peak_gb: float
+    attention: str  # path the prefill ran
+
+
+@dataclass
+class ProfileReport:
+    environment: dict
+    methods: list[Method]
+    rows: list[ProfileRow]  # means over trials, per (context, method)
+    trials: list[ProfileRow] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "environment": self.environment,
+            "methods": [m.as_dict() for m in self.methods],
+            "results": [asdict(r) for r in self.rows],
+            "trials": [asdict(r) for r in self.trials],
+        }
+
+    def series(self, key: str) -> dict[str, tuple[list[int], list[float]]]:
+        """Per method: (contexts, values of ``key``), in context order."""
+        out: dict[str, tuple[list[int], list[float]]] = {}
+        for r in sorted(self.rows, key=lambda r: r.context):
+            xs, ys = out.setdefault(r.method, ([], []))
+            xs.append(r.context)
+            ys.append(getattr(r, key))
+        return out
+
+
+def _trial(model, tokenizer, prompt: mx.array, method: str, decode_tokens: int) -> ProfileRow:
+    paths = PrefillPaths(model)
+    mx.reset_peak_memory()
+    for response in stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=decode_tokens,
+        prompt_cache=make_prompt_cache(model),
+        prompt_progress_callback=paths,
+    ):
+        pass
+    return ProfileRow(
+        method=method,
+        context=response.prompt_tokens,
+        prefill_s=response.prompt_tokens / response.prompt_tps,
+        prompt_tps=response.prompt_tps,
+        generation_tps=response.generation_tps,
+        peak_gb=response.peak_memory,
+        attention=paths.path,
+    )
+
+
+def _mean(rows: list[ProfileRow]) -> ProfileRow:
+    keys = ("prefill_s", "prompt_tps", "generation_tps", "peak_gb")
+    means = {k: statistics.fmean(getattr(r, k) for r in rows) for k in keys}
+    return ProfileRow(rows[0].method, rows[0].context, attention=rows[0].attention, **means)
+
+
+def compare(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper | None,
+    *,
+    contexts: Sequence[int],
+    methods: Sequence[Method],
+    trials: int = DEFAULT_TRIALS,
+    warmup: int = 1,
+    decode_tokens: int = DEFAULT_DECODE_TOKENS,
+    on_trial: Callable[[int, ProfileRow], Any] | None = None,
+    info: dict | None = None,
+) -> ProfileReport:
+    """Prefill latency, decode tokens/s and peak memory of each method at each context length.
+
+    Every method sees the same random prompt at a given length. Each method gets ``warmup``
+    untimed runs (at the shortest context) before its first timed trial, and the MLX cache is
+    cleared between methods. The model is left unpatched.
+
+    Args:
+        model (nn.Module): an mlx-lm model (patched or not; it is re-patched per method).
+        tokenizer (TokenizerWrapper, optional): ``None`` for random-weight shapes.
+        contexts (Sequence[int]): prompt lengths in tokens.
+        methods (Sequence[Method]): from :func:`mlx_dhsa.methods.parse_methods`.
+        trials (int): timed runs per (context, method). Default: ``3``.
+        warmup (int): untimed runs per method. Default: ``1``.
+        decode_tokens (int): tokens generated per run. Default: ``32``.
+        on_trial (callable, optional): called as ``on_trial(i, row)`` after every trial.
+        info (dict, optional): extra fields for the environment record (model name, ...).
+
+    Returns:
+        ProfileReport: per-trial rows and their means.
+    """
+    tokenizer = tokenizer or TokenIds()
+    vocab = model.args.vocab_size
+    key = mx.random.key(0)
+    prompts = {n: mx.random.randint(0, vocab, (n,), key=key) for n in sorted(contexts)}
+    all_trials: list[ProfileRow] = []
+    rows: list[ProfileRow] = []
+    for m in methods:
+        m.apply(model)
+        for _ in range(warmup):
+            _trial(model, tokenizer, prompts[min(prompts)], m.label, decode_tokens)
+    for n, prompt in prompts.items():
+        for m in methods:
+            m.apply(model)
+            mx.clear_cache()
+            done = []
+            for i in range(trials):
+                done.append(_trial(model, tokenizer, prompt, m.label, decode_tokens))
+                if on_trial is not None:
+                    on_trial(i, done[-1])
+            all_trials += done
+            rows.append(_mean(done))
+    Method("dense", None).apply(model)
+    env = environment(dtype=model_dtype(model), **(info or {}))
+    env["configs"] = {m.label: m.as_dict()["config"] for m in methods}
+    return ProfileReport(env, list(methods), rows, all_trials)
+
+
+def plot(report: ProfileReport, path: str | Path) -> Path:
+    """Write prefill latency, decode tokens/s and peak memory vs context, one line per method."""
+    from matplotlib.figure import Figure
+
+    panels = [("prefill_s", "prefill latency (s)"), ("generation_tps", "decode (tokens/s)"),
+              ("peak_gb", "peak memory (GB)")]  # fmt: skip
+    fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
+    for ax, (key, label) in zip(fig.subplots(1, len(panels)), panels):
+        for method, (xs, ys) in report.series(key).items():
+            ax.plot(xs, ys, marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax.legend()
+    env = report.environment
+    fig.suptitle(f"{env.get('model', '')} {env.get('dtype', '')} on {env['device_name']}")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def probe_path(use_kernel: bool = True) -> str:
+    """The attention path a sparse DHSA prefill takes here (a tiny random Gemma2, 128 tokens)."""
+    from .config import DHSAConfig
+    from .patching import patch
+
+    config = DHSAConfig(budget=48, block_size=16, sink=4, local=8, dense_tail=8, target_chunk=8,
+                        min_chunk=2, nms_window=2, boundary_window=2, use_kernel=use_kernel)
+    model = patch(random_model("tiny"), config)
+    mx.eval(model(mx.arange(128)[None]))
+    return attention_path(model)

@@ -1,0 +1,119 @@
+"""Decode speed: dense mlx-lm Gemma2 vs DHSA sparse decode, gemma-2-2b shapes, random weights.
+
+The KV cache is filled with random keys/values of the target length (decode speed does not
+depend on what the keys say), then each model decodes greedily. Prints a table and writes
+JSON. Also estimates the bytes read per token (weights + KV) for each path.
+
+    python scripts/bench_decode.py --lengths 4096 32768 65536 131072 --json decode.json
+"""
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import gemma2
+from mlx_lm.models.cache import KVCache
+
+import mlx_dhsa
+from mlx_dhsa.patching import dhsa_layers
+
+GEMMA2_2B = dict(
+    model_type="gemma2", hidden_size=2304, num_hidden_layers=26, intermediate_size=9216,
+    num_attention_heads=8, head_dim=256, rms_norm_eps=1e-6, vocab_size=256000,
+    num_key_value_heads=4, query_pre_attn_scalar=256.0,
+)
+
+
+def build(dtype, layers):
+    model = gemma2.Model(gemma2.ModelArgs(**{**GEMMA2_2B, "num_hidden_layers": layers}))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def fill(caches, S, dtype):
+    """Give every cache S random keys and values."""
+    a = GEMMA2_2B
+    for c in caches:
+        shape = (1, a["num_key_value_heads"], S, a["head_dim"])
+        k = mx.random.normal(shape).astype(dtype)
+        c.update_and_fetch(k, mx.random.normal(shape).astype(dtype))
+        mx.eval(c.keys, c.values)
+
+
+def decode(model, caches, steps, warmup):
+    """Greedy decode; returns tokens/s over ``steps`` after ``warmup`` steps."""
+    tok = mx.array([[1]])
+    for _ in range(warmup):
+        tok = model(tok, cache=caches)[:, -1].argmax(-1, keepdims=True)
+        mx.eval(tok)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        tok = model(tok, cache=caches)[:, -1].argmax(-1, keepdims=True)
+        mx.eval(tok)
+    return steps / (time.perf_counter() - tic)
+
+
+def bytes_per_token(model, S, budget, dtype_bytes):
+    """Weights + KV read for one decode step: dense reads S keys, DHSA ~budget (+ summaries)."""
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    a = GEMMA2_2B
+    n_layers = len(model.layers)
+    kv_row = 2 * a["num_key_value_heads"] * a["head_dim"] * dtype_bytes * n_layers
+    summaries = (S // 32) * a["head_dim"] * 4 * n_layers
+    return weights + S * kv_row, weights + min(S, budget) * kv_row + summaries
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768, 65536, 131072])
+    p.add_argument("--budget", type=int, default=mlx_dhsa.DHSAConfig().budget)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--layers", type=int, default=GEMMA2_2B["num_hidden_layers"], help="fewer for a smoke test")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    dtype = getattr(mx, args.dtype)
+    config = mlx_dhsa.DHSAConfig(budget=args.budget)
+    model = build(dtype, args.layers)
+    rows = []
+    for S in args.lengths:
+        row = {"context": S}
+        for method in ("dense", "dhsa"):
+            if method == "dhsa":
+                mlx_dhsa.patch(model, config)
+                caches = mlx_dhsa.make_prompt_cache(model)
+            else:
+                mlx_dhsa.unpatch(model)
+                caches = [KVCache() for _ in model.layers]
+            fill(caches, S, dtype)
+            mx.reset_peak_memory()
+            row[f"{method}_tps"] = decode(model, caches, args.steps, args.warmup)
+            row[f"{method}_peak_gb"] = mx.get_peak_memory() / 1e9
+            if method == "dhsa":
+                row["path"] = dhsa_layers(model)[1].last_path
+            del caches
+            mx.clear_cache()
+        row["speedup"] = row["dhsa_tps"] / row["dense_tps"]
+        dense_b, dhsa_b = bytes_per_token(model, S, args.budget, dtype.size)
+        row["dense_gb_per_token"], row["dhsa_gb_per_token"] = dense_b / 1e9, dhsa_b / 1e9
+        rows.append(row)
+        print(
+            f"context={S:>7} dense={row['dense_tps']:7.1f} tok/s dhsa={row['dhsa_tps']:7.1f} tok/s "
+            f"speedup={row['speedup']:.2f}x path={row['path']} "
+            f"bytes/token dense={row['dense_gb_per_token']:.2f} GB dhsa={row['dhsa_gb_per_token']:.2f} GB",
+            flush=True,
+        )
+    env = {"device": str(mx.default_device()), "info": mx.device_info(), "mlx": mx.__version__,
+           "dtype": args.dtype, "config": asdict(config)}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

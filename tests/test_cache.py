@@ -1,0 +1,113 @@
+import copy
+
+import mlx.core as mx
+from conftest import small_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import (
+    KVCache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+
+import mlx_dhsa
+from mlx_dhsa import DHSACache, patch
+from mlx_dhsa.attention import DHSAAttention
+from mlx_dhsa.patching import dhsa_layers
+
+
+def _greedy(model, prompt, cache, steps):
+    gen = generate_step(prompt, model, max_tokens=steps, prompt_cache=cache, prefill_step_size=64)
+    return [int(t) for t, _ in gen]
+
+
+def _record_plans(model) -> list:
+    """Wrap each layer's plan() (instance attribute only); plans go to ``records[-1]``."""
+    records = [[]]
+    for a in dhsa_layers(model):
+        def plan(*args, _orig=a.plan, **kwargs):
+            p = _orig(*args, **kwargs)
+            records[-1].append((p.indices, p.n_valid))
+            return p
+        object.__setattr__(a, "plan", plan)
+    return records
+
+
+def test_patched_models_make_dhsa_caches(tiny_model):
+    patch(tiny_model, small_config())
+    assert all(isinstance(c, DHSACache) for c in make_prompt_cache(tiny_model))
+
+
+def test_full_budget_greedy_equals_dense_over_64_decode_steps(tiny_model):
+    prompt = mx.random.randint(0, 1024, (150,))
+    want = _greedy(tiny_model, prompt, make_prompt_cache(tiny_model), 64)
+    patched = patch(copy.deepcopy(tiny_model), small_config(budget=4096, dense_below=0))
+    assert _greedy(patched, prompt, mlx_dhsa.make_prompt_cache(patched), 64) == want
+
+
+def test_dhsa_cache_and_plain_cache_give_identical_tokens_and_selections(tiny_model):
+    patched = patch(tiny_model, small_config())
+    prompt = mx.random.randint(0, 1024, (230,))
+    records = _record_plans(patched)
+    got = _greedy(patched, prompt, mlx_dhsa.make_prompt_cache(patched), 40)
+    records.append([])
+    plain = [KVCache() for _ in patched.layers]
+    assert _greedy(patched, prompt, plain, 40) == got
+    rec_dhsa, rec_plain = records
+    assert len(rec_dhsa) == len(rec_plain) > 40
+    for (i1, n1), (i2, n2) in zip(rec_dhsa, rec_plain):
+        assert mx.array_equal(i1, i2) and mx.array_equal(n1, n2)
+    assert dhsa_layers(patched)[0].last_path == "dhsa(reference)"  # decode ran sparse
+
+
+def test_saved_prompt_cache_continues_identically(tiny_model, tmp_path):
+    patched = patch(tiny_model, small_config())
+    prompt = mx.random.randint(0, 1024, (200,))
+    cache = mlx_dhsa.make_prompt_cache(patched)
+    _greedy(patched, prompt, cache, 1)
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    assert all(isinstance(c, DHSACache) for c in loaded)
+    nxt = mx.array([5])
+    assert _greedy(patched, nxt, loaded, 20) == _greedy(patched, nxt, cache, 20)
+
+
+def test_trimmed_dhsa_cache_continues_like_a_trimmed_plain_cache(tiny_model):
+    # The plain cache rebuilds chunk state from its keys, so it is the reference after a trim.
+    patched = patch(tiny_model, small_config())
+    prompt = mx.random.randint(0, 1024, (260,))
+    caches = [mlx_dhsa.make_prompt_cache(patched), [KVCache() for _ in patched.layers]]
+    for cache in caches:
+        _greedy(patched, prompt, cache, 30)
+        assert trim_prompt_cache(cache, 129) == 129  # back into a closed segment
+    nxt = mx.random.randint(0, 1024, (100,))  # a multi-token step over the trimmed segments
+    assert _greedy(patched, nxt, caches[0], 20) == _greedy(patched, nxt, caches[1], 20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.one_of(st.tuples(st.just("add"), st.integers(1, 90)),
+                              st.tuples(st.just("trim"), st.integers(1, 120))),
+                    min_size=1, max_size=12),
+       seed=st.integers(0, 1000))
+def test_incremental_state_equals_recomputed(ops, seed):
+    mx.random.seed(seed)
+    cfg = small_config()
+    attn = DHSAAttention(cfg, n_heads=2, n_kv_heads=1, head_dim=8, scale=1.0, softcap=None)
+    cache = DHSACache()
+    for op, n in ops:
+        if op == "add":
+            k = mx.random.normal((1, 1, n, 8))
+            keys, _ = cache.update_and_fetch(k, k)
+        elif cache.offset:
+            cache.trim(n)
+            continue
+        else:
+            continue
+        chunks, sums = attn.chunk_view(keys, cache)
+        want_chunks, want_sums = attn.chunk_view(keys, None)
+        assert mx.array_equal(chunks.starts, want_chunks.starts)
+        assert mx.array_equal(chunks.lengths, want_chunks.lengths)
+        assert mx.allclose(sums, want_sums, atol=1e-5)

@@ -1,0 +1,150 @@
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_qkv, small_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlx_dhsa import DHSAConfig, reference
+from mlx_dhsa.attention import DHSAAttention
+from mlx_dhsa.planners import PLANNERS, block_means, chunk_mass, fixed_blocks
+from mlx_dhsa.selection import indices_to_mask, key_mask
+
+
+def _attn(config):
+    return DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=16, scale=0.25, softcap=None)
+
+
+def _plan(method, S, n_queries, window=None, seed=0, **overrides):
+    config = small_config(method=method, **overrides)
+    q, k, _ = make_qkv(H=4, H_kv=2, L=n_queries, S=S, D=16)
+    plan = PLANNERS[method](_attn(config), q, k, offset=S - n_queries, window=window)
+    return plan, config, q, k
+
+
+def _sets(plan):
+    idx, n = np.array(plan.indices)[0], np.array(plan.n_valid)[0]
+    return [idx[b, : n[b]] for b in range(idx.shape[0])], idx, n
+
+
+def test_every_method_is_a_planner_and_a_config_value():
+    assert set(PLANNERS) == {"dhsa", "block_sparse", "streaming", "oracle"}
+    for name in PLANNERS:
+        assert DHSAConfig(method=name).method == name
+    with pytest.raises(ValueError, match="method must be one of"):
+        DHSAConfig(method="bogus")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    method=st.sampled_from(sorted(PLANNERS)),
+    S=st.integers(1, 200),
+    frac=st.floats(0.0, 1.0),
+    sink=st.integers(0, 8),
+    local=st.integers(0, 8),
+    window=st.sampled_from([None, 5, 40]),
+    seed=st.integers(0, 2**16),
+)
+def test_plan_invariants(method, S, frac, sink, local, window, seed):
+    mx.random.seed(seed)
+    n_queries = max(1, int(frac * S))
+    plan, config, _, _ = _plan(method, S, n_queries, window, sink=sink, local=local)
+    chosen, idx, n_valid = _sets(plan)
+    assert plan.indices.dtype == mx.int32 and idx.shape[-1] == config.budget
+    offset = S - n_queries
+    for b, keys in enumerate(chosen):
+        q0 = offset + b * config.block_size
+        q1 = min(q0 + config.block_size, S) - 1
+        lo = max(0, q0 - window + 1) if window else 0
+        assert n_valid[b] == min(config.budget, q1 - lo + 1)  # the budget is always filled
+        assert (np.diff(keys) > 0).all() and (keys >= lo).all() and (keys <= q1).all()
+        assert (idx[b, n_valid[b] :] == 0).all()
+        must = set(range(lo, min(sink, q1 + 1))) | set(range(max(lo, q0 - local), q1 + 1))
+        assert must <= set(keys.tolist())  # sinks, local window and the block itself
+
+
+def test_streaming_is_sinks_plus_most_recent():
+    plan, config, _, _ = _plan("streaming", S=200, n_queries=64)
+    chosen, _, _ = _sets(plan)
+    for b, keys in enumerate(chosen):
+        q1 = 200 - 64 + (b + 1) * config.block_size - 1
+        recent = config.budget - config.sink
+        expected = list(range(config.sink)) + list(range(q1 + 1 - recent, q1 + 1))
+        assert keys.tolist() == expected
+
+
+def test_fixed_blocks_and_mean_pooling():
+    chunks = fixed_blocks(S=20, B=2, size=8)
+    assert np.array(chunks.starts).tolist() == [[0, 8, 16]] * 2
+    assert np.array(chunks.lengths).tolist() == [[8, 8, 4]] * 2
+    keys = mx.random.normal((1, 2, 20, 4))
+    means = np.array(block_means(keys, 8))[0]
+    kbar = np.array(keys).mean(axis=1)[0]
+    expected = [kbar[0:8].mean(0), kbar[8:16].mean(0), kbar[16:20].mean(0)]
+    np.testing.assert_allclose(means, np.stack(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_block_sparse_selects_whole_fixed_blocks_best_first():
+    # Keys 40..47 (block 5 of size 8) point along the queries; every other key is noise.
+    S, D = 128, 16
+    config = small_config(method="block_sparse", budget=36, block_size=16, sink=4, local=8)
+    q = mx.ones((1, 4, 16, D))
+    k = 0.01 * mx.random.normal((1, 2, S, D))
+    k[:, :, 40:48] = 1.0
+    plan = PLANNERS["block_sparse"](_attn(config), q, k, offset=S - 16, window=None)
+    keys = set(np.array(plan.indices)[0, 0, : np.array(plan.n_valid)[0, 0]].tolist())
+    assert set(range(40, 48)) <= keys
+    middle = sorted(keys - set(range(4)) - set(range(S - 16 - 8, S)))
+    # 36 - 4 sinks - 24 local/own = 8 free slots: exactly one whole block.
+    assert middle == list(range(40, 48))
+
+
+def test_oracle_mass_sums_to_queries_times_heads():
+    S, L = 96, 40
+    config = small_config(method="oracle")
+    q, k, _ = make_qkv(H=4, H_kv=2, L=L, S=S, D=16)
+    chunks, _ = _attn(config).chunk_view(k)
+    mass = chunk_mass(q, k, chunks, offset=S - L, window=None, block_size=16, scale=0.25,
+                      softcap=None)  # fmt: skip
+    per_block = [16 * 4, 16 * 4, 8 * 4]
+    np.testing.assert_allclose(np.array(mass.sum(-1))[0], per_block, rtol=1e-4)
+
+
+def test_oracle_mass_matches_dense_probabilities():
+    S, L = 64, 32
+    q, k, _ = make_qkv(H=4, H_kv=2, L=L, S=S, D=16)
+    chunks = fixed_blocks(S, 1, 8)
+    mass = chunk_mass(q, k, chunks, offset=S - L, window=24, block_size=16, scale=0.25,
+                      softcap=5.0)  # fmt: skip
+    scores = (np.array(q) * 0.25) @ np.repeat(np.array(k), 2, axis=1).swapaxes(-1, -2)
+    scores = 5.0 * np.tanh(scores / 5.0)
+    scores = np.where(np.array(key_mask(S - L, L, S, 24)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).sum(1)[0]  # (L, S)
+    expected = p.reshape(2, 16, S).sum(1).reshape(2, 8, 8).sum(-1)
+    np.testing.assert_allclose(np.array(mass)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(PLANNERS))
+def test_full_budget_plan_is_dense(method):
+    # budget >= S: every planner keeps all causal keys, so sparse attention equals dense.
+    S, L = 80, 48
+    plan, config, q, k = _plan(method, S, L, budget=96)
+    v = mx.random.normal(k.shape)
+    mask = indices_to_mask(plan, L, S)
+    assert mx.array_equal(mask[0], key_mask(S - L, L, S, None)).item()
+    out = reference.sparse_attention(q, k, v, plan, scale=0.25)
+    dense = reference.dense_attention(q, k, v, scale=0.25, mask=key_mask(S - L, L, S, None))
+    assert mx.allclose(out, dense, atol=1e-5).item()
+
+
+def test_oracle_finds_the_planted_chunk_that_dhsa_scores_cannot_miss():
+    # One chunk of keys aligned with every query carries nearly all attention mass.
+    S, D = 160, 16
+    q = mx.ones((1, 4, 16, D))
+    k = 0.01 * mx.random.normal((1, 2, S, D))
+    k[:, :, 64:72] = 2.0
+    config = small_config(method="oracle", budget=32, block_size=16, sink=4, local=4)
+    plan = PLANNERS["oracle"](_attn(config), q, k, offset=S - 16, window=None)
+    keys = set(np.array(plan.indices)[0, 0, : np.array(plan.n_valid)[0, 0]].tolist())
+    assert set(range(64, 72)) <= keys
