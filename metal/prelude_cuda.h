@@ -5,16 +5,17 @@
 //   sync         DHSA_BARRIER() (whole group), DHSA_WARP_SYNC()
 //   math         dhsa_exp2, dhsa_log2, dhsa_tanh, dhsa_rsqrt, dhsa_max, dhsa_row_max/sum,
 //                dhsa_warp_sum
-//   data         dhsa_vec16<T> (16 bytes of T), dhsa_load16, dhsa_store16
+//   data         dhsa_cp16 (16 bytes global -> shared, zero-filled when invalid; async on
+//                CUDA), dhsa_cp_commit, dhsa_cp_wait<N> (all but the N newest groups landed)
 //   matrix unit  one warp computes D(M x N, fp32) += A(M x K) B(K x N): dhsa_afrag<T>,
-//                dhsa_bfrag<T>, dhsa_acc, dhsa_load_a (A row-major), dhsa_load_bt (B given as
-//                its N x K row-major transpose), dhsa_mma, dhsa_p_to_a (accumulators of one
+//                dhsa_bfrag<T>, dhsa_acc, dhsa_load_a (A row-major), dhsa_load_b (B row-major,
+//                shared memory), dhsa_load_bt (B given as its N x K row-major transpose),
+//                dhsa_mma, dhsa_p_to_a (accumulators of one
 //                K-wide column strip -> A fragment), dhsa_acc_row/col/rslot (which element
 //                of the tile a lane holds).
 // Here the unit is mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulate); for fp32 inputs the
 // same fragment layout is multiplied exactly in fp32 through warp shuffles.
 // The header is global (the body sits in namespace mlx::core::cu): every name has a dhsa prefix.
-#pragma once
 
 #define DHSA_SMEM
 #define DHSA_THREAD
@@ -62,24 +63,17 @@ DHSA_INLINE float dhsa_to_float(T x) { return static_cast<float>(x); }
 template <typename T>
 DHSA_INLINE T dhsa_from_float(float x) { return static_cast<T>(x); }
 
-template <typename T>
-struct __align__(16) dhsa_vec16 {
-  T e[16 / sizeof(T)];
-};
-template <typename T>
-DHSA_INLINE dhsa_vec16<T> dhsa_zero16() {
-  dhsa_vec16<T> v;
-  *reinterpret_cast<uint4*>(&v) = make_uint4(0u, 0u, 0u, 0u);
-  return v;
+DHSA_INLINE unsigned dhsa_smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 template <typename T>
-DHSA_INLINE dhsa_vec16<T> dhsa_load16(const T* src) {
-  return *reinterpret_cast<const dhsa_vec16<T>*>(src);
+DHSA_INLINE void dhsa_cp16(T* dst, const T* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dhsa_smem_addr(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
 }
-template <typename T>
-DHSA_INLINE void dhsa_store16(T* dst, const dhsa_vec16<T>& v) {
-  *reinterpret_cast<dhsa_vec16<T>*>(dst) = v;
-}
+DHSA_INLINE void dhsa_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+DHSA_INLINE void dhsa_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // ---- matrix unit: m16n8k16 ------------------------------------------------------------
 // Lane l = 4 g + t holds A(g, 2t..2t+1), A(g+8, ..), A(g, 2t+8..), A(g+8, 2t+8..);
@@ -119,6 +113,22 @@ DHSA_INLINE void dhsa_load_a(dhsa_afrag<float>& a, const float* p, int ld, int l
   a.x[5] = p[r * ld + c + 9];
   a.x[6] = p[(r + 8) * ld + c + 8];
   a.x[7] = p[(r + 8) * ld + c + 9];
+}
+
+// B(k, n) = p[k * ld + n], p in shared memory, rows 16-byte aligned: ldmatrix.trans.
+template <typename T>
+DHSA_INLINE void dhsa_load_b(dhsa_bfrag<T>& b, const T* p, int ld, int lane) {
+  const T* row = p + (lane & 15) * ld;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(b.x[0]), "=r"(b.x[1])
+               : "r"(dhsa_smem_addr(row)));
+}
+DHSA_INLINE void dhsa_load_b(dhsa_bfrag<float>& b, const float* p, int ld, int lane) {
+  const int n = lane >> 2, k = (lane & 3) << 1;
+  b.x[0] = p[k * ld + n];
+  b.x[1] = p[(k + 1) * ld + n];
+  b.x[2] = p[(k + 8) * ld + n];
+  b.x[3] = p[(k + 9) * ld + n];
 }
 
 // B(k, n) = p[n * ld + k]

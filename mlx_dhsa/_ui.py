@@ -43,8 +43,14 @@ def status(message: str) -> Iterator[None]:
 @contextmanager
 def progress(description: str, unit: str = "tokens") -> Iterator[Callable[[int, int], None]]:
     """A bar updated by ``update(done, total)`` (mlx-lm's ``prompt_progress_callback``)."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(escape(description), total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
@@ -98,9 +104,11 @@ def session_stats(document, last) -> None:
 
 
 def _kv(row) -> str:
-    return (f"method={row.method} context={row.context} prefill_s={row.prefill_s:.4f} "
-            f"prompt_tps={row.prompt_tps:.3f} generation_tps={row.generation_tps:.3f} "
-            f"peak_memory={row.peak_gb:.3f} attention={row.attention}")  # fmt: skip
+    return (
+        f"method={row.method} context={row.context} prefill_s={row.prefill_s:.4f} "
+        f"prompt_tps={row.prompt_tps:.3f} generation_tps={row.generation_tps:.3f} "
+        f"peak_memory={row.peak_gb:.3f} attention={row.attention}"
+    )
 
 
 def trial(i: int, row) -> None:
@@ -114,13 +122,20 @@ def profile_report(report) -> None:
         line(_kv(row))
     dense = {r.context: r.prefill_s for r in report.rows if r.method == "dense"}
     table = Table(title="prefill / decode / memory")
-    for name in ("method", "context", "prefill s", "vs dense", "decode tok/s", "peak GB",
-                 "attention"):  # fmt: skip
-        table.add_column(name, justify="left" if name in ("method", "attention") else "right")
+    for name in ("method", "context", "prefill s", "vs dense", "decode tok/s", "peak GB"):
+        table.add_column(name, justify="left" if name == "method" else "right", no_wrap=True)
+    table.add_column("attention", no_wrap=True)
     for r in report.rows:
         speedup = f"{dense[r.context] / r.prefill_s:.2f}x" if r.context in dense else "-"
-        table.add_row(r.method, str(r.context), f"{r.prefill_s:.3f}", speedup,
-                      f"{r.generation_tps:.1f}", f"{r.peak_gb:.3f}", r.attention)  # fmt: skip
+        table.add_row(
+            r.method,
+            str(r.context),
+            f"{r.prefill_s:.3f}",
+            speedup,
+            f"{r.generation_tps:.1f}",
+            f"{r.peak_gb:.3f}",
+            r.attention,
+        )
     console.print(table)
     if any("reference" in r.attention for r in report.rows):
         note("DHSA ran its pure-MLX reference path (no GPU kernel here): not kernel speed.")
@@ -150,8 +165,11 @@ def niah_report(report) -> None:
 
 
 def info(versions: dict, config: dict, aliases: dict) -> None:
-    for title, rows in (("environment", versions), ("DHSA config", config),
-                        ("model aliases", aliases)):  # fmt: skip
+    for title, rows in (
+        ("environment", versions),
+        ("DHSA config", config),
+        ("model aliases", aliases),
+    ):
         table = Table(title=title, show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column()

@@ -86,9 +86,7 @@ class ClosedSummaries:
                 [self.summaries, new], axis=1
             )
             self.n_keys = closed.n_keys
-        tail = chunk_summaries(
-            keys[:, :, closed.n_keys :], open_chunk(closed.n_keys, S, B, seg), offset=closed.n_keys
-        )
+        tail = open_summary(keys[:, :, closed.n_keys :])
         return tail if self.summaries is None else mx.concatenate([self.summaries, tail], axis=1)
 
     def trim(self, n_keys: int, config: DHSAConfig) -> None:
@@ -98,6 +96,16 @@ class ClosedSummaries:
             n = n_keys // seg * per
             self.summaries = self.summaries[:, :n] if n else None
             self.n_keys = n_keys
+
+
+def open_summary(keys: mx.array) -> mx.array:
+    """Summary of the open chunk, ``sum_i mean_h k_i / sqrt(n)``, (B, 1, D) float32.
+
+    A direct sum: a decode step needs only a few small ops here.
+    """
+    n = keys.shape[2]
+    total = keys.astype(mx.float32).mean(axis=1).sum(axis=1, keepdims=True)
+    return total / max(n, 1) ** 0.5
 
 
 class DHSACache(KVCache):

@@ -16,14 +16,15 @@ import mlx.nn as nn
 from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from .loading import resolve
 from .cache import make_prompt_cache
-from .profiling import PrefillPaths, attention_path
+from .loading import resolve
+from .runinfo import PrefillPaths, attention_path
 
 DEFAULT_PREFILL_STEP = 2048  # tokens per prefill call, as mlx-lm
 QUESTION_RESERVE = 128  # context tokens kept free for the questions and chat markup
 TRUNCATE_MODES = ("start", "middle", "end")  # where an over-long document is cut
 CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "context_length")
+_CUT = "\n[...]\n"  # marks where the middle of a document was cut
 _SLOT = "\x00QUESTION\x00"  # marks where the first question goes in the rendered document turn
 
 
@@ -67,8 +68,9 @@ def truncate(tokenizer, text: str, drop: int, where: str) -> str:
         return tokenizer.decode(ids[len(ids) - keep :])
     if where == "end":
         return tokenizer.decode(ids[:keep])
-    head = keep // 2
-    return f"{tokenizer.decode(ids[:head])}\n[...]\n{tokenizer.decode(ids[len(ids) - keep + head:])}"
+    keep = max(keep - len(tokenizer.encode(_CUT, add_special_tokens=False)), 0)
+    head, tail = ids[: keep // 2], ids[len(ids) - (keep - keep // 2) :]
+    return f"{tokenizer.decode(head)}{_CUT}{tokenizer.decode(tail)}"
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,14 @@ class ChatSession:
         prefill_step_size (int): tokens per prefill call. Default: ``2048``.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, document: str | None = None, *,
-                 prefill_step_size: int = DEFAULT_PREFILL_STEP):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        document: str | None = None,
+        *,
+        prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    ):
         self.model, self.tokenizer, self.document = model, tokenizer, document
         self.prefill_step_size = prefill_step_size
         self.turns: list[tuple[str, str]] = []
@@ -128,11 +136,13 @@ class ChatSession:
         doc = len(self.tokenizer.encode(self.document or "", add_special_tokens=False))
         if where is None or limit <= n - doc:
             raise ContextTooLong(n, limit, context)
+        original, drop = self.document, n - limit
         for _ in range(4):  # decoding and re-encoding can shift the count by a few tokens
-            self.document = truncate(self.tokenizer, self.document, n - limit, where)
+            self.document = truncate(self.tokenizer, original, drop, where)
             n = len(self.render(None))
             if n <= limit:
                 return first - n
+            drop += n - limit
         raise ContextTooLong(n, limit, context)
 
     def _user(self, question: str, first: bool) -> str:
@@ -148,8 +158,10 @@ class ChatSession:
             return tok.encode("".join(parts), add_special_tokens=True)
         messages = []
         for i, (q, a) in enumerate(self.turns):
-            messages += [{"role": "user", "content": self._user(q, i == 0)},
-                         {"role": "assistant", "content": a}]  # fmt: skip
+            messages += [
+                {"role": "user", "content": self._user(q, i == 0)},
+                {"role": "assistant", "content": a},
+            ]
         slot = question if question is not None else _SLOT
         messages.append({"role": "user", "content": self._user(slot, not self.turns)})
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -158,19 +170,24 @@ class ChatSession:
         return tok.encode(text, add_special_tokens=False)
 
     def _sync(self, tokens: list[int]) -> list[int]:
-        """Trim the cache to its common prefix with ``tokens``; return the tokens to feed."""
+        """Trim the cache to its common prefix with ``tokens``; return the tokens to feed.
+
+        The cache's own offset is the truth: an interrupted answer leaves tokens in it that
+        ``cached`` does not list, and they are trimmed too.
+        """
+        offset = getattr(self.cache[0], "offset", len(self.cached))
         p = 0
-        for a, b in zip(self.cached, tokens):
+        for a, b in zip(self.cached[:offset], tokens):
             if a != b:
                 break
             p += 1
         p = min(p, len(tokens) - 1)  # generation needs at least one new token
-        if p < len(self.cached):
+        if offset > p:
             if can_trim_prompt_cache(self.cache):
-                trim_prompt_cache(self.cache, len(self.cached) - p)
+                trim_prompt_cache(self.cache, offset - p)
             else:  # e.g. a rotating cache past its window: start over
                 self.cache, p = make_prompt_cache(self.model), 0
-            self.cached = self.cached[:p]
+        self.cached = tokens[:p]
         return tokens[p:]
 
     def prefill(self, progress: Callable[[int, int], None] | None = None) -> TurnStats:
@@ -179,36 +196,69 @@ class ChatSession:
         new = self._sync(tokens)
         paths = PrefillPaths(self.model, progress)
         tic = time.perf_counter()
-        for _ in generate_step(mx.array(new), self.model, max_tokens=0, prompt_cache=self.cache,
-                               prefill_step_size=self.prefill_step_size,
-                               prompt_progress_callback=paths):  # fmt: skip
+        for _ in generate_step(
+            mx.array(new),
+            self.model,
+            max_tokens=0,
+            prompt_cache=self.cache,
+            prefill_step_size=self.prefill_step_size,
+            prompt_progress_callback=paths,
+        ):
             pass
         seconds = time.perf_counter() - tic
         self.cached = tokens
-        self.prefill_stats = TurnStats(len(new), len(new) / seconds, seconds, 0, 0.0,
-                                       mx.get_peak_memory() / 1e9, paths.path, "",
-                                       len(tokens))  # fmt: skip
+        self.prefill_stats = TurnStats(
+            prompt_tokens=len(new),
+            prompt_tps=len(new) / seconds,
+            prefill_s=seconds,
+            generation_tokens=0,
+            generation_tps=0.0,
+            peak_gb=mx.get_peak_memory() / 1e9,
+            prefill_path=paths.path,
+            decode_path="",
+            context_tokens=len(tokens),
+        )
         return self.prefill_stats
 
-    def ask(self, question: str, *, max_tokens: int, sampler=None,
-            progress: Callable[[int, int], None] | None = None) -> Iterator[str]:  # fmt: skip
+    def ask(
+        self,
+        question: str,
+        *,
+        max_tokens: int,
+        sampler=None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Iterator[str]:
         """Stream the answer to ``question`` as text segments; ``self.last`` gets the stats."""
         tokens = self.render(question)
         new = self._sync(tokens)
         paths = PrefillPaths(self.model, progress)
         generated, text = [], []
-        for r in stream_generate(self.model, self.tokenizer, mx.array(new), max_tokens=max_tokens,
-                                 sampler=sampler, prompt_cache=self.cache,
-                                 prefill_step_size=self.prefill_step_size,
-                                 prompt_progress_callback=paths):  # fmt: skip
+        for r in stream_generate(
+            self.model,
+            self.tokenizer,
+            mx.array(new),
+            max_tokens=max_tokens,
+            sampler=sampler,
+            prompt_cache=self.cache,
+            prefill_step_size=self.prefill_step_size,
+            prompt_progress_callback=paths,
+        ):
             generated.append(r.token)
             text.append(r.text)
             yield r.text
         self.turns.append((question, "".join(text).strip()))
         self.cached = tokens + generated  # mlx-lm feeds every yielded token, EOS included
-        self.last = TurnStats(r.prompt_tokens, r.prompt_tps, r.prompt_tokens / r.prompt_tps,
-                              r.generation_tokens, r.generation_tps, r.peak_memory, paths.path,
-                              attention_path(self.model), len(self.cached))  # fmt: skip
+        self.last = TurnStats(
+            prompt_tokens=r.prompt_tokens,
+            prompt_tps=r.prompt_tps,
+            prefill_s=r.prompt_tokens / r.prompt_tps,
+            generation_tokens=r.generation_tokens,
+            generation_tps=r.generation_tps,
+            peak_gb=r.peak_memory,
+            prefill_path=paths.path,
+            decode_path=attention_path(self.model),
+            context_tokens=len(self.cached),
+        )
 
     def reset(self) -> None:
         """Forget the questions and answers; the document stays in the cache."""

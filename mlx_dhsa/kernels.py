@@ -1,16 +1,170 @@
-"""Dispatch between GPU kernels and the pure-MLX reference.
+"""GPU kernels and the one place that dispatches between them and the pure-MLX reference.
 
-The kernels (bodies in ``metal/``) are built once at import for the backend present; until a
-kernel exists for a job, or on the CPU, the reference runs. ``last_path`` records which path
-the most recent call took, so the CLI and ``profile`` can report it.
+Kernel bodies live in ``metal/`` and are written once for both GPU backends: each build
+prepends the backend's thread ids (``ids_<backend>.h``) to the body and passes the backend's
+prelude plus ``common.h`` as the header, for ``mx.fast.metal_kernel`` on Macs and
+``mx.fast.cuda_kernel`` on NVIDIA. Sources are read and kernels built once, at import;
+sequence lengths, offsets and counts travel as runtime scalars, so a new prompt length never
+compiles a new kernel. ``last_path`` records which path the most recent call took.
 """
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
 
 import mlx.core as mx
 
 from . import reference
-from .selection import Plan
+from .chunking import Chunks, chunk_summaries as _reference_summaries
+from .selection import Plan, chunk_scores as _reference_scores, key_mask
 
-last_path: str = "none"  # "kernel" or "reference": set by every sparse_attention call
+BACKENDS = ("metal", "cuda")
+KERNELS = ("sparse_attention", "chunk_scores")
+
+# (WARPS, WROWS, BK) per backend and element size: warps per group, query rows per warp, keys
+# per tile. Shared memory is max(WARPS * WROWS, 2 * BK) * (D + 16 / size) * size bytes, within
+# the backend's static limit (CUDA 48 KB, Metal 32 KB).
+_TILES = {
+    ("cuda", 2): (4, 16, 32),
+    ("cuda", 4): (2, 16, 16),
+    ("metal", 2): (4, 8, 16),
+    ("metal", 4): (2, 8, 8),
+}
+_SMEM_LIMIT = {"cuda": 48 * 1024, "metal": 32 * 1024}
+_SCORE_THREADS = 256  # threads per chunk in chunk_scores
+_MIN_GROUPS = 128  # fewer attention groups than this: split the keys across more groups
+_MIN_SPLIT_TILES = 8  # key tiles per split at least
+
+last_path: str = "none"  # "kernel" or "reference": set by every dispatching call
+
+
+def _metal_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for d in (here / "metal", here.parent / "metal"):  # installed wheel, then source checkout
+        if (d / "sparse_attention.metal").is_file():
+            return d
+    raise FileNotFoundError(
+        f"kernel sources not found in {here / 'metal'} or {here.parent / 'metal'}"
+    )
+
+
+@lru_cache(maxsize=None)
+def _read(name: str) -> str:
+    text = (_metal_dir() / name).read_text()
+    return f'#line 1 "{name}"\n{text}'
+
+
+def kernel_source(name: str, backend: str) -> tuple[str, str]:
+    """The ``(header, source)`` pair that builds kernel ``name`` on ``backend``.
+
+    Args:
+        name (str): one of ``KERNELS``.
+        backend (str): ``"metal"`` or ``"cuda"``.
+
+    Returns:
+        tuple[str, str]: header (prelude + common.h) and body (thread ids + kernel body).
+    """
+    if backend not in BACKENDS or name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r} or backend {backend!r}")
+    header = _read(f"prelude_{backend}.h") + "\n" + _read("common.h")
+    return header, _read(f"ids_{backend}.h") + "\n" + _read(f"{name}.metal")
+
+
+def _backend() -> str | None:
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+BACKEND = _backend()
+
+
+def _build(name: str, inputs: list[str], outputs: list[str]):
+    if BACKEND is None:
+        return None
+    header, source = kernel_source(name, BACKEND)
+    tag = hashlib.sha1((header + source).encode()).hexdigest()[:8]  # no stale JIT cache
+    make = mx.fast.metal_kernel if BACKEND == "metal" else mx.fast.cuda_kernel
+    return make(
+        name=f"dhsa_{name}_{tag}",
+        input_names=inputs,
+        output_names=outputs,
+        source=source,
+        header=header,
+    )
+
+
+_attention_kernel = _build(
+    "sparse_attention",
+    ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
+    ["out", "part", "lse"],
+)
+_scores_kernel = _build(
+    "chunk_scores", ["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]
+)
+
+
+def _on_gpu(kernel, use_kernel: bool) -> bool:
+    return use_kernel and kernel is not None and mx.default_device() == mx.gpu
+
+
+def _tiles(q: mx.array, k: mx.array, v: mx.array, block_size: int | None):
+    """(WARPS, WROWS, BK, qt) for these inputs, or None when the kernel cannot take them."""
+    B, H, L, D = q.shape
+    H_kv = k.shape[1]
+    if q.dtype not in (mx.float32, mx.float16, mx.bfloat16) or not q.dtype == k.dtype == v.dtype:
+        return None
+    if D % 16 or D > 256 or H % H_kv or L == 0 or k.shape[2] == 0:
+        return None
+    warps, wrows, bk = _TILES[(BACKEND, q.dtype.size)]
+    rows = warps * wrows
+    smem = max(rows, 2 * bk) * (D + 16 // q.dtype.size) * q.dtype.size + 4 * bk
+    qt = 1 << ((rows // (H // H_kv)).bit_length() - 1) if H // H_kv <= rows else 0
+    while block_size is not None and qt and block_size % qt:
+        qt //= 2
+    if smem > _SMEM_LIMIT[BACKEND] or qt == 0:
+        return None
+    return warps, wrows, bk, qt
+
+
+def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, block_size,
+               scale, softcap):
+    B, H, L, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    warps, wrows, bk, qt = tiles
+    n_qtiles = -(-L // qt)
+    groups = n_qtiles * B * H_kv
+    key_tiles = -(-(S if all_keys else index.shape[-1]) // bk)
+    n_splits = 1
+    if groups < _MIN_GROUPS:
+        n_splits = max(1, min(-(-2 * _MIN_GROUPS // groups), key_tiles // _MIN_SPLIT_TILES))
+    split = n_splits > 1
+    NB = count.shape[1]
+    iparams = mx.array(
+        [L, S, q_offset, window or 0, block_size, H, H_kv, NB, index.shape[-1], qt, n_splits, B],
+        mx.int32,
+    )
+    fparams = mx.array([scale, softcap or 0.0], mx.float32)
+    shapes = [(1,), (n_splits, B, H, L, D), (n_splits, B, H, L)] if split else [
+        (B, H, L, D), (1,), (1,)]
+    out, part, lse = _attention_kernel(
+        inputs=[q, k, v, index, count, iparams, fparams],
+        template=[("T", q.dtype), ("D", D), ("BK", bk), ("WARPS", warps), ("WROWS", wrows),
+                  ("ALL_KEYS", all_keys), ("SPLIT", split)],
+        grid=(n_qtiles * warps * 32, B * H_kv, n_splits),
+        threadgroup=(warps * 32, 1, 1),
+        output_shapes=shapes,
+        output_dtypes=[q.dtype, mx.float32, mx.float32],
+    )
+    if not split:
+        return out
+    m = lse.max(axis=0)
+    w = mx.exp(lse - mx.where(mx.isinf(m), 0.0, m))  # (n_splits, B, H, L); 0 for empty splits
+    total = w.sum(axis=0)
+    merged = (w[..., None] * part).sum(axis=0) / mx.maximum(total, 1e-30)[..., None]
+    return merged.astype(q.dtype)
 
 
 def sparse_attention(
@@ -23,11 +177,115 @@ def sparse_attention(
     softcap: float | None = None,
     use_kernel: bool = True,
 ) -> mx.array:
-    """:func:`reference.sparse_attention`, on a GPU kernel when one is available.
+    """:func:`mlx_dhsa.reference.sparse_attention`, on the GPU kernel when one is available.
 
-    Args and returns as :func:`mlx_dhsa.reference.sparse_attention`; ``use_kernel=False``
-    forces the reference.
+    Args and returns as the reference; ``use_kernel=False`` forces the reference.
     """
     global last_path
+    tiles = _tiles(q, k, v, plan.block_size) if _on_gpu(_attention_kernel, use_kernel) else None
+    if tiles is None:
+        last_path = "reference"
+        return reference.sparse_attention(q, k, v, plan, scale=scale, softcap=softcap)
+    last_path = "kernel"
+    return _attention(
+        q, k, v, plan.indices.astype(mx.int32), plan.n_valid.astype(mx.int32), tiles=tiles,
+        all_keys=False, q_offset=plan.q_offset, window=plan.window,
+        block_size=plan.block_size, scale=scale, softcap=softcap,
+    )
+
+
+def dense_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    q_offset: int = 0,
+    window: int | None = None,
+    use_kernel: bool = True,
+) -> mx.array:
+    """Causal (and sliding-window) dense attention, fused on the GPU when a kernel exists.
+
+    Query i sits at position ``q_offset + i`` and sees keys ``k <= q_offset + i`` (and
+    ``k > q_offset + i - window``): :func:`mlx_dhsa.reference.dense_attention` with the mask
+    :func:`mlx_dhsa.selection.key_mask`, which is the fallback.
+
+    Args:
+        q (mx.array): queries, (B, H, L, D).
+        k (mx.array): keys, (B, H_kv, S, D).
+        v (mx.array): values, (B, H_kv, S, D).
+        scale (float): query scale.
+        softcap (float, optional): logit soft cap. Default: ``None``.
+        q_offset (int): position of the first query. Default: ``0``.
+        window (int, optional): sliding window. Default: ``None``.
+        use_kernel (bool): ``False`` forces the reference. Default: ``True``.
+
+    Returns:
+        mx.array: (B, H, L, D).
+    """
+    global last_path
+    tiles = _tiles(q, k, v, None) if _on_gpu(_attention_kernel, use_kernel) else None
+    if tiles is None:
+        last_path = "reference"
+        mask = key_mask(q_offset, q.shape[2], k.shape[2], window)
+        return reference.dense_attention(q, k, v, scale=scale, softcap=softcap, mask=mask)
+    last_path = "kernel"
+    dummy = mx.zeros((1, 1), mx.int32)
+    return _attention(
+        q, k, v, dummy, dummy, tiles=tiles, all_keys=True, q_offset=q_offset, window=window,
+        block_size=1, scale=scale, softcap=softcap,
+    )
+
+
+def _summaries_and_scores(qb: mx.array, keys: mx.array, chunks: Chunks):
+    B, H_kv, S, D = keys.shape
+    N_c, NB = chunks.starts.shape[1], qb.shape[1]
+    return _scores_kernel(
+        inputs=[keys, chunks.starts.astype(mx.int32), chunks.lengths.astype(mx.int32),
+                qb.astype(mx.float32), mx.array([S, H_kv, N_c, NB], mx.int32)],
+        template=[("T", keys.dtype), ("D", D)],
+        grid=(_SCORE_THREADS, N_c, B),
+        threadgroup=(_SCORE_THREADS, 1, 1),
+        output_shapes=[(B, N_c, D), (B, NB, N_c)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+
+
+def _scores_ok(keys: mx.array, chunks: Chunks) -> bool:
+    return keys.dtype in (mx.float32, mx.float16, mx.bfloat16) and chunks.starts.shape[1] > 0
+
+
+def chunk_scores(
+    qb: mx.array, keys: mx.array, chunks: Chunks, *, use_kernel: bool = True
+) -> mx.array:
+    """Block x chunk scores from the keys in one pass (chunk summaries fused in).
+
+    Equal to ``selection.chunk_scores(qb, chunking.chunk_summaries(keys, chunks))``.
+
+    Args:
+        qb (mx.array): block representatives, (B, NB, D).
+        keys (mx.array): post-RoPE keys, (B, H_kv, S, D).
+        chunks (Chunks): the chunking of those keys.
+        use_kernel (bool): ``False`` forces the reference. Default: ``True``.
+
+    Returns:
+        mx.array: (B, NB, N_c) float32.
+    """
+    global last_path
+    if _on_gpu(_scores_kernel, use_kernel) and _scores_ok(keys, chunks) and qb.shape[1] > 0:
+        last_path = "kernel"
+        return _summaries_and_scores(qb, keys, chunks)[1]
     last_path = "reference"
-    return reference.sparse_attention(q, k, v, plan, scale=scale, softcap=softcap)
+    return _reference_scores(qb, _reference_summaries(keys, chunks))
+
+
+def chunk_summaries(keys: mx.array, chunks: Chunks, *, use_kernel: bool = True) -> mx.array:
+    """:func:`mlx_dhsa.chunking.chunk_summaries` on the chunk-scores kernel: (B, N_c, D) f32."""
+    global last_path
+    if _on_gpu(_scores_kernel, use_kernel) and _scores_ok(keys, chunks):
+        last_path = "kernel"
+        qb = mx.zeros((keys.shape[0], 1, keys.shape[-1]), mx.float32)
+        return _summaries_and_scores(qb, keys, chunks)[0]
+    last_path = "reference"
+    return _reference_summaries(keys, chunks)

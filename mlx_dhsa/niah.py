@@ -18,9 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import stream_generate
 
-from .methods import Method
 from .cache import make_prompt_cache
-from .profiling import PrefillPaths, environment, model_dtype
+from .methods import Method
+from .runinfo import PrefillPaths, environment, model_dtype
 
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)  # percent of the haystack before the needle
@@ -87,8 +87,15 @@ def _prompt(tokenizer, context: str, needle: Needle, template: bool) -> list[int
     return tokenizer.encode(f"{context}\n\nQuestion: {needle.question}\nAnswer:")
 
 
-def build_prompt(tokenizer, haystack_ids: list[int], *, context: int, depth: float,
-                 needle: Needle = Needle(), template: bool = True) -> list[int]:  # fmt: skip
+def build_prompt(
+    tokenizer,
+    haystack_ids: list[int],
+    *,
+    context: int,
+    depth: float,
+    needle: Needle = Needle(),
+    template: bool = True,
+) -> list[int]:
     """Prompt tokens of about ``context`` tokens with the needle at ``depth`` percent.
 
     The haystack is cut so that the whole prompt (markup, question, needle) is ``context``
@@ -200,12 +207,18 @@ def run(
             paths = PrefillPaths(model)
             reply = "".join(
                 r.text
-                for r in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=max_tokens,
-                                         prompt_cache=make_prompt_cache(model),
-                                         prompt_progress_callback=paths)  # fmt: skip
+                for r in stream_generate(
+                    model,
+                    tokenizer,
+                    mx.array(prompt),
+                    max_tokens=max_tokens,
+                    prompt_cache=make_prompt_cache(model),
+                    prompt_progress_callback=paths,
+                )
             )
-            result = NIAHResult(m.label, c, d, len(prompt), score(reply, needle.answer),
-                                reply.strip(), paths.path)  # fmt: skip
+            result = NIAHResult(
+                m.label, c, d, len(prompt), score(reply, needle.answer), reply.strip(), paths.path
+            )
             report.results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -220,8 +233,10 @@ def heatmap(report: NIAHReport, method: str, path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     grid = report.grid(method)
-    fig = Figure(figsize=(1.2 * len(report.contexts) + 2.5, 0.6 * len(report.depths) + 1.8),
-                 layout="constrained")  # fmt: skip
+    fig = Figure(
+        figsize=(1.2 * len(report.contexts) + 2.5, 0.6 * len(report.depths) + 1.8),
+        layout="constrained",
+    )
     ax = fig.subplots()
     cmap = LinearSegmentedColormap.from_list("niah", COLORS)
     im = ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")

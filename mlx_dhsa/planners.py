@@ -28,6 +28,7 @@ from .selection import (
     intervals_to_indices,
     key_mask,
     select,
+    select_decode,
 )
 
 # Attention probabilities per oracle group of query blocks; bounds its working memory.
@@ -51,6 +52,8 @@ def plan_dhsa(attn, queries: mx.array, keys: mx.array, *, offset: int, window, c
         Plan: (B, ceil(L / block_size), budget) key indices.
     """
     chunks, summaries = attn.chunk_view(keys, cache)
+    if queries.shape[2] == 1:  # decode: one compiled graph per step
+        return select_decode(queries, summaries, chunks, attn.config, q_offset=offset, window=window)
     scores = chunk_scores(block_queries(queries, attn.config.block_size), summaries)
     return _select(attn, scores, chunks, queries, offset, window)
 

@@ -4,7 +4,6 @@ Numbers come from mlx-lm's ``GenerationResponse`` (prompt_tps, generation_tps, p
 the attention path that ran is read from the DHSA layers while the prompt is processed.
 """
 
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -14,29 +13,42 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
 from mlx_lm.models import gemma2
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
-from ._version import __version__
 from .cache import make_prompt_cache
 from .methods import Method
-from .patching import dhsa_layers
-
+from .runinfo import PrefillPaths, attention_path, environment, model_dtype
 
 DEFAULT_CONTEXTS = (4096, 8192, 16384, 32768)
 DEFAULT_TRIALS = 3
 DEFAULT_DECODE_TOKENS = 32
-GEMMA2_2B = dict(hidden_size=2304, num_hidden_layers=26, intermediate_size=9216,
-                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
-                 query_pre_attn_scalar=256.0, rms_norm_eps=1e-6)  # fmt: skip
+GEMMA2_2B = dict(
+    hidden_size=2304,
+    num_hidden_layers=26,
+    intermediate_size=9216,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    vocab_size=256000,
+    query_pre_attn_scalar=256.0,
+    rms_norm_eps=1e-6,
+)
 # Random-weight Gemma2 architectures: profile runs without downloading anything.
 SHAPES: dict[str, dict] = {
     "gemma-2-2b": GEMMA2_2B,
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, intermediate_size=256,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1024,
-                 query_pre_attn_scalar=32.0, rms_norm_eps=1e-6),  # fmt: skip
+    "tiny": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=1024,
+        query_pre_attn_scalar=32.0,
+        rms_norm_eps=1e-6,
+    ),
 }
 
 
@@ -55,36 +67,6 @@ def measure(fn: Callable, *args, warmup: int = 1, trials: int = 3) -> Measuremen
     for _ in range(trials):
         mx.eval(fn(*args))
     return Measurement((time.perf_counter() - tic) / trials, mx.get_peak_memory() / 1e9)
-
-
-def attention_path(model: nn.Module) -> str:
-    """Which attention the latest forward call ran: ``dhsa(kernel)``, ``dhsa(reference)``
-    (joined with ``+`` if layers differ) or ``dense`` (also for an unpatched model)."""
-    sparse = sorted({a.last_path for a in dhsa_layers(model) if a.last_path.startswith("dhsa")})
-    return "+".join(sparse) if sparse else "dense"
-
-
-class PrefillPaths:
-    """A ``prompt_progress_callback`` that records the attention path of every prefill step.
-
-    mlx-lm calls it after each prompt chunk; the last call (done == total) comes after the
-    first decode step and is not counted. ``callback`` (optional) is called through.
-    """
-
-    def __init__(self, model: nn.Module, callback: Callable[[int, int], Any] | None = None):
-        self.model, self.callback, self.paths = model, callback, set()
-
-    def __call__(self, done: int, total: int):
-        if 0 < done < total:
-            self.paths.add(attention_path(self.model))
-        if self.callback is not None:
-            self.callback(done, total)
-
-    @property
-    def path(self) -> str:
-        """The sparse paths seen (joined with ``+``), else ``dense``."""
-        sparse = sorted({p for ps in self.paths for p in ps.split("+") if p.startswith("dhsa")})
-        return "+".join(sparse) if sparse else "dense"
 
 
 class _NullDetokenizer(StreamingDetokenizer):
@@ -122,42 +104,6 @@ def random_model(shape: str, dtype: mx.Dtype = mx.float32) -> nn.Module:
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
-
-
-def model_dtype(model: nn.Module) -> str:
-    """The dtype of the model's first floating-point parameter (``float16``, ...)."""
-    for _, p in tree_flatten(model.parameters()):
-        if mx.issubdtype(p.dtype, mx.floating):
-            return str(p.dtype).removeprefix("mlx.core.")
-    return "unknown"
-
-
-def backends() -> list[str]:
-    """The MLX backends this machine has: ``Metal``, ``CUDA``, ``CPU``."""
-    cuda = getattr(mx, "cuda", None)
-    found = [("Metal", mx.metal.is_available()), ("CUDA", cuda is not None and cuda.is_available())]
-    return [name for name, ok in found if ok] + ["CPU"]
-
-
-def environment(**extra: Any) -> dict:
-    """Device, backends and versions, plus ``extra`` (model name, dtype, ...)."""
-    import mlx_lm
-
-    try:
-        info = mx.device_info()
-    except RuntimeError:
-        info = {}
-    return {
-        "device": str(mx.default_device()),
-        "device_name": info.get("device_name", platform.processor() or platform.machine()),
-        "backends": backends(),
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm.__version__,
-        "mlx_dhsa": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        **extra,
-    }
 
 
 @dataclass(frozen=True)
@@ -290,13 +236,19 @@ def plot(report: ProfileReport, path: str | Path) -> Path:
     """Write prefill latency, decode tokens/s and peak memory vs context, one line per method."""
     from matplotlib.figure import Figure
 
-    panels = [("prefill_s", "prefill latency (s)"), ("generation_tps", "decode (tokens/s)"),
-              ("peak_gb", "peak memory (GB)")]  # fmt: skip
+    panels = [
+        ("prefill_s", "prefill latency (s)"),
+        ("generation_tps", "decode (tokens/s)"),
+        ("peak_gb", "peak memory (GB)"),
+    ]
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     for ax, (key, label) in zip(fig.subplots(1, len(panels)), panels):
         for method, (xs, ys) in report.series(key).items():
             ax.plot(xs, ys, marker="o", label=method)
         ax.set_xscale("log", base=2)
+        contexts = sorted({r.context for r in report.rows})
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.minorticks_off()
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -313,8 +265,18 @@ def probe_path(use_kernel: bool = True) -> str:
     from .config import DHSAConfig
     from .patching import patch
 
-    config = DHSAConfig(budget=48, block_size=16, sink=4, local=8, dense_tail=8, target_chunk=8,
-                        min_chunk=2, nms_window=2, boundary_window=2, use_kernel=use_kernel)
+    config = DHSAConfig(
+        budget=48,
+        block_size=16,
+        sink=4,
+        local=8,
+        dense_tail=8,
+        target_chunk=8,
+        min_chunk=2,
+        nms_window=2,
+        boundary_window=2,
+        use_kernel=use_kernel,
+    )
     model = patch(random_model("tiny"), config)
     mx.eval(model(mx.arange(128)[None]))
     return attention_path(model)

@@ -63,7 +63,10 @@ def _gather(x: mx.array, idx: mx.array) -> mx.array:
     """Rows of x (B, H_kv, S, D) at idx (B, G, K) -> (B, H_kv, G, K, D)."""
     B, H_kv, S, D = x.shape
     _, G, K = idx.shape
-    return mx.stack([x[b][:, idx[b].reshape(-1)].reshape(H_kv, G, K, D) for b in range(B)])
+    if B == 1:  # a plain take is much faster than take_along_axis on CPU
+        return x[:, :, idx.reshape(-1)].reshape(B, H_kv, G, K, D)
+    rows = mx.take_along_axis(x, idx.reshape(B, 1, G * K, 1), axis=2)  # broadcast over H_kv, D
+    return rows.reshape(B, H_kv, G, K, D)
 
 
 def sparse_attention(
@@ -95,8 +98,8 @@ def sparse_attention(
     """
     B, H, L, D = q.shape
     H_kv = k.shape[1]
-    Bq, K = plan.block_size, plan.budget
-    NB = plan.indices.shape[1]
+    NB, K = plan.indices.shape[1], plan.budget
+    Bq = plan.block_size if NB > 1 else L  # one block (e.g. decode): no padding rows
     G = max(1, MAX_GROUP_SCORES // (B * H * Bq * K))
     outs = []
     for b0 in range(0, NB, G):

