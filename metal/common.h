@@ -4,10 +4,5 @@
 #define DHSA_LOG2E 1.4426950408889634f
 #define DHSA_LN2 0.6931471805599453f
 
-// Gemma2 logit soft cap: c * tanh(x / c); cap <= 0 means no cap.
-DHSA_INLINE float dhsa_softcap(float x, float cap) {
-  return cap > 0.0f ? cap * dhsa_tanh(x / cap) : x;
-}
-
 DHSA_INLINE int dhsa_min(int a, int b) { return a < b ? a : b; }
 DHSA_INLINE int dhsa_imax(int a, int b) { return a > b ? a : b; }

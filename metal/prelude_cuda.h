@@ -3,8 +3,8 @@
 //   qualifiers   DHSA_SMEM (shared-memory pointer), DHSA_THREAD (reference to a local),
 //                DHSA_SHARED(type, name, count) (a shared array), DHSA_INLINE, DHSA_UNROLL
 //   sync         DHSA_BARRIER() (whole group), DHSA_WARP_SYNC()
-//   math         dhsa_exp2, dhsa_log2, dhsa_tanh, dhsa_rsqrt, dhsa_max, dhsa_row_max/sum,
-//                dhsa_warp_sum
+//   math         dhsa_exp2, dhsa_log2, dhsa_tanh, dhsa_tanh_t<T>, dhsa_rsqrt, dhsa_max,
+//                dhsa_row_max/sum, dhsa_warp_sum, dhsa_warp_all
 //   data         dhsa_cp16 (16 bytes global -> shared, zero-filled when invalid; async on
 //                CUDA), dhsa_cp_commit, dhsa_cp_wait<N> (all but the N newest groups landed)
 //   matrix unit  one warp computes D(M x N, fp32) += A(M x K) B(K x N): dhsa_afrag<T>,
@@ -37,9 +37,20 @@ typedef long long dhsa_long;
 DHSA_INLINE float dhsa_exp2(float x) { return exp2f(x); }
 DHSA_INLINE float dhsa_log2(float x) { return log2f(x); }
 DHSA_INLINE float dhsa_tanh(float x) { return tanhf(x); }
+// tanh for logits of T inputs: MUFU tanh.approx (rel. error < 2^-10) for bf16, whose own
+// rounding of the logits is coarser; the accurate tanhf otherwise.
+template <typename T>
+DHSA_INLINE float dhsa_tanh_t(float x) { return tanhf(x); }
+template <>
+DHSA_INLINE float dhsa_tanh_t<__nv_bfloat16>(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 DHSA_INLINE float dhsa_rsqrt(float x) { return rsqrtf(x); }
 DHSA_INLINE float dhsa_max(float a, float b) { return fmaxf(a, b); }
 DHSA_INLINE float dhsa_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+DHSA_INLINE bool dhsa_warp_all(bool p) { return __all_sync(0xffffffffu, p); }
 
 // The lanes holding one accumulator row are the 4 lanes of a quad.
 DHSA_INLINE float dhsa_row_max(float v) {
@@ -64,7 +75,9 @@ template <typename T>
 DHSA_INLINE T dhsa_from_float(float x) { return static_cast<T>(x); }
 
 DHSA_INLINE unsigned dhsa_smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+  unsigned addr;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\n" : "=r"(addr) : "l"(p));
+  return addr;
 }
 template <typename T>
 DHSA_INLINE void dhsa_cp16(T* dst, const T* src, bool valid) {
@@ -79,11 +92,11 @@ DHSA_INLINE void dhsa_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"
 // Lane l = 4 g + t holds A(g, 2t..2t+1), A(g+8, ..), A(g, 2t+8..), A(g+8, 2t+8..);
 // B(2t..2t+1, g), B(2t+8..2t+9, g); C(g, 2t..2t+1), C(g+8, 2t..2t+1).
 template <typename T>
-struct dhsa_afrag { uint32_t x[4]; };
+struct dhsa_afrag { unsigned x[4]; };
 template <>
 struct dhsa_afrag<float> { float x[8]; };
 template <typename T>
-struct dhsa_bfrag { uint32_t x[2]; };
+struct dhsa_bfrag { unsigned x[2]; };
 template <>
 struct dhsa_bfrag<float> { float x[4]; };
 struct dhsa_acc { float x[4]; };
@@ -93,7 +106,7 @@ DHSA_INLINE int dhsa_acc_col(int lane, int i) { return ((lane & 3) << 1) + (i & 
 DHSA_INLINE int dhsa_acc_rslot(int i) { return i >> 1; }
 
 template <typename T>
-DHSA_INLINE uint32_t dhsa_ld32(const T* p) { return *reinterpret_cast<const uint32_t*>(p); }
+DHSA_INLINE unsigned dhsa_ld32(const T* p) { return *reinterpret_cast<const unsigned*>(p); }
 
 template <typename T>
 DHSA_INLINE void dhsa_load_a(dhsa_afrag<T>& a, const T* p, int ld, int lane) {
@@ -179,16 +192,16 @@ DHSA_INLINE void dhsa_mma(dhsa_acc& d, const dhsa_afrag<float>& a, const dhsa_bf
 }
 
 template <typename T>
-DHSA_INLINE uint32_t dhsa_pack2(float lo, float hi);
+DHSA_INLINE unsigned dhsa_pack2(float lo, float hi);
 template <>
-DHSA_INLINE uint32_t dhsa_pack2<__nv_bfloat16>(float lo, float hi) {
+DHSA_INLINE unsigned dhsa_pack2<__nv_bfloat16>(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+  return *reinterpret_cast<unsigned*>(&v);
 }
 template <>
-DHSA_INLINE uint32_t dhsa_pack2<__half>(float lo, float hi) {
+DHSA_INLINE unsigned dhsa_pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+  return *reinterpret_cast<unsigned*>(&v);
 }
 
 // s[0], s[1]: accumulators of columns 0-7 and 8-15 of a 16-wide strip (DHSA_MMA_K / DHSA_MMA_N = 2).

@@ -29,9 +29,12 @@ typedef long dhsa_long;
 DHSA_INLINE float dhsa_exp2(float x) { return metal::precise::exp2(x); }
 DHSA_INLINE float dhsa_log2(float x) { return metal::precise::log2(x); }
 DHSA_INLINE float dhsa_tanh(float x) { return metal::precise::tanh(x); }
+template <typename T>
+DHSA_INLINE float dhsa_tanh_t(float x) { return metal::precise::tanh(x); }
 DHSA_INLINE float dhsa_rsqrt(float x) { return metal::precise::rsqrt(x); }
 DHSA_INLINE float dhsa_max(float a, float b) { return metal::max(a, b); }
 DHSA_INLINE float dhsa_shfl_xor(float v, int m) { return metal::simd_shuffle_xor(v, ushort(m)); }
+DHSA_INLINE bool dhsa_warp_all(bool p) { return metal::simd_all(p); }
 
 // The lanes holding one accumulator row differ in lane bits 0 and 3.
 DHSA_INLINE float dhsa_row_max(float v) {

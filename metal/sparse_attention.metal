@@ -1,7 +1,8 @@
 // dhsa_sparse_attention: kernel body for mx.fast.metal_kernel / mx.fast.cuda_kernel (the
 // signature is generated; ids_<backend>.h is prepended, prelude_<backend>.h + common.h are
 // the header).
-// inputs : queries [B, H, L, D] T | keys, values [B, H_kv, S, D] T
+// inputs : queries [B, H, L, D] T | keys, values [B, H_kv, S, D] T; any strides with the last
+//          dim contiguous, rows 16-byte aligned (cache slices pass without a copy)
 //          kv_index [B, NB, K] int32 (ascending key positions; unused when ALL_KEYS)
 //          kv_count [B, NB] int32 (valid slots per block; unused when ALL_KEYS)
 //          iparams int32 [12]: L, S, q_offset, window (0 = none), block_size, H, H_kv, NB, K,
@@ -59,6 +60,12 @@ const int n_splits = iparams[10];
 const int n_batch = iparams[11];
 const float scale = fparams[0];
 const float cap = fparams[1];
+// logit (log2 units) = c_out * tanh(c_in * q.k) with a cap, else c_in * q.k.
+const float c_in = cap > 0.0f ? scale / cap : scale * DHSA_LOG2E;
+const float c_out = cap * DHSA_LOG2E;
+const dhsa_long q_st0 = queries_strides[0], q_st1 = queries_strides[1], q_st2 = queries_strides[2];
+const dhsa_long k_st0 = keys_strides[0], k_st1 = keys_strides[1], k_st2 = keys_strides[2];
+const dhsa_long v_st0 = values_strides[0], v_st1 = values_strides[1], v_st2 = values_strides[2];
 
 const int bh = dhsa_gy;
 const int b = bh / n_kv;
@@ -92,7 +99,7 @@ for (int it = 0; it < Q_ITERS; ++it) {
     const int row = c / DV, col = (c % DV) * VEC;
     const int hr = row / qt, qi = q0 + row % qt;
     const bool ok = hr < reps && qi < n_q;
-    const dhsa_long off = ok ? ((dhsa_long)(b * n_heads + hk * reps + hr) * n_q + qi) * D : 0;
+    const dhsa_long off = ok ? b * q_st0 + (hk * reps + hr) * q_st1 + qi * q_st2 : 0;
     dhsa_cp16(qs + row * LDK + col, queries + off + col, ok);
   }
 }
@@ -128,7 +135,8 @@ const int t_end = dhsa_min(t_begin + per_split, n_tiles);
 
 DHSA_SMEM T* ks = qs;
 DHSA_SMEM T* vs = qs + BK * LDK;
-const dhsa_long kv_rows = (dhsa_long)bh * n_k;
+const dhsa_long k_base = b * k_st0 + hk * k_st1;
+const dhsa_long v_base = b * v_st0 + hk * v_st1;
 
 dhsa_acc o[MT][DN];
 float m_run[MT][DHSA_ACC_ROWS];
@@ -152,15 +160,17 @@ for (int mt = 0; mt < MT; ++mt) {
 for (int t = t_begin; t < t_end; ++t) {
   const int j0 = t * BK;
   const int jn = dhsa_min(BK, n_slots - j0);
-  if (!ALL_KEYS) {
-    // Slots ascend: past the last query everything is masked; skip tiles left of the window.
-    if (kv_index[idx_base + j0] > pos_hi) {
-      break;
-    }
-    if (window > 0 && kv_index[idx_base + j0 + jn - 1] <= pos_lo - window) {
-      continue;
-    }
+  const int kp_first = ALL_KEYS ? key_lo + j0 : int(kv_index[idx_base + j0]);
+  const int kp_last = ALL_KEYS ? key_lo + j0 + jn - 1 : int(kv_index[idx_base + j0 + jn - 1]);
+  // Slots ascend: past the last query everything is masked; skip tiles left of the window.
+  if (kp_first > pos_hi) {
+    break;
   }
+  if (window > 0 && kp_last <= pos_lo - window) {
+    continue;
+  }
+  // Every row sees every key of a full tile: no per-element mask.
+  const bool full = jn == BK && kp_last <= pos_lo && (window <= 0 || kp_first > pos_hi - window);
   DHSA_BARRIER();
   if (dhsa_tid < BK) {
     int kp = -1;
@@ -176,7 +186,7 @@ for (int t = t_begin; t < t_end; ++t) {
     if (c < BK * DV) {
       const int j = c / DV, col = (c % DV) * VEC;
       const int kp = j >= jn ? 0 : ALL_KEYS ? key_lo + j0 + j : int(kv_index[idx_base + j0 + j]);
-      dhsa_cp16(ks + j * LDK + col, keys + (kv_rows + kp) * D + col, j < jn);
+      dhsa_cp16(ks + j * LDK + col, keys + k_base + kp * k_st2 + col, j < jn);
     }
   }
   dhsa_cp_commit();
@@ -186,7 +196,7 @@ for (int t = t_begin; t < t_end; ++t) {
     if (c < BK * DV) {
       const int j = c / DV, col = (c % DV) * VEC;
       const int kp = j >= jn ? 0 : ALL_KEYS ? key_lo + j0 + j : int(kv_index[idx_base + j0 + j]);
-      dhsa_cp16(vs + j * LDK + col, values + (kv_rows + kp) * D + col, j < jn);
+      dhsa_cp16(vs + j * LDK + col, values + v_base + kp * v_st2 + col, j < jn);
     }
   }
   dhsa_cp_commit();
@@ -221,6 +231,7 @@ for (int t = t_begin; t < t_end; ++t) {
   // Mask, soft cap and online softmax (log2 domain).
   float m_use[MT][DHSA_ACC_ROWS];
   float alpha[MT][DHSA_ACC_ROWS];
+  bool same_max = true;
   DHSA_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
     float row_max[DHSA_ACC_ROWS];
@@ -233,12 +244,16 @@ for (int t = t_begin; t < t_end; ++t) {
       DHSA_UNROLL
       for (int i = 0; i < DHSA_ACC_N; ++i) {
         const int r = dhsa_acc_rslot(i);
-        const int kp = kpos_s[ns * DHSA_MMA_N + dhsa_acc_col(dhsa_lane, i)];
-        const int p = row_pos[mt][r];
-        const bool ok = row_ok[mt][r] && kp >= 0 && kp <= p && (window <= 0 || kp > p - window);
-        const float x = dhsa_softcap(s[mt][ns].x[i] * scale, cap) * DHSA_LOG2E;
-        s[mt][ns].x[i] = ok ? x : -DHSA_INF;
-        row_max[r] = dhsa_max(row_max[r], s[mt][ns].x[i]);
+        float x = s[mt][ns].x[i] * c_in;
+        x = cap > 0.0f ? c_out * dhsa_tanh_t<T>(x) : x;
+        if (!full) {
+          const int kp = kpos_s[ns * DHSA_MMA_N + dhsa_acc_col(dhsa_lane, i)];
+          const int p = row_pos[mt][r];
+          const bool ok = row_ok[mt][r] && kp >= 0 && kp <= p && (window <= 0 || kp > p - window);
+          x = ok ? x : -DHSA_INF;
+        }
+        s[mt][ns].x[i] = x;
+        row_max[r] = dhsa_max(row_max[r], x);
       }
     }
     DHSA_UNROLL
@@ -246,6 +261,8 @@ for (int t = t_begin; t < t_end; ++t) {
       const float m_new = dhsa_max(m_run[mt][r], dhsa_row_max(row_max[r]));
       m_use[mt][r] = m_new == -DHSA_INF ? 0.0f : m_new;
       alpha[mt][r] = dhsa_exp2(m_run[mt][r] - m_use[mt][r]);
+      // Rescaling O can be skipped while the max stays (or O is still zero).
+      same_max = same_max && (m_new == m_run[mt][r] || m_run[mt][r] == -DHSA_INF);
       m_run[mt][r] = m_new;
     }
     float row_sum[DHSA_ACC_ROWS];
@@ -266,11 +283,16 @@ for (int t = t_begin; t < t_end; ++t) {
     for (int r = 0; r < DHSA_ACC_ROWS; ++r) {
       l_run[mt][r] = l_run[mt][r] * alpha[mt][r] + row_sum[r];
     }
+  }
+  if (!dhsa_warp_all(same_max)) {
     DHSA_UNROLL
-    for (int dn = 0; dn < DN; ++dn) {
+    for (int mt = 0; mt < MT; ++mt) {
       DHSA_UNROLL
-      for (int i = 0; i < DHSA_ACC_N; ++i) {
-        o[mt][dn].x[i] *= alpha[mt][dhsa_acc_rslot(i)];
+      for (int dn = 0; dn < DN; ++dn) {
+        DHSA_UNROLL
+        for (int i = 0; i < DHSA_ACC_N; ++i) {
+          o[mt][dn].x[i] *= alpha[mt][dhsa_acc_rslot(i)];
+        }
       }
     }
   }

@@ -138,6 +138,11 @@ class DHSAAttention(nn.Module):
         args = dict(scale=self.scale, softcap=self.attn_logit_softcapping)
         if S <= config.dense_limit or (L == 1 and not config.sparse_decode):
             self.last_path = "dense"
+            if not isinstance(mask, mx.array) and offset + L == S:  # causal(+window): fused
+                return kernels.dense_attention(
+                    queries, keys, values, q_offset=offset, window=window,
+                    use_kernel=config.use_kernel, **args,
+                )
             return reference.dense_attention(
                 queries, keys, values, mask=self._dense_mask(mask, offset, L, S, window), **args
             )
@@ -159,10 +164,10 @@ class DHSAAttention(nn.Module):
         else:
             self.last_path = "dense"
         if n_sparse < L:
-            tail_mask = key_mask(offset + n_sparse, L - n_sparse, S, window)
             outputs.append(
-                reference.dense_attention(
-                    queries[:, :, n_sparse:], keys, values, mask=tail_mask, **args
+                kernels.dense_attention(
+                    queries[:, :, n_sparse:], keys, values, q_offset=offset + n_sparse,
+                    window=window, use_kernel=config.use_kernel, **args,
                 )
             )
         return mx.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]

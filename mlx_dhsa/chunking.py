@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .config import DHSAConfig
+from .predictor import load_predictor
 
 
 @dataclass
@@ -67,12 +68,24 @@ def _peaks(score: mx.array, radius: int) -> mx.array:
     return mx.where(keep, score, -mx.inf)
 
 
+def _learned_gap_logits(keys: mx.array, config: DHSAConfig) -> mx.array:
+    """The boundary predictor's (B, S) gap logits (loaded once per file)."""
+    predictor = load_predictor(config.predictor_path)
+    if predictor.args.window > config.min_chunk:
+        raise ValueError(
+            f"the boundary predictor reads {predictor.args.window} keys per side, more than "
+            f"min_chunk ({config.min_chunk}): segments would not chunk independently"
+        )
+    return predictor.gap_logits(keys)
+
+
 def segment_chunks(keys: mx.array, config: DHSAConfig, *, offset: int = 0) -> Chunks:
     """Chunk whole segments of keys (the closed part of a sequence).
 
     Inside a segment a cut keeps ``min_chunk`` (>= ``boundary_window``) keys to the segment
     edges, so a segment's chunks depend on its own keys only: chunking segment by segment,
-    as keys arrive, equals chunking everything at once.
+    as keys arrive, equals chunking everything at once. ``boundaries="learned"`` ranks gaps
+    by the boundary predictor's logits above ``predictor_threshold`` instead of key shifts.
 
     Args:
         keys (mx.array): post-RoPE keys, (B, H_kv, n * chunk_limit, D).
@@ -93,10 +106,14 @@ def segment_chunks(keys: mx.array, config: DHSAConfig, *, offset: int = 0) -> Ch
     else:
         p = pos % seg
         ok = (p >= config.min_chunk) & (seg - p >= config.min_chunk)
-        score = mx.where(ok.reshape(-1), gap_scores(keys, config.boundary_window), -mx.inf)
+        if config.boundaries == "learned":
+            raw, threshold = _learned_gap_logits(keys, config), config.predictor_threshold
+        else:
+            raw, threshold = gap_scores(keys, config.boundary_window), config.boundary_threshold
+        score = mx.where(ok.reshape(-1), raw, -mx.inf)
         score = _peaks(score, config.nms_window)
-        if config.boundary_threshold is not None:
-            score = mx.where(score > config.boundary_threshold, score, -mx.inf)
+        if threshold is not None:
+            score = mx.where(score > threshold, score, -mx.inf)
         score = score.reshape(B, n_seg, seg)
         order = mx.argsort(-score, axis=-1)[..., :picks_per_seg]  # strongest gaps first
         good = mx.isfinite(mx.take_along_axis(score, order, axis=-1))

@@ -42,6 +42,7 @@ from .config import DHSAConfig
 from .documents import STDIN, DocumentError, read_documents
 from .loading import MODEL_ALIASES, ModelNotFoundError, load
 from .methods import DEFAULT_METHODS
+from .predictor import DEFAULT_HEADS, DEFAULT_WINDOW
 
 DEFAULT_MODEL = "gemma-2-2b-it"
 DEFAULT_MAX_TOKENS = 256  # as mlx_lm.chat
@@ -285,4 +286,22 @@ def convert_gguf(
             )
         except (FileNotFoundError, ValueError, KeyError) as e:
             _fail(str(e))
+    ui.line(str(path))
+
+
+@app.command("convert-predictor")
+def convert_predictor(
+    source: Annotated[Path, typer.Argument(help="Predictor state_dict: .pt or .safetensors.")],
+    out: Annotated[Path, typer.Argument(help="Output MLX weights (.safetensors; JSON beside).")],
+    heads: Annotated[int, typer.Option(min=1, help="Encoder attention heads.")] = DEFAULT_HEADS,
+    window: Annotated[int, typer.Option(min=1, help="Keys per side of a gap.")] = DEFAULT_WINDOW,
+    residual: Annotated[bool, typer.Option(help="Encoder is LayerNorm(x + MHA(x)).")] = False,
+):
+    """Convert a boundary predictor state_dict to MLX weights (for boundaries="learned")."""
+    from .predictor_convert import convert_predictor as convert
+
+    try:
+        path = convert(source, out, heads=heads, window=window, residual=residual)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        _fail(str(e))
     ui.line(str(path))

@@ -1,6 +1,7 @@
 from dataclasses import dataclass, fields
+from pathlib import Path
 
-BOUNDARY_METHODS = ("shift", "fixed")
+BOUNDARY_METHODS = ("shift", "fixed", "learned")
 
 
 @dataclass(frozen=True)
@@ -18,13 +19,15 @@ class DHSAConfig:
     local: int = 128  # keys right before each query block always kept (plus the block itself)
     dense_tail: int = 64  # last queries of every multi-token call attend to all keys
     dense_below: int | None = None  # run dense while keys <= this; None = budget
-    boundaries: str = "shift"  # "shift": training-free key shift; "fixed": every target_chunk keys
+    boundaries: str = "shift"  # "shift": key shift; "fixed": every target_chunk; "learned"
     boundary_window: int = 4  # w: keys averaged on each side of a gap to score it
     nms_window: int = 8  # a chosen gap suppresses others this close
     min_chunk: int = 8  # shortest chunk
     target_chunk: int = 32  # average chunk length the boundary count aims at
     max_chunk: int | None = None  # longest chunk (forced cuts); None = 4 * block_size
     boundary_threshold: float | None = None  # None = top-count by target_chunk; else min shift
+    predictor_path: str | None = None  # boundaries="learned": MLX predictor .safetensors
+    predictor_threshold: float = 1.1  # boundaries="learned": least logit of a boundary
     sparse_decode: bool = True  # decode steps attend to selected keys (False: dense decode)
     share_boundaries: bool = True  # compute boundaries once (first patched layer) for all layers
     sliding_window: bool = True  # honour the model's sliding window on its sliding layers
@@ -46,6 +49,13 @@ class DHSAConfig:
             raise ValueError(
                 f"DHSAConfig.boundaries must be one of {BOUNDARY_METHODS}, got {self.boundaries!r}"
             )
+        if self.boundaries == "learned" and self.predictor_path is None:
+            raise ValueError(
+                'DHSAConfig.boundaries="learned" needs predictor_path (an MLX predictor '
+                ".safetensors; `mlx-dhsa convert-predictor IN OUT` makes one from a state_dict)"
+            )
+        if self.predictor_path is not None and not Path(self.predictor_path).expanduser().is_file():
+            raise ValueError(f"DHSAConfig.predictor_path is not a file: {self.predictor_path!r}")
         from .planners import PLANNERS  # deferred: avoids an import cycle
 
         if self.method not in PLANNERS:

@@ -107,7 +107,9 @@ def model_config(meta: dict, tensor_names: list[str]) -> dict:
     """
     arch = meta["general.architecture"]
     if arch not in MODEL_TYPES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {sorted(MODEL_TYPES)}")
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported; supported: {sorted(MODEL_TYPES)}"
+        )
     g = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
     tokens = meta["tokenizer.ggml.tokens"]
     n_heads = g("attention.head_count")
@@ -137,7 +139,9 @@ def model_config(meta: dict, tensor_names: list[str]) -> dict:
         config.update(rope_local_base_freq=10000.0, final_logit_softcapping=None)
         # llama.cpp: 27B scales by (hidden / heads)^-0.5, the others by head_dim^-0.5.
         big = config["num_hidden_layers"] == 62
-        config["query_pre_attn_scalar"] = config["hidden_size"] // n_heads if big else config["head_dim"]
+        config["query_pre_attn_scalar"] = (
+            config["hidden_size"] // n_heads if big else config["head_dim"]
+        )
         if "<end_of_turn>" in tokens:  # chat turns end with it (HF generation_config)
             config["eos_token_id"] = [config["eos_token_id"], tokens.index("<end_of_turn>")]
     return config

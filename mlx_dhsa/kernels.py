@@ -81,7 +81,7 @@ def _backend() -> str | None:
 BACKEND = _backend()
 
 
-def _build(name: str, inputs: list[str], outputs: list[str]):
+def _build(name: str, inputs: list[str], outputs: list[str], *, contiguous: bool = True):
     if BACKEND is None:
         return None
     header, source = kernel_source(name, BACKEND)
@@ -93,6 +93,7 @@ def _build(name: str, inputs: list[str], outputs: list[str]):
         output_names=outputs,
         source=source,
         header=header,
+        ensure_row_contiguous=contiguous,
     )
 
 
@@ -100,6 +101,7 @@ _attention_kernel = _build(
     "sparse_attention",
     ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
     ["out", "part", "lse"],
+    contiguous=False,  # q, k, v are read through their strides: cache slices need no copy
 )
 _scores_kernel = _build(
     "chunk_scores", ["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]
@@ -149,6 +151,7 @@ def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, bloc
     fparams = mx.array([scale, softcap or 0.0], mx.float32)
     shapes = [(1,), (n_splits, B, H, L, D), (n_splits, B, H, L)] if split else [
         (B, H, L, D), (1,), (1,)]
+    index, count = mx.contiguous(index), mx.contiguous(count)
     out, part, lse = _attention_kernel(
         inputs=[q, k, v, index, count, iparams, fparams],
         template=[("T", q.dtype), ("D", D), ("BK", bk), ("WARPS", warps), ("WROWS", wrows),

@@ -36,6 +36,7 @@ class Method:
         return model if self.config is None else patch(model, self.config)
 
     def as_dict(self) -> dict:
+        """The label and the config as a dict (``None`` for dense), for JSON reports."""
         return {"label": self.label, "config": None if self.config is None else asdict(self.config)}
 
 

@@ -115,6 +115,8 @@ def build_prompt(
 
 @dataclass(frozen=True)
 class NIAHResult:
+    """One method's answer at one (context, depth) cell."""
+
     method: str
     context: int  # target prompt length
     depth: float  # percent
@@ -126,6 +128,8 @@ class NIAHResult:
 
 @dataclass
 class NIAHReport:
+    """Every result of :func:`run`, the grid axes and the environment; ``as_dict`` for JSON."""
+
     environment: dict
     methods: list[Method]
     contexts: list[int]

@@ -54,6 +54,8 @@ SHAPES: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class Measurement:
+    """Mean time and peak memory of a timed call (see :func:`measure`)."""
+
     seconds: float  # mean wall time per call
     peak_gb: float  # mx.get_peak_memory() / 1e9 over the timed calls
 
@@ -121,6 +123,8 @@ class ProfileRow:
 
 @dataclass
 class ProfileReport:
+    """What :func:`compare` measured, with the environment it ran in; ``as_dict`` for JSON."""
+
     environment: dict
     methods: list[Method]
     rows: list[ProfileRow]  # means over trials, per (context, method)
@@ -188,8 +192,8 @@ def compare(
     """Prefill latency, decode tokens/s and peak memory of each method at each context length.
 
     Every method sees the same random prompt at a given length. Each method gets ``warmup``
-    untimed runs (at the shortest context) before its first timed trial, and the MLX cache is
-    cleared between methods. The model is left unpatched.
+    untimed runs (at the shortest context past its dense threshold) before the timed trials,
+    and the MLX cache is cleared between methods. The model is left unpatched.
 
     Args:
         model (nn.Module): an mlx-lm model (patched or not; it is re-patched per method).
@@ -197,7 +201,7 @@ def compare(
         contexts (Sequence[int]): prompt lengths in tokens.
         methods (Sequence[Method]): from :func:`mlx_dhsa.methods.parse_methods`.
         trials (int): timed runs per (context, method). Default: ``3``.
-        warmup (int): untimed runs per method. Default: ``1``.
+        warmup (int): untimed runs per method (they compile kernels). Default: ``1``.
         decode_tokens (int): tokens generated per run. Default: ``32``.
         on_trial (callable, optional): called as ``on_trial(i, row)`` after every trial.
         info (dict, optional): extra fields for the environment record (model name, ...).
@@ -213,8 +217,11 @@ def compare(
     rows: list[ProfileRow] = []
     for m in methods:
         m.apply(model)
+        # Warm up on the sparse path where there is one: it compiles the DHSA kernels.
+        limit = m.config.dense_limit if m.config is not None else 0
+        n = min((n for n in prompts if n > limit), default=min(prompts))
         for _ in range(warmup):
-            _trial(model, tokenizer, prompts[min(prompts)], m.label, decode_tokens)
+            _trial(model, tokenizer, prompts[n], m.label, decode_tokens)
     for n, prompt in prompts.items():
         for m in methods:
             m.apply(model)

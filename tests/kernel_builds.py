@@ -5,7 +5,6 @@ exported function. CUDA: the wrapper of mlx/backend/cuda/custom_kernel.cpp (buil
 re-created here. Used by test_kernel_sources.py to compile both off-GPU.
 """
 
-import re
 import tempfile
 from pathlib import Path
 
@@ -77,9 +76,12 @@ def cuda_source(name: str, inputs, template, output_dtypes) -> str:
     """The CUDA source MLX's cuda_kernel would hand to NVRTC for one instantiation."""
     header, source = kernels.kernel_source(name, "cuda")
     in_names, out_names = SIGNATURES[name]
-    params = [f"    const {_CUDA_TYPES[x.dtype]}* {n}" for n, x in zip(in_names, inputs)]
+    params = []
     for n, x in zip(in_names, inputs):  # shape arguments appear only if the body names them
-        assert not re.search(rf"\b{n}_(shape|strides|ndim)\b", source), n
+        params.append(f"    const {_CUDA_TYPES[x.dtype]}* {n}")
+        for suffix, kind in (("shape", "Shape"), ("strides", "Strides"), ("ndim", "int")):
+            if f"{n}_{suffix}" in source:
+                params.append(f"    const __grid_constant__ {kind} {n}_{suffix}")
     params += [f"    {_CUDA_TYPES[t]}* {n}" for n, t in zip(out_names, output_dtypes)]
     consts = []
     for key, val in template:

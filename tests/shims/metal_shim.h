@@ -6,6 +6,7 @@
 
 // No system headers: the check runs for an aarch64 target (for _Float16) without its libc.
 typedef __INT32_TYPE__ int32_t;
+typedef __INT64_TYPE__ int64_t;
 typedef __UINT16_TYPE__ uint16_t;
 typedef __UINT32_TYPE__ uint32_t;
 #define INFINITY __builtin_huge_valf()
@@ -61,6 +62,7 @@ void simdgroup_barrier(mem_flags);
 
 float simd_shuffle_xor(float, ushort);
 float simd_sum(float);
+bool simd_all(bool);
 float max(float, float);
 float min(float, float);
 float exp2(float);

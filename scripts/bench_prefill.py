@@ -1,0 +1,139 @@
+"""Whole-model prefill: mlx-lm dense vs DHSA on gemma-2-2b shapes with random weights.
+
+Prefill runs through mlx-lm's own path (``mlx_lm.generate.generate_step`` with its default
+``prefill_step_size``): the time is prompt-to-first-token, the memory ``mx.get_peak_memory``
+over that call (weights included). Methods, all on the same model in one process:
+
+- ``dense``: the unpatched mlx-lm model.
+- ``dhsa``: ``mlx_dhsa.patch(model)`` with the default config (budget 2048) and DHSA caches.
+- ``streaming``: the same patch with ``method="streaming"``: same attention kernels, a plan
+  that needs no scoring; ``dhsa - streaming`` bounds the cost of DHSA's planning.
+- ``floor``: attention scores skipped (projections, RoPE, KV cache, MLP, norms): the time
+  no attention method can beat.
+
+Usage: python scripts/bench_prefill.py --lengths 4096 8192 --json p.json
+"""
+
+import argparse
+import json
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate_step
+from mlx_lm.models import gemma2
+from mlx_lm.models.cache import make_prompt_cache
+
+import mlx_dhsa
+from mlx_dhsa.runinfo import attention_path, environment
+
+GEMMA2_2B = dict(
+    model_type="gemma2", hidden_size=2304, num_hidden_layers=26, intermediate_size=9216,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
+    query_pre_attn_scalar=256.0, rms_norm_eps=1e-6, attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+)
+
+
+class FloorAttention(nn.Module):
+    """Gemma2 attention without the scores: projections, RoPE and the cache update only."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+    def __call__(self, x, mask=None, cache=None):
+        a, (B, L, _) = self.base, x.shape
+        q = a.q_proj(x).reshape(B, L, a.n_heads, -1).transpose(0, 2, 1, 3)
+        k = a.k_proj(x).reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = a.v_proj(x).reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = a.rope(q, offset=offset), a.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return a.o_proj(q.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def _set_method(model, method: str):
+    """Put the model in the state ``method`` needs; returns its prompt cache maker."""
+    mlx_dhsa.unpatch(model)
+    for layer in model.layers:
+        if isinstance(layer.self_attn, FloorAttention):
+            layer.self_attn = layer.self_attn.base
+    if method == "dense":
+        return lambda: make_prompt_cache(model)
+    if method == "floor":
+        for layer in model.layers:
+            layer.self_attn = FloorAttention(layer.self_attn)
+        return lambda: make_prompt_cache(model)
+    mlx_dhsa.patch(model, method=method)
+    return lambda: mlx_dhsa.make_prompt_cache(model)
+
+
+def prefill(model, make_cache, n: int, vocab: int) -> dict:
+    prompt = mx.random.randint(0, vocab, (n,))
+    mx.eval(prompt)
+    cache = make_cache()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    seconds = None
+    for _ in generate_step(prompt, model, prompt_cache=cache, max_tokens=1):
+        seconds = time.perf_counter() - tic
+    mx.synchronize()
+    row = {"seconds": seconds, "peak_gb": mx.get_peak_memory() / 1e9, "path": attention_path(model)}
+    del cache
+    mx.clear_cache()
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    p.add_argument("--methods", nargs="+", default=["dense", "dhsa", "streaming", "floor"])
+    p.add_argument("--trials", type=int, default=1, help="runs per length (the minimum is kept)")
+    p.add_argument("--trials-up-to", type=int, default=1 << 30,
+                   help="longer prompts run once")
+    p.add_argument("--json", type=str, default=None)
+    args = p.parse_args()
+
+    mx.random.seed(0)
+    model = gemma2.Model(gemma2.ModelArgs.from_dict(GEMMA2_2B))
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    vocab = GEMMA2_2B["vocab_size"]
+    for method in args.methods:  # warm-up: JIT compiles kernels and graphs
+        prefill(model, _set_method(model, method), 4096, vocab)
+
+    rows = []
+    for n in args.lengths:
+        row = {"tokens": n}
+        for method in args.methods:
+            make_cache = _set_method(model, method)
+            trials = args.trials if n <= args.trials_up_to else 1
+            runs = [prefill(model, make_cache, n, vocab) for _ in range(trials)]
+            row[method] = {
+                "seconds": min(r["seconds"] for r in runs),
+                "seconds_all": [r["seconds"] for r in runs],
+                "peak_gb": max(r["peak_gb"] for r in runs),
+                "path": runs[-1]["path"],
+            }
+        rows.append(row)
+        cells = [f"{n:>7} tok"]
+        for method in args.methods:
+            r = row[method]
+            cells.append(f"{method} {r['seconds']:7.3f} s {r['peak_gb']:5.1f} GB")
+        if "dense" in row and "dhsa" in row:
+            cells.append(f"speedup {row['dense']['seconds'] / row['dhsa']['seconds']:4.2f}x")
+        if "floor" in row and "dhsa" in row:
+            cells.append(f"mem/floor {row['dhsa']['peak_gb'] / row['floor']['peak_gb']:4.2f}")
+        print(" | ".join(cells), flush=True)
+        if args.json:  # after every length, so a run cut short keeps what it measured
+            report = {"env": environment(model="gemma-2-2b (random weights)", dtype="bfloat16"),
+                      "bench": "prefill", "prefill_step_size": 2048, "rows": rows}
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Kernels against the reference. Tests marked ``gpu`` run on whichever GPU backend MLX has
+(Metal on a Mac, CUDA on NVIDIA) and are skipped on CPU; the references always run on the CPU
+stream, in exact fp32. The dispatch tests at the end run everywhere."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_dhsa import kernels, reference
+from mlx_dhsa.chunking import chunk_boundaries, chunk_summaries
+from mlx_dhsa.selection import block_queries, chunk_scores, key_mask, select
+
+from conftest import assert_within_baseline, make_qkv, small_config
+
+gpu = pytest.mark.skipif(kernels.BACKEND is None, reason="no GPU backend (Metal or CUDA)")
+SCALE = 0.0625
+
+
+def _plan(q, k, config, q_offset, window):
+    """The real planner, on the CPU: chunks, scores and selection for queries q at q_offset."""
+    L = q.shape[2]
+    chunks = chunk_boundaries(k, config)
+    scores = chunk_scores(block_queries(q, config.block_size), chunk_summaries(k, chunks))
+    return select(scores, chunks, config, n_queries=L, q_offset=q_offset, window=window)
+
+
+def _on_gpu(fn, *args, **kw):
+    with mx.stream(mx.gpu):
+        out = fn(*args, **kw)
+        mx.eval(out)
+    return out
+
+
+def _close(out, ref, tol=1e-4):
+    err = mx.abs(out.astype(mx.float32) - ref).max().item()
+    assert err <= tol + tol * mx.abs(ref).max().item(), f"max error {err:.3g}"
+
+
+# (B, H, H_kv, L, S, D, q_offset, window, softcap): ragged L around the block size (16 in
+# small_config), L = 1, GQA repeats 1 and 2, head dims 64 and 256, offsets and windows.
+CASES = [
+    (1, 4, 2, 64, 64, 64, 0, None, 50.0),
+    (1, 2, 2, 17, 80, 64, 63, None, None),
+    (2, 4, 2, 63, 130, 64, 67, 40, 50.0),
+    (1, 4, 2, 1, 97, 64, 96, None, 50.0),
+    (1, 8, 4, 33, 160, 256, 127, None, 50.0),
+    (1, 2, 1, 16, 200, 256, 184, 64, None),
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,H_kv,L,S,D,off,window,cap", CASES)
+def test_sparse_kernel_fp32(B, H, H_kv, L, S, D, off, window, cap):
+    q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D)
+    plan = _plan(q, k, small_config(), off, window)
+    ref = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=cap)
+    out = _on_gpu(kernels.sparse_attention, q, k, v, plan, scale=SCALE, softcap=cap)
+    assert kernels.last_path == "kernel"
+    _close(out, ref)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,H_kv,L,S,D,off,window,cap", CASES)
+def test_dense_kernel_fp32(B, H, H_kv, L, S, D, off, window, cap):
+    q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D)
+    mask = key_mask(off, L, S, window)
+    ref = reference.dense_attention(q, k, v, scale=SCALE, softcap=cap, mask=mask)
+    out = _on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=cap, q_offset=off,
+                  window=window)
+    assert kernels.last_path == "kernel"
+    _close(out, ref)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("min_groups", [1, 10**6])
+def test_split_and_unsplit_agree(monkeypatch, min_groups):
+    """Both launch shapes: one pass over the keys, or several splits merged by log-sum-exp."""
+    monkeypatch.setattr(kernels, "_MIN_SPLIT_TILES", 1)
+    monkeypatch.setattr(kernels, "_MIN_GROUPS", min_groups)
+    q, k, v = make_qkv(H=4, H_kv=2, L=48, S=300, D=64)
+    plan = _plan(q, k, small_config(), 252, None)
+    ref = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=50.0)
+    _close(_on_gpu(kernels.sparse_attention, q, k, v, plan, scale=SCALE, softcap=50.0), ref)
+    ref = reference.dense_attention(q, k, v, scale=SCALE, softcap=50.0,
+                                    mask=key_mask(252, 48, 300, None))
+    _close(_on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=50.0, q_offset=252),
+           ref)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_strided_inputs(dtype):
+    """Views are read in place: a cache-like slice of a longer buffer, a query slice and a
+    (B, S, H_kv, D) layout transposed to (B, H_kv, S, D)."""
+    q_all, k_all, v_all = make_qkv(B=2, H=4, H_kv=2, L=90, S=170, D=64)
+    q = q_all[:, :, 7:47].astype(dtype)  # 40 queries at positions 120..159
+    k = k_all[:, :, :160].astype(dtype)
+    v = mx.contiguous(v_all[:, :, :160].transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3).astype(dtype)
+    plan = _plan(q, k, small_config(), 120, None)
+    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    ref = reference.sparse_attention(*(x.astype(mx.float32) for x in (q, k, v)), plan,
+                                     scale=SCALE, softcap=50.0)
+    _close(_on_gpu(kernels.sparse_attention, q, k, v, plan, scale=SCALE, softcap=50.0), ref, tol)
+    ref = reference.dense_attention(*(x.astype(mx.float32) for x in (q, k, v)), scale=SCALE,
+                                    softcap=50.0, mask=key_mask(120, 40, 160, 64))
+    out = _on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=50.0, q_offset=120,
+                  window=64)
+    _close(out, ref, tol)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("cap", [None, 50.0])
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_kernels_low_precision(dtype, cap, mode):
+    q, k, v = make_qkv(H=8, H_kv=4, L=80, S=208, D=256, scale=2.0)
+    factor = 4.0 if cap else 2.0
+    if mode == "sparse":
+        plan = _plan(q, k, small_config(), 128, 96)
+        fn = lambda *x, **kw: kernels.sparse_attention(*x, plan, **kw)  # noqa: E731
+        ref = lambda *x, **kw: reference.sparse_attention(*x, plan, **kw)  # noqa: E731
+    else:
+        fn = lambda *x, **kw: kernels.dense_attention(*x, q_offset=128, **kw)  # noqa: E731
+        mask = key_mask(128, 80, 208, None)
+        ref = lambda *x, **kw: reference.dense_attention(*x, mask=mask, **kw)  # noqa: E731
+    lp = [x.astype(dtype) for x in (q, k, v)]
+    ref32 = ref(*[x.astype(mx.float32) for x in lp], scale=SCALE, softcap=cap)
+    ref_lp = ref(*lp, scale=SCALE, softcap=cap)
+    out = _on_gpu(fn, *lp, scale=SCALE, softcap=cap)
+    assert out.dtype == dtype and kernels.last_path == "kernel"
+    assert_within_baseline(out, ref32, ref_lp, factor=factor)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("S,D", [(37, 64), (300, 256)])
+def test_chunk_scores_kernel(dtype, S, D):
+    _, k, _ = make_qkv(B=2, H_kv=2, L=8, S=S, D=D)
+    q = mx.random.normal((2, 4, S, D))
+    k = k.astype(dtype)
+    config = small_config()
+    chunks = chunk_boundaries(k, config)
+    qb = block_queries(q, config.block_size)
+    ref_summaries = chunk_summaries(k, chunks)
+    ref = chunk_scores(qb, ref_summaries)
+    _close(_on_gpu(kernels.chunk_summaries, k, chunks), ref_summaries)
+    out = _on_gpu(kernels.chunk_scores, qb, k, chunks)
+    assert kernels.last_path == "kernel"
+    _close(out, ref)
+
+
+def test_dispatch_falls_back_on_cpu():
+    q, k, v = make_qkv(L=20, S=40)
+    plan = _plan(q, k, small_config(), 20, None)
+    out = kernels.sparse_attention(q, k, v, plan, scale=SCALE, softcap=50.0)
+    assert kernels.last_path == "reference"
+    ref = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=50.0)
+    assert mx.array_equal(out, ref)
+    out = kernels.dense_attention(q, k, v, scale=SCALE, q_offset=20, window=8)
+    mask = key_mask(20, 20, 40, 8)
+    assert mx.array_equal(out, reference.dense_attention(q, k, v, scale=SCALE, mask=mask))
+    assert kernels.last_path == "reference"
+
+
+@gpu
+@pytest.mark.gpu
+def test_use_kernel_false_forces_reference():
+    q, k, v = make_qkv(L=20, S=40)
+    _on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, use_kernel=False)
+    assert kernels.last_path == "reference"
