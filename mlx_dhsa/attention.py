@@ -6,8 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels, planners, reference
-from .cache import ClosedChunks, ClosedSummaries, DHSACache
-from .chunking import Chunks
+from .cache import ChunkTable, ClosedChunks, ClosedSummaries, DHSACache
 from .config import DHSAConfig
 from .selection import Plan, key_mask
 
@@ -185,8 +184,8 @@ class DHSAAttention(nn.Module):
         planner ``config.method`` names (``planners.PLANNERS``)."""
         return planners.plan(self, queries, keys, offset=offset, window=window, cache=cache)
 
-    def chunk_view(self, keys: mx.array, cache: Any = None) -> tuple[Chunks, mx.array]:
-        """Chunks of ``keys`` (B, H_kv, S, D) and their summaries (B, N_c, D).
+    def chunk_view(self, keys: mx.array, cache: Any = None) -> ChunkTable:
+        """The chunks of ``keys`` (B, H_kv, S, D) and their summaries, as a ChunkTable.
 
         A DHSACache keeps closed chunks and summaries between calls; any other cache (or none)
         rebuilds them from the keys, with the same result. Shared boundaries come from the
@@ -206,8 +205,7 @@ class DHSAAttention(nn.Module):
             closed.sync(keys, config)
             if config.share_boundaries and self._owner:
                 self._shared.publish(keys, closed)
-        B, _, S, _ = keys.shape
-        return closed.with_open(S, B, config), summaries.sync(keys, closed, config)
+        return summaries.table(keys, closed, config)
 
     @staticmethod
     def _dense_mask(mask, offset: int, L: int, S: int, window: int | None):

@@ -6,6 +6,7 @@ same code serves a plain mlx-lm ``KVCache`` by rebuilding the state from the cac
 every call, so both give identical chunks, summaries and selections.
 """
 
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -24,24 +25,74 @@ from .chunking import (
 from .config import DHSAConfig
 
 
+# Chunk slots are allocated this many at a time, so the compiled planner sees a new shape
+# (and re-traces) only every CAPACITY_STEP chunks, about 32k keys at the defaults.
+CAPACITY_STEP = 1024
+
+
+def _reserve(buf: mx.array | None, shape: tuple, needed: int, dtype) -> mx.array:
+    """``buf`` with at least ``needed`` slots on axis 1, grown in CAPACITY_STEP units."""
+    have = 0 if buf is None else buf.shape[1]
+    if have >= needed:
+        return buf
+    cap = -(-needed // CAPACITY_STEP) * CAPACITY_STEP
+    grow = mx.zeros((shape[0], cap - have, *shape[1:]), dtype)
+    return grow if buf is None else mx.concatenate([buf, grow], axis=1)
+
+
+@dataclass
+class ChunkTable:
+    """Every chunk of S keys in fixed-capacity buffers, ready for the compiled planner.
+
+    Slots ``[0, n_closed)`` hold the closed chunks, slot ``n_closed`` the open chunk
+    ``[open_start, n_keys)`` with summary ``open_summary``; later slots are unused.
+    """
+
+    starts: mx.array  # (B, cap) int32
+    lengths: mx.array  # (B, cap) int32
+    summaries: mx.array  # (B, cap, D) float32
+    open_summary: mx.array  # (B, 1, D) float32
+    n_closed: int  # closed chunks
+    open_start: int  # first key of the open chunk
+    n_keys: int  # S
+    segment: int
+
+    def materialize(self) -> tuple[Chunks, mx.array]:
+        """The (B, N_c) chunks, open chunk last, and their (B, N_c, D) summaries."""
+        n, B = self.n_closed, self.starts.shape[0]
+        tail = open_chunk(self.open_start, self.n_keys, B, self.segment)
+        chunks = concat_chunks(Chunks(self.starts[:, :n], self.lengths[:, :n], self.segment), tail)
+        return chunks, mx.concatenate([self.summaries[:, :n], self.open_summary], axis=1)
+
+
 class ClosedChunks:
     """Chunks of the closed segments of one key sequence, grown and trimmed in place."""
 
     def __init__(self):
         self.n_keys = 0  # keys covered: a multiple of the segment length
-        self.chunks: Chunks | None = None
+        self.n_chunks = 0
+        self.starts: mx.array | None = None  # (B, cap) int32
+        self.lengths: mx.array | None = None
 
     def sync(self, keys: mx.array, config: DHSAConfig) -> "ClosedChunks":
         """Cover the whole segments of ``keys`` (B, H_kv, S, D): trim, then chunk new ones."""
+        B, S = keys.shape[0], keys.shape[2]
         seg, per = config.chunk_limit, chunks_per_segment(config)
-        n_closed = keys.shape[2] // seg * seg
-        if self.chunks is not None and self.chunks.starts.shape[0] != keys.shape[0]:
-            self.n_keys, self.chunks = 0, None  # another batch: start over
+        if self.starts is not None and self.starts.shape[0] != B:
+            self.__init__()  # another batch: start over
+        n_closed = S // seg * seg
         self.trim(n_closed, config)
         if n_closed > self.n_keys:
             new = segment_chunks(keys[:, :, self.n_keys : n_closed], config, offset=self.n_keys)
-            self.chunks = new if self.chunks is None else concat_chunks(self.chunks, new)
-            self.n_keys = n_closed
+            a, b = self.n_chunks, n_closed // seg * per
+            self.starts = _reserve(self.starts, (B,), b + 1, mx.int32)  # + 1: the open chunk
+            self.lengths = _reserve(self.lengths, (B,), b + 1, mx.int32)
+            self.starts[:, a:b] = new.starts
+            self.lengths[:, a:b] = new.lengths
+            self.n_keys, self.n_chunks = n_closed, b
+        if self.starts is None:
+            self.starts = _reserve(None, (B,), 1, mx.int32)
+            self.lengths = _reserve(None, (B,), 1, mx.int32)
         return self
 
     def trim(self, n_keys: int, config: DHSAConfig) -> None:
@@ -49,53 +100,48 @@ class ClosedChunks:
         seg, per = config.chunk_limit, chunks_per_segment(config)
         n_keys = n_keys // seg * seg
         if n_keys < self.n_keys:
-            n = n_keys // seg * per
-            c = self.chunks
-            self.chunks = Chunks(c.starts[:, :n], c.lengths[:, :n], c.segment) if n else None
-            self.n_keys = n_keys
-
-    def with_open(self, S: int, B: int, config: DHSAConfig) -> Chunks:
-        """All chunks of S keys: the closed ones plus the open chunk (possibly empty)."""
-        tail = open_chunk(self.n_keys, S, B, config.chunk_limit)
-        return tail if self.chunks is None else concat_chunks(self.chunks, tail)
+            self.n_keys, self.n_chunks = n_keys, n_keys // seg * per
 
 
 class ClosedSummaries:
-    """Summaries (B, N, D) of one layer's closed chunks, kept in step with a ClosedChunks."""
+    """Summaries (B, cap, D) of one layer's closed chunks, kept in step with a ClosedChunks."""
 
     def __init__(self):
         self.n_keys = 0
         self.summaries: mx.array | None = None
 
-    def sync(self, keys: mx.array, closed: ClosedChunks, config: DHSAConfig) -> mx.array:
-        """Summaries of all chunks of ``keys``: closed (cached) and open (fresh), (B, N_c, D)."""
-        B, _, S, _ = keys.shape
+    def table(self, keys: mx.array, closed: ClosedChunks, config: DHSAConfig) -> ChunkTable:
+        """Summarise new closed chunks of ``keys`` (B, H_kv, S, D) and the open chunk."""
+        B, _, S, D = keys.shape
         seg, per = config.chunk_limit, chunks_per_segment(config)
         if self.summaries is not None and self.summaries.shape[0] != B:
-            self.n_keys, self.summaries = 0, None
+            self.__init__()
         self.trim(closed.n_keys, config)
         if closed.n_keys > self.n_keys:
-            a, b = self.n_keys // seg * per, closed.n_keys // seg * per
-            c = closed.chunks
+            a, b = self.n_keys // seg * per, closed.n_chunks
             new = chunk_summaries(
                 keys[:, :, self.n_keys : closed.n_keys],
-                Chunks(c.starts[:, a:b], c.lengths[:, a:b], c.segment),
+                Chunks(closed.starts[:, a:b], closed.lengths[:, a:b], seg),
                 offset=self.n_keys,
             )
-            self.summaries = new if self.summaries is None else mx.concatenate(
-                [self.summaries, new], axis=1
-            )
+            self.summaries = _reserve(self.summaries, (B, D), b + 1, mx.float32)
+            self.summaries[:, a:b] = new
             self.n_keys = closed.n_keys
-        tail = open_summary(keys[:, :, closed.n_keys :])
-        return tail if self.summaries is None else mx.concatenate([self.summaries, tail], axis=1)
+        self.summaries = _reserve(self.summaries, (B, D), closed.starts.shape[1], mx.float32)
+        return ChunkTable(
+            starts=closed.starts,
+            lengths=closed.lengths,
+            summaries=self.summaries,
+            open_summary=open_summary(keys[:, :, closed.n_keys :]),
+            n_closed=closed.n_chunks,
+            open_start=closed.n_keys,
+            n_keys=S,
+            segment=seg,
+        )
 
     def trim(self, n_keys: int, config: DHSAConfig) -> None:
-        seg, per = config.chunk_limit, chunks_per_segment(config)
-        n_keys = n_keys // seg * seg
-        if n_keys < self.n_keys:
-            n = n_keys // seg * per
-            self.summaries = self.summaries[:, :n] if n else None
-            self.n_keys = n_keys
+        seg = config.chunk_limit
+        self.n_keys = min(self.n_keys, n_keys // seg * seg)
 
 
 def open_summary(keys: mx.array) -> mx.array:

@@ -29,7 +29,7 @@ from .selection import (
     intervals_to_indices,
     key_mask,
     select,
-    select_decode,
+    select_chunks,
 )
 
 # Attention probabilities per oracle group of query blocks; bounds its working memory.
@@ -52,13 +52,8 @@ def plan_dhsa(attn, queries: mx.array, keys: mx.array, *, offset: int, window, c
     Returns:
         Plan: (B, ceil(L / block_size), budget) key indices.
     """
-    chunks, summaries = attn.chunk_view(keys, cache)
-    if queries.shape[2] == 1:  # decode: one compiled graph per step
-        return select_decode(
-            queries, summaries, chunks, attn.config, q_offset=offset, window=window
-        )
-    scores = chunk_scores(block_queries(queries, attn.config.block_size), summaries)
-    return _select(attn, scores, chunks, queries, offset, window)
+    table = attn.chunk_view(keys, cache)
+    return select_chunks(queries, table, attn.config, q_offset=offset, window=window)
 
 
 def fixed_blocks(S: int, B: int, size: int) -> Chunks:
@@ -188,7 +183,7 @@ def plan_oracle(
 
     Arguments and result as :func:`plan_dhsa`.
     """
-    chunks, _ = attn.chunk_view(keys, cache)
+    chunks, _ = attn.chunk_view(keys, cache).materialize()
     mass = chunk_mass(
         queries,
         keys,

@@ -138,34 +138,50 @@ def select(
     )
 
 
-def select_decode(
-    q: mx.array, summaries: mx.array, chunks: Chunks, config: DHSAConfig, *, q_offset: int,
+def select_chunks(
+    queries: mx.array,
+    table,
+    config: DHSAConfig,
+    *,
+    q_offset: int,
     window: int | None = None,
 ) -> Plan:
-    """Scores and :func:`select` for one query (a decode step), as one compiled graph.
+    """Block representatives, chunk scores and :func:`select`, as one compiled graph.
 
-    Decode plans once per token and layer, so its many small ops are fused by ``mx.compile``;
-    the position is an array input, so the graph is traced again only when the chunk count
-    changes (once per closed segment).
+    Planning runs once per layer and call, as many small ops; ``mx.compile`` fuses them and
+    removes their per-op overhead. Positions and counts are array inputs and the chunk table
+    has a fixed capacity, so the graph is traced again only when the query count or the
+    capacity changes.
 
     Args:
-        q (mx.array): the query, (B, H, 1, D).
-        summaries (mx.array): chunk summaries, (B, N_c, D).
-        chunks, config, q_offset, window: as for :func:`select`.
+        queries (mx.array): the planned queries, (B, H, L, D), at positions ``q_offset..``.
+        table (ChunkTable): the chunks of the keys (see ``cache.ChunkTable``).
+        config (DHSAConfig): selection settings.
+        q_offset (int): position of the first query.
+        window (int, optional): sliding window of the layer. Default: ``None``.
 
     Returns:
-        Plan: as :func:`select` returns it, NB = 1.
+        Plan: as :func:`select` returns it.
     """
-    fn = _compiled_decode_select(config, window, chunks.segment)
-    indices, n_valid = fn(q, summaries, chunks.starts, chunks.lengths, mx.array(q_offset))
+    fn = _compiled_select(config, window, queries.shape[2], table.segment)
+    scalars = mx.array([table.n_closed, table.open_start, table.n_keys, q_offset], mx.int32)
+    indices, n_valid = fn(
+        queries, table.summaries, table.starts, table.lengths, table.open_summary, scalars
+    )
     return Plan(indices, n_valid, q_offset=q_offset, block_size=config.block_size, window=window)
 
 
-@lru_cache(maxsize=64)
-def _compiled_decode_select(config: DHSAConfig, window: int | None, segment: int):
-    def fn(q, summaries, starts, lengths, q_offset):
-        scores = chunk_scores(block_queries(q, config.block_size), summaries)
-        plan = select(scores, Chunks(starts, lengths, segment), config, n_queries=1,
+@lru_cache(maxsize=128)
+def _compiled_select(config: DHSAConfig, window: int | None, n_queries: int, segment: int):
+    def fn(queries, summaries, starts, lengths, open_summary, scalars):
+        n_closed, open_start, S, q_offset = scalars[0], scalars[1], scalars[2], scalars[3]
+        slot = mx.arange(starts.shape[1])
+        is_open = slot == n_closed  # the open chunk goes in the first unused slot
+        starts = mx.where(is_open, open_start, starts)
+        lengths = mx.where(is_open, S - open_start, mx.where(slot < n_closed, lengths, 0))
+        summaries = mx.where(is_open[:, None], open_summary, summaries)
+        scores = chunk_scores(block_queries(queries, config.block_size), summaries)
+        plan = select(scores, Chunks(starts, lengths, segment), config, n_queries=n_queries,
                       q_offset=q_offset, window=window)  # fmt: skip
         return plan.indices, plan.n_valid
 

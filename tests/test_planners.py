@@ -103,7 +103,7 @@ def test_oracle_mass_sums_to_queries_times_heads():
     S, L = 96, 40
     config = small_config(method="oracle")
     q, k, _ = make_qkv(H=4, H_kv=2, L=L, S=S, D=16)
-    chunks, _ = _attn(config).chunk_view(k)
+    chunks, _ = _attn(config).chunk_view(k).materialize()
     mass = chunk_mass(q, k, chunks, offset=S - L, window=None, block_size=16, scale=0.25,
                       softcap=None)  # fmt: skip
     per_block = [16 * 4, 16 * 4, 8 * 4]
