@@ -31,7 +31,7 @@ DHSA_OPTIONS = {
     "target_chunk": "Average chunk length the boundaries aim at.",
     "min_chunk": "Shortest chunk.",
     "max_chunk": "Longest chunk (default: 4 x block size).",
-    "sparse_decode": "Decode steps attend to selected keys too.",
+    "decode_dense_below": "Decode stays dense up to this many keys (0: always sparse).",
     "use_kernel": "Use the GPU kernels when a GPU is present (else the pure-MLX reference).",
 }
 _CHOICES = {"boundaries": BOUNDARY_METHODS, "method": tuple(PLANNERS)}

@@ -11,6 +11,15 @@ from .config import DHSAConfig
 from .selection import Plan, key_mask
 
 
+def _per_sequence(mask) -> bool:
+    """A mask that differs across the batch (mlx-lm's padded batches).
+
+    Any other mask mlx-lm builds for these models is the causal mask, which DHSA applies
+    itself (with the layer's window); only per-sequence masks need the masked reference.
+    """
+    return isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[0] > 1
+
+
 class SharedChunks:
     """Closed chunks published by the first DHSA layer and borrowed by the others.
 
@@ -135,9 +144,9 @@ class DHSAAttention(nn.Module):
         config = self.config
         window = self.window if config.sliding_window else None
         args = dict(scale=self.scale, softcap=self.attn_logit_softcapping)
-        if S <= config.dense_limit or (L == 1 and not config.sparse_decode):
+        if S <= config.dense_limit or (L == 1 and not config.sparse_decode_at(S)):
             self.last_path = "dense"
-            if not isinstance(mask, mx.array) and offset + L == S:  # causal(+window): fused
+            if not _per_sequence(mask) and offset + L == S:  # causal(+window): fused
                 return kernels.dense_attention(
                     queries, keys, values, q_offset=offset, window=window,
                     use_kernel=config.use_kernel, **args,
@@ -145,7 +154,7 @@ class DHSAAttention(nn.Module):
             return reference.dense_attention(
                 queries, keys, values, mask=self._dense_mask(mask, offset, L, S, window), **args
             )
-        if isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[0] > 1:
+        if _per_sequence(mask):
             raise NotImplementedError(
                 "DHSA sparse attention does not support per-sequence (padded batch) masks; "
                 "run sequences one at a time, or raise the budget above the context length"

@@ -7,6 +7,7 @@ every call, so both give identical chunks, summaries and selections.
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import mlx.core as mx
@@ -90,6 +91,9 @@ class ClosedChunks:
             self.starts[:, a:b] = new.starts
             self.lengths[:, a:b] = new.lengths
             self.n_keys, self.n_chunks = n_closed, b
+            # mlx-lm evaluates only the KV state each step: without this, a layer whose output
+            # is not needed yet would keep a lazy graph holding old key buffers alive.
+            mx.async_eval(self.starts, self.lengths)
         if self.starts is None:
             self.starts = _reserve(None, (B,), 1, mx.int32)
             self.lengths = _reserve(None, (B,), 1, mx.int32)
@@ -119,14 +123,16 @@ class ClosedSummaries:
         self.trim(closed.n_keys, config)
         if closed.n_keys > self.n_keys:
             a, b = self.n_keys // seg * per, closed.n_chunks
-            new = chunk_summaries(
+            new = _compiled_summaries(seg)(
                 keys[:, :, self.n_keys : closed.n_keys],
-                Chunks(closed.starts[:, a:b], closed.lengths[:, a:b], seg),
-                offset=self.n_keys,
+                closed.starts[:, a:b],
+                closed.lengths[:, a:b],
+                mx.array(self.n_keys, mx.int32),
             )
             self.summaries = _reserve(self.summaries, (B, D), b + 1, mx.float32)
             self.summaries[:, a:b] = new
             self.n_keys = closed.n_keys
+            mx.async_eval(self.summaries)  # see ClosedChunks.sync
         self.summaries = _reserve(self.summaries, (B, D), closed.starts.shape[1], mx.float32)
         return ChunkTable(
             starts=closed.starts,
@@ -142,6 +148,16 @@ class ClosedSummaries:
     def trim(self, n_keys: int, config: DHSAConfig) -> None:
         seg = config.chunk_limit
         self.n_keys = min(self.n_keys, n_keys // seg * seg)
+
+
+@lru_cache(maxsize=8)
+def _compiled_summaries(segment: int):
+    """chunk_summaries as one compiled graph (one trace per prefill step size)."""
+
+    def fn(keys, starts, lengths, offset):
+        return chunk_summaries(keys, Chunks(starts, lengths, segment), offset=offset)
+
+    return mx.compile(fn)
 
 
 def open_summary(keys: mx.array) -> mx.array:

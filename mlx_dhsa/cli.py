@@ -284,7 +284,7 @@ def convert_gguf(
             path = convert(
                 source, out, dtype=dtype, progress=lambda done, total, _: update(done, total)
             )
-        except (FileNotFoundError, ValueError, KeyError) as e:
+        except (FileNotFoundError, ImportError, ValueError, KeyError) as e:
             _fail(str(e))
     ui.line(str(path))
 

@@ -28,7 +28,7 @@ class DHSAConfig:
     boundary_threshold: float | None = None  # None = top-count by target_chunk; else min shift
     predictor_path: str | None = None  # boundaries="learned": MLX predictor .safetensors
     predictor_threshold: float = 1.1  # boundaries="learned": least logit of a boundary
-    sparse_decode: bool = True  # decode steps attend to selected keys (False: dense decode)
+    decode_dense_below: int | None = 32768  # decode stays dense up to this many keys; None = always
     share_boundaries: bool = True  # compute boundaries once (first patched layer) for all layers
     sliding_window: bool = True  # honour the model's sliding window on its sliding layers
     use_kernel: bool = True  # use the GPU kernels when a GPU backend is present
@@ -43,6 +43,10 @@ class DHSAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"DHSAConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.decode_dense_below is not None and self.decode_dense_below < 0:
+            raise ValueError(
+                f"DHSAConfig.decode_dense_below must be >= 0 or None, got {self.decode_dense_below}"
+            )
         if self.dense_below is not None and self.dense_below < 0:
             raise ValueError(f"DHSAConfig.dense_below must be >= 0 or None, got {self.dense_below}")
         if self.boundaries not in BOUNDARY_METHODS:
@@ -84,6 +88,15 @@ class DHSAConfig:
     def dense_limit(self) -> int:
         """Key count up to which attention stays dense (``dense_below`` or ``budget``)."""
         return self.budget if self.dense_below is None else self.dense_below
+
+    def sparse_decode_at(self, n_keys: int) -> bool:
+        """Whether a decode step over ``n_keys`` keys attends sparsely.
+
+        A sparse step costs a few fixed launches per layer; below ``decode_dense_below`` keys
+        reading the whole cache is cheaper on fast-memory GPUs (see README, decode).
+        """
+        limit = self.decode_dense_below
+        return limit is not None and n_keys > max(limit, self.dense_limit)
 
     @property
     def chunk_limit(self) -> int:

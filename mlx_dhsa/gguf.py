@@ -207,9 +207,13 @@ def convert_gguf(
 
     Raises:
         ValueError: an unsupported architecture. KeyError: an unknown tensor name.
+        ImportError: the ``gguf`` package is missing.
     """
-    import gguf
-    from gguf.quants import dequantize
+    try:
+        import gguf
+        from gguf.quants import dequantize
+    except ImportError as e:
+        raise ImportError("GGUF conversion needs the gguf package: pip install gguf") from e
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = gguf.GGUFReader(gguf_path)

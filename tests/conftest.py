@@ -9,7 +9,7 @@ from mlx_dhsa import DHSAConfig
 
 # Small DHSA settings that make tiny inputs exercise every part of the planner.
 SMALL = dict(budget=48, block_size=16, sink=4, local=8, dense_tail=8, target_chunk=8,
-             min_chunk=2, nms_window=2, boundary_window=2)
+             min_chunk=2, nms_window=2, boundary_window=2, decode_dense_below=0)
 
 
 @pytest.fixture(autouse=True)

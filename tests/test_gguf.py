@@ -185,3 +185,16 @@ def test_packaged_model_converts_once_into_the_cache(monkeypatch, tmp_path):
     assert resolve("tiny-llama") == str(path)  # cached: no second conversion
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert "fake_gguf_pkg" not in sys.modules
+
+
+def test_convert_gguf_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_dhsa.cli import app
+
+    src = write_gguf(tmp_path / "tiny.gguf", "llama", tiny_llama(vocab_size=64))
+    result = CliRunner().invoke(app, ["convert-gguf", str(src), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m" / "config.json").is_file() and str(tmp_path / "m") in result.output
+    result = CliRunner().invoke(app, ["convert-gguf", str(tmp_path / "missing.gguf")])
+    assert result.exit_code == 1 and "neither a GGUF file" in result.output

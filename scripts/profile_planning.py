@@ -1,0 +1,92 @@
+"""Where one DHSA layer spends its time: chunk state, planning, sparse attention, dense tail.
+
+One Gemma2-2b-shaped attention layer (random keys, bf16) at a given context, timed part by
+part with an ``mx.eval`` barrier after each (so the parts are serialised and each includes its
+launch overhead). Prefill: one 2048-query step at the end of the context; decode: one query.
+
+    python scripts/profile_planning.py --contexts 8192 32768 131072 --json parts.json
+"""
+
+import argparse
+import json
+import time
+
+import mlx.core as mx
+
+import mlx_dhsa
+from mlx_dhsa import kernels
+from mlx_dhsa.attention import DHSAAttention
+from mlx_dhsa.cache import DHSACache
+from mlx_dhsa.selection import select_chunks
+
+
+def timed(fn, reps):
+    mx.eval(fn())  # warm-up: traces and compiles
+    tic = time.perf_counter()
+    for _ in range(reps):
+        mx.eval(fn())
+    return (time.perf_counter() - tic) / reps * 1e3
+
+
+def profile(S, L, reps, dtype):
+    config = mlx_dhsa.DHSAConfig(decode_dense_below=0)  # profile the sparse decode step
+    attn = DHSAAttention(config, n_heads=8, n_kv_heads=4, head_dim=256, scale=1 / 16, softcap=50.0)
+    cache = DHSACache()
+    k = mx.random.normal((1, 4, S - L, 256)).astype(dtype)
+    cache.update_and_fetch(k, k)
+    new = mx.random.normal((1, 4, L, 256)).astype(dtype)
+    keys, values = cache.update_and_fetch(new, new)
+    q = mx.random.normal((1, 8, L, 256)).astype(dtype)
+    mx.eval(keys, values, q)
+    n_sparse = L - min(config.dense_tail, L) if L > 1 else 1
+    qs, off = q[:, :, :n_sparse], S - L
+    args = dict(scale=1 / 16, softcap=50.0)
+
+    def view():
+        t = attn.chunk_view(keys, cache)
+        return t.summaries, t.open_summary, t.starts
+
+    table = attn.chunk_view(keys, cache)
+    plan = select_chunks(qs, table, config, q_offset=off, window=None)
+    parts = {
+        "chunk_view": timed(view, reps),
+        "select": timed(lambda: select_chunks(qs, table, config, q_offset=off, window=None).indices, reps),
+        "sparse_attention": timed(lambda: kernels.sparse_attention(qs, keys, values, plan, **args), reps),
+        "whole_layer": timed(lambda: attn.attend(q, keys, values, offset=off, cache=cache), reps),
+        "dense(mlx-lm style)": timed(
+            lambda: kernels.reference.dense_attention(
+                q, keys, values, mask=kernels.key_mask(off, L, S, None), **args
+            ),
+            reps,
+        ),
+        "empty_op": timed(lambda: q + 1, reps),
+    }
+    if L > 1:
+        parts["dense_tail"] = timed(
+            lambda: kernels.dense_attention(q[:, :, n_sparse:], keys, values, q_offset=off + n_sparse,
+                                            window=None, **args),
+            reps,
+        )
+    return parts
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    rows = []
+    for S in args.contexts:
+        for L in (2048, 1):
+            parts = profile(S, L, args.reps, mx.bfloat16)
+            rows.append({"context": S, "queries": L, "path": kernels.last_path, **parts})
+            print(f"S={S:>6} L={L:>4} " + " ".join(f"{k}={v:.3f}ms" for k, v in parts.items()),
+                  flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
