@@ -24,7 +24,7 @@ DHSA_OPTIONS = {
     "sink": "First keys always kept.",
     "local": "Keys right before each query block always kept.",
     "dense_tail": "Last queries of each prefill call that attend to all keys.",
-    "dense_below": "Run dense while the key count is at most this (default: the budget).",
+    "dense_below": "Run dense while the key count is at most this (default: 2 x budget).",
     "method": "Planner: dhsa or a baseline.",
     "boundaries": "Chunk boundaries: 'shift' (key statistics) or 'fixed'.",
     "boundary_window": "Keys averaged on each side of a gap to score it.",

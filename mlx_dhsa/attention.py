@@ -146,7 +146,9 @@ class DHSAAttention(nn.Module):
         args = dict(scale=self.scale, softcap=self.attn_logit_softcapping)
         if S <= config.dense_limit or (L == 1 and not config.sparse_decode_at(S)):
             self.last_path = "dense"
-            if not _per_sequence(mask) and offset + L == S:  # causal(+window): fused
+            # Prefill: the fused causal(+window) kernel. Decode: MLX's own ops, which measured
+            # faster than the kernel for one query on the H200.
+            if L > 1 and not _per_sequence(mask) and offset + L == S:
                 return kernels.dense_attention(
                     queries, keys, values, q_offset=offset, window=window,
                     use_kernel=config.use_kernel, **args,

@@ -166,6 +166,22 @@ class BoundaryPredictor(nn.Module):
         return mx.concatenate([pad_lo, *parts, pad_hi], axis=1).astype(mx.float32)
 
 
+def packaged_predictor(model: str) -> Path:
+    """Path of a predictor shipped with the package (``mlx_dhsa/data/<model>.safetensors``).
+
+    Use it as ``DHSAConfig(boundaries="learned", predictor_path=str(packaged_predictor(m)))``.
+
+    Raises:
+        FileNotFoundError: no predictor for ``model`` is shipped; the message lists those that are.
+    """
+    data = Path(__file__).resolve().parent / "data"
+    path = data / f"{model}.safetensors"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in data.glob("*.safetensors"))
+        raise FileNotFoundError(f"no boundary predictor shipped for {model!r}; shipped: {shipped}")
+    return path
+
+
 def args_path(weights: str | Path) -> Path:
     """The JSON of hyper-parameters that sits beside ``weights`` (same stem, ``.json``)."""
     return Path(weights).with_suffix(".json")

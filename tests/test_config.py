@@ -7,7 +7,7 @@ def test_defaults_are_the_papers():
     c = DHSAConfig()
     assert (c.budget, c.block_size, c.sink, c.local, c.dense_tail) == (2048, 128, 128, 128, 64)
     assert (c.boundary_window, c.nms_window, c.min_chunk, c.target_chunk) == (4, 8, 8, 32)
-    assert c.chunk_limit == 4 * c.block_size and c.share_boundaries and c.dense_limit == c.budget
+    assert c.chunk_limit == 4 * c.block_size and c.share_boundaries and c.dense_limit == 2 * c.budget
 
 
 @pytest.mark.parametrize(
