@@ -20,6 +20,14 @@ err_console = Console(stderr=True, highlight=False)
 RULE = "=" * 10  # mlx-lm's separator before the stats lines
 
 
+def fail(message: str, code: int = 1):
+    """Print a one-line error and exit with ``code`` (no traceback)."""
+    import typer
+
+    error(message)
+    raise typer.Exit(code)
+
+
 def error(message: str) -> None:
     """One line on stderr; no traceback."""
     err_console.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)

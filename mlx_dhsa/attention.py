@@ -113,6 +113,7 @@ class DHSAAttention(nn.Module):
         queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        queries, keys = self.qk_norm(queries, keys)
 
         offset = 0
         if cache is not None:
@@ -127,6 +128,10 @@ class DHSAAttention(nn.Module):
         output = self.attend(queries, keys, values, mask=mask, offset=offset, cache=cache)
         output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(output)
+
+    def qk_norm(self, queries: mx.array, keys: mx.array) -> tuple[mx.array, mx.array]:
+        """Per-head query/key normalisation before RoPE: none for Gemma2 (Gemma3 has one)."""
+        return queries, keys
 
     def attend(
         self,

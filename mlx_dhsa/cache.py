@@ -123,7 +123,7 @@ class ClosedSummaries:
         self.trim(closed.n_keys, config)
         if closed.n_keys > self.n_keys:
             a, b = self.n_keys // seg * per, closed.n_chunks
-            new = _compiled_summaries(seg)(
+            new = _compiled_summaries(seg, config.summary)(
                 keys[:, :, self.n_keys : closed.n_keys],
                 closed.starts[:, a:b],
                 closed.lengths[:, a:b],
@@ -138,7 +138,7 @@ class ClosedSummaries:
             starts=closed.starts,
             lengths=closed.lengths,
             summaries=self.summaries,
-            open_summary=open_summary(keys[:, :, closed.n_keys :]),
+            open_summary=open_summary(keys[:, :, closed.n_keys :], config.summary),
             n_closed=closed.n_chunks,
             open_start=closed.n_keys,
             n_keys=S,
@@ -151,23 +151,24 @@ class ClosedSummaries:
 
 
 @lru_cache(maxsize=8)
-def _compiled_summaries(segment: int):
+def _compiled_summaries(segment: int, summary: str):
     """chunk_summaries as one compiled graph (one trace per prefill step size)."""
 
     def fn(keys, starts, lengths, offset):
-        return chunk_summaries(keys, Chunks(starts, lengths, segment), offset=offset)
+        chunks = Chunks(starts, lengths, segment)
+        return chunk_summaries(keys, chunks, offset=offset, summary=summary)
 
     return mx.compile(fn)
 
 
-def open_summary(keys: mx.array) -> mx.array:
-    """Summary of the open chunk, ``sum_i mean_h k_i / sqrt(n)``, (B, 1, D) float32.
+def open_summary(keys: mx.array, summary: str = "sqrt") -> mx.array:
+    """Summary of the open chunk, ``sum_i mean_h k_i / sqrt(n)`` (or ``/ n``), (B, 1, D) f32.
 
     A direct sum: a decode step needs only a few small ops here.
     """
-    n = keys.shape[2]
+    n = max(keys.shape[2], 1)
     total = keys.astype(mx.float32).mean(axis=1).sum(axis=1, keepdims=True)
-    return total / max(n, 1) ** 0.5
+    return total / (n**0.5 if summary == "sqrt" else n)
 
 
 class DHSACache(KVCache):

@@ -169,7 +169,9 @@ def chunk_boundaries(keys: mx.array, config: DHSAConfig) -> Chunks:
     return concat_chunks(segment_chunks(keys[:, :, :n_closed], config), tail)
 
 
-def chunk_summaries(keys: mx.array, chunks: Chunks, *, offset: int = 0) -> mx.array:
+def chunk_summaries(
+    keys: mx.array, chunks: Chunks, *, offset: int = 0, summary: str = "sqrt"
+) -> mx.array:
     """Length-normalised chunk summaries: ``k_c = (sum_{i in c} mean_h k_i) / sqrt(n_c)``.
 
     Equal to mean x sqrt(n_c) (paper, "length-normalised aggregation"). Sums are taken within
@@ -179,6 +181,7 @@ def chunk_summaries(keys: mx.array, chunks: Chunks, *, offset: int = 0) -> mx.ar
         keys (mx.array): post-RoPE keys, (B, H_kv, S, D), the first at position ``offset``.
         chunks (Chunks): chunks inside those keys (absolute starts).
         offset (int): position of the first key, a multiple of ``chunks.segment``. Default: 0.
+        summary (str): ``"sqrt"``: sum / sqrt(n_c) (paper); ``"mean"``: sum / n_c.
 
     Returns:
         mx.array: (B, N_c, D) float32; zero for zero-length chunks.
@@ -197,4 +200,10 @@ def chunk_summaries(keys: mx.array, chunks: Chunks, *, offset: int = 0) -> mx.ar
     total = mx.take_along_axis(csum, hi[..., None], axis=1) - mx.take_along_axis(
         csum, lo[..., None], axis=1
     )
-    return total / mx.sqrt(mx.maximum(n, 1).astype(mx.float32))[..., None]
+    return total / _norm(n, summary)[..., None]
+
+
+def _norm(n, summary: str):
+    """The divisor of a chunk's key sum: sqrt(n) (paper) or n (plain mean)."""
+    n = mx.maximum(n, 1).astype(mx.float32)
+    return mx.sqrt(n) if summary == "sqrt" else n

@@ -2,8 +2,6 @@
 
 import json
 from dataclasses import asdict
-from pathlib import Path
-from typing import Annotated, Literal
 
 import typer
 
@@ -37,12 +35,12 @@ from ._options import (
     ints,
     methods_from,
 )
+from ._convert import convert_gguf, convert_predictor
 from .chat import ChatSession, ContextTooLong, model_context
 from .config import DHSAConfig
 from .documents import STDIN, DocumentError, read_documents
 from .loading import MODEL_ALIASES, ModelNotFoundError, load
 from .methods import DEFAULT_METHODS
-from .predictor import DEFAULT_HEADS, DEFAULT_WINDOW
 
 DEFAULT_MODEL = "gemma-2-2b-it"
 DEFAULT_MAX_TOKENS = 256  # as mlx_lm.chat
@@ -56,9 +54,7 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str, code: int = 1):
-    ui.error(message)
-    raise typer.Exit(code)
+_fail = ui.fail
 
 
 def _load(model: str, config: DHSAConfig, *, patch: bool):
@@ -264,44 +260,6 @@ def info(config: DHSAConfig = None):
     ui.info(env, asdict(config), MODEL_ALIASES)
 
 
-@app.command("convert-gguf")
-def convert_gguf(
-    source: Annotated[
-        str, typer.Argument(help="A packaged model (gemma-3-270m, smollm2-135m) or a .gguf file.")
-    ],
-    out: Annotated[
-        Path | None, typer.Option(help="Output directory. [default: the mlx-dhsa cache]")
-    ] = None,
-    dtype: Annotated[
-        Literal["float32", "float16", "bfloat16"], typer.Option(help="Weight dtype.")
-    ] = "float16",
-):
-    """Convert a llama.cpp GGUF (gemma3 or llama) into an mlx-lm model directory."""
-    from .offline import convert
-
-    with ui.progress(f"Converting {source}", unit="tensors") as update:
-        try:
-            path = convert(
-                source, out, dtype=dtype, progress=lambda done, total, _: update(done, total)
-            )
-        except (FileNotFoundError, ImportError, ValueError, KeyError) as e:
-            _fail(str(e))
-    ui.line(str(path))
-
-
-@app.command("convert-predictor")
-def convert_predictor(
-    source: Annotated[Path, typer.Argument(help="Predictor state_dict: .pt or .safetensors.")],
-    out: Annotated[Path, typer.Argument(help="Output MLX weights (.safetensors; JSON beside).")],
-    heads: Annotated[int, typer.Option(min=1, help="Encoder attention heads.")] = DEFAULT_HEADS,
-    window: Annotated[int, typer.Option(min=1, help="Keys per side of a gap.")] = DEFAULT_WINDOW,
-    residual: Annotated[bool, typer.Option(help="Encoder is LayerNorm(x + MHA(x)).")] = False,
-):
-    """Convert a boundary predictor state_dict to MLX weights (for boundaries="learned")."""
-    from .predictor_convert import convert_predictor as convert
-
-    try:
-        path = convert(source, out, heads=heads, window=window, residual=residual)
-    except (FileNotFoundError, ImportError, ValueError) as e:
-        _fail(str(e))
-    ui.line(str(path))
+# Converters live in their own module; registered here so `mlx-dhsa --help` lists them.
+app.command("convert-gguf")(convert_gguf)
+app.command("convert-predictor")(convert_predictor)

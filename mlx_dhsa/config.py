@@ -2,6 +2,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 BOUNDARY_METHODS = ("shift", "fixed", "learned")
+SUMMARIES = ("sqrt", "mean")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class DHSAConfig:
     dense_tail: int = 64  # last queries of every multi-token call attend to all keys
     dense_below: int | None = None  # run dense while keys <= this; None = 2 * budget
     boundaries: str = "shift"  # "shift": key shift; "fixed": every target_chunk; "learned"
+    summary: str = "sqrt"  # chunk summary: "sqrt" = mean x sqrt(n) (paper); "mean" = plain mean
     boundary_window: int = 4  # w: keys averaged on each side of a gap to score it
     nms_window: int = 8  # a chosen gap suppresses others this close
     min_chunk: int = 8  # shortest chunk
@@ -53,6 +55,8 @@ class DHSAConfig:
             raise ValueError(
                 f"DHSAConfig.boundaries must be one of {BOUNDARY_METHODS}, got {self.boundaries!r}"
             )
+        if self.summary not in SUMMARIES:
+            raise ValueError(f"DHSAConfig.summary must be one of {SUMMARIES}, got {self.summary!r}")
         if self.boundaries == "learned" and self.predictor_path is None:
             raise ValueError(
                 'DHSAConfig.boundaries="learned" needs predictor_path (an MLX predictor '

@@ -6,7 +6,6 @@ Layers with a sliding window (Gemma3's local layers, Llama ``sliding_attention``
 mlx-lm's attention and cache: their window already bounds the cost.
 """
 
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,27 +25,8 @@ class Gemma3Attention(DHSAAttention):
         attn.q_norm, attn.k_norm = base.q_norm, base.k_norm
         return attn
 
-    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any = None) -> mx.array:
-        B, L, _ = x.shape
-        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        queries, keys = self.q_norm(queries), self.k_norm(keys)
-
-        offset = 0
-        if cache is not None:
-            offset = cache.offset
-            queries = self.rope(queries, offset=offset)
-            keys = self.rope(keys, offset=offset)
-            keys, values = cache.update_and_fetch(keys, values)
-        else:
-            queries = self.rope(queries)
-            keys = self.rope(keys)
-
-        output = self.attend(queries, keys, values, mask=mask, offset=offset, cache=cache)
-        output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(output)
+    def qk_norm(self, queries: mx.array, keys: mx.array) -> tuple[mx.array, mx.array]:
+        return self.q_norm(queries), self.k_norm(keys)
 
 
 # Llama's attention (also Mistral's and Qwen2's, whose biases live inside the projections) is

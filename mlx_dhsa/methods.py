@@ -14,7 +14,11 @@ from .patching import patch, unpatch
 from .planners import PLANNERS
 
 # name -> DHSAConfig overrides; None = the unpatched model (mlx-lm's own attention).
-METHODS: dict[str, dict | None] = {"dense": None, **{name: {"method": name} for name in PLANNERS}}
+METHODS: dict[str, dict | None] = {
+    "dense": None,
+    **{name: {"method": name} for name in PLANNERS},
+    "dhsa_mean": {"method": "dhsa", "summary": "mean"},  # plain-mean chunk summaries
+}
 DEFAULT_METHODS = "dense,dhsa"
 
 

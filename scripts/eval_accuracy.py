@@ -152,6 +152,12 @@ def main():
         help="default: float32 on CPU, the checkpoint's on GPU",
     )
     p.add_argument("--use-kernel", action="store_true", help="GPU kernels instead of the reference")
+    p.add_argument(
+        "--decode-dense-below",
+        type=int,
+        default=DHSAConfig().decode_dense_below,
+        help="decode stays dense up to this many keys (0: sparse decode, tests the selection)",
+    )
     p.add_argument("--haystack", type=Path, default=None)
     p.add_argument(
         "--time-budget", type=float, default=None, help="seconds; stop starting contexts after"
@@ -174,7 +180,8 @@ def main():
     dtype = args.dtype or ("float32" if mx.default_device() == mx.cpu else None)
     if dtype:
         model.set_dtype(getattr(mx, dtype))
-    methods = parse_methods(args.methods, DHSAConfig(use_kernel=args.use_kernel))
+    base = DHSAConfig(use_kernel=args.use_kernel, decode_dense_below=args.decode_dense_below)
+    methods = parse_methods(args.methods, base)
     meta = dict(
         kind="meta", model=args.model, dtype=model_dtype(model), methods=[m.as_dict() for m in methods],
         environment=environment(), attention_path="kernel" if args.use_kernel else "reference",

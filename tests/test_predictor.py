@@ -14,6 +14,7 @@ from mlx_dhsa.predictor import (
     PredictorArgs,
     args_path,
     load_predictor,
+    packaged_predictor,
     save_predictor,
 )
 from mlx_dhsa.predictor_convert import STATE_DICT_KEYS, convert_predictor, expected_shapes
@@ -258,8 +259,8 @@ def predictor_file(tmp_path):
 
 
 def test_learned_boundaries_chunk_segments_independently(predictor_file):
-    cfg = DHSAConfig(budget=512, block_size=32, sink=16, local=16, target_chunk=16, min_chunk=8,
-                     boundaries="learned", predictor_path=predictor_file, predictor_threshold=-1e9)  # fmt: skip
+    learned = dict(boundaries="learned", predictor_path=predictor_file, predictor_threshold=-1e9)
+    cfg = DHSAConfig(budget=512, block_size=32, sink=16, local=16, target_chunk=16, **learned)
     seg = cfg.chunk_limit
     keys = mx.random.normal((2, 2, 3 * seg, 16))
     whole = segment_chunks(keys, cfg)
@@ -324,3 +325,30 @@ def test_focal_bce_and_metrics():
     g = gap_metrics(s, lab, 0.5)
     assert (g.precision, g.recall, g.density) == (0.5, 0.5, 0.5)
     assert best_f1(s, lab).f1 == pytest.approx(0.8)  # top 3: precision 2/3, recall 1
+
+
+def test_packaged_gemma3_predictor_loads():
+    model = load_predictor(packaged_predictor("gemma-3-270m"))
+    assert model.args == PredictorArgs(channels=256)  # 1 KV head x 256
+    assert model.enc.mha.in_proj_weight.dtype == mx.float32  # stored fp16, computed fp32
+    assert model.gap_logits(mx.random.normal((1, 1, 40, 256))).shape == (1, 40)
+    with pytest.raises(FileNotFoundError, match="shipped"):
+        packaged_predictor("no-such-model")
+
+
+def test_cli_convert_predictor(tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_dhsa.cli import app
+
+    sd = _state_dict(PredictorArgs(channels=32, heads=4, hidden=16))
+    src = tmp_path / "released.safetensors"
+    mx.save_safetensors(str(src), {k: mx.array(v) for k, v in sd.items()})
+    runner = CliRunner()
+    ok = runner.invoke(app, ["convert-predictor", str(src), str(tmp_path / "out"), "--heads", "4"])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "out.safetensors").is_file() and (tmp_path / "out.json").is_file()
+    sd.pop("enc.norm.bias")
+    mx.save_safetensors(str(src), {k: mx.array(v) for k, v in sd.items()})
+    bad = runner.invoke(app, ["convert-predictor", str(src), str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and "enc.norm.bias" in bad.output

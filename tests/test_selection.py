@@ -54,7 +54,6 @@ def test_selection_invariants(S, frac, budget, block, sink, local, window, seed)
 
 def test_top_chunks_win_and_the_last_is_cut():
     cfg = small_config(budget=28, block_size=4, sink=4, local=4)
-    S = 60
     starts = mx.array([[0, 10, 20, 30, 40, 50]], mx.int32)
     chunks = Chunks(starts=starts, lengths=mx.full((1, 6), 10, mx.int32), segment=64)
     scores = mx.array([[[0.0, 5.0, 1.0, 9.0, -1.0, 0.0]]])  # one block: queries 56..59
