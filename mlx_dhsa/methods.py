@@ -18,6 +18,8 @@ METHODS: dict[str, dict | None] = {
     "dense": None,
     **{name: {"method": name} for name in PLANNERS},
     "dhsa_mean": {"method": "dhsa", "summary": "mean"},  # plain-mean chunk summaries
+    "dhsa_maxhead": {"method": "dhsa", "head_scores": "max"},  # best head's score per chunk
+    "dhsa_mean_maxhead": {"method": "dhsa", "summary": "mean", "head_scores": "max"},
 }
 DEFAULT_METHODS = "dense,dhsa"
 

@@ -34,34 +34,41 @@ class Plan:
         return self.indices.shape[-1]
 
 
-def block_queries(queries: mx.array, block_size: int) -> mx.array:
+def block_queries(queries: mx.array, block_size: int, *, per_head: bool = False) -> mx.array:
     """Block representatives: ``q_b = mean over the block's queries and heads``.
 
     Args:
         queries (mx.array): (B, H, L, D).
         block_size (int): queries per block; the last block may be shorter.
+        per_head (bool): keep the heads apart (``q_bh``, mean over the block only).
 
     Returns:
-        mx.array: (B, NB, D) float32 with NB = ceil(L / block_size).
+        mx.array: (B, NB, D) float32 with NB = ceil(L / block_size); (B, H, NB, D) per head.
     """
     B, H, L, D = queries.shape
     NB = -(-L // block_size)
-    q = queries.astype(mx.float32).mean(axis=1)  # (B, L, D)
-    q = mx.pad(q, [(0, 0), (0, NB * block_size - L), (0, 0)])
+    q = queries.astype(mx.float32)
+    q = q.mean(axis=1, keepdims=True) if not per_head else q  # (B, H or 1, L, D)
+    q = mx.pad(q, [(0, 0), (0, 0), (0, NB * block_size - L), (0, 0)])
     counts = mx.minimum(L - mx.arange(NB) * block_size, block_size).astype(mx.float32)
-    return q.reshape(B, NB, block_size, D).sum(axis=2) / counts[:, None]
+    qb = q.reshape(B, q.shape[1], NB, block_size, D).sum(axis=3) / counts[:, None]
+    return qb if per_head else qb[:, 0]
 
 
 def chunk_scores(qb: mx.array, summaries: mx.array) -> mx.array:
     """Block x chunk similarity ``S_bc = q_b . k_c`` (float32, no softmax: only ranks matter).
 
+    With per-head representatives the score is the best head's: ``S_bc = max_h q_bh . k_c``.
+
     Args:
-        qb (mx.array): block representatives, (B, NB, D).
+        qb (mx.array): block representatives, (B, NB, D) or per head (B, H, NB, D).
         summaries (mx.array): chunk summaries, (B, N_c, D).
 
     Returns:
         mx.array: (B, NB, N_c) float32.
     """
+    if qb.ndim == 4:
+        return (qb @ mx.expand_dims(summaries, 1).swapaxes(-1, -2)).max(axis=1)
     return qb @ summaries.swapaxes(-1, -2)
 
 
@@ -180,7 +187,8 @@ def _compiled_select(config: DHSAConfig, window: int | None, n_queries: int, seg
         starts = mx.where(is_open, open_start, starts)
         lengths = mx.where(is_open, S - open_start, mx.where(slot < n_closed, lengths, 0))
         summaries = mx.where(is_open[:, None], open_summary, summaries)
-        scores = chunk_scores(block_queries(queries, config.block_size), summaries)
+        per_head = config.head_scores == "max"
+        scores = chunk_scores(block_queries(queries, config.block_size, per_head=per_head), summaries)
         plan = select(scores, Chunks(starts, lengths, segment), config, n_queries=n_queries,
                       q_offset=q_offset, window=window)  # fmt: skip
         return plan.indices, plan.n_valid

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_dhsa.chunking import Chunks, chunk_boundaries
-from mlx_dhsa.selection import block_queries, intervals_to_indices, select
+from mlx_dhsa.selection import block_queries, chunk_scores, intervals_to_indices, select
 
 
 def _plan(S, n_queries, cfg, window, seed, B=1):
@@ -98,3 +98,12 @@ def test_block_queries_average_ragged_blocks():
     got = np.array(block_queries(q, 4))[0]
     qn = np.array(q)[0].mean(0)
     np.testing.assert_allclose(got, [qn[0:4].mean(0), qn[4:8].mean(0), qn[8:10].mean(0)], atol=1e-6)
+
+
+def test_per_head_scores_are_the_best_heads():
+    q, summaries = mx.random.normal((1, 3, 20, 4)), mx.random.normal((1, 5, 4))
+    got = np.array(chunk_scores(block_queries(q, 8, per_head=True), summaries))[0]  # (NB, N_c)
+    qn, kn = np.array(q)[0], np.array(summaries)[0]
+    for b, (i0, i1) in enumerate([(0, 8), (8, 16), (16, 20)]):
+        want = (qn[:, i0:i1].mean(1) @ kn.T).max(0)
+        np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-5)
