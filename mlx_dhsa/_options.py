@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import typer
 
 from .chat import TRUNCATE_MODES
-from .config import BOUNDARY_METHODS, DHSAConfig
+from .config import BOUNDARY_METHODS, HEAD_SCORES, SUMMARIES, DHSAConfig
 from .methods import parse_methods
 from .planners import PLANNERS
 from .profiling import SHAPES
@@ -26,7 +26,10 @@ DHSA_OPTIONS = {
     "dense_tail": "Last queries of each prefill call that attend to all keys.",
     "dense_below": "Run dense while the key count is at most this (default: 2 x budget).",
     "method": "Planner: dhsa or a baseline.",
-    "boundaries": "Chunk boundaries: 'shift' (key statistics) or 'fixed'.",
+    "boundaries": "Chunk boundaries: 'shift' (key statistics), 'fixed' or 'learned'.",
+    "predictor_path": "Boundary predictor weights (.safetensors) for --boundaries learned.",
+    "summary": "Chunk summary: 'sqrt' (mean x sqrt(n), the paper's) or 'mean'.",
+    "head_scores": "Chunk score: 'mean' (heads averaged, the paper's) or 'max' (best head).",
     "boundary_window": "Keys averaged on each side of a gap to score it.",
     "target_chunk": "Average chunk length the boundaries aim at.",
     "min_chunk": "Shortest chunk.",
@@ -34,7 +37,12 @@ DHSA_OPTIONS = {
     "decode_dense_below": "Decode stays dense up to this many keys (0: always sparse).",
     "use_kernel": "Use the GPU kernels when a GPU is present (else the pure-MLX reference).",
 }
-_CHOICES = {"boundaries": BOUNDARY_METHODS, "method": tuple(PLANNERS)}
+_CHOICES = {
+    "boundaries": BOUNDARY_METHODS,
+    "method": tuple(PLANNERS),
+    "summary": SUMMARIES,
+    "head_scores": HEAD_SCORES,
+}
 
 
 def config_from_options(**options) -> DHSAConfig:

@@ -108,6 +108,8 @@ def segment_chunks(keys: mx.array, config: DHSAConfig, *, offset: int = 0) -> Ch
         ok = (p >= config.min_chunk) & (seg - p >= config.min_chunk)
         if config.boundaries == "learned":
             raw, threshold = _learned_gap_logits(keys, config), config.predictor_threshold
+            if threshold is None:
+                threshold = load_predictor(config.predictor_path).args.threshold
         else:
             raw, threshold = gap_scores(keys, config.boundary_window), config.boundary_threshold
         score = mx.where(ok.reshape(-1), raw, -mx.inf)

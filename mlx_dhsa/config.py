@@ -31,7 +31,7 @@ class DHSAConfig:
     max_chunk: int | None = None  # longest chunk (forced cuts); None = 4 * block_size
     boundary_threshold: float | None = None  # None = top-count by target_chunk; else min shift
     predictor_path: str | None = None  # boundaries="learned": MLX predictor .safetensors
-    predictor_threshold: float = 1.1  # boundaries="learned": least logit of a boundary
+    predictor_threshold: float | None = None  # "learned": least logit; None = the predictor's own
     decode_dense_below: int | None = 65536  # decode stays dense up to this many keys; None = always
     share_boundaries: bool = True  # compute boundaries once (first patched layer) for all layers
     sliding_window: bool = True  # honour the model's sliding window on its sliding layers

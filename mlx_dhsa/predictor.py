@@ -33,6 +33,7 @@ class PredictorArgs:
     window: int = DEFAULT_WINDOW  # keys on each side of a gap (w)
     hidden: int = 256  # MLP width
     residual: bool = False  # encoder: LayerNorm(x + MHA(x)) instead of LayerNorm(MHA(x))
+    threshold: float = 1.1  # least logit of a boundary (the paper's); a trained file may differ
 
     def __post_init__(self):
         if self.channels <= 0 or self.heads <= 0 or self.channels % self.heads:

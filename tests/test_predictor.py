@@ -136,7 +136,8 @@ def test_matches_torch_multihead_attention():
 def _check_converted(out, sd, args):
     meta = json.loads(args_path(out).read_text())
     assert meta == {"channels": args.channels, "heads": args.heads, "window": args.window,
-                    "hidden": args.hidden, "residual": args.residual}  # fmt: skip
+                    "hidden": args.hidden, "residual": args.residual,
+                    "threshold": args.threshold}  # fmt: skip
     loaded = dict(mx.load(str(out)))
     assert sorted(loaded) == sorted(STATE_DICT_KEYS)
     for k in STATE_DICT_KEYS:
@@ -329,7 +330,8 @@ def test_focal_bce_and_metrics():
 
 def test_packaged_gemma3_predictor_loads():
     model = load_predictor(packaged_predictor("gemma-3-270m"))
-    assert model.args == PredictorArgs(channels=256)  # 1 KV head x 256
+    # 1 KV head x 256; threshold -0.2 gives its 32-key average chunks (1.1 would give ~160)
+    assert model.args == PredictorArgs(channels=256, threshold=-0.2)
     assert model.enc.mha.in_proj_weight.dtype == mx.float32  # stored fp16, computed fp32
     assert model.gap_logits(mx.random.normal((1, 1, 40, 256))).shape == (1, 40)
     with pytest.raises(FileNotFoundError, match="shipped"):
