@@ -9,6 +9,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+from .cache import ChunkTable
 from .chunking import Chunks
 from .config import DHSAConfig
 
@@ -147,7 +148,7 @@ def select(
 
 def select_chunks(
     queries: mx.array,
-    table,
+    table: ChunkTable,
     config: DHSAConfig,
     *,
     q_offset: int,
