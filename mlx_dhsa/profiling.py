@@ -94,15 +94,21 @@ class TokenIds(TokenizerWrapper):
         self._tokenizer, self._detokenizer, self._eos_token_ids = None, _NullDetokenizer(), set()
 
 
-def random_model(shape: str, dtype: mx.Dtype = mx.float32) -> nn.Module:
+def random_model(shape: str, dtype: mx.Dtype = mx.float32, **overrides) -> nn.Module:
     """A Gemma2 with the architecture ``SHAPES[shape]`` and random weights.
+
+    Args:
+        shape (str): a key of ``SHAPES``.
+        dtype (mx.Dtype): weight dtype. Default: ``mx.float32``.
+        **overrides: ModelArgs fields to change, e.g. ``num_hidden_layers=2``.
 
     Raises:
         ValueError: ``shape`` is not in ``SHAPES``.
     """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
-    model = gemma2.Model(gemma2.ModelArgs(model_type="gemma2", **SHAPES[shape]))
+    args = {**SHAPES[shape], **overrides}
+    model = gemma2.Model(gemma2.ModelArgs(model_type="gemma2", **args))
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model

@@ -14,31 +14,17 @@ from dataclasses import asdict
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models import gemma2
 from mlx_lm.models.cache import KVCache
 
 import mlx_dhsa
 from mlx_dhsa.patching import dhsa_layers
+from mlx_dhsa.profiling import random_model
 
-GEMMA2_2B = dict(
-    model_type="gemma2", hidden_size=2304, num_hidden_layers=26, intermediate_size=9216,
-    num_attention_heads=8, head_dim=256, rms_norm_eps=1e-6, vocab_size=256000,
-    num_key_value_heads=4, query_pre_attn_scalar=256.0,
-)
-
-
-def build(dtype, layers):
-    model = gemma2.Model(gemma2.ModelArgs(**{**GEMMA2_2B, "num_hidden_layers": layers}))
-    model.set_dtype(dtype)
-    mx.eval(model.parameters())
-    return model
-
-
-def fill(caches, S, dtype):
+def fill(model, caches, S, dtype):
     """Give every cache S random keys and values."""
-    a = GEMMA2_2B
+    a = model.args
     for c in caches:
-        shape = (1, a["num_key_value_heads"], S, a["head_dim"])
+        shape = (1, a.num_key_value_heads, S, a.head_dim)
         k = mx.random.normal(shape).astype(dtype)
         c.update_and_fetch(k, mx.random.normal(shape).astype(dtype))
         mx.eval(c.keys, c.values)
@@ -60,10 +46,10 @@ def decode(model, caches, steps, warmup):
 def bytes_per_token(model, S, budget, dtype_bytes):
     """Weights + KV read for one decode step: dense reads S keys, DHSA ~budget (+ summaries)."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    a = GEMMA2_2B
+    a = model.args
     n_layers = len(model.layers)
-    kv_row = 2 * a["num_key_value_heads"] * a["head_dim"] * dtype_bytes * n_layers
-    summaries = (S // 32) * a["head_dim"] * 4 * n_layers
+    kv_row = 2 * a.num_key_value_heads * a.head_dim * dtype_bytes * n_layers
+    summaries = (S // 32) * a.head_dim * 4 * n_layers
     return weights + S * kv_row, weights + min(S, budget) * kv_row + summaries
 
 
@@ -74,12 +60,13 @@ def main():
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--layers", type=int, default=GEMMA2_2B["num_hidden_layers"], help="fewer for a smoke test")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers, for a smoke test")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dtype = getattr(mx, args.dtype)
     config = mlx_dhsa.DHSAConfig(budget=args.budget)
-    model = build(dtype, args.layers)
+    layers = {} if args.layers is None else {"num_hidden_layers": args.layers}
+    model = random_model("gemma-2-2b", dtype, **layers)
     rows = []
     for S in args.lengths:
         row = {"context": S}
@@ -90,12 +77,12 @@ def main():
             else:
                 mlx_dhsa.unpatch(model)
                 caches = [KVCache() for _ in model.layers]
-            fill(caches, S, dtype)
+            fill(model, caches, S, dtype)
             mx.reset_peak_memory()
             row[f"{method}_tps"] = decode(model, caches, args.steps, args.warmup)
             row[f"{method}_peak_gb"] = mx.get_peak_memory() / 1e9
             if method == "dhsa":
-                row["path"] = dhsa_layers(model)[1].last_path
+                row["path"] = dhsa_layers(model)[-1].last_path
             del caches
             mx.clear_cache()
         row["speedup"] = row["dhsa_tps"] / row["dense_tps"]

@@ -21,19 +21,11 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate_step
-from mlx_lm.models import gemma2
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_dhsa
+from mlx_dhsa.profiling import random_model
 from mlx_dhsa.runinfo import attention_path, environment
-
-GEMMA2_2B = dict(
-    model_type="gemma2", hidden_size=2304, num_hidden_layers=26, intermediate_size=9216,
-    num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
-    query_pre_attn_scalar=256.0, rms_norm_eps=1e-6, attn_logit_softcapping=50.0,
-    final_logit_softcapping=30.0,
-)
-
 
 class FloorAttention(nn.Module):
     """Gemma2 attention without the scores: projections, RoPE and the cache update only."""
@@ -98,10 +90,8 @@ def main():
     args = p.parse_args()
 
     mx.random.seed(0)
-    model = gemma2.Model(gemma2.ModelArgs.from_dict(GEMMA2_2B))
-    model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
-    vocab = GEMMA2_2B["vocab_size"]
+    model = random_model("gemma-2-2b", mx.bfloat16)
+    vocab = model.args.vocab_size
     for method in args.methods:  # warm-up: JIT compiles kernels and graphs
         prefill(model, _set_method(model, method), 4096, vocab)
 

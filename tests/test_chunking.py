@@ -67,3 +67,15 @@ def test_summaries_are_mean_times_sqrt_length():
         for c in range(s.shape[1]):
             want = kbar[b, s[b, c] : s[b, c] + n[b, c]].mean(0) * np.sqrt(n[b, c]) if n[b, c] else 0
             np.testing.assert_allclose(got[b, c], want, atol=1e-5)
+
+
+def test_mean_summaries_are_plain_means():
+    cfg = small_config(summary="mean")
+    keys = mx.random.normal((1, 2, 150, 8))
+    chunks = chunk_boundaries(keys, cfg)
+    got = np.array(chunk_summaries(keys, chunks, summary="mean"))[0]
+    kbar = np.array(keys)[0].mean(axis=0)
+    s, n = _chunks_np(chunks)
+    for c in range(s.shape[1]):
+        if n[0, c]:
+            np.testing.assert_allclose(got[c], kbar[s[0, c] : s[0, c] + n[0, c]].mean(0), atol=1e-5)
