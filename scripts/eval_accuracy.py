@@ -172,7 +172,7 @@ def main():
         lines = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()]
         print(render(args.out, lines[0], lines[1:], plots=not args.no_plots))
         return
-    args.contexts = [int(c) for c in args.contexts.split(",")]
+    args.contexts = [int(c) for c in args.contexts.split(",") if c]  # "": perplexity only
     args.depths = [float(d) for d in args.depths.split(",")]
     tic = time.perf_counter()
     deadline = tic + args.time_budget if args.time_budget else math.inf
