@@ -1,3 +1,5 @@
+import gc
+
 import mlx.core as mx
 import pytest
 from conftest import make_qkv, small_config
@@ -75,12 +77,15 @@ def test_dense_matches_mlx_lm_gemma2_attention():
 
 
 def _peak_bytes(L, cfg):
+    gc.collect()
+    mx.clear_cache()
+    base = mx.get_active_memory()  # arrays other tests left alive are not ours
     q, k, v = make_qkv(H=4, H_kv=2, L=L, D=32)
     plan = _plan_for(q, k, cfg, 0, None)
     mx.eval(q, k, v, plan.indices, plan.n_valid)
     mx.reset_peak_memory()  # inputs stay counted: they are part of the working set
     mx.eval(reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=CAP))
-    return mx.get_peak_memory()
+    return mx.get_peak_memory() - base
 
 
 def test_peak_memory_grows_like_L_times_budget(monkeypatch):

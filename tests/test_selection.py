@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_dhsa.chunking import Chunks, chunk_boundaries
+from mlx_dhsa import selection
 from mlx_dhsa.selection import block_queries, chunk_scores, intervals_to_indices, select
 
 
@@ -107,3 +108,17 @@ def test_per_head_scores_are_the_best_heads():
     for b, (i0, i1) in enumerate([(0, 8), (8, 16), (16, 20)]):
         want = (qn[:, i0:i1].mean(1) @ kn.T).max(0)
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-5)
+
+
+def test_ranking_only_the_chunks_a_block_can_take_changes_nothing(monkeypatch):
+    # select() partitions out the few chunks a block can take before sorting; a full sort
+    # must give the same plan.
+    cfg = small_config(budget=40, block_size=8, sink=4, local=4, target_chunk=4, min_chunk=2)
+    keys = mx.random.normal((1, 2, 1500, 8))
+    chunks = chunk_boundaries(keys, cfg)
+    scores = mx.random.normal((1, 40, chunks.starts.shape[1]))
+    assert chunks.starts.shape[1] > 4 * selection._max_chunks_taken(cfg)  # partition path
+    fast = select(scores, chunks, cfg, n_queries=320, q_offset=1180)
+    monkeypatch.setattr(selection, "_max_chunks_taken", lambda config: 1 << 30)
+    full = select(scores, chunks, cfg, n_queries=320, q_offset=1180)
+    assert mx.array_equal(fast.indices, full.indices) and mx.array_equal(fast.n_valid, full.n_valid)
