@@ -154,12 +154,13 @@ def select_chunks(
     q_offset: int,
     window: int | None = None,
 ) -> Plan:
-    """Block representatives, chunk scores and :func:`select`, as one compiled graph.
+    """Block representatives, chunk scores and :func:`select` over a chunk table.
 
-    Planning runs once per layer and call, as many small ops; ``mx.compile`` fuses them and
-    removes their per-op overhead. Positions and counts are array inputs and the chunk table
-    has a fixed capacity, so the graph is traced again only when the query count or the
-    capacity changes.
+    A decode step (one query) runs this as one ``mx.compile``d graph: it plans once per token
+    and layer, as many small ops, and its shapes change only when the table's capacity grows
+    (positions and counts are array inputs). Prefill calls run the same function uncompiled:
+    each new query count would trace (and JIT) a new graph, and their planning is amortised
+    over thousands of queries.
 
     Args:
         queries (mx.array): the planned queries, (B, H, L, D), at positions ``q_offset..``.
@@ -171,7 +172,9 @@ def select_chunks(
     Returns:
         Plan: as :func:`select` returns it.
     """
-    fn = _compiled_select(config, window, queries.shape[2], table.segment)
+    fn = _select_fn(config, window, queries.shape[2], table.segment)
+    if queries.shape[2] == 1:
+        fn = _compiled(fn)
     scalars = mx.array([table.n_closed, table.open_start, table.n_keys, q_offset], mx.int32)
     indices, n_valid = fn(
         queries, table.summaries, table.starts, table.lengths, table.open_summary, scalars
@@ -180,7 +183,7 @@ def select_chunks(
 
 
 @lru_cache(maxsize=128)
-def _compiled_select(config: DHSAConfig, window: int | None, n_queries: int, segment: int):
+def _select_fn(config: DHSAConfig, window: int | None, n_queries: int, segment: int):
     def fn(queries, summaries, starts, lengths, open_summary, scalars):
         n_closed, open_start, S, q_offset = scalars[0], scalars[1], scalars[2], scalars[3]
         slot = mx.arange(starts.shape[1])
@@ -194,6 +197,11 @@ def _compiled_select(config: DHSAConfig, window: int | None, n_queries: int, seg
                       q_offset=q_offset, window=window)  # fmt: skip
         return plan.indices, plan.n_valid
 
+    return fn
+
+
+@lru_cache(maxsize=128)
+def _compiled(fn):
     return mx.compile(fn)
 
 
