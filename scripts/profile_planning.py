@@ -9,7 +9,6 @@ launch overhead). Prefill: one 2048-query step at the end of the context; decode
 
 import argparse
 import json
-import time
 
 import mlx.core as mx
 
@@ -17,15 +16,13 @@ import mlx_dhsa
 from mlx_dhsa import kernels
 from mlx_dhsa.attention import DHSAAttention
 from mlx_dhsa.cache import DHSACache
+from mlx_dhsa.profiling import measure
 from mlx_dhsa.selection import select_chunks
 
 
 def timed(fn, reps):
-    mx.eval(fn())  # warm-up: traces and compiles
-    tic = time.perf_counter()
-    for _ in range(reps):
-        mx.eval(fn())
-    return (time.perf_counter() - tic) / reps * 1e3
+    """Milliseconds per call, after a warm-up call (traces and compiles)."""
+    return measure(fn, trials=reps).seconds * 1e3
 
 
 def profile(S, L, reps, dtype):
