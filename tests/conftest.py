@@ -6,6 +6,7 @@ from mlx.utils import tree_map_with_path
 from mlx_lm.models import gemma2, gemma3_text, llama
 
 from mlx_dhsa import DHSAConfig
+from mlx_dhsa.profiling import random_model
 
 # Small DHSA settings that make tiny inputs exercise every part of the planner.
 SMALL = dict(budget=48, block_size=16, sink=4, local=8, dense_tail=8, target_chunk=8,
@@ -25,13 +26,7 @@ def small_config(**overrides) -> DHSAConfig:
 
 def tiny_gemma2(n_layers: int = 4, dtype=mx.float32, **args) -> gemma2.Model:
     """mlx-lm test sizes: hidden 128, head_dim 32, vocab 1024 (random weights, fp32)."""
-    params = dict(model_type="gemma2", hidden_size=128, num_hidden_layers=n_layers,
-                  intermediate_size=256, num_attention_heads=4, head_dim=32, rms_norm_eps=1e-6,
-                  vocab_size=1024, num_key_value_heads=2, query_pre_attn_scalar=32.0)
-    model = gemma2.Model(gemma2.ModelArgs(**{**params, **args}))
-    model.set_dtype(dtype)
-    mx.eval(model.parameters())
-    return model
+    return random_model("tiny", dtype, num_hidden_layers=n_layers, **args)
 
 
 def make_qkv(B=1, H=4, H_kv=2, L=64, S=None, D=32, dtype=mx.float32, scale=1.0):
