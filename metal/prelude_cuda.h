@@ -4,7 +4,11 @@
 //                DHSA_SHARED(type, name, count) (a shared array), DHSA_INLINE, DHSA_UNROLL
 //   sync         DHSA_BARRIER() (whole group), DHSA_WARP_SYNC()
 //   math         dhsa_exp2, dhsa_log2, dhsa_tanh, dhsa_tanh_t<T>, dhsa_rsqrt, dhsa_max,
-//                dhsa_row_max/sum, dhsa_warp_sum, dhsa_warp_all
+//                dhsa_row_max/sum, dhsa_warp_sum, dhsa_warp_all, dhsa_order_key (float ->
+//                uint32 in the same order)
+//   integers     dhsa_shfl_up_i, dhsa_shfl_down_i, dhsa_shfl_xor_i (warp shuffles of int);
+//                DHSA_SHARED_ATOMIC(name, count) (shared int array with atomic adds),
+//                dhsa_atomic_add, dhsa_atomic_store, dhsa_atomic_load
 //   data         dhsa_cp16 (16 bytes global -> shared, zero-filled when invalid; async on
 //                CUDA), dhsa_cp_commit, dhsa_cp_wait<N> (all but the N newest groups landed)
 //   matrix unit  one warp computes D(M x N, fp32) += A(M x K) B(K x N): dhsa_afrag<T>,
@@ -51,6 +55,19 @@ DHSA_INLINE float dhsa_rsqrt(float x) { return rsqrtf(x); }
 DHSA_INLINE float dhsa_max(float a, float b) { return fmaxf(a, b); }
 DHSA_INLINE float dhsa_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 DHSA_INLINE bool dhsa_warp_all(bool p) { return __all_sync(0xffffffffu, p); }
+DHSA_INLINE int dhsa_shfl_up_i(int v, int d) { return __shfl_up_sync(0xffffffffu, v, d); }
+DHSA_INLINE int dhsa_shfl_down_i(int v, int d) { return __shfl_down_sync(0xffffffffu, v, d); }
+DHSA_INLINE int dhsa_shfl_xor_i(int v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+// Larger float, larger key (for radix selection); -0.0 sorts just below +0.0.
+DHSA_INLINE unsigned dhsa_order_key(float x) {
+  const unsigned u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+#define DHSA_SHARED_ATOMIC(name, count) __shared__ int name[count]
+DHSA_INLINE void dhsa_atomic_add(int* p, int v) { atomicAdd(p, v); }
+DHSA_INLINE void dhsa_atomic_store(int* p, int v) { *p = v; }
+DHSA_INLINE int dhsa_atomic_load(int* p) { return *reinterpret_cast<volatile int*>(p); }
 
 // The lanes holding one accumulator row are the 4 lanes of a quad.
 DHSA_INLINE float dhsa_row_max(float v) {

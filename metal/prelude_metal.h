@@ -35,6 +35,24 @@ DHSA_INLINE float dhsa_rsqrt(float x) { return metal::precise::rsqrt(x); }
 DHSA_INLINE float dhsa_max(float a, float b) { return metal::max(a, b); }
 DHSA_INLINE float dhsa_shfl_xor(float v, int m) { return metal::simd_shuffle_xor(v, ushort(m)); }
 DHSA_INLINE bool dhsa_warp_all(bool p) { return metal::simd_all(p); }
+DHSA_INLINE int dhsa_shfl_up_i(int v, int d) { return metal::simd_shuffle_up(v, ushort(d)); }
+DHSA_INLINE int dhsa_shfl_down_i(int v, int d) { return metal::simd_shuffle_down(v, ushort(d)); }
+DHSA_INLINE int dhsa_shfl_xor_i(int v, int m) { return metal::simd_shuffle_xor(v, ushort(m)); }
+DHSA_INLINE uint dhsa_order_key(float x) {
+  const uint u = as_type<uint>(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+#define DHSA_SHARED_ATOMIC(name, count) threadgroup metal::atomic_int name[count]
+DHSA_INLINE void dhsa_atomic_add(threadgroup metal::atomic_int* p, int v) {
+  metal::atomic_fetch_add_explicit(p, v, metal::memory_order_relaxed);
+}
+DHSA_INLINE void dhsa_atomic_store(threadgroup metal::atomic_int* p, int v) {
+  metal::atomic_store_explicit(p, v, metal::memory_order_relaxed);
+}
+DHSA_INLINE int dhsa_atomic_load(threadgroup metal::atomic_int* p) {
+  return metal::atomic_load_explicit(p, metal::memory_order_relaxed);
+}
 
 // The lanes holding one accumulator row differ in lane bits 0 and 3.
 DHSA_INLINE float dhsa_row_max(float v) {

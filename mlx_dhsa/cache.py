@@ -7,7 +7,7 @@ every call, so both give identical chunks, summaries and selections.
 """
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import mlx.core as mx
@@ -46,17 +46,24 @@ class ChunkTable:
     """Every chunk of S keys in fixed-capacity buffers, ready for the compiled planner.
 
     Slots ``[0, n_closed)`` hold the closed chunks, slot ``n_closed`` the open chunk
-    ``[open_start, n_keys)`` with summary ``open_summary``; later slots are unused.
+    ``[open_start, n_keys)`` with summary ``open_summary``; later slots are unused. The keys
+    stay attached so that the planning kernel can summarise the open chunk itself.
     """
 
     starts: mx.array  # (B, cap) int32
     lengths: mx.array  # (B, cap) int32
     summaries: mx.array  # (B, cap, D) float32
-    open_summary: mx.array  # (B, 1, D) float32
+    keys: mx.array  # (B, H_kv, n_keys, D): all keys
     n_closed: int  # closed chunks
     open_start: int  # first key of the open chunk
     n_keys: int  # S
     segment: int
+    summary: str = "sqrt"  # DHSAConfig.summary
+
+    @cached_property
+    def open_summary(self) -> mx.array:
+        """The open chunk's summary, (B, 1, D) float32 (built on first use)."""
+        return open_summary(self.keys[:, :, self.open_start :], self.summary)
 
     def materialize(self) -> tuple[Chunks, mx.array]:
         """The (B, N_c) chunks, open chunk last, and their (B, N_c, D) summaries."""
@@ -138,11 +145,12 @@ class ClosedSummaries:
             starts=closed.starts,
             lengths=closed.lengths,
             summaries=self.summaries,
-            open_summary=open_summary(keys[:, :, closed.n_keys :], config.summary),
+            keys=keys,
             n_closed=closed.n_chunks,
             open_start=closed.n_keys,
             n_keys=S,
             segment=seg,
+            summary=config.summary,
         )
 
     def trim(self, n_keys: int, config: DHSAConfig) -> None:

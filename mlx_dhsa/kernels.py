@@ -14,12 +14,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import reference
+from . import reference, selection
+from .cache import ChunkTable
 from .chunking import Chunks, chunk_summaries as _reference_summaries
+from .config import DHSAConfig
 from .selection import Plan, chunk_scores as _reference_scores, key_mask
 
 BACKENDS = ("metal", "cuda")
-KERNELS = ("sparse_attention", "chunk_scores")
+KERNELS = ("sparse_attention", "merge_splits", "chunk_scores", "block_scores", "select_keys")
 
 # (WARPS, WROWS, BK) per backend and element size: warps per group, query rows per warp, keys
 # per tile. Shared memory is max(WARPS * WROWS, 2 * BK) * (D + 16 / size) * size bytes, within
@@ -31,11 +33,14 @@ _TILES = {
     ("metal", 4): (2, 8, 8),
 }
 _SMEM_LIMIT = {"cuda": 48 * 1024, "metal": 32 * 1024}
-_SCORE_THREADS = 256  # threads per chunk in chunk_scores
+_SCORE_THREADS = 256  # threads per group in chunk_scores, block_scores and select_keys
+_MAX_INTERVALS = 1024  # select_keys MAX_IV: key intervals one block can hold (8 KB)
+_PLAN_GROUPS = 128  # block_scores splits the chunks until about this many groups run
 _MIN_GROUPS = 128  # fewer attention groups than this: split the keys across more groups
 _MIN_SPLIT_TILES = 8  # key tiles per split at least
 
 last_path: str = "none"  # "kernel" or "reference": set by every dispatching call
+last_plan_path: str = "none"  # the same for select_chunks (planning)
 
 
 def _metal_dir() -> Path:
@@ -103,8 +108,16 @@ _attention_kernel = _build(
     ["out", "part", "lse"],
     contiguous=False,  # q, k, v are read through their strides: cache slices need no copy
 )
+_merge_kernel = _build("merge_splits", ["part", "lse", "iparams"], ["out"])
 _scores_kernel = _build(
     "chunk_scores", ["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]
+)
+_block_scores_kernel = _build(
+    "block_scores", ["queries", "keys", "summaries", "iparams", "fparams"], ["scores"],
+    contiguous=False,  # queries and keys are read through their strides
+)
+_select_kernel = _build(
+    "select_keys", ["scores", "starts", "lengths", "iparams"], ["indices", "n_valid"]
 )
 
 
@@ -163,11 +176,16 @@ def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, bloc
     )
     if not split:
         return out
-    m = lse.max(axis=0)
-    w = mx.exp(lse - mx.where(mx.isinf(m), 0.0, m))  # (n_splits, B, H, L); 0 for empty splits
-    total = w.sum(axis=0)
-    merged = (w[..., None] * part).sum(axis=0) / mx.maximum(total, 1e-30)[..., None]
-    return merged.astype(q.dtype)
+    R = B * H * L
+    merged = _merge_kernel(
+        inputs=[part, lse, mx.array([n_splits, R], mx.int32)],
+        template=[("T", q.dtype), ("D", D)],
+        grid=(D, R, 1),
+        threadgroup=(D, 1, 1),
+        output_shapes=[(R, D)],
+        output_dtypes=[q.dtype],
+    )[0]
+    return merged.reshape(B, H, L, D)
 
 
 def sparse_attention(
@@ -292,3 +310,70 @@ def chunk_summaries(keys: mx.array, chunks: Chunks, *, use_kernel: bool = True) 
         return _summaries_and_scores(qb, keys, chunks)[0]
     last_path = "reference"
     return _reference_summaries(keys, chunks)
+
+
+def _plan_ok(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> bool:
+    """Whether the planning kernels take these inputs (else the reference plans)."""
+    D = queries.shape[-1]
+    return (
+        config.head_scores == "mean"
+        and queries.dtype in (mx.float32, mx.float16, mx.bfloat16)
+        and queries.dtype == table.keys.dtype
+        and D % 32 == 0
+        and D <= 256
+        and queries.shape[2] > 0
+        and selection._max_chunks_taken(config) + 2 <= _MAX_INTERVALS
+    )
+
+
+def select_chunks(
+    queries: mx.array,
+    table: ChunkTable,
+    config: DHSAConfig,
+    *,
+    q_offset: int,
+    window: int | None = None,
+    use_kernel: bool = True,
+) -> Plan:
+    """:func:`mlx_dhsa.selection.select_chunks` in two kernels: block x chunk scores (with
+    the open chunk summarised in the same pass) and the per-block selection.
+
+    The selection equals the reference's up to score ties, which the kernel breaks in key
+    order. Args and returns as the reference; ``use_kernel=False`` forces the reference.
+    """
+    global last_plan_path
+    on_gpu = _on_gpu(_select_kernel, use_kernel) and _on_gpu(_block_scores_kernel, use_kernel)
+    if not (on_gpu and _plan_ok(queries, table, config)):
+        last_plan_path = "reference"
+        return selection.select_chunks(queries, table, config, q_offset=q_offset, window=window)
+    last_plan_path = "kernel"
+    B, H, L, D = queries.shape
+    keys, cap = table.keys, table.starts.shape[1]
+    NB, N = -(-L // config.block_size), table.n_closed + 1
+    warps = _SCORE_THREADS // 32
+    tiles = max(1, min(-(-_PLAN_GROUPS // (NB * B)), -(-N // warps)))
+    per_group = -(-(-(-N // tiles)) // warps) * warps
+    tiles = -(-N // per_group)
+    scores = _block_scores_kernel(
+        inputs=[queries, keys, mx.contiguous(table.summaries),
+                mx.array([L, H, keys.shape[1], config.block_size, table.n_closed,
+                          table.open_start, table.n_keys, cap, per_group], mx.int32),
+                mx.array([1.0 if table.summary == "sqrt" else 0.0], mx.float32)],
+        template=[("T", queries.dtype), ("D", D)],
+        grid=(tiles * _SCORE_THREADS, NB, B),
+        threadgroup=(_SCORE_THREADS, 1, 1),
+        output_shapes=[(B, NB, N)],
+        output_dtypes=[mx.float32],
+    )[0]
+    indices, n_valid = _select_kernel(
+        inputs=[scores, table.starts, table.lengths,
+                mx.array([L, q_offset, config.block_size, window or 0, config.sink,
+                          config.local, config.budget, table.n_closed, table.open_start,
+                          table.n_keys, cap], mx.int32)],
+        template=[("MAX_IV", _MAX_INTERVALS)],
+        grid=(NB * _SCORE_THREADS, B, 1),
+        threadgroup=(_SCORE_THREADS, 1, 1),
+        output_shapes=[(B, NB, config.budget), (B, NB)],
+        output_dtypes=[mx.int32, mx.int32],
+    )
+    return Plan(indices, n_valid, q_offset=q_offset, block_size=config.block_size, window=window)

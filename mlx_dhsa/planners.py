@@ -19,6 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from . import kernels
 from .chunking import Chunks
 from .reference import _logits, _masked_softmax
 from .selection import (
@@ -29,7 +30,6 @@ from .selection import (
     intervals_to_indices,
     key_mask,
     select,
-    select_chunks,
 )
 
 # Attention probabilities per oracle group of query blocks; bounds its working memory.
@@ -53,7 +53,10 @@ def plan_dhsa(attn, queries: mx.array, keys: mx.array, *, offset: int, window, c
         Plan: (B, ceil(L / block_size), budget) key indices.
     """
     table = attn.chunk_view(keys, cache)
-    return select_chunks(queries, table, attn.config, q_offset=offset, window=window)
+    return kernels.select_chunks(
+        queries, table, attn.config, q_offset=offset, window=window,
+        use_kernel=attn.config.use_kernel,
+    )
 
 
 def fixed_blocks(S: int, B: int, size: int) -> Chunks:

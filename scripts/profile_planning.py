@@ -41,13 +41,17 @@ def profile(S, L, reps, dtype):
 
     def view():
         t = attn.chunk_view(keys, cache)
-        return t.summaries, t.open_summary, t.starts
+        return t.summaries, t.starts
+
+    def plan_with(select):
+        return lambda: select(qs, table, config, q_offset=off, window=None).indices
 
     table = attn.chunk_view(keys, cache)
-    plan = select_chunks(qs, table, config, q_offset=off, window=None)
+    plan = kernels.select_chunks(qs, table, config, q_offset=off, window=None)
     parts = {
         "chunk_view": timed(view, reps),
-        "select": timed(lambda: select_chunks(qs, table, config, q_offset=off, window=None).indices, reps),
+        "select(kernel)": timed(plan_with(kernels.select_chunks), reps),
+        "select(reference)": timed(plan_with(select_chunks), reps),
         "sparse_attention": timed(lambda: kernels.sparse_attention(qs, keys, values, plan, **args), reps),
         "whole_layer": timed(lambda: attn.attend(q, keys, values, offset=off, cache=cache), reps),
         "dense(mlx-lm style)": timed(
@@ -77,7 +81,8 @@ def main():
     for S in args.contexts:
         for L in (2048, 1):
             parts = profile(S, L, args.reps, mx.bfloat16)
-            rows.append({"context": S, "queries": L, "path": kernels.last_path, **parts})
+            rows.append({"context": S, "queries": L, "path": kernels.last_path,
+                         "plan_path": kernels.last_plan_path, **parts})
             print(f"S={S:>6} L={L:>4} " + " ".join(f"{k}={v:.3f}ms" for k, v in parts.items()),
                   flush=True)
     if args.json:

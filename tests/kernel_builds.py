@@ -20,14 +20,31 @@ SIGNATURES = {
         ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
         ["out", "part", "lse"],
     ),
+    "merge_splits": (["part", "lse", "iparams"], ["out"]),
     "chunk_scores": (["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]),
+    "block_scores": (["queries", "keys", "summaries", "iparams", "fparams"], ["scores"]),
+    "select_keys": (["scores", "starts", "lengths", "iparams"], ["indices", "n_valid"]),
 }
 
 
 def instances(name: str, backend: str):
     """(inputs, template, output dtypes) for every variant the dispatcher can launch."""
     out = []
+    if name == "select_keys":
+        ins = [mx.zeros((1, 2, 9)), mx.zeros((1, 8), mx.int32), mx.zeros((1, 8), mx.int32),
+               mx.zeros((11,), mx.int32)]
+        return [(ins, [("MAX_IV", kernels._MAX_INTERVALS)], [mx.int32, mx.int32])]
     for dtype in (mx.float32, mx.float16, mx.bfloat16):
+        if name == "merge_splits":
+            ins = [mx.zeros((2, 4, 256)), mx.zeros((2, 4)), mx.zeros((2,), mx.int32)]
+            out.append((ins, [("T", dtype), ("D", 256)], [dtype]))
+            continue
+        if name == "block_scores":
+            for D in (64, 256):
+                ins = [mx.zeros((1, 8, 64, D), dtype), mx.zeros((1, 4, 64, D), dtype),
+                       mx.zeros((1, 8, D)), mx.zeros((9,), mx.int32), mx.zeros((1,))]
+                out.append((ins, [("T", dtype), ("D", D)], [mx.float32]))
+            continue
         if name == "chunk_scores":
             ins = [mx.zeros((1, 2, 64, 256), dtype), mx.zeros((1, 8), mx.int32),
                    mx.zeros((1, 8), mx.int32), mx.zeros((1, 2, 256)), mx.zeros((4,), mx.int32)]

@@ -6,8 +6,10 @@ import mlx.core as mx
 import pytest
 
 from mlx_dhsa import kernels, reference
+from mlx_dhsa.attention import DHSAAttention
+from mlx_dhsa.cache import DHSACache
 from mlx_dhsa.chunking import chunk_boundaries, chunk_summaries
-from mlx_dhsa.selection import block_queries, chunk_scores, key_mask, select
+from mlx_dhsa.selection import block_queries, chunk_scores, key_mask, select, select_chunks
 
 from conftest import assert_within_baseline, make_qkv, small_config
 
@@ -154,6 +156,68 @@ def test_chunk_scores_kernel(dtype, S, D):
     _close(out, ref)
 
 
+def _table(k, config):
+    """The chunk table a DHSA layer with a DHSACache holds for keys k (built on the CPU)."""
+    attn = DHSAAttention(config, n_heads=1, n_kv_heads=1, head_dim=k.shape[-1], scale=SCALE,
+                         softcap=None)
+    table = attn.chunk_view(k, DHSACache())
+    mx.eval(table.starts, table.lengths, table.summaries)
+    return table
+
+
+# (B, H, H_kv, L, S, D, q_offset, window, budget): prefill steps at ragged offsets, decode
+# (L = 1), sliding windows, fewer candidates than the budget (all taken), > 256 chunks.
+PLAN_CASES = [
+    (1, 4, 2, 64, 300, 64, 236, None, 48),
+    (2, 4, 2, 37, 333, 64, 296, 40, 48),
+    (1, 8, 4, 1, 517, 256, 516, None, 48),
+    (2, 2, 1, 1, 200, 64, 199, 64, 48),
+    (1, 4, 2, 20, 40, 64, 20, None, 48),
+    (1, 4, 4, 33, 4000, 64, 3967, None, 160),
+    (1, 2, 1, 16, 129, 32, 113, None, 32),
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("B,H,H_kv,L,S,D,off,window,budget", PLAN_CASES)
+def test_plan_kernels_match_reference(dtype, B, H, H_kv, L, S, D, off, window, budget):
+    q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
+    config = small_config(budget=budget)
+    table = _table(k, config)
+    ref = select_chunks(q, table, config, q_offset=off, window=window)
+    out = _on_gpu(kernels.select_chunks, q, table, config, q_offset=off, window=window)
+    assert kernels.last_plan_path == "kernel"
+    assert mx.array_equal(out.n_valid, ref.n_valid)
+    assert mx.array_equal(out.indices, ref.indices)
+
+
+@gpu
+@pytest.mark.gpu
+def test_plan_kernels_ties_in_key_order():
+    """Equal scores (identical keys, mean summaries): chunks are taken in key order."""
+    k = mx.ones((1, 2, 300, 64))
+    q = mx.ones((1, 4, 16, 64))
+    config = small_config(summary="mean")
+    out = _on_gpu(kernels.select_chunks, q, _table(k, config), config, q_offset=284, window=None)
+    ref = select_chunks(q, _table(k, config), config, q_offset=284, window=None)
+    assert mx.array_equal(out.n_valid, ref.n_valid)
+    n = out.n_valid[0, 0].item()
+    keys = out.indices[0, 0, :n].tolist()
+    free = config.budget - config.sink - (config.local + 16)
+    assert keys == list(range(config.sink)) + list(range(4, 4 + free)) + list(range(276, 300))
+
+
+@gpu
+@pytest.mark.gpu
+def test_plan_kernels_fall_back_for_max_head_scores():
+    q, k, _ = make_qkv(L=16, S=200, D=64)
+    config = small_config(head_scores="max")
+    _on_gpu(kernels.select_chunks, q, _table(k, config), config, q_offset=184, window=None)
+    assert kernels.last_plan_path == "reference"
+
+
 def test_dispatch_falls_back_on_cpu():
     q, k, v = make_qkv(L=20, S=40)
     plan = _plan(q, k, small_config(), 20, None)
@@ -165,6 +229,12 @@ def test_dispatch_falls_back_on_cpu():
     mask = key_mask(20, 20, 40, 8)
     assert mx.array_equal(out, reference.dense_attention(q, k, v, scale=SCALE, mask=mask))
     assert kernels.last_path == "reference"
+    config = small_config()
+    table = _table(k, config)
+    out = kernels.select_chunks(q, table, config, q_offset=20, window=None)
+    assert kernels.last_plan_path == "reference"
+    ref = select_chunks(q, table, config, q_offset=20, window=None)
+    assert mx.array_equal(out.indices, ref.indices)
 
 
 @gpu

@@ -49,6 +49,9 @@ typedef vec<float, 4> float4;
 typedef vec<uint, 3> uint3;
 typedef vec<short, 2> short2;
 
+template <typename To, typename From>
+To as_type(From);
+
 namespace metal {
 using ::float2;
 using ::float4;
@@ -61,6 +64,9 @@ void threadgroup_barrier(mem_flags);
 void simdgroup_barrier(mem_flags);
 
 float simd_shuffle_xor(float, ushort);
+int simd_shuffle_xor(int, ushort);
+int simd_shuffle_up(int, ushort);
+int simd_shuffle_down(int, ushort);
 float simd_sum(float);
 bool simd_all(bool);
 float max(float, float);
@@ -69,6 +75,13 @@ float exp2(float);
 float log2(float);
 float tanh(float);
 float rsqrt(float);
+enum memory_order { memory_order_relaxed };
+struct atomic_int {
+  int value;
+};
+int atomic_fetch_add_explicit(threadgroup atomic_int*, int, memory_order);
+void atomic_store_explicit(threadgroup atomic_int*, int, memory_order);
+int atomic_load_explicit(threadgroup atomic_int*, memory_order);
 namespace precise {
 float exp2(float);
 float log2(float);

@@ -1,0 +1,128 @@
+// dhsa_block_scores: kernel body for mx.fast.metal_kernel / mx.fast.cuda_kernel (signature
+// generated; ids_<backend>.h prepended; prelude_<backend>.h + common.h as header).
+// The first half of a DHSA plan over a chunk table (cache.ChunkTable); select_keys.metal is
+// the second.
+// inputs : queries [B, H, L, D] T, keys [B, H_kv, S, D] T: any strides, last dim contiguous
+//          summaries [B, cap, D] float32 (closed chunks in slots [0, n_closed))
+//          iparams int32 [9]: L, H, H_kv, block_size, n_closed, open_start, S, cap,
+//                  chunks per group
+//          fparams float32 [1]: 1 for sqrt(n) summaries (paper), 0 for plain means
+// outputs: scores [B, NB, n_closed + 1] float32: S_bc = q_b . k_c with q_b the mean of
+//          block b's queries over queries and heads, k_c the closed summaries and, in slot
+//          n_closed, the open chunk [open_start, S) summarised here as
+//          sum_i mean_h k_i / sqrt(n) (or / n); 0 for an empty open chunk
+// template: T, D (a multiple of 32, <= 256)
+// launch : grid (n_tiles * NT, NB, B), threadgroup (NT, 1, 1), NT = 256. Every group forms
+//          its block's q_b (warps take rows, lanes take columns, shared-memory reduction),
+//          then each warp dots q_b with chunks of the group's tile, lanes splitting D.
+constexpr int NT = 256;
+constexpr int NW = NT / 32;
+constexpr int DL = D / 32;
+DHSA_SHARED(float, part_s, NW * D);
+DHSA_SHARED(float, qb_s, D);
+DHSA_SHARED(float, open_s, D);
+
+const int n_q = iparams[0];
+const int n_heads = iparams[1];
+const int n_kv = iparams[2];
+const int block_size = iparams[3];
+const int n_closed = iparams[4];
+const int open_start = iparams[5];
+const int n_k = iparams[6];
+const int cap = iparams[7];
+const int per_group = iparams[8];
+const bool sqrt_norm = fparams[0] > 0.5f;
+const int n_chunks = n_closed + 1;
+const int n_blocks = (n_q + block_size - 1) / block_size;
+const int blk = dhsa_gy;
+const int b = dhsa_gz;
+const int c_lo = dhsa_gx * per_group;
+const int c_hi = dhsa_min(c_lo + per_group, n_chunks);
+const dhsa_long q_st0 = queries_strides[0], q_st1 = queries_strides[1], q_st2 = queries_strides[2];
+const dhsa_long k_st0 = keys_strides[0], k_st1 = keys_strides[1], k_st2 = keys_strides[2];
+
+// q_b: rows (head, query) of the block, summed per warp, then across warps.
+const int q0 = blk * block_size;
+const int nq = dhsa_min(block_size, n_q - q0);
+float acc[DL];
+DHSA_UNROLL
+for (int j = 0; j < DL; ++j) {
+  acc[j] = 0.0f;
+}
+for (int r = dhsa_warp; r < n_heads * nq; r += NW) {
+  const dhsa_long row = b * q_st0 + (r / nq) * q_st1 + (q0 + r % nq) * q_st2;
+  DHSA_UNROLL
+  for (int j = 0; j < DL; ++j) {
+    acc[j] += dhsa_to_float(queries[row + dhsa_lane + 32 * j]);
+  }
+}
+DHSA_UNROLL
+for (int j = 0; j < DL; ++j) {
+  part_s[dhsa_warp * D + dhsa_lane + 32 * j] = acc[j];
+}
+DHSA_BARRIER();
+for (int d = dhsa_tid; d < D; d += NT) {
+  float s = 0.0f;
+  for (int w = 0; w < NW; ++w) {
+    s += part_s[w * D + d];
+  }
+  qb_s[d] = s / float(n_heads * nq);
+}
+
+// The open chunk's summary, in the group whose tile holds its slot.
+const bool has_open = c_lo <= n_closed && n_closed < c_hi;
+if (has_open) {
+  DHSA_BARRIER();
+  const int n_open = n_k - open_start;
+  DHSA_UNROLL
+  for (int j = 0; j < DL; ++j) {
+    acc[j] = 0.0f;
+  }
+  for (int r = dhsa_warp; r < n_kv * n_open; r += NW) {
+    const dhsa_long row = b * k_st0 + (r / n_open) * k_st1 + (open_start + r % n_open) * k_st2;
+    DHSA_UNROLL
+    for (int j = 0; j < DL; ++j) {
+      acc[j] += dhsa_to_float(keys[row + dhsa_lane + 32 * j]);
+    }
+  }
+  DHSA_UNROLL
+  for (int j = 0; j < DL; ++j) {
+    part_s[dhsa_warp * D + dhsa_lane + 32 * j] = acc[j];
+  }
+  DHSA_BARRIER();
+  const float n = float(dhsa_imax(n_open, 1));
+  const float norm = (sqrt_norm ? dhsa_rsqrt(n) : 1.0f / n) / float(n_kv);
+  for (int d = dhsa_tid; d < D; d += NT) {
+    float s = 0.0f;
+    for (int w = 0; w < NW; ++w) {
+      s += part_s[w * D + d];
+    }
+    open_s[d] = s * norm;
+  }
+}
+DHSA_BARRIER();
+
+float qv[DL];
+DHSA_UNROLL
+for (int j = 0; j < DL; ++j) {
+  qv[j] = qb_s[dhsa_lane + 32 * j];
+}
+for (int c = c_lo + dhsa_warp; c < c_hi; c += NW) {
+  float dot = 0.0f;
+  if (c < n_closed) {
+    const dhsa_long row = ((dhsa_long)b * cap + c) * D;
+    DHSA_UNROLL
+    for (int j = 0; j < DL; ++j) {
+      dot += qv[j] * summaries[row + dhsa_lane + 32 * j];
+    }
+  } else {
+    DHSA_UNROLL
+    for (int j = 0; j < DL; ++j) {
+      dot += qv[j] * open_s[dhsa_lane + 32 * j];
+    }
+  }
+  dot = dhsa_warp_sum(dot);
+  if (dhsa_lane == 0) {
+    scores[((dhsa_long)b * n_blocks + blk) * n_chunks + c] = dot;
+  }
+}
