@@ -149,8 +149,15 @@ class DHSAAttention(nn.Module):
         config = self.config
         window = self.window if config.sliding_window else None
         args = dict(scale=self.scale, softcap=self.attn_logit_softcapping)
-        if S <= config.dense_limit or (L == 1 and not config.sparse_decode_at(S)):
+        visible = min(S, window) if L == 1 and window is not None else S
+        if visible <= config.dense_limit or (L == 1 and not config.sparse_decode_at(visible)):
             self.last_path = "dense"
+            if visible < S:
+                # A dense decode step on a sliding layer reads only the last `window` keys:
+                # drop the rest instead of masking them.
+                keys, values = keys[:, :, S - window :], values[:, :, S - window :]
+                mask = mask[..., S - window :] if isinstance(mask, mx.array) else mask
+                offset, S = offset - (S - window), window
             # Prefill: the fused causal(+window) kernel. Decode: MLX's own ops, which measured
             # faster than the kernel for one query on the H200.
             if L > 1 and not _per_sequence(mask) and offset + L == S:

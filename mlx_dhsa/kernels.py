@@ -347,17 +347,25 @@ def select_chunks(
         last_plan_path = "reference"
         return selection.select_chunks(queries, table, config, q_offset=q_offset, window=window)
     last_plan_path = "kernel"
+    scores = _block_scores(queries, table, config)
+    indices, n_valid = _select_keys(scores, table, config, queries.shape[2], q_offset, window)
+    return Plan(indices, n_valid, q_offset=q_offset, block_size=config.block_size, window=window)
+
+
+def _block_scores(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> mx.array:
+    """(B, NB, n_closed + 1) block x chunk scores, the open chunk last (block_scores.metal)."""
     B, H, L, D = queries.shape
     keys, cap = table.keys, table.starts.shape[1]
     NB, N = -(-L // config.block_size), table.n_closed + 1
     warps = _SCORE_THREADS // 32
+    # Enough groups to fill the GPU: split the chunks when there are few blocks (decode).
     tiles = max(1, min(-(-_PLAN_GROUPS // (NB * B)), -(-N // warps)))
     per_group = -(-(-(-N // tiles)) // warps) * warps
     tiles = -(-N // per_group)
-    scores = _block_scores_kernel(
-        inputs=[queries, keys, mx.contiguous(table.summaries),
-                mx.array([L, H, keys.shape[1], config.block_size, table.n_closed,
-                          table.open_start, table.n_keys, cap, per_group], mx.int32),
+    iparams = [L, H, keys.shape[1], config.block_size, table.n_closed, table.open_start,
+               table.n_keys, cap, per_group]
+    return _block_scores_kernel(
+        inputs=[queries, keys, mx.contiguous(table.summaries), mx.array(iparams, mx.int32),
                 mx.array([1.0 if table.summary == "sqrt" else 0.0], mx.float32)],
         template=[("T", queries.dtype), ("D", D)],
         grid=(tiles * _SCORE_THREADS, NB, B),
@@ -365,15 +373,20 @@ def select_chunks(
         output_shapes=[(B, NB, N)],
         output_dtypes=[mx.float32],
     )[0]
-    indices, n_valid = _select_kernel(
-        inputs=[scores, table.starts, table.lengths,
-                mx.array([L, q_offset, config.block_size, window or 0, config.sink,
-                          config.local, config.budget, table.n_closed, table.open_start,
-                          table.n_keys, cap], mx.int32)],
+
+
+def _select_keys(scores: mx.array, table: ChunkTable, config: DHSAConfig, n_queries: int,
+                 q_offset: int, window: int | None) -> tuple[mx.array, mx.array]:
+    """(indices (B, NB, budget), n_valid (B, NB)) from block x chunk scores (select_keys.metal)."""
+    B, NB, _ = scores.shape
+    iparams = [n_queries, q_offset, config.block_size, window or 0, config.sink, config.local,
+               config.budget, table.n_closed, table.open_start, table.n_keys,
+               table.starts.shape[1]]
+    return _select_kernel(
+        inputs=[scores, table.starts, table.lengths, mx.array(iparams, mx.int32)],
         template=[("MAX_IV", _MAX_INTERVALS)],
         grid=(NB * _SCORE_THREADS, B, 1),
         threadgroup=(_SCORE_THREADS, 1, 1),
         output_shapes=[(B, NB, config.budget), (B, NB)],
         output_dtypes=[mx.int32, mx.int32],
     )
-    return Plan(indices, n_valid, q_offset=q_offset, block_size=config.block_size, window=window)

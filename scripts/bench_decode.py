@@ -57,6 +57,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768, 65536, 131072])
     p.add_argument("--budget", type=int, default=mlx_dhsa.DHSAConfig().budget)
+    p.add_argument("--decode-dense-below", type=int, default=mlx_dhsa.DHSAConfig().decode_dense_below,
+                   help="keys below which DHSA decodes densely (0: sparse whenever S > 2 x budget)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16")
@@ -64,7 +66,7 @@ def main():
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dtype = getattr(mx, args.dtype)
-    config = mlx_dhsa.DHSAConfig(budget=args.budget)
+    config = mlx_dhsa.DHSAConfig(budget=args.budget, decode_dense_below=args.decode_dense_below)
     layers = {} if args.layers is None else {"num_hidden_layers": args.layers}
     model = random_model("gemma-2-2b", dtype, **layers)
     rows = []

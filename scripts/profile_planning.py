@@ -1,14 +1,17 @@
 """Where one DHSA layer spends its time: chunk state, planning, sparse attention, dense tail.
 
 One Gemma2-2b-shaped attention layer (random keys, bf16) at a given context, timed part by
-part with an ``mx.eval`` barrier after each (so the parts are serialised and each includes its
-launch overhead). Prefill: one 2048-query step at the end of the context; decode: one query.
+part. Each part runs ``--reps`` times back to back and is evaluated once, so a figure is the
+GPU time of one call plus its launch cost, without a host round trip (``empty_op`` shows
+that floor). Prefill: one 2048-query step at the end of the context; decode: one query.
+``--min-groups`` sweeps the attention kernel's split threshold (``kernels._MIN_GROUPS``).
 
     python scripts/profile_planning.py --contexts 8192 32768 131072 --json parts.json
 """
 
 import argparse
 import json
+import time
 
 import mlx.core as mx
 
@@ -16,16 +19,19 @@ import mlx_dhsa
 from mlx_dhsa import kernels
 from mlx_dhsa.attention import DHSAAttention
 from mlx_dhsa.cache import DHSACache
-from mlx_dhsa.profiling import measure
 from mlx_dhsa.selection import select_chunks
 
 
 def timed(fn, reps):
-    """Milliseconds per call, after a warm-up call (traces and compiles)."""
-    return measure(fn, trials=reps).seconds * 1e3
+    """Milliseconds per call over ``reps`` back-to-back calls, after a warm-up call."""
+    mx.eval(fn())
+    tic = time.perf_counter()
+    outs = [fn() for _ in range(reps)]
+    mx.eval(outs)
+    return (time.perf_counter() - tic) / reps * 1e3
 
 
-def profile(S, L, reps, dtype):
+def profile(S, L, reps, dtype, min_groups):
     config = mlx_dhsa.DHSAConfig(decode_dense_below=0)  # profile the sparse decode step
     attn = DHSAAttention(config, n_heads=8, n_kv_heads=4, head_dim=256, scale=1 / 16, softcap=50.0)
     cache = DHSACache()
@@ -48,39 +54,51 @@ def profile(S, L, reps, dtype):
 
     table = attn.chunk_view(keys, cache)
     plan = kernels.select_chunks(qs, table, config, q_offset=off, window=None)
-    parts = {
-        "chunk_view": timed(view, reps),
+    parts = {"empty_op": timed(lambda: q + 1, reps), "chunk_view": timed(view, reps)}
+    if kernels.BACKEND is not None:  # the two planning kernels on their own
+        scores = kernels._block_scores(qs, table, config)
+        parts["block_scores"] = timed(lambda: kernels._block_scores(qs, table, config), reps)
+        parts["select_keys"] = timed(
+            lambda: kernels._select_keys(scores, table, config, n_sparse, off, None)[0], reps)
+    parts |= {
         "select(kernel)": timed(plan_with(kernels.select_chunks), reps),
         "select(reference)": timed(plan_with(select_chunks), reps),
-        "sparse_attention": timed(lambda: kernels.sparse_attention(qs, keys, values, plan, **args), reps),
-        "whole_layer": timed(lambda: attn.attend(q, keys, values, offset=off, cache=cache), reps),
         "dense(mlx-lm style)": timed(
             lambda: kernels.reference.dense_attention(
                 q, keys, values, mask=kernels.key_mask(off, L, S, None), **args
             ),
             reps,
         ),
-        "empty_op": timed(lambda: q + 1, reps),
     }
-    if L > 1:
-        parts["dense_tail"] = timed(
-            lambda: kernels.dense_attention(q[:, :, n_sparse:], keys, values, q_offset=off + n_sparse,
-                                            window=None, **args),
-            reps,
-        )
+    for g in min_groups:
+        kernels._MIN_GROUPS = g
+        parts[f"sparse_attention(g{g})"] = timed(
+            lambda: kernels.sparse_attention(qs, keys, values, plan, **args), reps)
+        if L > 1:
+            parts[f"dense_tail(g{g})"] = timed(
+                lambda: kernels.dense_attention(q[:, :, n_sparse:], keys, values,
+                                                q_offset=off + n_sparse, window=None, **args),
+                reps,
+            )
+        parts[f"whole_layer(g{g})"] = timed(
+            lambda: attn.attend(q, keys, values, offset=off, cache=cache), reps)
     return parts
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--queries", type=int, nargs="+", default=[2048, 1])
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--min-groups", type=int, nargs="+", default=[kernels._MIN_GROUPS])
     p.add_argument("--json", default=None)
     args = p.parse_args()
     rows = []
+    default_groups = kernels._MIN_GROUPS
     for S in args.contexts:
-        for L in (2048, 1):
-            parts = profile(S, L, args.reps, mx.bfloat16)
+        for L in args.queries:
+            parts = profile(S, L, args.reps, mx.bfloat16, args.min_groups)
+            kernels._MIN_GROUPS = default_groups
             rows.append({"context": S, "queries": L, "path": kernels.last_path,
                          "plan_path": kernels.last_plan_path, **parts})
             print(f"S={S:>6} L={L:>4} " + " ".join(f"{k}={v:.3f}ms" for k, v in parts.items()),
