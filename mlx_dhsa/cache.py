@@ -189,6 +189,31 @@ class DHSACache(KVCache):
     _config: DHSAConfig | None = None
     _closed: ClosedChunks | None = None  # used by the layer that owns shared boundaries
     _summaries: ClosedSummaries | None = None
+    # The key/value buffers grow by this factor (mlx-lm's KVCache grows to the next multiple
+    # of 256 keys, re-allocating and copying the whole cache on every prefill step).
+    growth = 1.25
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """KVCache's update, with geometric growth of the buffers."""
+        if self.keys is not None:
+            needed, capacity = self.offset + keys.shape[2], self.keys.shape[2]
+            if needed > capacity:
+                grown = max(needed, int(capacity * self.growth))
+                grown = -(-grown // self.step) * self.step
+                self.keys = _grow(self.keys[..., : self.offset, :], grown)
+                self.values = _grow(self.values[..., : self.offset, :], grown)
+        return super().update_and_fetch(keys, values)
+
+    @property
+    def state(self):
+        """(keys, values, offset), the buffers cut to ``offset`` (no spare capacity saved)."""
+        if self.keys is None:
+            return self.keys, self.values, self.offset
+        return (*self.keys_and_values(), self.offset)
+
+    @state.setter
+    def state(self, v):
+        KVCache.state.fset(self, v)
 
     def chunk_state(self, config: DHSAConfig) -> tuple[ClosedChunks, ClosedSummaries]:
         if self._closed is None or self._config != config:
@@ -202,6 +227,12 @@ class DHSACache(KVCache):
             self._closed.trim(self.offset, self._config)
             self._summaries.trim(self.offset, self._config)
         return n
+
+
+def _grow(x: mx.array, capacity: int) -> mx.array:
+    """x (B, H, n, D) followed by zeros up to ``capacity`` rows on axis 2."""
+    B, H, n, D = x.shape
+    return mx.concatenate([x, mx.zeros((B, H, capacity - n, D), x.dtype)], axis=2)
 
 
 # mlx-lm's load_prompt_cache finds cache classes by name in its own module.

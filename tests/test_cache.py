@@ -111,3 +111,19 @@ def test_incremental_state_equals_recomputed(ops, seed):
         assert mx.array_equal(chunks.starts, want_chunks.starts)
         assert mx.array_equal(chunks.lengths, want_chunks.lengths)
         assert mx.allclose(sums, want_sums, atol=1e-5)
+
+
+def test_cache_grows_geometrically_and_saves_only_its_keys():
+    """A long prefill in 256-key steps re-allocates O(log S) times, not once per step, and
+    over-allocates by at most the growth factor; the saved state holds `offset` keys."""
+    cache, capacities = DHSACache(), set()
+    for i in range(64):
+        k = mx.full((1, 2, 256, 8), float(i))
+        keys, _ = cache.update_and_fetch(k, k)
+        capacities.add(cache.keys.shape[2])
+        assert keys.shape[2] == cache.offset == 256 * (i + 1)
+        assert cache.keys.shape[2] <= max(cache.growth * cache.offset, cache.offset) + cache.step
+    assert len(capacities) <= 20  # mlx-lm's KVCache: 64
+    assert mx.array_equal(keys[0, 0, ::256, 0], mx.arange(64).astype(mx.float32))
+    k, v, offset = cache.state
+    assert k.shape[2] == v.shape[2] == offset == 64 * 256
