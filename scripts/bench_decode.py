@@ -1,14 +1,16 @@
 """Decode speed: dense mlx-lm Gemma2 vs DHSA sparse decode, gemma-2-2b shapes, random weights.
 
 The KV cache is filled with random keys/values of the target length (decode speed does not
-depend on what the keys say), then each model decodes greedily. Prints a table and writes
-JSON. Also estimates the bytes read per token (weights + KV) for each path.
+depend on what the keys say), then each model decodes greedily, dense and DHSA alternating
+``--trials`` times (medians reported). Prints a table and writes JSON. Also estimates the
+bytes read per token (weights + KV) for each path.
 
     python scripts/bench_decode.py --lengths 4096 32768 65536 131072 --json decode.json
 """
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import asdict
 
@@ -61,6 +63,7 @@ def main():
                    help="keys below which DHSA decodes densely (0: sparse whenever S > 2 x budget)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--trials", type=int, default=3, help="alternating dense/DHSA runs; medians")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--layers", type=int, default=None, help="fewer layers, for a smoke test")
     p.add_argument("--json", default=None)
@@ -71,22 +74,29 @@ def main():
     model = random_model("gemma-2-2b", dtype, **layers)
     rows = []
     for S in args.lengths:
-        row = {"context": S}
-        for method in ("dense", "dhsa"):
-            if method == "dhsa":
-                mlx_dhsa.patch(model, config)
-                caches = mlx_dhsa.make_prompt_cache(model)
-            else:
-                mlx_dhsa.unpatch(model)
-                caches = [KVCache() for _ in model.layers]
-            fill(model, caches, S, dtype)
-            mx.reset_peak_memory()
-            row[f"{method}_tps"] = decode(model, caches, args.steps, args.warmup)
-            row[f"{method}_peak_gb"] = mx.get_peak_memory() / 1e9
-            if method == "dhsa":
-                row["path"] = dhsa_layers(model)[-1].last_path
-            del caches
-            mx.clear_cache()
+        # Both caches live side by side; the methods alternate so that clock drift and
+        # warm-up hit both alike.
+        mlx_dhsa.patch(model, config)
+        caches = {"dense": [KVCache() for _ in model.layers],
+                  "dhsa": mlx_dhsa.make_prompt_cache(model)}
+        fill(model, caches["dense"], S, dtype)
+        for c, d in zip(caches["dhsa"], caches["dense"]):
+            c.update_and_fetch(d.keys[..., :S, :], d.values[..., :S, :])
+        runs = {"dense": [], "dhsa": []}
+        for trial in range(args.trials):
+            for method in ("dense", "dhsa") if trial % 2 == 0 else ("dhsa", "dense"):
+                if method == "dhsa":
+                    mlx_dhsa.patch(model, config)
+                else:
+                    mlx_dhsa.unpatch(model)
+                runs[method].append(decode(model, caches[method], args.steps, args.warmup))
+        mlx_dhsa.patch(model, config)
+        decode(model, caches["dhsa"], 1, 0)
+        row = {"context": S, "dense_tps": statistics.median(runs["dense"]),
+               "dhsa_tps": statistics.median(runs["dhsa"]), "runs": runs,
+               "path": dhsa_layers(model)[-1].last_path}
+        del caches
+        mx.clear_cache()
         row["speedup"] = row["dhsa_tps"] / row["dense_tps"]
         dense_b, dhsa_b = bytes_per_token(model, S, args.budget, dtype.size)
         row["dense_gb_per_token"], row["dhsa_gb_per_token"] = dense_b / 1e9, dhsa_b / 1e9
@@ -98,7 +108,8 @@ def main():
             flush=True,
         )
     env = {"device": str(mx.default_device()), "info": mx.device_info(), "mlx": mx.__version__,
-           "dtype": args.dtype, "config": asdict(config)}
+           "dtype": args.dtype, "config": asdict(config), "steps": args.steps,
+           "trials": args.trials}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=2, default=str)
