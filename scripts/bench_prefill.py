@@ -9,7 +9,9 @@ over that call (weights included). Methods, all on the same model in one process
 - ``streaming``: the same patch with ``method="streaming"``: same attention kernels, a plan
   that needs no scoring; ``dhsa - streaming`` bounds the cost of DHSA's planning.
 - ``floor``: attention scores skipped (projections, RoPE, KV cache, MLP, norms): the time
-  no attention method can beat.
+  no attention method can beat with mlx-lm's KVCache.
+- ``floor_grow``: the same with ``DHSACache``, whose buffers grow geometrically instead of
+  256 keys at a time (what DHSA's own floor is).
 
 Usage: python scripts/bench_prefill.py --lengths 4096 8192 --json p.json
 """
@@ -54,9 +56,11 @@ def _set_method(model, method: str):
             layer.self_attn = layer.self_attn.base
     if method == "dense":
         return lambda: make_prompt_cache(model)
-    if method == "floor":
+    if method in ("floor", "floor_grow"):
         for layer in model.layers:
             layer.self_attn = FloorAttention(layer.self_attn)
+        if method == "floor_grow":  # the floor with DHSA's geometrically growing cache
+            return lambda: [mlx_dhsa.DHSACache() for _ in model.layers]
         return lambda: make_prompt_cache(model)
     mlx_dhsa.patch(model, method=method)
     return lambda: mlx_dhsa.make_prompt_cache(model)

@@ -218,6 +218,30 @@ def test_plan_kernels_fall_back_for_max_head_scores():
     assert kernels.last_plan_path == "reference"
 
 
+@gpu
+@pytest.mark.gpu
+def test_patched_model_on_kernels_generates_like_the_reference():
+    """End to end on the GPU: sparse prefill steps and sparse decode through the kernels give
+    the greedy tokens of the pure-MLX path (use_kernel=False)."""
+    from mlx_lm.generate import generate_step
+
+    from conftest import tiny_gemma2
+    import mlx_dhsa
+
+    model = tiny_gemma2()
+    prompt = mx.random.randint(0, 1024, (300,))
+    tokens = {}
+    for use_kernel in (True, False):
+        mlx_dhsa.unpatch(model)
+        mlx_dhsa.patch(model, small_config(use_kernel=use_kernel))
+        with mx.stream(mx.gpu):
+            gen = generate_step(prompt, model, max_tokens=24, prefill_step_size=64,
+                                prompt_cache=mlx_dhsa.make_prompt_cache(model))
+            tokens[use_kernel] = [int(t) for t, _ in gen]
+        assert kernels.last_plan_path == ("kernel" if use_kernel else "reference")
+    assert tokens[True] == tokens[False]
+
+
 def test_dispatch_falls_back_on_cpu():
     q, k, v = make_qkv(L=20, S=40)
     plan = _plan(q, k, small_config(), 20, None)
