@@ -18,6 +18,7 @@
 constexpr int NT = 256;
 constexpr int NW = NT / 32;
 constexpr int DL = D / 32;
+constexpr int UR = 4;
 DHSA_SHARED(float, part_s, NW * D);
 DHSA_SHARED(float, qb_s, D);
 DHSA_SHARED(float, open_s, D);
@@ -49,11 +50,25 @@ DHSA_UNROLL
 for (int j = 0; j < DL; ++j) {
   acc[j] = 0.0f;
 }
-for (int r = dhsa_warp; r < n_heads * nq; r += NW) {
-  const dhsa_long row = b * q_st0 + (r / nq) * q_st1 + (q0 + r % nq) * q_st2;
+// UR rows per warp and step, loaded before they are added: UR x DL loads in flight.
+for (int r0 = dhsa_warp; r0 < n_heads * nq; r0 += UR * NW) {
+  float x[UR][DL];
   DHSA_UNROLL
-  for (int j = 0; j < DL; ++j) {
-    acc[j] += dhsa_to_float(queries[row + dhsa_lane + 32 * j]);
+  for (int u = 0; u < UR; ++u) {
+    const int r = r0 + u * NW;
+    const bool ok = r < n_heads * nq;
+    const dhsa_long row = ok ? b * q_st0 + (r / nq) * q_st1 + (q0 + r % nq) * q_st2 : 0;
+    DHSA_UNROLL
+    for (int j = 0; j < DL; ++j) {
+      x[u][j] = ok ? dhsa_to_float(queries[row + dhsa_lane + 32 * j]) : 0.0f;
+    }
+  }
+  DHSA_UNROLL
+  for (int u = 0; u < UR; ++u) {
+    DHSA_UNROLL
+    for (int j = 0; j < DL; ++j) {
+      acc[j] += x[u][j];
+    }
   }
 }
 DHSA_UNROLL
@@ -78,11 +93,25 @@ if (has_open) {
   for (int j = 0; j < DL; ++j) {
     acc[j] = 0.0f;
   }
-  for (int r = dhsa_warp; r < n_kv * n_open; r += NW) {
-    const dhsa_long row = b * k_st0 + (r / n_open) * k_st1 + (open_start + r % n_open) * k_st2;
+  for (int r0 = dhsa_warp; r0 < n_kv * n_open; r0 += UR * NW) {
+    float x[UR][DL];
     DHSA_UNROLL
-    for (int j = 0; j < DL; ++j) {
-      acc[j] += dhsa_to_float(keys[row + dhsa_lane + 32 * j]);
+    for (int u = 0; u < UR; ++u) {
+      const int r = r0 + u * NW;
+      const bool ok = r < n_kv * n_open;
+      const dhsa_long row =
+          ok ? b * k_st0 + (r / n_open) * k_st1 + (open_start + r % n_open) * k_st2 : 0;
+      DHSA_UNROLL
+      for (int j = 0; j < DL; ++j) {
+        x[u][j] = ok ? dhsa_to_float(keys[row + dhsa_lane + 32 * j]) : 0.0f;
+      }
+    }
+    DHSA_UNROLL
+    for (int u = 0; u < UR; ++u) {
+      DHSA_UNROLL
+      for (int j = 0; j < DL; ++j) {
+        acc[j] += x[u][j];
+      }
     }
   }
   DHSA_UNROLL
