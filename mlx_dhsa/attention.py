@@ -151,7 +151,7 @@ class DHSAAttention(nn.Module):
         args = dict(scale=self.scale, softcap=self.attn_logit_softcapping)
         visible = min(S, window) if L == 1 and window is not None else S
         if visible <= config.dense_limit or (L == 1 and not config.sparse_decode_at(visible)):
-            self.last_path = "dense"
+            self._set_path("dense")
             if visible < S:
                 # A dense decode step on a sliding layer reads only the last `window` keys:
                 # drop the rest instead of masking them.
@@ -182,9 +182,9 @@ class DHSAAttention(nn.Module):
             outputs.append(
                 kernels.sparse_attention(q, keys, values, plan, use_kernel=config.use_kernel, **args)
             )
-            self.last_path = f"dhsa({kernels.last_path})"
+            self._set_path(f"dhsa({kernels.last_path})")
         else:
-            self.last_path = "dense"
+            self._set_path("dense")
         if n_sparse < L:
             outputs.append(
                 kernels.dense_attention(
@@ -193,6 +193,11 @@ class DHSAAttention(nn.Module):
                 )
             )
         return mx.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
+
+    def _set_path(self, path: str) -> None:
+        # Only on change: nn.Module.__setattr__ costs about a microsecond, per layer and token.
+        if self.last_path != path:
+            self.last_path = path
 
     def plan(
         self,
