@@ -4,9 +4,8 @@
 // the second.
 // inputs : queries [B, H, L, D] T, keys [B, H_kv, S, D] T: any strides, last dim contiguous
 //          summaries [B, cap, D] float32 (closed chunks in slots [0, n_closed))
-//          iparams int32 [9]: L, H, H_kv, block_size, n_closed, open_start, S, cap,
-//                  chunks per group
-//          fparams float32 [1]: 1 for sqrt(n) summaries (paper), 0 for plain means
+//          iparams int32 [10]: L, H, H_kv, block_size, n_closed, open_start, S, cap,
+//                  chunks per group, 1 for sqrt(n) summaries (paper) / 0 for plain means
 // outputs: scores [B, NB, n_closed + 1] float32: S_bc = q_b . k_c with q_b the mean of
 //          block b's queries over queries and heads, k_c the closed summaries and, in slot
 //          n_closed, the open chunk [open_start, S) summarised here as
@@ -32,7 +31,7 @@ const int open_start = iparams[5];
 const int n_k = iparams[6];
 const int cap = iparams[7];
 const int per_group = iparams[8];
-const bool sqrt_norm = fparams[0] > 0.5f;
+const bool sqrt_norm = iparams[9] != 0;
 const int n_chunks = n_closed + 1;
 const int n_blocks = (n_q + block_size - 1) / block_size;
 const int blk = dhsa_gy;

@@ -113,7 +113,7 @@ _scores_kernel = _build(
     "chunk_scores", ["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]
 )
 _block_scores_kernel = _build(
-    "block_scores", ["queries", "keys", "summaries", "iparams", "fparams"], ["scores"],
+    "block_scores", ["queries", "keys", "summaries", "iparams"], ["scores"],
     contiguous=False,  # queries and keys are read through their strides
 )
 _select_kernel = _build(
@@ -342,8 +342,7 @@ def select_chunks(
     order. Args and returns as the reference; ``use_kernel=False`` forces the reference.
     """
     global last_plan_path
-    on_gpu = _on_gpu(_select_kernel, use_kernel) and _on_gpu(_block_scores_kernel, use_kernel)
-    if not (on_gpu and _plan_ok(queries, table, config)):
+    if not (_on_gpu(_select_kernel, use_kernel) and _plan_ok(queries, table, config)):
         last_plan_path = "reference"
         return selection.select_chunks(queries, table, config, q_offset=q_offset, window=window)
     last_plan_path = "kernel"
@@ -360,13 +359,13 @@ def _block_scores(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> m
     warps = _SCORE_THREADS // 32
     # Enough groups to fill the GPU: split the chunks when there are few blocks (decode).
     tiles = max(1, min(-(-_PLAN_GROUPS // (NB * B)), -(-N // warps)))
-    per_group = -(-(-(-N // tiles)) // warps) * warps
+    per_group = -(-N // tiles)
+    per_group = -(-per_group // warps) * warps  # whole warps
     tiles = -(-N // per_group)
     iparams = [L, H, keys.shape[1], config.block_size, table.n_closed, table.open_start,
-               table.n_keys, cap, per_group]
+               table.n_keys, cap, per_group, int(table.summary == "sqrt")]
     return _block_scores_kernel(
-        inputs=[queries, keys, mx.contiguous(table.summaries), mx.array(iparams, mx.int32),
-                mx.array([1.0 if table.summary == "sqrt" else 0.0], mx.float32)],
+        inputs=[queries, keys, mx.contiguous(table.summaries), mx.array(iparams, mx.int32)],
         template=[("T", queries.dtype), ("D", D)],
         grid=(tiles * _SCORE_THREADS, NB, B),
         threadgroup=(_SCORE_THREADS, 1, 1),

@@ -22,7 +22,7 @@ SIGNATURES = {
     ),
     "merge_splits": (["part", "lse", "iparams"], ["out"]),
     "chunk_scores": (["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]),
-    "block_scores": (["queries", "keys", "summaries", "iparams", "fparams"], ["scores"]),
+    "block_scores": (["queries", "keys", "summaries", "iparams"], ["scores"]),
     "select_keys": (["scores", "starts", "lengths", "iparams"], ["indices", "n_valid"]),
 }
 
@@ -42,7 +42,7 @@ def instances(name: str, backend: str):
         if name == "block_scores":
             for D in (64, 256):
                 ins = [mx.zeros((1, 8, 64, D), dtype), mx.zeros((1, 4, 64, D), dtype),
-                       mx.zeros((1, 8, D)), mx.zeros((9,), mx.int32), mx.zeros((1,))]
+                       mx.zeros((1, 8, D)), mx.zeros((10,), mx.int32)]
                 out.append((ins, [("T", dtype), ("D", D)], [mx.float32]))
             continue
         if name == "chunk_scores":
