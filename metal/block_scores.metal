@@ -4,12 +4,17 @@
 // the second.
 // inputs : queries [B, H, L, D] T, keys [B, H_kv, S, D] T: any strides, last dim contiguous
 //          summaries [B, cap, D] float32 (closed chunks in slots [0, n_closed))
-//          iparams int32 [10]: L, H, H_kv, block_size, n_closed, open_start, S, cap,
-//                  chunks per group, 1 for sqrt(n) summaries (paper) / 0 for plain means
+//          open_prev [B, D] float32: sum_h sum_i k_i over keys [open_start, prev_end) from
+//                  an earlier call (read only when prev_end > open_start)
+//          iparams int32 [11]: L, H, H_kv, block_size, n_closed, open_start, S, cap,
+//                  chunks per group, 1 for sqrt(n) summaries (paper) / 0 for plain means,
+//                  prev_end
 // outputs: scores [B, NB, n_closed + 1] float32: S_bc = q_b . k_c with q_b the mean of
 //          block b's queries over queries and heads, k_c the closed summaries and, in slot
 //          n_closed, the open chunk [open_start, S) summarised here as
-//          sum_i mean_h k_i / sqrt(n) (or / n); 0 for an empty open chunk
+//          sum_i mean_h k_i / sqrt(n) (or / n); 0 for an empty open chunk. Only keys
+//          [prev_end, S) are read: the rest of the sum comes from open_prev.
+//          open_sum [B, D] float32: sum_h sum_i k_i over [open_start, S), for the next call
 // template: T, D (a multiple of 32, <= 256)
 // launch : grid (n_tiles * NT, NB, B), threadgroup (NT, 1, 1), NT = 256. Every group forms
 //          its block's q_b (warps take rows, lanes take columns, shared-memory reduction),
@@ -32,6 +37,7 @@ const int n_k = iparams[6];
 const int cap = iparams[7];
 const int per_group = iparams[8];
 const bool sqrt_norm = iparams[9] != 0;
+const int prev_end = iparams[10];
 const int n_chunks = n_closed + 1;
 const int n_blocks = (n_q + block_size - 1) / block_size;
 const int blk = dhsa_gy;
@@ -87,19 +93,19 @@ for (int d = dhsa_tid; d < D; d += NT) {
 const bool has_open = c_lo <= n_closed && n_closed < c_hi;
 if (has_open) {
   DHSA_BARRIER();
-  const int n_open = n_k - open_start;
+  const int n_new = n_k - prev_end;  // keys not yet in open_prev
   DHSA_UNROLL
   for (int j = 0; j < DL; ++j) {
     acc[j] = 0.0f;
   }
-  for (int r0 = dhsa_warp; r0 < n_kv * n_open; r0 += UR * NW) {
+  for (int r0 = dhsa_warp; r0 < n_kv * n_new; r0 += UR * NW) {
     float x[UR][DL];
     DHSA_UNROLL
     for (int u = 0; u < UR; ++u) {
       const int r = r0 + u * NW;
-      const bool ok = r < n_kv * n_open;
+      const bool ok = r < n_kv * n_new;
       const dhsa_long row =
-          ok ? b * k_st0 + (r / n_open) * k_st1 + (open_start + r % n_open) * k_st2 : 0;
+          ok ? b * k_st0 + (r / n_new) * k_st1 + (prev_end + r % n_new) * k_st2 : 0;
       DHSA_UNROLL
       for (int j = 0; j < DL; ++j) {
         x[u][j] = ok ? dhsa_to_float(keys[row + dhsa_lane + 32 * j]) : 0.0f;
@@ -118,12 +124,15 @@ if (has_open) {
     part_s[dhsa_warp * D + dhsa_lane + 32 * j] = acc[j];
   }
   DHSA_BARRIER();
-  const float n = float(dhsa_imax(n_open, 1));
+  const float n = float(dhsa_imax(n_k - open_start, 1));
   const float norm = (sqrt_norm ? dhsa_rsqrt(n) : 1.0f / n) / float(n_kv);
   for (int d = dhsa_tid; d < D; d += NT) {
-    float s = 0.0f;
+    float s = prev_end > open_start ? open_prev[(dhsa_long)b * D + d] : 0.0f;
     for (int w = 0; w < NW; ++w) {
       s += part_s[w * D + d];
+    }
+    if (blk == 0) {
+      open_sum[(dhsa_long)b * D + d] = s;
     }
     open_s[d] = s * norm;
   }

@@ -8,9 +8,10 @@
 //                  K (budget), n_closed, open_start, S, cap
 // outputs: indices [B, NB, K] int32: the block's keys, ascending, padding 0
 //          n_valid [B, NB] int32
-// template: MAX_IV (key intervals one block can hold: sinks + taken chunks + local)
-// launch : grid (NB * NT, B, 1), threadgroup (NT, 1, 1), NT = 256; thread t owns the chunk
-//          range [t * per, (t + 1) * per).
+// template: MAX_IV (key intervals one block can hold: sinks + taken chunks + local),
+//          NT (threads per group: a multiple of 32, at most 1024)
+// launch : grid (NB * NT, B, 1), threadgroup (NT, 1, 1); thread t owns the chunk range
+//          [t * per, (t + 1) * per).
 // math   : block b (queries q0..q1) keeps sinks [lo, sink_end), local [local_start, q1] and,
 //          in the free middle, the best chunks until `room` keys: a chunk takes its keys
 //          from its first free one. The cut score is found by radix selection on the
@@ -18,7 +19,6 @@
 //          keys (4 passes of 8 bits): chunks above it are taken whole, chunks at it (ties,
 //          in key order) share what is left. Selected ranges become at most MAX_IV
 //          intervals (dispatch checks the bound), expanded with one binary search per slot.
-constexpr int NT = 256;
 constexpr int NW = NT / 32;
 DHSA_SHARED_ATOMIC(hist, 256);
 DHSA_SHARED(int, red_s, NW);

@@ -42,6 +42,22 @@ def _reserve(buf: mx.array | None, shape: tuple, needed: int, dtype) -> mx.array
 
 
 @dataclass
+class OpenSum:
+    """The open chunk's keys summed over heads and keys, ``sum_h sum_{start <= i < end} k_i``
+    (B, D) float32, carried between calls so that the planning kernel adds only new keys."""
+
+    start: int = -1  # open_start it belongs to
+    end: int = -1  # keys [start, end) are in total
+    total: mx.array | None = None
+
+    def usable(self, start: int, n_keys: int) -> bool:
+        return self.total is not None and self.start == start and self.end <= n_keys
+
+    def reset(self) -> None:
+        self.start, self.end, self.total = -1, -1, None
+
+
+@dataclass
 class ChunkTable:
     """Every chunk of S keys in fixed-capacity buffers, ready for the compiled planner.
 
@@ -59,6 +75,7 @@ class ChunkTable:
     n_keys: int  # S
     segment: int
     summary: str = "sqrt"  # DHSAConfig.summary
+    open_sum: OpenSum | None = None  # running sum kept by a DHSACache (kernels only)
 
     @cached_property
     def open_summary(self) -> mx.array:
@@ -120,6 +137,7 @@ class ClosedSummaries:
     def __init__(self):
         self.n_keys = 0
         self.summaries: mx.array | None = None
+        self.open_sum = OpenSum()
 
     def table(self, keys: mx.array, closed: ClosedChunks, config: DHSAConfig) -> ChunkTable:
         """Summarise new closed chunks of ``keys`` (B, H_kv, S, D) and the open chunk."""
@@ -151,6 +169,7 @@ class ClosedSummaries:
             n_keys=S,
             segment=seg,
             summary=config.summary,
+            open_sum=self.open_sum,
         )
 
     def trim(self, n_keys: int, config: DHSAConfig) -> None:
@@ -216,7 +235,7 @@ class DHSACache(KVCache):
         KVCache.state.fset(self, v)
 
     def chunk_state(self, config: DHSAConfig) -> tuple[ClosedChunks, ClosedSummaries]:
-        if self._closed is None or self._config != config:
+        if self._closed is None or (self._config is not config and self._config != config):
             self._config = config
             self._closed, self._summaries = ClosedChunks(), ClosedSummaries()
         return self._closed, self._summaries
@@ -226,6 +245,7 @@ class DHSACache(KVCache):
         if self._config is not None:
             self._closed.trim(self.offset, self._config)
             self._summaries.trim(self.offset, self._config)
+            self._summaries.open_sum.reset()  # trimmed keys get overwritten: sum afresh
         return n
 
 

@@ -33,11 +33,13 @@ _TILES = {
     ("metal", 4): (2, 8, 8),
 }
 _SMEM_LIMIT = {"cuda": 48 * 1024, "metal": 32 * 1024}
-_SCORE_THREADS = 256  # threads per group in chunk_scores, block_scores and select_keys
+_SCORE_THREADS = 256  # threads per group in chunk_scores and block_scores
 _MAX_INTERVALS = 1024  # select_keys MAX_IV: key intervals one block can hold (8 KB)
 _PLAN_GROUPS = 128  # block_scores splits the chunks until about this many groups run
 _MIN_GROUPS = 128  # fewer attention groups than this: split the keys across more groups
-_MIN_SPLIT_TILES = 8  # key tiles per split at least
+_MIN_SPLIT_TILES = 8  # key tiles per split at least (multi-query calls)
+_MIN_SPLIT_TILES_DECODE = 2  # the same for one query: more, shorter splits hide load latency
+_SELECT_THREADS = 512  # threads per group in select_keys (CUDA: 91 registers x 512 fit one SM)
 
 last_path: str = "none"  # "kernel" or "reference": set by every dispatching call
 last_plan_path: str = "none"  # the same for select_chunks (planning)
@@ -113,12 +115,23 @@ _scores_kernel = _build(
     "chunk_scores", ["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]
 )
 _block_scores_kernel = _build(
-    "block_scores", ["queries", "keys", "summaries", "iparams"], ["scores"],
+    "block_scores", ["queries", "keys", "summaries", "open_prev", "iparams"],
+    ["scores", "open_sum"],
     contiguous=False,  # queries and keys are read through their strides
 )
 _select_kernel = _build(
     "select_keys", ["scores", "starts", "lengths", "iparams"], ["indices", "n_valid"]
 )
+
+
+@lru_cache(maxsize=64)
+def _params(values: tuple, dtype=mx.int32) -> mx.array:
+    """The small parameter array for ``values``, made once per distinct tuple.
+
+    Within a decode step every global layer passes the same sizes, so one host array serves
+    them all instead of a fresh host allocation and transfer per layer and kernel.
+    """
+    return mx.array(values, dtype)
 
 
 def _on_gpu(kernel, use_kernel: bool) -> bool:
@@ -154,14 +167,14 @@ def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, bloc
     key_tiles = -(-(S if all_keys else index.shape[-1]) // bk)
     n_splits = 1
     if groups < _MIN_GROUPS:
-        n_splits = max(1, min(-(-2 * _MIN_GROUPS // groups), key_tiles // _MIN_SPLIT_TILES))
+        min_tiles = _MIN_SPLIT_TILES if L > 1 else _MIN_SPLIT_TILES_DECODE
+        n_splits = max(1, min(-(-2 * _MIN_GROUPS // groups), key_tiles // min_tiles))
     split = n_splits > 1
     NB = count.shape[1]
-    iparams = mx.array(
-        [L, S, q_offset, window or 0, block_size, H, H_kv, NB, index.shape[-1], qt, n_splits, B],
-        mx.int32,
+    iparams = _params(
+        (L, S, q_offset, window or 0, block_size, H, H_kv, NB, index.shape[-1], qt, n_splits, B)
     )
-    fparams = mx.array([scale, softcap or 0.0], mx.float32)
+    fparams = _params((scale, softcap or 0.0), mx.float32)
     shapes = [(1,), (n_splits, B, H, L, D), (n_splits, B, H, L)] if split else [
         (B, H, L, D), (1,), (1,)]
     index, count = mx.contiguous(index), mx.contiguous(count)
@@ -178,7 +191,7 @@ def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, bloc
         return out
     R = B * H * L
     merged = _merge_kernel(
-        inputs=[part, lse, mx.array([n_splits, R], mx.int32)],
+        inputs=[part, lse, _params((n_splits, R))],
         template=[("T", q.dtype), ("D", D)],
         grid=(D, R, 1),
         threadgroup=(D, 1, 1),
@@ -362,30 +375,41 @@ def _block_scores(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> m
     per_group = -(-N // tiles)
     per_group = -(-per_group // warps) * warps  # whole warps
     tiles = -(-N // per_group)
-    iparams = [L, H, keys.shape[1], config.block_size, table.n_closed, table.open_start,
-               table.n_keys, cap, per_group, int(table.summary == "sqrt")]
-    return _block_scores_kernel(
-        inputs=[queries, keys, mx.contiguous(table.summaries), mx.array(iparams, mx.int32)],
+    # The open chunk: only keys past those already summed in the cache's running sum.
+    state, summaries = table.open_sum, mx.contiguous(table.summaries)
+    carried = state is not None and state.usable(table.open_start, table.n_keys)
+    prev, prev_end = (state.total, state.end) if carried else (summaries, table.open_start)
+    iparams = (L, H, keys.shape[1], config.block_size, table.n_closed, table.open_start,
+               table.n_keys, cap, per_group, int(table.summary == "sqrt"), prev_end)
+    scores, open_sum = _block_scores_kernel(
+        inputs=[queries, keys, summaries, prev, _params(iparams)],
         template=[("T", queries.dtype), ("D", D)],
         grid=(tiles * _SCORE_THREADS, NB, B),
         threadgroup=(_SCORE_THREADS, 1, 1),
-        output_shapes=[(B, NB, N)],
-        output_dtypes=[mx.float32],
-    )[0]
+        output_shapes=[(B, NB, N), (B, D)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    if state is not None:
+        state.start, state.end, state.total = table.open_start, table.n_keys, open_sum
+        if L > 1:
+            # Prefill evaluates only the caches: keep the running sum from holding this
+            # step's graph (and its key buffers) alive until the next step.
+            mx.async_eval(open_sum)
+    return scores
 
 
 def _select_keys(scores: mx.array, table: ChunkTable, config: DHSAConfig, n_queries: int,
                  q_offset: int, window: int | None) -> tuple[mx.array, mx.array]:
     """(indices (B, NB, budget), n_valid (B, NB)) from block x chunk scores (select_keys.metal)."""
     B, NB, _ = scores.shape
-    iparams = [n_queries, q_offset, config.block_size, window or 0, config.sink, config.local,
+    iparams = (n_queries, q_offset, config.block_size, window or 0, config.sink, config.local,
                config.budget, table.n_closed, table.open_start, table.n_keys,
-               table.starts.shape[1]]
+               table.starts.shape[1])
     return _select_kernel(
-        inputs=[scores, table.starts, table.lengths, mx.array(iparams, mx.int32)],
-        template=[("MAX_IV", _MAX_INTERVALS)],
-        grid=(NB * _SCORE_THREADS, B, 1),
-        threadgroup=(_SCORE_THREADS, 1, 1),
+        inputs=[scores, table.starts, table.lengths, _params(iparams)],
+        template=[("MAX_IV", _MAX_INTERVALS), ("NT", _SELECT_THREADS)],
+        grid=(NB * _SELECT_THREADS, B, 1),
+        threadgroup=(_SELECT_THREADS, 1, 1),
         output_shapes=[(B, NB, config.budget), (B, NB)],
         output_dtypes=[mx.int32, mx.int32],
     )

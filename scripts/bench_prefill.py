@@ -72,12 +72,21 @@ def prefill(model, make_cache, n: int, vocab: int) -> dict:
     cache = make_cache()
     mx.clear_cache()
     mx.reset_peak_memory()
+    base = mx.get_active_memory()  # weights (and the prompt)
+    steps = []  # peak after each prefill step: where the peak happens
+
+    def progress(done, total):
+        if done:
+            steps.append(round(mx.get_peak_memory() / 1e9, 3))
+
     tic = time.perf_counter()
     seconds = None
-    for _ in generate_step(prompt, model, prompt_cache=cache, max_tokens=1):
+    for _ in generate_step(prompt, model, prompt_cache=cache, max_tokens=1,
+                           prompt_progress_callback=progress):
         seconds = time.perf_counter() - tic
     mx.synchronize()
-    row = {"seconds": seconds, "peak_gb": mx.get_peak_memory() / 1e9, "path": attention_path(model)}
+    row = {"seconds": seconds, "peak_gb": mx.get_peak_memory() / 1e9, "path": attention_path(model),
+           "base_gb": base / 1e9, "peak_gb_steps": steps}
     del cache
     mx.clear_cache()
     return row
@@ -111,6 +120,8 @@ def main():
                 "seconds_all": [r["seconds"] for r in runs],
                 "peak_gb": max(r["peak_gb"] for r in runs),
                 "path": runs[-1]["path"],
+                "base_gb": runs[-1]["base_gb"],
+                "peak_gb_steps": runs[-1]["peak_gb_steps"],
             }
         rows.append(row)
         cells = [f"{n:>7} tok"]

@@ -4,7 +4,8 @@ One Gemma2-2b-shaped attention layer (random keys, bf16) at a given context, tim
 part. Each part runs ``--reps`` times back to back and is evaluated once, so a figure is the
 GPU time of one call plus its launch cost, without a host round trip (``empty_op`` shows
 that floor). Prefill: one 2048-query step at the end of the context; decode: one query.
-``--min-groups`` sweeps the attention kernel's split threshold (``kernels._MIN_GROUPS``).
+``--min-groups`` sweeps the attention kernel's split threshold (``kernels._MIN_GROUPS``),
+``--split-tiles`` the decode split length (``kernels._MIN_SPLIT_TILES_DECODE``).
 
     python scripts/profile_planning.py --contexts 8192 32768 131072 --json parts.json
 """
@@ -31,7 +32,7 @@ def timed(fn, reps):
     return (time.perf_counter() - tic) / reps * 1e3
 
 
-def profile(S, L, reps, dtype, min_groups):
+def profile(S, L, reps, dtype, min_groups, split_tiles=()):
     config = mlx_dhsa.DHSAConfig(decode_dense_below=0)  # profile the sparse decode step
     attn = DHSAAttention(config, n_heads=8, n_kv_heads=4, head_dim=256, scale=1 / 16, softcap=50.0)
     cache = DHSACache()
@@ -42,6 +43,7 @@ def profile(S, L, reps, dtype, min_groups):
     q = mx.random.normal((1, 8, L, 256)).astype(dtype)
     mx.eval(keys, values, q)
     n_sparse = L - min(config.dense_tail, L) if L > 1 else 1
+    default_tiles = kernels._MIN_SPLIT_TILES_DECODE
     qs, off = q[:, :, :n_sparse], S - L
     args = dict(scale=1 / 16, softcap=50.0)
 
@@ -58,6 +60,9 @@ def profile(S, L, reps, dtype, min_groups):
     if kernels.BACKEND is not None:  # the two planning kernels on their own
         scores = kernels._block_scores(qs, table, config)
         parts["block_scores"] = timed(lambda: kernels._block_scores(qs, table, config), reps)
+        scratch = attn.chunk_view(keys)  # no cache: the open chunk is summed from its keys
+        parts["block_scores(open from keys)"] = timed(
+            lambda: kernels._block_scores(qs, scratch, config), reps)
         parts["select_keys"] = timed(
             lambda: kernels._select_keys(scores, table, config, n_sparse, off, None)[0], reps)
     parts |= {
@@ -74,6 +79,11 @@ def profile(S, L, reps, dtype, min_groups):
         kernels._MIN_GROUPS = g
         parts[f"sparse_attention(g{g})"] = timed(
             lambda: kernels.sparse_attention(qs, keys, values, plan, **args), reps)
+        for t in split_tiles if L == 1 else []:
+            kernels._MIN_SPLIT_TILES_DECODE = t
+            parts[f"sparse_attention(g{g},t{t})"] = timed(
+                lambda: kernels.sparse_attention(qs, keys, values, plan, **args), reps)
+        kernels._MIN_SPLIT_TILES_DECODE = default_tiles
         if L > 1:
             parts[f"dense_tail(g{g})"] = timed(
                 lambda: kernels.dense_attention(q[:, :, n_sparse:], keys, values,
@@ -91,13 +101,16 @@ def main():
     p.add_argument("--queries", type=int, nargs="+", default=[2048, 1])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--min-groups", type=int, nargs="+", default=[kernels._MIN_GROUPS])
+    p.add_argument("--split-tiles", type=int, nargs="*", default=[],
+                   help="decode: also time these key tiles per split at least "
+                        "(kernels._MIN_SPLIT_TILES_DECODE)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     rows = []
     default_groups = kernels._MIN_GROUPS
     for S in args.contexts:
         for L in args.queries:
-            parts = profile(S, L, args.reps, mx.bfloat16, args.min_groups)
+            parts = profile(S, L, args.reps, mx.bfloat16, args.min_groups, args.split_tiles)
             kernels._MIN_GROUPS = default_groups
             rows.append({"context": S, "queries": L, "path": kernels.last_path,
                          "plan_path": kernels.last_plan_path, **parts})

@@ -22,7 +22,8 @@ SIGNATURES = {
     ),
     "merge_splits": (["part", "lse", "iparams"], ["out"]),
     "chunk_scores": (["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]),
-    "block_scores": (["queries", "keys", "summaries", "iparams"], ["scores"]),
+    "block_scores": (["queries", "keys", "summaries", "open_prev", "iparams"],
+                     ["scores", "open_sum"]),
     "select_keys": (["scores", "starts", "lengths", "iparams"], ["indices", "n_valid"]),
 }
 
@@ -33,7 +34,8 @@ def instances(name: str, backend: str):
     if name == "select_keys":
         ins = [mx.zeros((1, 2, 9)), mx.zeros((1, 8), mx.int32), mx.zeros((1, 8), mx.int32),
                mx.zeros((11,), mx.int32)]
-        return [(ins, [("MAX_IV", kernels._MAX_INTERVALS)], [mx.int32, mx.int32])]
+        return [(ins, [("MAX_IV", kernels._MAX_INTERVALS), ("NT", nt)], [mx.int32, mx.int32])
+                for nt in (256, kernels._SELECT_THREADS)]
     for dtype in (mx.float32, mx.float16, mx.bfloat16):
         if name == "merge_splits":
             ins = [mx.zeros((2, 4, 256)), mx.zeros((2, 4)), mx.zeros((2,), mx.int32)]
@@ -42,8 +44,8 @@ def instances(name: str, backend: str):
         if name == "block_scores":
             for D in (64, 256):
                 ins = [mx.zeros((1, 8, 64, D), dtype), mx.zeros((1, 4, 64, D), dtype),
-                       mx.zeros((1, 8, D)), mx.zeros((10,), mx.int32)]
-                out.append((ins, [("T", dtype), ("D", D)], [mx.float32]))
+                       mx.zeros((1, 8, D)), mx.zeros((1, D)), mx.zeros((11,), mx.int32)]
+                out.append((ins, [("T", dtype), ("D", D)], [mx.float32, mx.float32]))
             continue
         if name == "chunk_scores":
             ins = [mx.zeros((1, 2, 64, 256), dtype), mx.zeros((1, 8), mx.int32),

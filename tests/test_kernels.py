@@ -195,6 +195,33 @@ def test_plan_kernels_match_reference(dtype, B, H, H_kv, L, S, D, off, window, b
 
 @gpu
 @pytest.mark.gpu
+def test_block_scores_carry_the_open_chunk_sum():
+    """A DHSACache keeps the open chunk's key sum between calls (the kernel reads only new
+    keys): over prefill steps, decode steps, a segment closing and a trim, the scores equal
+    those of the chunk table rebuilt from scratch."""
+    config = small_config()
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE,
+                         softcap=None)
+    cache = DHSACache()
+    carried = 0
+    for step in [100, 37, 1, 1, 1, "trim", 1, 1, 40, 1, 1]:
+        if step == "trim":
+            cache.trim(3)
+            continue
+        new = mx.random.normal((1, 2, step, 64))
+        keys, _ = cache.update_and_fetch(new, new)
+        q = mx.random.normal((1, 4, step, 64))
+        table = attn.chunk_view(keys, cache)
+        carried += table.open_sum.usable(table.open_start, table.n_keys)
+        out = _on_gpu(kernels._block_scores, q, table, config)
+        assert table.open_sum.end == keys.shape[2]
+        _, summaries = attn.chunk_view(keys).materialize()  # no cache: from scratch
+        _close(out, chunk_scores(block_queries(q, config.block_size), summaries))
+    assert carried >= 5  # the running sum was used, not only rebuilt
+
+
+@gpu
+@pytest.mark.gpu
 def test_plan_kernels_ties_in_key_order():
     """Equal scores (identical keys, mean summaries): chunks are taken in key order."""
     k = mx.ones((1, 2, 300, 64))
