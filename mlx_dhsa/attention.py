@@ -177,7 +177,7 @@ class DHSAAttention(nn.Module):
         n_sparse = L - min(config.dense_tail, L) if L > 1 else 1
         outputs = []
         if n_sparse > 0:
-            q = queries[:, :, :n_sparse]
+            q = queries if n_sparse == L else queries[:, :, :n_sparse]
             plan = self.plan(q, keys, offset=offset, window=window, cache=cache)
             outputs.append(
                 kernels.sparse_attention(q, keys, values, plan, use_kernel=config.use_kernel, **args)

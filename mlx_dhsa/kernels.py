@@ -39,6 +39,7 @@ _PLAN_GROUPS = 128  # block_scores splits the chunks until about this many group
 _MIN_GROUPS = 128  # fewer attention groups than this: split the keys across more groups
 _MIN_SPLIT_TILES = 8  # key tiles per split at least (multi-query calls)
 _MIN_SPLIT_TILES_DECODE = 2  # the same for one query: more, shorter splits hide load latency
+_CARRY_OPEN_SUM = True  # block_scores adds new keys to the cache's running open-chunk sum
 _SELECT_THREADS = 512  # threads per group in select_keys (CUDA: 91 registers x 512 fit one SM)
 
 last_path: str = "none"  # "kernel" or "reference": set by every dispatching call
@@ -376,7 +377,8 @@ def _block_scores(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> m
     per_group = -(-per_group // warps) * warps  # whole warps
     tiles = -(-N // per_group)
     # The open chunk: only keys past those already summed in the cache's running sum.
-    state, summaries = table.open_sum, mx.contiguous(table.summaries)
+    state, summaries = table.open_sum, table.summaries  # summaries: a contiguous buffer
+    state = state if _CARRY_OPEN_SUM else None
     carried = state is not None and state.usable(table.open_start, table.n_keys)
     prev, prev_end = (state.total, state.end) if carried else (summaries, table.open_start)
     iparams = (L, H, keys.shape[1], config.block_size, table.n_closed, table.open_start,

@@ -32,7 +32,7 @@ def timed(fn, reps):
     return (time.perf_counter() - tic) / reps * 1e3
 
 
-def profile(S, L, reps, dtype, min_groups, split_tiles=()):
+def profile(S, L, reps, dtype, min_groups, split_tiles=(), reference_too=True):
     config = mlx_dhsa.DHSAConfig(decode_dense_below=0)  # profile the sparse decode step
     attn = DHSAAttention(config, n_heads=8, n_kv_heads=4, head_dim=256, scale=1 / 16, softcap=50.0)
     cache = DHSACache()
@@ -67,7 +67,6 @@ def profile(S, L, reps, dtype, min_groups, split_tiles=()):
             lambda: kernels._select_keys(scores, table, config, n_sparse, off, None)[0], reps)
     parts |= {
         "select(kernel)": timed(plan_with(kernels.select_chunks), reps),
-        "select(reference)": timed(plan_with(select_chunks), reps),
         "dense(mlx-lm style)": timed(
             lambda: kernels.reference.dense_attention(
                 q, keys, values, mask=kernels.key_mask(off, L, S, None), **args
@@ -75,6 +74,8 @@ def profile(S, L, reps, dtype, min_groups, split_tiles=()):
             reps,
         ),
     }
+    if reference_too:
+        parts["select(reference)"] = timed(plan_with(select_chunks), reps)
     for g in min_groups:
         kernels._MIN_GROUPS = g
         parts[f"sparse_attention(g{g})"] = timed(
@@ -104,13 +105,15 @@ def main():
     p.add_argument("--split-tiles", type=int, nargs="*", default=[],
                    help="decode: also time these key tiles per split at least "
                         "(kernels._MIN_SPLIT_TILES_DECODE)")
+    p.add_argument("--no-reference", action="store_true", help="skip the pure-MLX planner")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     rows = []
     default_groups = kernels._MIN_GROUPS
     for S in args.contexts:
         for L in args.queries:
-            parts = profile(S, L, args.reps, mx.bfloat16, args.min_groups, args.split_tiles)
+            parts = profile(S, L, args.reps, mx.bfloat16, args.min_groups, args.split_tiles,
+                            not args.no_reference)
             kernels._MIN_GROUPS = default_groups
             rows.append({"context": S, "queries": L, "path": kernels.last_path,
                          "plan_path": kernels.last_plan_path, **parts})

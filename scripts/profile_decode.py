@@ -1,0 +1,83 @@
+"""Decode ablation: which part of the sparse decode step costs what, in one process.
+
+gemma-2-2b shapes with random weights, the caches filled with ``--context`` random keys.
+Variants (dense mlx-lm, DHSA, DHSA with one kernel setting changed) decode in turn for
+``--trials`` rounds, each through mlx-lm's ``generate_step`` and with a blocking eval per
+token; medians of tokens/s and of the host time to build one step's graph.
+
+    python scripts/profile_decode.py --context 131072 --trials 3 --json ablation.json
+"""
+
+import argparse
+import json
+import statistics
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+import mlx_dhsa
+from mlx_dhsa import kernels
+from mlx_dhsa.profiling import random_model
+
+from bench_decode import decode, decode_sync, fill
+
+# name -> kernels module settings (None: the unpatched mlx-lm model)
+VARIANTS = {
+    "dense": None,
+    "dhsa": {},
+    "dhsa, splits of 8 tiles": {"_MIN_SPLIT_TILES_DECODE": 8},
+    "dhsa, select_keys 256 threads": {"_SELECT_THREADS": 256},
+    "dhsa, open chunk from keys": {"_CARRY_OPEN_SUM": False},
+    "dhsa, fresh parameter arrays": {"_params": lambda v, dtype=mx.int32: mx.array(v, dtype)},
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--context", type=int, default=131072)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    config = mlx_dhsa.DHSAConfig(decode_dense_below=0)
+    model = random_model("gemma-2-2b", mx.bfloat16)
+    mlx_dhsa.patch(model, config)
+    caches = {"dense": [KVCache() for _ in model.layers], "dhsa": mlx_dhsa.make_prompt_cache(model)}
+    fill(model, caches["dense"], args.context, mx.bfloat16)
+    for c, d in zip(caches["dhsa"], caches["dense"]):
+        c.update_and_fetch(d.keys[..., : args.context, :], d.values[..., : args.context, :])
+    defaults = {k: getattr(kernels, k) for v in VARIANTS.values() if v for k in v}
+    runs = {name: {"tps": [], "sync_tps": [], "build_ms": []} for name in args.variants}
+    for trial in range(args.trials):
+        for name in args.variants if trial % 2 == 0 else args.variants[::-1]:
+            settings = VARIANTS[name]
+            for k, v in defaults.items():
+                setattr(kernels, k, v)
+            if settings is None:
+                mlx_dhsa.unpatch(model)
+            else:
+                mlx_dhsa.patch(model, config)
+                for k, v in settings.items():
+                    setattr(kernels, k, v)
+            cache = caches["dense" if settings is None else "dhsa"]
+            runs[name]["tps"].append(decode(model, cache, args.steps, args.warmup))
+            sync_tps, build_ms = decode_sync(model, cache, args.steps)
+            runs[name]["sync_tps"].append(sync_tps)
+            runs[name]["build_ms"].append(build_ms)
+    rows = []
+    for name in args.variants:
+        row = {"variant": name, **{k: statistics.median(v) for k, v in runs[name].items()},
+               "runs": runs[name]}
+        rows.append(row)
+        print(f"{name:<34} {row['tps']:6.1f} tok/s (sync {row['sync_tps']:6.1f}) "
+              f"build {row['build_ms']:.2f} ms", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"context": args.context, "steps": args.steps, "trials": args.trials,
+                       "device": str(mx.default_device()), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
