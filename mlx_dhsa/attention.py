@@ -109,6 +109,10 @@ class DHSAAttention(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
+        if L == 1 and cache is not None and self._base_decodes(cache.offset + 1):
+            # A dense decode step that sees every key: mlx-lm's own module, op for op.
+            self._set_path("dense")
+            return self._base(x, mask=mask, cache=cache)
         queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -128,6 +132,18 @@ class DHSAAttention(nn.Module):
         output = self.attend(queries, keys, values, mask=mask, offset=offset, cache=cache)
         output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(output)
+
+    def _base_decodes(self, n_keys: int) -> bool:
+        """Whether a decode step over ``n_keys`` keys is left to the wrapped mlx-lm module:
+        dense (``DHSAConfig.sparse_decode_at``) and no sliding window cutting keys off
+        (mlx-lm's Gemma2 ignores the window, so those steps stay here and read only it)."""
+        if self.__dict__.get("_base") is None:  # built directly, not by from_base
+            return False
+        config = self.config
+        window = self.window if config.sliding_window else None
+        if window is not None and n_keys > window:
+            return False
+        return n_keys <= config.dense_limit or not config.sparse_decode_at(n_keys)
 
     def qk_norm(self, queries: mx.array, keys: mx.array) -> tuple[mx.array, mx.array]:
         """Per-head query/key normalisation before RoPE: none for Gemma2 (Gemma3 has one)."""

@@ -32,7 +32,7 @@ class DHSAConfig:
     boundary_threshold: float | None = None  # None = top-count by target_chunk; else min shift
     predictor_path: str | None = None  # boundaries="learned": MLX predictor .safetensors
     predictor_threshold: float | None = None  # "learned": least logit; None = the predictor's own
-    decode_dense_below: int | None = 65536  # decode stays dense up to this many keys; None = always
+    decode_dense_below: int | None = 98304  # decode stays dense up to this many keys; None = always
     share_boundaries: bool = True  # compute boundaries once (first patched layer) for all layers
     sliding_window: bool = True  # honour the model's sliding window on its sliding layers
     use_kernel: bool = True  # use the GPU kernels when a GPU backend is present
@@ -106,8 +106,9 @@ class DHSAConfig:
     def sparse_decode_at(self, n_keys: int) -> bool:
         """Whether a decode step over ``n_keys`` keys attends sparsely.
 
-        A sparse step costs a few fixed launches per layer; below ``decode_dense_below`` keys
-        reading the whole cache is cheaper on fast-memory GPUs (see README, decode).
+        A sparse step costs four kernel launches and their host work per layer; below
+        ``decode_dense_below`` keys reading the whole cache is cheaper on the H200, where
+        decode is bound by host time up to about 96k keys (see README, decode).
         """
         limit = self.decode_dense_below
         return limit is not None and n_keys > max(limit, self.dense_limit)

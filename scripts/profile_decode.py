@@ -39,6 +39,8 @@ def main():
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--cprofile", type=int, default=0, metavar="STEPS",
+                   help="instead: profile the host side of STEPS DHSA decode steps (cProfile)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     config = mlx_dhsa.DHSAConfig(decode_dense_below=0)
@@ -48,6 +50,19 @@ def main():
     fill(model, caches["dense"], args.context, mx.bfloat16)
     for c, d in zip(caches["dhsa"], caches["dense"]):
         c.update_and_fetch(d.keys[..., : args.context, :], d.values[..., : args.context, :])
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        decode_sync(model, caches["dhsa"], 4)
+        prof, tok = cProfile.Profile(), mx.array([[1]])
+        for _ in range(args.cprofile):  # graph building only; the eval stays outside
+            prof.enable()
+            out = model(tok, cache=caches["dhsa"])
+            prof.disable()
+            mx.eval(out)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        return
     defaults = {k: getattr(kernels, k) for v in VARIANTS.values() if v for k in v}
     runs = {name: {"tps": [], "sync_tps": [], "build_ms": []} for name in args.variants}
     for trial in range(args.trials):

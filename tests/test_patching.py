@@ -48,6 +48,17 @@ def test_full_budget_greedy_tokens_equal_over_16_decode_steps(tiny_model):
     assert _greedy(patched, prompt, prefill_step_size=1000) == want
 
 
+def test_dense_decode_steps_are_mlx_lm_attention_op_for_op(tiny_model):
+    """A dense decode step that sees every key runs the wrapped mlx-lm module itself."""
+    patched = patch(copy.deepcopy(tiny_model), small_config(decode_dense_below=None))
+    prompt = mx.random.randint(0, 1024, (1, 40))
+    c_dense, c_dhsa = make_prompt_cache(tiny_model), make_prompt_cache(patched)
+    tiny_model(prompt, cache=c_dense), patched(prompt, cache=c_dhsa)
+    tok = prompt[:, -1:]
+    assert mx.array_equal(patched(tok, cache=c_dhsa), tiny_model(tok, cache=c_dense))
+    assert {a.last_path for a in dhsa_layers(patched)} == {"dense"}
+
+
 def test_sparse_budget_generates_and_runs_the_sparse_path(tiny_model):
     prompt = mx.random.randint(0, 1024, (300,))
     patched = patch(copy.deepcopy(tiny_model), small_config())
