@@ -60,6 +60,21 @@ def decode_sync(model, caches, steps):
     return steps / (time.perf_counter() - tic), build / steps * 1e3
 
 
+def set_method(model, method, config):
+    """Put the model in the state ``method`` ("dense", "dhsa" or "floor") decodes with."""
+    from bench_prefill import FloorAttention
+
+    mlx_dhsa.unpatch(model)
+    for layer in model.layers:
+        if isinstance(layer.self_attn, FloorAttention):
+            layer.self_attn = layer.self_attn.base
+    if method == "dhsa":
+        mlx_dhsa.patch(model, config)
+    elif method == "floor":
+        for layer in model.layers:
+            layer.self_attn = FloorAttention(layer.self_attn)
+
+
 def bytes_per_token(model, S, budget, dtype_bytes):
     """Weights + KV read for one decode step: dense reads S keys, DHSA ~budget (+ summaries)."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -81,6 +96,9 @@ def main():
     p.add_argument("--trials", type=int, default=3, help="alternating dense/DHSA runs; medians")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--layers", type=int, default=None, help="fewer layers, for a smoke test")
+    p.add_argument("--floor", action="store_true",
+                   help="also decode with the attention scores skipped (bench_prefill's floor): "
+                        "the speed no attention method can beat")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dtype = getattr(mx, args.dtype)
@@ -97,13 +115,15 @@ def main():
         fill(model, caches["dense"], S, dtype)
         for c, d in zip(caches["dhsa"], caches["dense"]):
             c.update_and_fetch(d.keys[..., :S, :], d.values[..., :S, :])
-        runs = {m: {"tps": [], "sync_tps": [], "build_ms": []} for m in ("dense", "dhsa")}
+        methods = ("dense", "dhsa", "floor") if args.floor else ("dense", "dhsa")
+        if args.floor:
+            caches["floor"] = [KVCache() for _ in model.layers]
+            for c, d in zip(caches["floor"], caches["dense"]):
+                c.update_and_fetch(d.keys[..., :S, :], d.values[..., :S, :])
+        runs = {m: {"tps": [], "sync_tps": [], "build_ms": []} for m in methods}
         for trial in range(args.trials):
-            for method in ("dense", "dhsa") if trial % 2 == 0 else ("dhsa", "dense"):
-                if method == "dhsa":
-                    mlx_dhsa.patch(model, config)
-                else:
-                    mlx_dhsa.unpatch(model)
+            for method in methods if trial % 2 == 0 else methods[::-1]:
+                set_method(model, method, config)
                 run = runs[method]
                 run["tps"].append(decode(model, caches[method], args.steps, args.warmup))
                 sync_tps, build_ms = decode_sync(model, caches[method], args.steps)
@@ -111,8 +131,9 @@ def main():
                 run["build_ms"].append(build_ms)
                 if method == "dhsa":
                     path = dhsa_layers(model)[-1].last_path
+        set_method(model, "dense", config)
         row = {"context": S, "runs": runs, "path": path}
-        for m in ("dense", "dhsa"):
+        for m in methods:
             for k, v in runs[m].items():
                 row[f"{m}_{k}"] = statistics.median(v)
         del caches
@@ -126,7 +147,8 @@ def main():
             f"speedup={row['speedup']:.2f}x path={row['path']} | sync dense="
             f"{row['dense_sync_tps']:.1f} dhsa={row['dhsa_sync_tps']:.1f} tok/s, build dense="
             f"{row['dense_build_ms']:.2f} dhsa={row['dhsa_build_ms']:.2f} ms | "
-            f"bytes/token dense={row['dense_gb_per_token']:.2f} GB dhsa={row['dhsa_gb_per_token']:.2f} GB",
+            f"bytes/token dense={row['dense_gb_per_token']:.2f} GB dhsa={row['dhsa_gb_per_token']:.2f} GB"
+            + (f" | floor={row['floor_tps']:.1f} tok/s" if args.floor else ""),
             flush=True,
         )
     env = {"device": str(mx.default_device()), "info": mx.device_info(), "mlx": mx.__version__,
