@@ -25,7 +25,7 @@ from mlx_lm.models.cache import KVCache
 
 import mlx_dhsa
 from mlx_dhsa.patching import dhsa_layers
-from mlx_dhsa.profiling import random_model
+from mlx_dhsa.profiling import SHAPES, random_model
 
 def fill(model, caches, S, dtype):
     """Give every cache S random keys and values."""
@@ -96,6 +96,8 @@ def main():
     p.add_argument("--trials", type=int, default=3, help="alternating dense/DHSA runs; medians")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--layers", type=int, default=None, help="fewer layers, for a smoke test")
+    p.add_argument("--model", default="gemma-2-2b", choices=sorted(SHAPES),
+                   help="architecture of the random-weight model (tiny: a smoke test)")
     p.add_argument("--floor", action="store_true",
                    help="also decode with the attention scores skipped (bench_prefill's floor): "
                         "the speed no attention method can beat")
@@ -104,7 +106,7 @@ def main():
     dtype = getattr(mx, args.dtype)
     config = mlx_dhsa.DHSAConfig(budget=args.budget, decode_dense_below=args.decode_dense_below)
     layers = {} if args.layers is None else {"num_hidden_layers": args.layers}
-    model = random_model("gemma-2-2b", dtype, **layers)
+    model = random_model(args.model, dtype, **layers)
     rows = []
     for S in args.lengths:
         # Both caches live side by side; the methods alternate so that clock drift and

@@ -26,7 +26,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_dhsa
-from mlx_dhsa.profiling import random_model
+from mlx_dhsa.profiling import SHAPES, random_model
 from mlx_dhsa.runinfo import attention_path, environment
 
 class FloorAttention(nn.Module):
@@ -100,11 +100,13 @@ def main():
     p.add_argument("--trials-up-to", type=int, default=1 << 30,
                    help="longer prompts run once")
     p.add_argument("--warmup", type=int, default=8192, help="warm-up prompt length")
+    p.add_argument("--model", default="gemma-2-2b", choices=sorted(SHAPES),
+                   help="architecture of the random-weight model (tiny: a smoke test)")
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args()
 
     mx.random.seed(0)
-    model = random_model("gemma-2-2b", mx.bfloat16)
+    model = random_model(args.model, mx.bfloat16)
     vocab = model.args.vocab_size
     for method in args.methods:  # warm-up: JIT compiles kernels and graphs
         # 8k runs DHSA's sparse path (4k would stay dense); MLX's own ops still compile new
@@ -137,7 +139,7 @@ def main():
             cells.append(f"mem/floor {row['dhsa']['peak_gb'] / row['floor']['peak_gb']:4.2f}")
         print(" | ".join(cells), flush=True)
         if args.json:  # after every length, so a run cut short keeps what it measured
-            report = {"env": environment(model="gemma-2-2b (random weights)", dtype="bfloat16"),
+            report = {"env": environment(model=f"{args.model} (random weights)", dtype="bfloat16"),
                       "bench": "prefill", "prefill_step_size": 2048, "rows": rows}
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)

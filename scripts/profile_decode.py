@@ -17,7 +17,7 @@ from mlx_lm.models.cache import KVCache
 
 import mlx_dhsa
 from mlx_dhsa import kernels
-from mlx_dhsa.profiling import random_model
+from mlx_dhsa.profiling import SHAPES, random_model
 
 from bench_decode import decode, decode_sync, fill
 
@@ -39,12 +39,14 @@ def main():
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--model", default="gemma-2-2b", choices=sorted(SHAPES),
+                   help="architecture of the random-weight model (tiny: a smoke test)")
     p.add_argument("--cprofile", type=int, default=0, metavar="STEPS",
                    help="instead: profile the host side of STEPS DHSA decode steps (cProfile)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     config = mlx_dhsa.DHSAConfig(decode_dense_below=0)
-    model = random_model("gemma-2-2b", mx.bfloat16)
+    model = random_model(args.model, mx.bfloat16)
     mlx_dhsa.patch(model, config)
     caches = {"dense": [KVCache() for _ in model.layers], "dhsa": mlx_dhsa.make_prompt_cache(model)}
     fill(model, caches["dense"], args.context, mx.bfloat16)

@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end on a tiny random model on the CPU: they are what users
+run to reproduce the README's tables, so a broken one fails CI. Timings are not checked."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _run(name: str, argv: list[str], monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    importlib.import_module(name).main()
+
+
+def test_bench_decode_runs_dense_dhsa_and_floor(tmp_path, monkeypatch):
+    out = tmp_path / "decode.json"
+    # budget 384 < 1000 / 2 keys and decode_dense_below 0: the sparse decode path runs.
+    _run("bench_decode", ["--model", "tiny", "--lengths", "1000", "--budget", "384",
+                          "--decode-dense-below", "0", "--steps", "2", "--warmup", "1",
+                          "--trials", "1", "--floor", "--json", str(out)], monkeypatch)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["path"] == "dhsa(reference)"
+    assert min(row["dense_tps"], row["dhsa_tps"], row["floor_tps"]) > 0
+
+
+def test_bench_prefill_and_plot(tmp_path, monkeypatch):
+    prefill = tmp_path / "prefill.json"
+    _run("bench_prefill", ["--model", "tiny", "--lengths", "600", "--warmup", "64",
+                           "--methods", "dense", "dhsa", "floor", "--json", str(prefill)],
+         monkeypatch)
+    row = json.loads(prefill.read_text())["rows"][0]
+    assert row["dhsa"]["peak_gb"] >= row["dhsa"]["base_gb"] > 0
+    assert row["dhsa"]["peak_gb_steps"]
+    png = tmp_path / "plot.png"
+    _run("plot_bench", [str(prefill), "--out", str(png)], monkeypatch)
+    assert png.stat().st_size > 0
+
+
+def test_profile_decode_ablation(tmp_path, monkeypatch):
+    out = tmp_path / "ablation.json"
+    _run("profile_decode", ["--model", "tiny", "--context", "300", "--steps", "2", "--warmup",
+                            "1", "--trials", "1", "--variants", "dense", "dhsa",
+                            "dhsa, open chunk from keys", "--json", str(out)], monkeypatch)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "dhsa", "dhsa, open chunk from keys"]
