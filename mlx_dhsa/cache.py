@@ -1,9 +1,11 @@
 """Incremental chunk state and the DHSA prompt cache.
 
 Closed segments (whole ``chunk_limit`` spans of keys) are chunked and summarised once, as keys
-arrive; the keys after them form one open chunk that is summarised afresh on each call. The
-same code serves a plain mlx-lm ``KVCache`` by rebuilding the state from the cached keys on
-every call, so both give identical chunks, summaries and selections.
+arrive; the keys after them form one open chunk, summarised on each call (the planning kernel
+adds new keys to a running sum, ``OpenSum``; the pure-MLX planner sums them afresh). The same
+code serves a plain mlx-lm ``KVCache`` by rebuilding the state from the cached keys on every
+call, so both give identical chunks, summaries and selections (up to the float rounding of the
+running sum).
 """
 
 from dataclasses import dataclass
