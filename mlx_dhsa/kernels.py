@@ -40,7 +40,9 @@ _MIN_GROUPS = 128  # fewer attention groups than this: split the keys across mor
 _MIN_SPLIT_TILES = 8  # key tiles per split at least (multi-query calls)
 _MIN_SPLIT_TILES_DECODE = 2  # the same for one query: more, shorter splits hide load latency
 _CARRY_OPEN_SUM = True  # block_scores adds new keys to the cache's running open-chunk sum
-_SELECT_THREADS = 512  # threads per group in select_keys (CUDA: 91 registers x 512 fit one SM)
+# Threads per group in select_keys. CUDA: 71 registers each at 512; at 1024 threads it needs
+# 91, over a block's 64K registers.
+_SELECT_THREADS = 512
 
 last_path: str = "none"  # "kernel" or "reference": set by every dispatching call
 last_plan_path: str = "none"  # the same for select_chunks (planning)
