@@ -106,12 +106,16 @@ def main():
                    help="decode: also time these key tiles per split at least "
                         "(kernels._MIN_SPLIT_TILES_DECODE)")
     p.add_argument("--no-reference", action="store_true", help="skip the pure-MLX planner")
+    p.add_argument("--open-keys", type=int, default=256,
+                   help="decode rows: keys added to the context, which land in the open chunk")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     rows = []
     default_groups = kernels._MIN_GROUPS
-    for S in args.contexts:
+    for context in args.contexts:
         for L in args.queries:
+            # Decode: put keys in the open chunk (a context that fills whole segments has none).
+            S = context + (args.open_keys if L == 1 else 0)
             parts = profile(S, L, args.reps, mx.bfloat16, args.min_groups, args.split_tiles,
                             not args.no_reference)
             kernels._MIN_GROUPS = default_groups
