@@ -27,7 +27,7 @@ from .selection import (
     _block_ranges,
     block_queries,
     chunk_scores,
-    intervals_to_indices,
+    plan_from_intervals,
     key_mask,
     select,
 )
@@ -115,13 +115,7 @@ def plan_streaming(
     lengths = mx.stack([n_sink, q1 + 1 - recent], axis=-1)
     NB = starts.shape[0]
     starts, lengths = (mx.broadcast_to(x[None], (B, NB, 2)) for x in (starts, lengths))
-    return Plan(
-        indices=intervals_to_indices(starts, lengths, config.budget),
-        n_valid=lengths.sum(-1).astype(mx.int32),
-        q_offset=offset,
-        block_size=config.block_size,
-        window=window,
-    )
+    return plan_from_intervals(starts, lengths, config, q_offset=offset, window=window)
 
 
 def chunk_mass(

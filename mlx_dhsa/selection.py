@@ -137,8 +137,16 @@ def select(
         ],
         axis=-1,
     )
+    return plan_from_intervals(starts, lengths, config, q_offset=q_offset, window=window)
+
+
+def plan_from_intervals(
+    starts: mx.array, lengths: mx.array, config: DHSAConfig, *, q_offset: int, window
+) -> Plan:
+    """The Plan whose blocks keep the key intervals ``[starts, starts + lengths)``, (B, NB, N)
+    each, ascending and disjoint, ``config.budget`` keys at most per block."""
     return Plan(
-        indices=intervals_to_indices(starts, lengths, K),
+        indices=intervals_to_indices(starts, lengths, config.budget),
         n_valid=lengths.sum(-1).astype(mx.int32),
         q_offset=q_offset,
         block_size=config.block_size,
