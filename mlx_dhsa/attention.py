@@ -140,10 +140,9 @@ class DHSAAttention(nn.Module):
         if self.__dict__.get("_base") is None:  # built directly, not by from_base
             return False
         config = self.config
-        window = self.window if config.sliding_window else None
-        if window is not None and n_keys > window:
+        if config.sliding_window and self.window is not None and n_keys > self.window:
             return False
-        return n_keys <= config.dense_limit or not config.sparse_decode_at(n_keys)
+        return not config.sparse_decode_at(n_keys)  # dense_limit is part of that test
 
     def qk_norm(self, queries: mx.array, keys: mx.array) -> tuple[mx.array, mx.array]:
         """Per-head query/key normalisation before RoPE: none for Gemma2 (Gemma3 has one)."""

@@ -21,11 +21,12 @@ from dataclasses import asdict
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import KVCache
 
 import mlx_dhsa
 from mlx_dhsa.patching import dhsa_layers
 from mlx_dhsa.profiling import SHAPES, random_model
+
+from bench_prefill import set_method
 
 def fill(model, caches, S, dtype):
     """Give every cache S random keys and values."""
@@ -35,6 +36,18 @@ def fill(model, caches, S, dtype):
         k = mx.random.normal(shape).astype(dtype)
         c.update_and_fetch(k, mx.random.normal(shape).astype(dtype))
         mx.eval(c.keys, c.values)
+
+
+def filled_caches(model, methods, S, dtype, config):
+    """One prompt cache per method (``set_method``'s kind), all holding the same S random keys
+    and values."""
+    caches = {m: set_method(model, m, config)() for m in methods}
+    first, *rest = methods
+    fill(model, caches[first], S, dtype)
+    for m in rest:
+        for c, d in zip(caches[m], caches[first]):
+            c.update_and_fetch(d.keys[..., :S, :], d.values[..., :S, :])
+    return caches
 
 
 def decode(model, caches, steps, warmup):
@@ -58,21 +71,6 @@ def decode_sync(model, caches, steps):
         build += time.perf_counter() - t0
         mx.eval(tok)
     return steps / (time.perf_counter() - tic), build / steps * 1e3
-
-
-def set_method(model, method, config):
-    """Put the model in the state ``method`` ("dense", "dhsa" or "floor") decodes with."""
-    from bench_prefill import FloorAttention
-
-    mlx_dhsa.unpatch(model)
-    for layer in model.layers:
-        if isinstance(layer.self_attn, FloorAttention):
-            layer.self_attn = layer.self_attn.base
-    if method == "dhsa":
-        mlx_dhsa.patch(model, config)
-    elif method == "floor":
-        for layer in model.layers:
-            layer.self_attn = FloorAttention(layer.self_attn)
 
 
 def bytes_per_token(model, S, budget, dtype_bytes):
@@ -109,19 +107,10 @@ def main():
     model = random_model(args.model, dtype, **layers)
     rows = []
     for S in args.lengths:
-        # Both caches live side by side; the methods alternate so that clock drift and
-        # warm-up hit both alike.
-        mlx_dhsa.patch(model, config)
-        caches = {"dense": [KVCache() for _ in model.layers],
-                  "dhsa": mlx_dhsa.make_prompt_cache(model)}
-        fill(model, caches["dense"], S, dtype)
-        for c, d in zip(caches["dhsa"], caches["dense"]):
-            c.update_and_fetch(d.keys[..., :S, :], d.values[..., :S, :])
+        # The caches live side by side; the methods alternate so that clock drift and
+        # warm-up hit all alike.
         methods = ("dense", "dhsa", "floor") if args.floor else ("dense", "dhsa")
-        if args.floor:
-            caches["floor"] = [KVCache() for _ in model.layers]
-            for c, d in zip(caches["floor"], caches["dense"]):
-                c.update_and_fetch(d.keys[..., :S, :], d.values[..., :S, :])
+        caches = filled_caches(model, methods, S, dtype, config)
         runs = {m: {"tps": [], "sync_tps": [], "build_ms": []} for m in methods}
         for trial in range(args.trials):
             for method in methods if trial % 2 == 0 else methods[::-1]:

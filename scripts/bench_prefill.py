@@ -48,8 +48,9 @@ class FloorAttention(nn.Module):
         return a.o_proj(q.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-def _set_method(model, method: str):
-    """Put the model in the state ``method`` needs; returns its prompt cache maker."""
+def set_method(model, method: str, config: mlx_dhsa.DHSAConfig | None = None):
+    """Put the model in the state ``method`` needs (DHSA methods patch with ``config``, the
+    default if None); returns its prompt cache maker."""
     mlx_dhsa.unpatch(model)
     for layer in model.layers:
         if isinstance(layer.self_attn, FloorAttention):
@@ -62,7 +63,7 @@ def _set_method(model, method: str):
         if method == "floor_grow":  # the floor with DHSA's geometrically growing cache
             return lambda: [mlx_dhsa.DHSACache() for _ in model.layers]
         return lambda: make_prompt_cache(model)
-    mlx_dhsa.patch(model, method=method)
+    mlx_dhsa.patch(model, config, method=method)
     return lambda: mlx_dhsa.make_prompt_cache(model)
 
 
@@ -111,13 +112,13 @@ def main():
     for method in args.methods:  # warm-up: JIT compiles kernels and graphs
         # 8k runs DHSA's sparse path (4k would stay dense); MLX's own ops still compile new
         # variants at larger sizes, which --trials 2 keeps out of the reported minimum.
-        prefill(model, _set_method(model, method), args.warmup, vocab)
+        prefill(model, set_method(model, method), args.warmup, vocab)
 
     rows = []
     for n in args.lengths:
         row = {"tokens": n}
         for method in args.methods:
-            make_cache = _set_method(model, method)
+            make_cache = set_method(model, method)
             trials = args.trials if n <= args.trials_up_to else 1
             runs = [prefill(model, make_cache, n, vocab) for _ in range(trials)]
             row[method] = {

@@ -13,13 +13,13 @@ import json
 import statistics
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
 
 import mlx_dhsa
 from mlx_dhsa import kernels
 from mlx_dhsa.profiling import SHAPES, random_model
 
-from bench_decode import decode, decode_sync, fill
+from bench_decode import decode, decode_sync, filled_caches
+from bench_prefill import set_method
 
 # name -> kernels module settings (None: the unpatched mlx-lm model)
 VARIANTS = {
@@ -47,11 +47,8 @@ def main():
     args = p.parse_args()
     config = mlx_dhsa.DHSAConfig(decode_dense_below=0)
     model = random_model(args.model, mx.bfloat16)
-    mlx_dhsa.patch(model, config)
-    caches = {"dense": [KVCache() for _ in model.layers], "dhsa": mlx_dhsa.make_prompt_cache(model)}
-    fill(model, caches["dense"], args.context, mx.bfloat16)
-    for c, d in zip(caches["dhsa"], caches["dense"]):
-        c.update_and_fetch(d.keys[..., : args.context, :], d.values[..., : args.context, :])
+    caches = filled_caches(model, ("dense", "dhsa"), args.context, mx.bfloat16, config)
+    set_method(model, "dhsa", config)
     if args.cprofile:
         import cProfile
         import pstats
@@ -70,15 +67,11 @@ def main():
     for trial in range(args.trials):
         for name in args.variants if trial % 2 == 0 else args.variants[::-1]:
             settings = VARIANTS[name]
-            for k, v in defaults.items():
+            method = "dense" if settings is None else "dhsa"
+            set_method(model, method, config)
+            for k, v in {**defaults, **(settings or {})}.items():
                 setattr(kernels, k, v)
-            if settings is None:
-                mlx_dhsa.unpatch(model)
-            else:
-                mlx_dhsa.patch(model, config)
-                for k, v in settings.items():
-                    setattr(kernels, k, v)
-            cache = caches["dense" if settings is None else "dhsa"]
+            cache = caches[method]
             runs[name]["tps"].append(decode(model, cache, args.steps, args.warmup))
             sync_tps, build_ms = decode_sync(model, cache, args.steps)
             runs[name]["sync_tps"].append(sync_tps)
