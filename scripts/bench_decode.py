@@ -1,8 +1,12 @@
 """Decode speed: dense mlx-lm Gemma2 vs DHSA sparse decode, gemma-2-2b shapes, random weights.
 
 The KV cache is filled with random keys/values of the target length (decode speed does not
-depend on what the keys say), then each model decodes greedily, dense and DHSA alternating
-``--trials`` times (medians reported). Tokens/s come from mlx-lm's own ``generate_step``
+depend on what the keys say), then each model decodes greedily, the methods taking turns
+``--trials`` times (medians reported). Each trial runs every method back to back, so the ratio of
+DHSA to dense within a trial (``paired`` speedup, median over trials) cancels the slow and fast
+spells of a shared machine that a ratio of medians keeps. Methods: ``dense`` (mlx-lm),
+``dhsa`` (the default config), ``dhsa_sparse`` (``--sparse``: sparse decode at every length,
+to find where it starts to pay) and ``floor`` (``--floor``: attention scores skipped). Tokens/s come from mlx-lm's own ``generate_step``
 (which builds the next step's graph while the GPU runs the current one): what
 ``mlx_lm.generate`` users see. Also reported: tokens/s with a blocking eval per token
 (``sync``: graph building and GPU time add up) and the host time to build one step's graph
@@ -16,7 +20,7 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -39,9 +43,12 @@ def fill(model, caches, S, dtype):
 
 
 def filled_caches(model, methods, S, dtype, config):
-    """One prompt cache per method (``set_method``'s kind), all holding the same S random keys
-    and values."""
-    caches = {m: set_method(model, m, config)() for m in methods}
+    """One prompt cache per method, all holding the same S random keys and values.
+
+    ``methods`` names ``set_method`` kinds, or maps names to (kind, config) pairs."""
+    if not isinstance(methods, dict):
+        methods = {m: (m, config) for m in methods}
+    caches = {m: set_method(model, kind, cfg)() for m, (kind, cfg) in methods.items()}
     first, *rest = methods
     fill(model, caches[first], S, dtype)
     for m in rest:
@@ -52,13 +59,19 @@ def filled_caches(model, methods, S, dtype, config):
 
 def decode(model, caches, steps, warmup):
     """Greedy decode through mlx-lm's generate_step: tokens/s over ``steps`` after ``warmup``."""
+    gaps = decode_gaps(model, caches, steps, warmup)
+    return len(gaps) / sum(gaps)
+
+
+def decode_gaps(model, caches, steps, warmup):
+    """The seconds between consecutive tokens of mlx-lm's generate_step, after ``warmup``."""
     gen = generate_step(mx.array([1]), model, max_tokens=warmup + steps, prompt_cache=caches)
     for _ in range(warmup):
         next(gen)
     times = [time.perf_counter()]
     for _ in gen:
         times.append(time.perf_counter())
-    return (len(times) - 1) / (times[-1] - times[0])
+    return [b - a for a, b in zip(times, times[1:])]
 
 
 def decode_sync(model, caches, steps):
@@ -96,6 +109,8 @@ def main():
     p.add_argument("--layers", type=int, default=None, help="fewer layers, for a smoke test")
     p.add_argument("--model", default="gemma-2-2b", choices=sorted(SHAPES),
                    help="architecture of the random-weight model (tiny: a smoke test)")
+    p.add_argument("--sparse", action="store_true",
+                   help="also decode with DHSA's sparse decode forced (decode_dense_below=0)")
     p.add_argument("--floor", action="store_true",
                    help="also decode with the attention scores skipped (bench_prefill's floor): "
                         "the speed no attention method can beat")
@@ -105,49 +120,64 @@ def main():
     config = mlx_dhsa.DHSAConfig(budget=args.budget, decode_dense_below=args.decode_dense_below)
     layers = {} if args.layers is None else {"num_hidden_layers": args.layers}
     model = random_model(args.model, dtype, **layers)
+    methods = {"dense": ("dense", config), "dhsa": ("dhsa", config)}
+    if args.sparse:
+        methods["dhsa_sparse"] = ("dhsa", replace(config, decode_dense_below=0))
+    if args.floor:
+        methods["floor"] = ("floor", config)
     rows = []
     for S in args.lengths:
-        # The caches live side by side; the methods alternate so that clock drift and
+        # The caches live side by side; the methods take turns so that clock drift and
         # warm-up hit all alike.
-        methods = ("dense", "dhsa", "floor") if args.floor else ("dense", "dhsa")
         caches = filled_caches(model, methods, S, dtype, config)
-        runs = {m: {"tps": [], "sync_tps": [], "build_ms": []} for m in methods}
+        runs = {m: {"tps": [], "step_ms": [], "sync_tps": [], "build_ms": []} for m in methods}
+        paths = {}
         for trial in range(args.trials):
-            for method in methods if trial % 2 == 0 else methods[::-1]:
-                set_method(model, method, config)
+            order = list(methods) if trial % 2 == 0 else list(methods)[::-1]
+            for method in order:
+                set_method(model, *methods[method])
                 run = runs[method]
-                run["tps"].append(decode(model, caches[method], args.steps, args.warmup))
+                gaps = decode_gaps(model, caches[method], args.steps, args.warmup)
+                run["tps"].append(len(gaps) / sum(gaps))
+                run["step_ms"].append(statistics.median(gaps) * 1e3)
                 sync_tps, build_ms = decode_sync(model, caches[method], args.steps)
                 run["sync_tps"].append(sync_tps)
                 run["build_ms"].append(build_ms)
-                if method == "dhsa":
-                    path = dhsa_layers(model)[-1].last_path
+                if method.startswith("dhsa"):
+                    paths[method] = dhsa_layers(model)[-1].last_path
         set_method(model, "dense", config)
-        row = {"context": S, "runs": runs, "path": path}
+        row = {"context": S, "runs": runs, "path": paths["dhsa"], "paths": paths}
         for m in methods:
             for k, v in runs[m].items():
                 row[f"{m}_{k}"] = statistics.median(v)
         del caches
         mx.clear_cache()
         row["speedup"] = row["dhsa_tps"] / row["dense_tps"]
+        for m in [m for m in methods if m.startswith("dhsa")]:  # ratios within each trial
+            ratios = [a / b for a, b in zip(runs[m]["tps"], runs["dense"]["tps"])]
+            row[f"{m}_paired"] = statistics.median(ratios)
         dense_b, dhsa_b = bytes_per_token(model, S, args.budget, dtype.size)
         row["dense_gb_per_token"], row["dhsa_gb_per_token"] = dense_b / 1e9, dhsa_b / 1e9
         rows.append(row)
         print(
             f"context={S:>7} dense={row['dense_tps']:7.1f} tok/s dhsa={row['dhsa_tps']:7.1f} tok/s "
-            f"speedup={row['speedup']:.2f}x path={row['path']} | sync dense="
+            f"speedup={row['speedup']:.2f}x (paired {row['dhsa_paired']:.2f}x) path={row['path']}"
+            + (f" | sparse={row['dhsa_sparse_tps']:7.1f} tok/s ({row['dhsa_sparse_paired']:.2f}x)"
+               if args.sparse else "")
+            + f" | sync dense="
             f"{row['dense_sync_tps']:.1f} dhsa={row['dhsa_sync_tps']:.1f} tok/s, build dense="
             f"{row['dense_build_ms']:.2f} dhsa={row['dhsa_build_ms']:.2f} ms | "
             f"bytes/token dense={row['dense_gb_per_token']:.2f} GB dhsa={row['dhsa_gb_per_token']:.2f} GB"
             + (f" | floor={row['floor_tps']:.1f} tok/s" if args.floor else ""),
             flush=True,
         )
-    env = {"device": str(mx.default_device()), "info": mx.device_info(), "mlx": mx.__version__,
-           "dtype": args.dtype, "config": asdict(config), "steps": args.steps,
-           "trials": args.trials, "loop": "mlx_lm.generate.generate_step"}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=2, default=str)
+        if args.json:  # after every length, so a run cut short keeps what it measured
+            env = {"device": str(mx.default_device()), "info": mx.device_info(),
+                   "mlx": mx.__version__, "dtype": args.dtype, "config": asdict(config),
+                   "steps": args.steps, "trials": args.trials,
+                   "loop": "mlx_lm.generate.generate_step"}
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "rows": rows}, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,13 @@ def test_bench_decode_runs_dense_dhsa_and_floor(tmp_path, monkeypatch):
     # budget 384 < 1000 / 2 keys and decode_dense_below 0: the sparse decode path runs.
     _run("bench_decode", ["--model", "tiny", "--lengths", "1000", "--budget", "384",
                           "--decode-dense-below", "0", "--steps", "2", "--warmup", "1",
-                          "--trials", "1", "--floor", "--json", str(out)], monkeypatch)
+                          "--trials", "2", "--floor", "--sparse", "--json", str(out)],
+         monkeypatch)
     row = json.loads(out.read_text())["rows"][0]
     assert row["path"] == "dhsa(reference)"
-    assert min(row["dense_tps"], row["dhsa_tps"], row["floor_tps"]) > 0
+    assert row["paths"]["dhsa_sparse"] == "dhsa(reference)"
+    assert min(row["dense_tps"], row["dhsa_tps"], row["floor_tps"], row["dhsa_sparse_tps"]) > 0
+    assert len(row["runs"]["dhsa_sparse"]["tps"]) == 2 and row["dhsa_sparse_paired"] > 0
 
 
 def test_bench_prefill_and_plot(tmp_path, monkeypatch):
