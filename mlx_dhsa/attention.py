@@ -135,11 +135,14 @@ class DHSAAttention(nn.Module):
 
     def _base_decodes(self, n_keys: int) -> bool:
         """Whether a decode step over ``n_keys`` keys is left to the wrapped mlx-lm module:
-        dense (``DHSAConfig.sparse_decode_at``) and no sliding window cutting keys off
-        (mlx-lm's Gemma2 ignores the window, so those steps stay here and read only it)."""
+        dense (``DHSAConfig.sparse_decode_at``), no sliding window cutting keys off (mlx-lm's
+        Gemma2 ignores the window, so those steps stay here and read only it) and no fused
+        kernel to run it in two launches instead of mlx-lm's ten ops (``kernels.fused_decode``)."""
         if self.__dict__.get("_base") is None:  # built directly, not by from_base
             return False
         config = self.config
+        if kernels.fused_decode(config.use_kernel):
+            return False
         if config.sliding_window and self.window is not None and n_keys > self.window:
             return False
         return not config.sparse_decode_at(n_keys)  # dense_limit is part of that test
@@ -173,9 +176,10 @@ class DHSAAttention(nn.Module):
                 keys, values = keys[:, :, S - window :], values[:, :, S - window :]
                 mask = mask[..., S - window :] if isinstance(mask, mx.array) else mask
                 offset, S = offset - (S - window), window
-            # Prefill: the fused causal(+window) kernel. Decode: MLX's own ops, which measured
-            # faster than the kernel for one query on the H200.
-            if L > 1 and not _per_sequence(mask) and offset + L == S:
+            # The fused causal(+window) kernel: prefill steps, and decode steps when
+            # kernels.fused_decode (fewer launches); else MLX's own ops.
+            fused = L > 1 or kernels.fused_decode(config.use_kernel)
+            if fused and not _per_sequence(mask) and offset + L == S:
                 return kernels.dense_attention(
                     queries, keys, values, q_offset=offset, window=window,
                     use_kernel=config.use_kernel, **args,

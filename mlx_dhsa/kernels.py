@@ -44,6 +44,12 @@ _CARRY_OPEN_SUM = True  # block_scores adds new keys to the cache's running open
 # 91, over a block's 64K registers.
 _SELECT_THREADS = 512
 
+# One-query dense steps (dense decode, sliding-window decode) run the fused kernel: two
+# launches (attention, merge) instead of mlx-lm's ten or so ops (scale, two matmuls, soft cap,
+# softmax, ...). Decode on a fast GPU is bound by host work per launch (CUDA graph nodes,
+# encoding, Python): see scripts/profile_timeline.py. False: MLX ops, as mlx-lm runs them.
+FUSED_DECODE = True
+
 last_path: str = "none"  # "kernel" or "reference": set by every dispatching call
 last_plan_path: str = "none"  # the same for select_chunks (planning)
 
@@ -139,6 +145,12 @@ def _params(values: tuple, dtype=mx.int32) -> mx.array:
 
 def _on_gpu(kernel, use_kernel: bool) -> bool:
     return use_kernel and kernel is not None and mx.default_device() == mx.gpu
+
+
+def fused_decode(use_kernel: bool = True) -> bool:
+    """Whether a one-query dense attention step runs on the fused kernel (``FUSED_DECODE``
+    and a GPU kernel present), rather than on MLX ops."""
+    return FUSED_DECODE and _on_gpu(_attention_kernel, use_kernel)
 
 
 def _tiles(q: mx.array, k: mx.array, v: mx.array, block_size: int | None):

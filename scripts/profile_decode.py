@@ -29,6 +29,7 @@ VARIANTS = {
     "dhsa, select_keys 256 threads": {"_SELECT_THREADS": 256},
     "dhsa, open chunk from keys": {"_CARRY_OPEN_SUM": False},
     "dhsa, fresh parameter arrays": {"_params": lambda v, dtype=mx.int32: mx.array(v, dtype)},
+    "dhsa, dense steps on MLX ops": {"FUSED_DECODE": False},
 }
 
 
@@ -39,13 +40,15 @@ def main():
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--decode-dense-below", type=int, default=0,
+                   help="DHSAConfig.decode_dense_below (0: global layers decode sparsely)")
     p.add_argument("--model", default="gemma-2-2b", choices=sorted(SHAPES),
                    help="architecture of the random-weight model (tiny: a smoke test)")
     p.add_argument("--cprofile", type=int, default=0, metavar="STEPS",
                    help="instead: profile the host side of STEPS DHSA decode steps (cProfile)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    config = mlx_dhsa.DHSAConfig(decode_dense_below=0)
+    config = mlx_dhsa.DHSAConfig(decode_dense_below=args.decode_dense_below)
     model = random_model(args.model, mx.bfloat16)
     caches = filled_caches(model, ("dense", "dhsa"), args.context, mx.bfloat16, config)
     set_method(model, "dhsa", config)

@@ -46,6 +46,7 @@ CASES = [
     (1, 4, 2, 1, 97, 64, 96, None, 50.0),
     (1, 8, 4, 33, 160, 256, 127, None, 50.0),
     (1, 2, 1, 16, 200, 256, 184, 64, None),
+    (1, 8, 4, 1, 300, 256, 299, 64, 50.0),  # a decode step in a sliding window
 ]
 
 
@@ -267,6 +268,31 @@ def test_patched_model_on_kernels_generates_like_the_reference():
             tokens[use_kernel] = [int(t) for t, _ in gen]
         assert kernels.last_plan_path == ("kernel" if use_kernel else "reference")
     assert tokens[True] == tokens[False]
+
+
+@gpu
+@pytest.mark.gpu
+def test_dense_decode_steps_on_the_fused_kernel(monkeypatch):
+    """Dense decode steps (a global layer over every key, a sliding layer over its window) on
+    the fused kernel give the logits of MLX's ops (``FUSED_DECODE`` off), in fp32."""
+    import mlx_dhsa
+    from conftest import tiny_gemma2
+
+    model = mlx_dhsa.patch(tiny_gemma2(), small_config(decode_dense_below=None))
+    for a in mlx_dhsa.patching.dhsa_layers(model):
+        a.window = 32 if a.window else None  # the 81-key step reads the last 32 keys
+    prompt = mx.random.randint(0, 1024, (1, 80))
+    logits, paths = {}, {}
+    for fused in (True, False):
+        monkeypatch.setattr(kernels, "FUSED_DECODE", fused)
+        with mx.stream(mx.gpu):
+            cache = mlx_dhsa.make_prompt_cache(model)
+            model(prompt, cache=cache)
+            logits[fused] = model(prompt[:, -1:], cache=cache)
+            mx.eval(logits[fused])
+        paths[fused] = kernels.last_path
+    assert paths == {True: "kernel", False: "reference"}
+    _close(logits[True], logits[False].astype(mx.float32))
 
 
 def test_dispatch_falls_back_on_cpu():
