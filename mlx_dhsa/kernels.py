@@ -155,21 +155,32 @@ def fused_decode(use_kernel: bool = True) -> bool:
 
 def _tiles(q: mx.array, k: mx.array, v: mx.array, block_size: int | None):
     """(WARPS, WROWS, BK, qt) for these inputs, or None when the kernel cannot take them."""
-    B, H, L, D = q.shape
-    H_kv = k.shape[1]
-    if q.dtype not in (mx.float32, mx.float16, mx.bfloat16) or not q.dtype == k.dtype == v.dtype:
+    if not q.dtype == k.dtype == v.dtype or q.shape[2] == 0 or k.shape[2] == 0:
         return None
-    if D % 16 or D > 256 or H % H_kv or L == 0 or k.shape[2] == 0:
+    return _tile_config(q.dtype, q.shape[-1], q.shape[1], k.shape[1], block_size)
+
+
+@lru_cache(maxsize=None)
+def _tile_config(dtype, D: int, H: int, H_kv: int, block_size: int | None):
+    if dtype not in (mx.float32, mx.float16, mx.bfloat16) or D % 16 or D > 256 or H % H_kv:
         return None
-    warps, wrows, bk = _TILES[(BACKEND, q.dtype.size)]
+    warps, wrows, bk = _TILES[(BACKEND, dtype.size)]
     rows = warps * wrows
-    smem = max(rows, 2 * bk) * (D + 16 // q.dtype.size) * q.dtype.size + 4 * bk
+    smem = max(rows, 2 * bk) * (D + 16 // dtype.size) * dtype.size + 4 * bk
     qt = 1 << ((rows // (H // H_kv)).bit_length() - 1) if H // H_kv <= rows else 0
     while block_size is not None and qt and block_size % qt:
         qt //= 2
     if smem > _SMEM_LIMIT[BACKEND] or qt == 0:
         return None
     return warps, wrows, bk, qt
+
+
+@lru_cache(maxsize=None)
+def _no_plan() -> mx.array:
+    """The placeholder index/count array of an all-keys call, made once."""
+    x = mx.zeros((1, 1), mx.int32)
+    mx.eval(x)
+    return x
 
 
 def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, block_size,
@@ -192,7 +203,8 @@ def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, bloc
     fparams = _params((scale, softcap or 0.0), mx.float32)
     shapes = [(1,), (n_splits, B, H, L, D), (n_splits, B, H, L)] if split else [
         (B, H, L, D), (1,), (1,)]
-    index, count = mx.contiguous(index), mx.contiguous(count)
+    if not all_keys:
+        index, count = mx.contiguous(index), mx.contiguous(count)
     out, part, lse = _attention_kernel(
         inputs=[q, k, v, index, count, iparams, fparams],
         template=[("T", q.dtype), ("D", D), ("BK", bk), ("WARPS", warps), ("WROWS", wrows),
@@ -280,9 +292,8 @@ def dense_attention(
         mask = key_mask(q_offset, q.shape[2], k.shape[2], window)
         return reference.dense_attention(q, k, v, scale=scale, softcap=softcap, mask=mask)
     last_path = "kernel"
-    dummy = mx.zeros((1, 1), mx.int32)
     return _attention(
-        q, k, v, dummy, dummy, tiles=tiles, all_keys=True, q_offset=q_offset, window=window,
+        q, k, v, _no_plan(), _no_plan(), tiles=tiles, all_keys=True, q_offset=q_offset, window=window,
         block_size=1, scale=scale, softcap=softcap,
     )
 

@@ -272,9 +272,9 @@ def test_patched_model_on_kernels_generates_like_the_reference():
 
 @gpu
 @pytest.mark.gpu
-def test_dense_decode_steps_on_the_fused_kernel(monkeypatch):
+def test_dense_decode_steps_on_the_fused_kernel():
     """Dense decode steps (a global layer over every key, a sliding layer over its window) on
-    the fused kernel give the logits of MLX's ops (``FUSED_DECODE`` off), in fp32."""
+    the fused kernel give the logits of mlx-lm's ops (the reference path, on the CPU)."""
     import mlx_dhsa
     from conftest import tiny_gemma2
 
@@ -282,17 +282,16 @@ def test_dense_decode_steps_on_the_fused_kernel(monkeypatch):
     for a in mlx_dhsa.patching.dhsa_layers(model):
         a.window = 32 if a.window else None  # the 81-key step reads the last 32 keys
     prompt = mx.random.randint(0, 1024, (1, 80))
-    logits, paths = {}, {}
-    for fused in (True, False):
-        monkeypatch.setattr(kernels, "FUSED_DECODE", fused)
-        with mx.stream(mx.gpu):
-            cache = mlx_dhsa.make_prompt_cache(model)
-            model(prompt, cache=cache)
-            logits[fused] = model(prompt[:, -1:], cache=cache)
-            mx.eval(logits[fused])
-        paths[fused] = kernels.last_path
-    assert paths == {True: "kernel", False: "reference"}
-    _close(logits[True], logits[False].astype(mx.float32))
+    caches = [mlx_dhsa.make_prompt_cache(model) for _ in range(2)]
+    for cache in caches:
+        mx.eval(model(prompt, cache=cache))
+    gpu_logits = _on_gpu(model, prompt[:, -1:], cache=caches[0])
+    assert kernels.last_path == "kernel"
+    assert {a.last_path for a in mlx_dhsa.patching.dhsa_layers(model)} == {"dense"}
+    with mx.stream(mx.cpu):
+        cpu_logits = model(prompt[:, -1:], cache=caches[1])
+        mx.eval(cpu_logits)
+    _close(gpu_logits, cpu_logits)
 
 
 def test_dispatch_falls_back_on_cpu():
