@@ -106,9 +106,10 @@ class DHSAConfig:
     def sparse_decode_at(self, n_keys: int) -> bool:
         """Whether a decode step over ``n_keys`` keys attends sparsely.
 
-        A sparse step costs four kernel launches and their host work per layer; below
-        ``decode_dense_below`` keys reading the whole cache is cheaper on the H200, where
-        decode is bound by host time up to about 96k keys (see README, decode).
+        A sparse step costs four kernel launches per layer (scores, selection, attention,
+        merge), a dense one two (the fused kernel and its merge); decode on the H200 is bound
+        by host work per launch, so below ``decode_dense_below`` keys reading the whole cache
+        is as fast or faster there (see README, decode).
         """
         limit = self.decode_dense_below
         return limit is not None and n_keys > max(limit, self.dense_limit)

@@ -34,7 +34,7 @@ def main():
     if args.decode:
         drows = json.load(open(args.decode))["rows"]
         ctx = [r["context"] for r in drows]
-        for m in ("dense", "dhsa"):
+        for m in [m for m in ("dense", "dhsa", "dhsa_sparse", "floor") if f"{m}_tps" in drows[0]]:
             axes[2].plot(ctx, [r[f"{m}_tps"] for r in drows], marker="o", label=m)
         axes[2].set(xscale="log", xlabel="context tokens", ylabel="tokens / s", title="Decode")
     for ax in axes:

@@ -54,6 +54,13 @@ def main():
     p.add_argument("--model", default="gemma-2-2b", choices=sorted(SHAPES))
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if not mx.cuda.is_available() or torch is None or not torch.cuda.is_available():
+        raise SystemExit("profile_timeline needs MLX's CUDA backend and a CUDA build of "
+                         "PyTorch (for its CUPTI profiler); on a Mac, use Xcode's Metal trace")
     config = mlx_dhsa.DHSAConfig()
     kinds = {"dense": ("dense", config), "dhsa": ("dhsa", config),
              "dhsa_sparse": ("dhsa", replace(config, decode_dense_below=0)),

@@ -49,3 +49,13 @@ def test_profile_decode_ablation(tmp_path, monkeypatch):
                             "dhsa, open chunk from keys", "--json", str(out)], monkeypatch)
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dense", "dhsa", "dhsa, open chunk from keys"]
+
+
+def test_profile_timeline_says_what_it_needs(monkeypatch):
+    import mlx.core as mx
+    import pytest
+
+    if mx.cuda.is_available():
+        pytest.skip("a CUDA machine runs the real trace")
+    with pytest.raises(SystemExit, match="CUDA backend"):
+        _run("profile_timeline", ["--model", "tiny"], monkeypatch)
