@@ -292,8 +292,9 @@ def dense_attention(
         mask = key_mask(q_offset, q.shape[2], k.shape[2], window)
         return reference.dense_attention(q, k, v, scale=scale, softcap=softcap, mask=mask)
     last_path = "kernel"
+    none = _no_plan()
     return _attention(
-        q, k, v, _no_plan(), _no_plan(), tiles=tiles, all_keys=True, q_offset=q_offset, window=window,
+        q, k, v, none, none, tiles=tiles, all_keys=True, q_offset=q_offset, window=window,
         block_size=1, scale=scale, softcap=softcap,
     )
 

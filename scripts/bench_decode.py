@@ -6,9 +6,9 @@ depend on what the keys say), then each model decodes greedily, the methods taki
 DHSA to dense within a trial (``paired`` speedup, median over trials) cancels the slow and fast
 spells of a shared machine that a ratio of medians keeps. Methods: ``dense`` (mlx-lm),
 ``dhsa`` (the default config), ``dhsa_sparse`` (``--sparse``: sparse decode at every length,
-to find where it starts to pay) and ``floor`` (``--floor``: attention scores skipped). Tokens/s come from mlx-lm's own ``generate_step``
-(which builds the next step's graph while the GPU runs the current one): what
-``mlx_lm.generate`` users see. Also reported: tokens/s with a blocking eval per token
+to find where it starts to pay) and ``floor`` (``--floor``: attention scores skipped).
+Tokens/s come from mlx-lm's own ``generate_step`` (which builds the next step's graph while
+the GPU runs the current one): what ``mlx_lm.generate`` users see. Also reported: tokens/s with a blocking eval per token
 (``sync``: graph building and GPU time add up) and the host time to build one step's graph
 (``build``), which bounds decode speed from below when the GPU is faster. Prints a table
 and writes JSON, with an estimate of the bytes read per token (weights + KV) for each path.
