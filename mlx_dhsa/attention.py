@@ -137,15 +137,22 @@ class DHSAAttention(nn.Module):
         """Whether a decode step over ``n_keys`` keys is left to the wrapped mlx-lm module:
         dense (``DHSAConfig.sparse_decode_at``), no sliding window cutting keys off (mlx-lm's
         Gemma2 ignores the window, so those steps stay here and read only it) and no fused
-        kernel to run it in two launches instead of mlx-lm's ten ops (``kernels.fused_decode``)."""
+        kernel to run it in two launches instead of mlx-lm's ten ops (``_fused_decode``)."""
         if self.__dict__.get("_base") is None:  # built directly, not by from_base
             return False
         config = self.config
-        if kernels.fused_decode(config.use_kernel):
+        if self._fused_decode():
             return False
         if config.sliding_window and self.window is not None and n_keys > self.window:
             return False
         return not config.sparse_decode_at(n_keys)  # dense_limit is part of that test
+
+    def _fused_decode(self) -> bool:
+        """Whether one-query dense steps run the fused kernel: for soft-capped logits, which
+        mlx-lm computes op by op (its models without a cap decode with MLX's fused SDPA)."""
+        return self.attn_logit_softcapping is not None and kernels.fused_decode(
+            self.config.use_kernel
+        )
 
     def qk_norm(self, queries: mx.array, keys: mx.array) -> tuple[mx.array, mx.array]:
         """Per-head query/key normalisation before RoPE: none for Gemma2 (Gemma3 has one)."""
@@ -178,7 +185,7 @@ class DHSAAttention(nn.Module):
                 offset, S = offset - (S - window), window
             # The fused causal(+window) kernel: prefill steps, and decode steps when
             # kernels.fused_decode (fewer launches); else MLX's own ops.
-            fused = L > 1 or kernels.fused_decode(config.use_kernel)
+            fused = L > 1 or self._fused_decode()
             if fused and not _per_sequence(mask) and offset + L == S:
                 return kernels.dense_attention(
                     queries, keys, values, q_offset=offset, window=window,

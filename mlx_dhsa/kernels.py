@@ -44,10 +44,11 @@ _CARRY_OPEN_SUM = True  # block_scores adds new keys to the cache's running open
 # 91, over a block's 64K registers.
 _SELECT_THREADS = 512
 
-# One-query dense steps (dense decode, sliding-window decode) run the fused kernel: two
-# launches (attention, merge) instead of mlx-lm's ten or so ops (scale, two matmuls, soft cap,
-# softmax, ...). Decode on a fast GPU is bound by host work per launch (CUDA graph nodes,
-# encoding, Python): see scripts/profile_timeline.py. False: MLX ops, as mlx-lm runs them.
+# One-query dense steps with a logit soft cap (Gemma2's dense and sliding-window decode) run
+# the fused kernel: two launches (attention, merge) instead of mlx-lm's ten or so ops (scale,
+# two matmuls, soft cap, softmax, ...). Decode on a fast GPU is bound by host work per launch
+# (CUDA graph nodes, encoding, Python): see scripts/profile_timeline.py. False: MLX ops, as
+# mlx-lm runs them.
 FUSED_DECODE = True
 
 last_path: str = "none"  # "kernel" or "reference": set by every dispatching call

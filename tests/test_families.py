@@ -83,3 +83,19 @@ def test_small_budget_runs_every_planner(family, method):
     out = patched(tokens)
     assert out.shape == (1, 128, 1024) and mx.isfinite(out).all().item()
     assert all(a.last_path.startswith("dhsa") for a in dhsa_layers(patched))
+
+
+@pytest.mark.parametrize(
+    "family,fused", [("llama", False), ("gemma3_text", False), ("gemma2", True)]
+)
+def test_fused_decode_only_where_mlx_lm_has_no_fused_attention(monkeypatch, family, fused):
+    """With a GPU kernel present, a dense decode step leaves soft-cap-free models to mlx-lm's
+    module (MLX's fused SDPA); Gemma2's hand-written soft-capped attention moves to the kernel."""
+    from conftest import tiny_gemma2
+    from mlx_dhsa import kernels
+
+    monkeypatch.setattr(kernels, "fused_decode", lambda use_kernel=True: use_kernel)
+    model = tiny_gemma2() if family == "gemma2" else MODELS[family]()
+    patched = patch(model, small_config(decode_dense_below=None))
+    assert {a._fused_decode() for a in dhsa_layers(patched)} == {fused}
+    assert {a._base_decodes(40) for a in dhsa_layers(patched)} == {not fused}
