@@ -319,3 +319,27 @@ def test_use_kernel_false_forces_reference():
     q, k, v = make_qkv(L=20, S=40)
     _on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, use_kernel=False)
     assert kernels.last_path == "reference"
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+def test_tile_configs_fit_each_backend(monkeypatch, backend):
+    """The attention kernel's tiles for every supported dtype, head dim and GQA layout fit the
+    backend's static shared memory, and a group's queries never straddle a plan block."""
+    monkeypatch.setattr(kernels, "BACKEND", backend)
+    kernels._tile_config.cache_clear()
+    try:
+        for dtype in (mx.float32, mx.float16, mx.bfloat16):
+            for D in (64, 128, 256):
+                for H, H_kv in ((8, 4), (4, 4), (32, 8)):
+                    for block_size in (None, 128, 16):
+                        warps, wrows, bk, qt = kernels._tile_config(dtype, D, H, H_kv, block_size)
+                        rows, size = warps * wrows, dtype.size
+                        smem = max(rows, 2 * bk) * (D + 16 // size) * size + 4 * bk
+                        assert smem <= kernels._SMEM_LIMIT[backend]
+                        assert qt * (H // H_kv) <= rows
+                        assert block_size is None or block_size % qt == 0
+        assert kernels._tile_config(mx.int32, 64, 8, 4, None) is None
+        assert kernels._tile_config(mx.float32, 72, 8, 4, None) is None  # D % 16
+        assert kernels._tile_config(mx.float32, 64, 6, 4, None) is None  # H % H_kv
+    finally:
+        kernels._tile_config.cache_clear()
