@@ -8,9 +8,10 @@ spells of a shared machine that a ratio of medians keeps. Methods: ``dense`` (ml
 ``dhsa`` (the default config), ``dhsa_sparse`` (``--sparse``: sparse decode at every length,
 to find where it starts to pay) and ``floor`` (``--floor``: attention scores skipped).
 Tokens/s come from mlx-lm's own ``generate_step`` (which builds the next step's graph while
-the GPU runs the current one): what ``mlx_lm.generate`` users see. Also reported: tokens/s with a blocking eval per token
-(``sync``: graph building and GPU time add up) and the host time to build one step's graph
-(``build``), which bounds decode speed from below when the GPU is faster. Prints a table
+the GPU runs the current one): what ``mlx_lm.generate`` users see. Also reported: tokens/s
+with a blocking eval per token (``sync``: graph building and GPU time add up) and the host
+time to build one step's graph (``build``), which bounds decode speed from below when the GPU
+is faster. Prints a table
 and writes JSON, with an estimate of the bytes read per token (weights + KV) for each path.
 
     python scripts/bench_decode.py --lengths 4096 32768 65536 131072 --json decode.json
@@ -31,6 +32,14 @@ from mlx_dhsa.patching import dhsa_layers
 from mlx_dhsa.profiling import SHAPES, random_model
 
 from bench_prefill import set_method
+
+def decode_methods(config: mlx_dhsa.DHSAConfig) -> dict:
+    """Method name -> (``set_method`` kind, config): dense, DHSA, DHSA with sparse decode
+    forced at every length, and the floor."""
+    return {"dense": ("dense", config), "dhsa": ("dhsa", config),
+            "dhsa_sparse": ("dhsa", replace(config, decode_dense_below=0)),
+            "floor": ("floor", config)}
+
 
 def fill(model, caches, S, dtype):
     """Give every cache S random keys and values."""
@@ -120,11 +129,8 @@ def main():
     config = mlx_dhsa.DHSAConfig(budget=args.budget, decode_dense_below=args.decode_dense_below)
     layers = {} if args.layers is None else {"num_hidden_layers": args.layers}
     model = random_model(args.model, dtype, **layers)
-    methods = {"dense": ("dense", config), "dhsa": ("dhsa", config)}
-    if args.sparse:
-        methods["dhsa_sparse"] = ("dhsa", replace(config, decode_dense_below=0))
-    if args.floor:
-        methods["floor"] = ("floor", config)
+    names = ["dense", "dhsa"] + ["dhsa_sparse"] * args.sparse + ["floor"] * args.floor
+    methods = {m: decode_methods(config)[m] for m in names}
     rows = []
     for S in args.lengths:
         # The caches live side by side; the methods take turns so that clock drift and

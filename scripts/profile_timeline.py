@@ -15,14 +15,13 @@ import argparse
 import json
 import time
 from collections import defaultdict
-from dataclasses import replace
 
 import mlx.core as mx
 
 import mlx_dhsa
 from mlx_dhsa.profiling import SHAPES, random_model
 
-from bench_decode import decode_gaps, filled_caches
+from bench_decode import decode_gaps, decode_methods, filled_caches
 from bench_prefill import set_method
 
 
@@ -49,7 +48,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--context", type=int, default=16384)
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--methods", nargs="+", default=["dense", "dhsa", "dhsa_sparse", "floor"])
+    p.add_argument("--methods", nargs="+", default=["dense", "dhsa", "dhsa_sparse", "floor"],
+                   choices=["dense", "dhsa", "dhsa_sparse", "floor"])
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--model", default="gemma-2-2b", choices=sorted(SHAPES))
     p.add_argument("--json", default=None)
@@ -62,10 +62,7 @@ def main():
         raise SystemExit("profile_timeline needs MLX's CUDA backend and a CUDA build of "
                          "PyTorch (for its CUPTI profiler); on a Mac, use Xcode's Metal trace")
     config = mlx_dhsa.DHSAConfig()
-    kinds = {"dense": ("dense", config), "dhsa": ("dhsa", config),
-             "dhsa_sparse": ("dhsa", replace(config, decode_dense_below=0)),
-             "floor": ("floor", config)}
-    methods = {m: kinds[m] for m in args.methods}
+    methods = {m: decode_methods(config)[m] for m in args.methods}
     model = random_model(args.model, mx.bfloat16)
     caches = filled_caches(model, methods, args.context, mx.bfloat16, config)
     report = {"context": args.context, "steps": args.steps, "methods": {}}
