@@ -9,8 +9,9 @@
 //   integers     dhsa_shfl_up_i, dhsa_shfl_down_i, dhsa_shfl_xor_i (warp shuffles of int);
 //                DHSA_SHARED_ATOMIC(name, count) (shared int array with atomic adds),
 //                dhsa_atomic_add, dhsa_atomic_store, dhsa_atomic_load
-//   data         dhsa_cp16 (16 bytes global -> shared, zero-filled when invalid; async on
-//                CUDA), dhsa_cp_commit, dhsa_cp_wait<N> (all but the N newest groups landed)
+//   data         dhsa_load_row<N> (N elements of a global row -> floats, vector loads on
+//                CUDA), dhsa_cp16 (16 bytes global -> shared, zero-filled when invalid; async
+//                on CUDA), dhsa_cp_commit, dhsa_cp_wait<N> (all but the N newest groups landed)
 //   matrix unit  one warp computes D(M x N, fp32) += A(M x K) B(K x N): dhsa_afrag<T>,
 //                dhsa_bfrag<T>, dhsa_acc, dhsa_load_a (A row-major), dhsa_load_b (B row-major,
 //                shared memory), dhsa_load_bt (B given as its N x K row-major transpose),
@@ -90,6 +91,33 @@ template <typename T>
 DHSA_INLINE float dhsa_to_float(T x) { return static_cast<float>(x); }
 template <typename T>
 DHSA_INLINE T dhsa_from_float(float x) { return static_cast<T>(x); }
+
+// N elements of T at src (global memory, aligned to 16 bytes or to the whole N * sizeof(T)
+// when that is 4 or 8) into floats, in as few vector loads as the size allows.
+template <int N, typename T>
+DHSA_INLINE void dhsa_load_row(float* dst, const T* src) {
+  constexpr int BYTES = N * int(sizeof(T));
+  alignas(16) T tmp[N];
+  if constexpr (BYTES % 16 == 0) {
+    DHSA_UNROLL
+    for (int i = 0; i < BYTES / 16; ++i) {
+      reinterpret_cast<uint4*>(tmp)[i] = reinterpret_cast<const uint4*>(src)[i];
+    }
+  } else if constexpr (BYTES == 8) {
+    *reinterpret_cast<uint2*>(tmp) = *reinterpret_cast<const uint2*>(src);
+  } else if constexpr (BYTES == 4) {
+    *reinterpret_cast<unsigned*>(tmp) = *reinterpret_cast<const unsigned*>(src);
+  } else {
+    DHSA_UNROLL
+    for (int i = 0; i < N; ++i) {
+      tmp[i] = src[i];
+    }
+  }
+  DHSA_UNROLL
+  for (int i = 0; i < N; ++i) {
+    dst[i] = dhsa_to_float<T>(tmp[i]);
+  }
+}
 
 DHSA_INLINE unsigned dhsa_smem_addr(const void* p) {
   unsigned addr;

@@ -70,6 +70,15 @@ DHSA_INLINE float dhsa_to_float(T x) { return static_cast<float>(x); }
 template <typename T>
 DHSA_INLINE T dhsa_from_float(float x) { return static_cast<T>(x); }
 
+// N elements at src (device memory) into floats.
+template <int N, typename P>
+DHSA_INLINE void dhsa_load_row(thread float* dst, P src) {
+  DHSA_UNROLL
+  for (int i = 0; i < N; ++i) {
+    dst[i] = static_cast<float>(src[i]);
+  }
+}
+
 // Synchronous here: dhsa_cp_commit / dhsa_cp_wait have nothing to wait for.
 template <typename T, typename P>
 DHSA_INLINE void dhsa_cp16(threadgroup T* dst, P src, bool valid) {

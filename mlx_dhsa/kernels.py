@@ -21,7 +21,8 @@ from .config import DHSAConfig
 from .selection import Plan, chunk_scores as _reference_scores, key_mask
 
 BACKENDS = ("metal", "cuda")
-KERNELS = ("sparse_attention", "merge_splits", "chunk_scores", "block_scores", "select_keys")
+KERNELS = ("sparse_attention", "decode_attention", "merge_splits", "chunk_scores",
+           "block_scores", "select_keys")
 
 # (WARPS, WROWS, BK) per backend and element size: warps per group, query rows per warp, keys
 # per tile. Shared memory is max(WARPS * WROWS, 2 * BK) * (D + 16 / size) * size bytes, within
@@ -39,6 +40,13 @@ _PLAN_GROUPS = 128  # block_scores splits the chunks until about this many group
 _MIN_GROUPS = 128  # fewer attention groups than this: split the keys across more groups
 _MIN_SPLIT_TILES = 8  # key tiles per split at least (multi-query calls)
 _MIN_SPLIT_TILES_DECODE = 2  # the same for one query: more, shorter splits hide load latency
+# One query (a decode step): decode_attention.metal, warps walking keys (no matrix unit).
+_DECODE_WARPS = 4  # NW: warps per group
+_DECODE_STEP = _DECODE_WARPS * 4  # slots a group's warps read per step (NW x KB)
+_DECODE_GROUPS = 512  # split the keys until about this many groups run (4 per SM of an H200)
+_DECODE_MIN_SPLIT = 64  # but give each split at least this many key slots
+_DECODE_MAX_REPS = 8  # query heads per KV head that the kernel holds in registers
+_MERGE_WARPS = 8  # NW of merge_splits.metal
 _CARRY_OPEN_SUM = True  # block_scores adds new keys to the cache's running open-chunk sum
 # Threads per group in select_keys. CUDA: 71 registers each at 512; at 1024 threads it needs
 # 91, over a block's 64K registers.
@@ -50,6 +58,9 @@ _SELECT_THREADS = 512
 # (CUDA graph nodes, encoding, Python): see scripts/profile_timeline.py. False: MLX ops, as
 # mlx-lm runs them.
 FUSED_DECODE = True
+# One-query calls (sparse and dense decode steps) on decode_attention.metal; False: on the
+# query-tile kernel sparse_attention.metal, as before it existed (for A/B measurements).
+DECODE_KERNEL = True
 
 last_path: str = "none"  # "kernel" or "reference": set by every dispatching call
 last_plan_path: str = "none"  # the same for select_chunks (planning)
@@ -120,6 +131,12 @@ _attention_kernel = _build(
     ["out", "part", "lse"],
     contiguous=False,  # q, k, v are read through their strides: cache slices need no copy
 )
+_decode_kernel = _build(
+    "decode_attention",
+    ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
+    ["part", "lse"],
+    contiguous=False,
+)
 _merge_kernel = _build("merge_splits", ["part", "lse", "iparams"], ["out"])
 _scores_kernel = _build(
     "chunk_scores", ["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]
@@ -184,10 +201,74 @@ def _no_plan() -> mx.array:
     return x
 
 
+@lru_cache(maxsize=None)
+def _decode_ok(dtype, D: int, H: int, H_kv: int) -> bool:
+    """Whether decode_attention.metal takes one query of these shapes."""
+    return (
+        dtype in (mx.float32, mx.float16, mx.bfloat16)
+        and D % 32 == 0
+        and D <= 256
+        and H % H_kv == 0
+        and H // H_kv <= _DECODE_MAX_REPS
+    )
+
+
+def _decode_splits(n_slots: int, heads: int) -> tuple[int, int]:
+    """(n_splits, per_split) for ``n_slots`` key slots of each of ``heads`` (batch x KV
+    heads): about ``_DECODE_GROUPS`` groups, at least ``_DECODE_MIN_SPLIT`` slots a split,
+    splits a whole number of warp steps long, none of them empty."""
+    n_splits = max(1, min(-(-_DECODE_GROUPS // heads), -(-n_slots // _DECODE_MIN_SPLIT)))
+    per_split = -(-n_slots // n_splits)
+    per_split = -(-per_split // _DECODE_STEP) * _DECODE_STEP
+    return -(-n_slots // per_split), per_split
+
+
+def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams):
+    """One query per head over many keys (decode_attention.metal), splits merged."""
+    B, H, _, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    if all_keys:
+        lo = max(q_offset - window + 1, 0) if window else 0
+        n_slots = max(min(S, q_offset + 1) - lo, 1)
+    else:
+        n_slots = max(index.shape[-1], 1)
+    n_splits, per_split = _decode_splits(n_slots, B * H_kv)
+    iparams = _params((S, q_offset, window or 0, H, H_kv, count.shape[1], index.shape[-1],
+                       n_splits, per_split, B))
+    part, lse = _decode_kernel(
+        inputs=[q, k, v, index, count, iparams, fparams],
+        template=[("T", q.dtype), ("D", D), ("REPS", H // H_kv), ("NW", _DECODE_WARPS),
+                  ("ALL_KEYS", all_keys)],
+        grid=(n_splits * _DECODE_WARPS * 32, B * H_kv, 1),
+        threadgroup=(_DECODE_WARPS * 32, 1, 1),
+        output_shapes=[(n_splits, B, H, D), (n_splits, B, H)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    return _merge(part, lse, n_splits, B * H, D, q.dtype).reshape(B, H, 1, D)
+
+
+def _merge(part, lse, n_splits: int, R: int, D: int, dtype) -> mx.array:
+    """(R, D) from per-split outputs and log-sum-exps (merge_splits.metal)."""
+    return _merge_kernel(
+        inputs=[part, lse, _params((n_splits, R))],
+        template=[("T", dtype), ("D", D)],
+        grid=(_MERGE_WARPS * 32 * -(-D // 32), R, 1),
+        threadgroup=(_MERGE_WARPS * 32, 1, 1),
+        output_shapes=[(R, D)],
+        output_dtypes=[dtype],
+    )[0]
+
+
 def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, block_size,
                scale, softcap):
     B, H, L, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
+    fparams = _params((scale, softcap or 0.0), mx.float32)
+    if not all_keys:
+        index, count = mx.contiguous(index), mx.contiguous(count)
+    if L == 1 and DECODE_KERNEL and _decode_ok(q.dtype, D, H, H_kv):
+        return _decode(q, k, v, index, count, all_keys=all_keys, q_offset=q_offset,
+                       window=window, fparams=fparams)
     warps, wrows, bk, qt = tiles
     n_qtiles = -(-L // qt)
     groups = n_qtiles * B * H_kv
@@ -201,11 +282,8 @@ def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, bloc
     iparams = _params(
         (L, S, q_offset, window or 0, block_size, H, H_kv, NB, index.shape[-1], qt, n_splits, B)
     )
-    fparams = _params((scale, softcap or 0.0), mx.float32)
     shapes = [(1,), (n_splits, B, H, L, D), (n_splits, B, H, L)] if split else [
         (B, H, L, D), (1,), (1,)]
-    if not all_keys:
-        index, count = mx.contiguous(index), mx.contiguous(count)
     out, part, lse = _attention_kernel(
         inputs=[q, k, v, index, count, iparams, fparams],
         template=[("T", q.dtype), ("D", D), ("BK", bk), ("WARPS", warps), ("WROWS", wrows),
@@ -217,16 +295,7 @@ def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, bloc
     )
     if not split:
         return out
-    R = B * H * L
-    merged = _merge_kernel(
-        inputs=[part, lse, _params((n_splits, R))],
-        template=[("T", q.dtype), ("D", D)],
-        grid=(D, R, 1),
-        threadgroup=(D, 1, 1),
-        output_shapes=[(R, D)],
-        output_dtypes=[q.dtype],
-    )[0]
-    return merged.reshape(B, H, L, D)
+    return _merge(part, lse, n_splits, B * H * L, D, q.dtype).reshape(B, H, L, D)
 
 
 def sparse_attention(

@@ -20,6 +20,10 @@ SIGNATURES = {
         ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
         ["out", "part", "lse"],
     ),
+    "decode_attention": (
+        ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
+        ["part", "lse"],
+    ),
     "merge_splits": (["part", "lse", "iparams"], ["out"]),
     "chunk_scores": (["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]),
     "block_scores": (["queries", "keys", "summaries", "open_prev", "iparams"],
@@ -40,6 +44,16 @@ def instances(name: str, backend: str):
         if name == "merge_splits":
             ins = [mx.zeros((2, 4, 256)), mx.zeros((2, 4)), mx.zeros((2,), mx.int32)]
             out.append((ins, [("T", dtype), ("D", 256)], [dtype]))
+            continue
+        if name == "decode_attention":
+            for D, reps in ((256, 2), (128, 8), (64, 1)):  # distinct REPS: nvcc builds each
+                ins = [mx.zeros((1, 4 * reps, 1, D), dtype), mx.zeros((1, 4, 64, D), dtype),
+                       mx.zeros((1, 4, 64, D), dtype), mx.zeros((1, 1, 16), mx.int32),
+                       mx.zeros((1, 1), mx.int32), mx.zeros((10,), mx.int32), mx.zeros((2,))]
+                for all_keys in (False, True):
+                    tmpl = [("T", dtype), ("D", D), ("REPS", reps),
+                            ("NW", kernels._DECODE_WARPS), ("ALL_KEYS", all_keys)]
+                    out.append((ins, tmpl, [mx.float32, mx.float32]))
             continue
         if name == "block_scores":
             for D in (64, 256):

@@ -23,6 +23,7 @@ def test_source_assembles(name, backend):
     assert f'#line 1 "prelude_{backend}.h"' in header and '#line 1 "common.h"' in header
     assert source.startswith(f'#line 1 "ids_{backend}.h"') and f'#line 1 "{name}.metal"' in source
     strided = {"sparse_attention": {"queries", "keys", "values"},
+               "decode_attention": {"queries", "keys", "values"},
                "block_scores": {"queries", "keys"}}.get(name, set())
     for arg in SIGNATURES[name][0]:  # MLX adds shape arguments for these substrings
         assert arg + "_shape" not in source and arg + "_ndim" not in source

@@ -47,6 +47,8 @@ CASES = [
     (1, 8, 4, 33, 160, 256, 127, None, 50.0),
     (1, 2, 1, 16, 200, 256, 184, 64, None),
     (1, 8, 4, 1, 300, 256, 299, 64, 50.0),  # a decode step in a sliding window
+    (2, 8, 1, 1, 1500, 128, 1499, None, 50.0),  # decode: 8 heads a KV head, many splits
+    (1, 4, 4, 1, 700, 64, 650, 200, None),  # decode: no GQA, keys past the query
 ]
 
 
@@ -116,19 +118,36 @@ def test_strided_inputs(dtype):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("decode_kernel", [False, True])
+def test_one_query_on_either_kernel(monkeypatch, decode_kernel):
+    """A decode step on decode_attention.metal or on the query-tile kernel: the same result."""
+    monkeypatch.setattr(kernels, "DECODE_KERNEL", decode_kernel)
+    q, k, v = make_qkv(H=8, H_kv=4, L=1, S=2000, D=256)
+    plan = _plan(q, k, small_config(), 1999, None)
+    ref = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=50.0)
+    _close(_on_gpu(kernels.sparse_attention, q, k, v, plan, scale=SCALE, softcap=50.0), ref)
+    ref = reference.dense_attention(q, k, v, scale=SCALE, softcap=50.0,
+                                    mask=key_mask(1999, 1, 2000, 512))
+    _close(_on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=50.0, q_offset=1999,
+                   window=512), ref)
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("cap", [None, 50.0])
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
-def test_kernels_low_precision(dtype, cap, mode):
-    q, k, v = make_qkv(H=8, H_kv=4, L=80, S=208, D=256, scale=2.0)
+@pytest.mark.parametrize("L,S", [(80, 208), (1, 3000)])
+def test_kernels_low_precision(dtype, cap, mode, L, S):
+    q, k, v = make_qkv(H=8, H_kv=4, L=L, S=S, D=256, scale=2.0)
     factor = 4.0 if cap else 2.0
     if mode == "sparse":
-        plan = _plan(q, k, small_config(), 128, 96)
+        plan = _plan(q, k, small_config(), S - L, 96)
         fn = lambda *x, **kw: kernels.sparse_attention(*x, plan, **kw)  # noqa: E731
         ref = lambda *x, **kw: reference.sparse_attention(*x, plan, **kw)  # noqa: E731
     else:
-        fn = lambda *x, **kw: kernels.dense_attention(*x, q_offset=128, **kw)  # noqa: E731
-        mask = key_mask(128, 80, 208, None)
+        fn = lambda *x, **kw: kernels.dense_attention(*x, q_offset=S - L, **kw)  # noqa: E731
+        mask = key_mask(S - L, L, S, None)
         ref = lambda *x, **kw: reference.dense_attention(*x, mask=mask, **kw)  # noqa: E731
     lp = [x.astype(dtype) for x in (q, k, v)]
     ref32 = ref(*[x.astype(mx.float32) for x in lp], scale=SCALE, softcap=cap)
@@ -343,3 +362,15 @@ def test_tile_configs_fit_each_backend(monkeypatch, backend):
         assert kernels._tile_config(mx.float32, 64, 6, 4, None) is None  # H % H_kv
     finally:
         kernels._tile_config.cache_clear()
+
+
+@pytest.mark.parametrize("n_slots", [1, 15, 16, 64, 65, 2048, 4096, 16385, 131072])
+@pytest.mark.parametrize("heads", [1, 4, 16, 1024])
+def test_decode_splits_cover_every_slot_once(n_slots, heads):
+    """decode_attention.metal's splits: whole warp steps, none empty, all slots covered, about
+    _DECODE_GROUPS groups, and no more splits than _DECODE_MIN_SPLIT-slot pieces."""
+    n_splits, per = kernels._decode_splits(n_slots, heads)
+    assert per % kernels._DECODE_STEP == 0
+    assert (n_splits - 1) * per < n_slots <= n_splits * per
+    assert n_splits == 1 or n_splits * heads <= kernels._DECODE_GROUPS + heads
+    assert n_splits <= -(-n_slots // kernels._DECODE_MIN_SPLIT)
