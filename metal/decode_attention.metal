@@ -8,14 +8,18 @@
 //          dim contiguous, rows 16-byte aligned
 //          kv_index [B, NB, K] int32 (ascending key positions of block 0; unused when ALL_KEYS)
 //          kv_count [B, NB] int32 (valid slots; unused when ALL_KEYS)
+//          tickets [B * H_kv] int32, zeros (FOLD: each group of a KV head takes a ticket; the
+//          group with the last one merges)
 //          iparams int32 [10]: S, q_pos (the query's position), window (0 = none), H, H_kv,
 //                  NB, K, n_splits, per_split (slots per split, a multiple of NW * KB), B
 //          fparams float32 [2]: scale, softcap (0 = none)
 // outputs: part [n_splits, B, H, D] float32 (each split's normalised output, 0 if it saw no
 //          key), lse [n_splits, B, H] float32 (its log-sum-exp, natural log; -inf: no key);
-//          merge_splits.metal joins them
+//          out [B, H, 1, D] T when FOLD (else a 1-element placeholder): the splits joined as
+//          merge_splits.metal joins them, by the last group of each KV head to finish
 // template: T, D (a multiple of 32, <= 256), REPS (query heads per KV head), NW (warps per
-//          group), ALL_KEYS (keys [0, S) instead of a plan)
+//          group), ALL_KEYS (keys [0, S) instead of a plan), FOLD (merge here; needs
+//          device-scope fences and atomics: without FOLD merge_splits.metal runs after)
 // launch : grid (n_splits * NW * 32, B * H_kv, 1), threadgroup (NW * 32, 1, 1). Group (z, b,
 //          kv head) takes slots [z * per_split, (z + 1) * per_split); warp w of it the runs of
 //          KB slots w, w + NW, ... of those; all REPS query heads share each K/V row read.
@@ -29,6 +33,7 @@ DHSA_SHARED(float, wm_s, NW * REPS);
 DHSA_SHARED(float, wl_s, NW * REPS);
 DHSA_SHARED(float, tot_s, 2 * REPS);
 DHSA_SHARED(float, o_s, REPS * D);
+DHSA_SHARED(int, last_s, 1);
 
 const int n_k = iparams[0];
 const int q_pos = iparams[1];
@@ -37,6 +42,7 @@ const int n_heads = iparams[3];
 const int n_kv = iparams[4];
 const int n_blocks = iparams[5];
 const int n_slots_max = iparams[6];
+const int n_splits = iparams[7];
 const int per_split = iparams[8];
 const int n_batch = iparams[9];
 const float scale = fparams[0];
@@ -201,5 +207,94 @@ for (int i = dhsa_tid; i < REPS * D; i += NT) {
   part[(row0 + r) * D + d] = l_all > 0.0f ? o_s[i] / l_all : 0.0f;
   if (d == 0) {
     lse[row0 + r] = l_all > 0.0f ? (tot_s[r] + dhsa_log2(l_all)) * DHSA_LN2 : -DHSA_INF;
+  }
+}
+
+if (FOLD) {
+  // Publish this split, take a ticket; the group with the last one joins all splits.
+  dhsa_fence_device();
+  DHSA_BARRIER();
+  if (dhsa_tid == 0) {
+    last_s[0] = dhsa_take_ticket(tickets + dhsa_gy) == n_splits - 1;
+  }
+  DHSA_BARRIER();
+  if (last_s[0]) {
+    dhsa_fence_device();
+    const dhsa_long rows = (dhsa_long)n_batch * n_heads;  // rows of one split
+    const dhsa_long row_b = (dhsa_long)b * n_heads + hk * REPS;
+    // The largest log-sum-exp of each head, over all splits.
+    float mz[REPS];
+    DHSA_UNROLL
+    for (int r = 0; r < REPS; ++r) {
+      mz[r] = -DHSA_INF;
+      for (int z = dhsa_tid; z < n_splits; z += NT) {
+        mz[r] = dhsa_max(mz[r], dhsa_load_l2(lse + z * rows + row_b + r));
+      }
+      DHSA_UNROLL
+      for (int m = 16; m > 0; m >>= 1) {
+        mz[r] = dhsa_max(mz[r], dhsa_shfl_xor(mz[r], m));
+      }
+      if (dhsa_lane == 0) {
+        wm_s[dhsa_warp * REPS + r] = mz[r];
+      }
+    }
+    DHSA_BARRIER();
+    DHSA_UNROLL
+    for (int r = 0; r < REPS; ++r) {
+      mz[r] = -DHSA_INF;
+      for (int w = 0; w < NW; ++w) {
+        mz[r] = dhsa_max(mz[r], wm_s[w * REPS + r]);
+      }
+    }
+    // Warp w sums splits w, w + NW, ...; a lane its EPL columns of each head.
+    float den[REPS];
+    DHSA_UNROLL
+    for (int r = 0; r < REPS; ++r) {
+      den[r] = 0.0f;
+      DHSA_UNROLL
+      for (int e = 0; e < EPL; ++e) {
+        o[r][e] = 0.0f;
+      }
+    }
+    for (int z = dhsa_warp; z < n_splits; z += NW) {
+      DHSA_UNROLL
+      for (int r = 0; r < REPS; ++r) {
+        const float l = dhsa_load_l2(lse + z * rows + row_b + r);
+        float x[EPL];
+        dhsa_load_row_l2<EPL>(x, part + (z * rows + row_b + r) * D + col0);
+        const float w = l > -DHSA_INF ? dhsa_exp2((l - mz[r]) * DHSA_LOG2E) : 0.0f;
+        den[r] += w;
+        DHSA_UNROLL
+        for (int e = 0; e < EPL; ++e) {
+          o[r][e] += w * x[e];
+        }
+      }
+    }
+    if (dhsa_lane == 0) {
+      DHSA_UNROLL
+      for (int r = 0; r < REPS; ++r) {
+        wl_s[dhsa_warp * REPS + r] = den[r];
+      }
+    }
+    for (int w = 0; w < NW; ++w) {
+      if (dhsa_warp == w) {
+        DHSA_UNROLL
+        for (int r = 0; r < REPS; ++r) {
+          DHSA_UNROLL
+          for (int e = 0; e < EPL; ++e) {
+            o_s[r * D + col0 + e] = w == 0 ? o[r][e] : o_s[r * D + col0 + e] + o[r][e];
+          }
+        }
+      }
+      DHSA_BARRIER();
+    }
+    for (int i = dhsa_tid; i < REPS * D; i += NT) {
+      const int r = i / D;
+      float d_all = 0.0f;
+      for (int w = 0; w < NW; ++w) {
+        d_all += wl_s[w * REPS + r];
+      }
+      out[row_b * D + i] = dhsa_from_float<T>(d_all > 0.0f ? o_s[i] / d_all : 0.0f);
+    }
   }
 }

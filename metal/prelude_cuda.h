@@ -11,7 +11,9 @@
 //                dhsa_atomic_add, dhsa_atomic_store, dhsa_atomic_load
 //   data         dhsa_load_row<N> (N elements of a global row -> floats, vector loads on
 //                CUDA), dhsa_cp16 (16 bytes global -> shared, zero-filled when invalid; async
-//                on CUDA), dhsa_cp_commit, dhsa_cp_wait<N> (all but the N newest groups landed)
+//                on CUDA), dhsa_cp_commit, dhsa_cp_wait<N> (all but the N newest groups landed),
+//                dhsa_load_l2, dhsa_load_row_l2<N> (floats written by other groups of the launch)
+//   groups       dhsa_fence_device, dhsa_take_ticket (last-group-done)
 //   matrix unit  one warp computes D(M x N, fp32) += A(M x K) B(K x N): dhsa_afrag<T>,
 //                dhsa_bfrag<T>, dhsa_acc, dhsa_load_a (A row-major), dhsa_load_b (B row-major,
 //                shared memory), dhsa_load_bt (B given as its N x K row-major transpose),
@@ -118,6 +120,32 @@ DHSA_INLINE void dhsa_load_row(float* dst, const T* src) {
     dst[i] = dhsa_to_float<T>(tmp[i]);
   }
 }
+
+// Loads that skip L1 (data other groups wrote during this launch), N floats with vector
+// loads when N % 4 == 0.
+DHSA_INLINE float dhsa_load_l2(const float* p) { return __ldcg(p); }
+template <int N>
+DHSA_INLINE void dhsa_load_row_l2(float* dst, const float* src) {
+  if constexpr (N % 4 == 0) {
+    DHSA_UNROLL
+    for (int i = 0; i < N / 4; ++i) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(src) + i);
+      dst[4 * i] = v.x;
+      dst[4 * i + 1] = v.y;
+      dst[4 * i + 2] = v.z;
+      dst[4 * i + 3] = v.w;
+    }
+  } else {
+    DHSA_UNROLL
+    for (int i = 0; i < N; ++i) {
+      dst[i] = __ldcg(src + i);
+    }
+  }
+}
+// Groups of one launch meeting in global memory: a device-wide fence and a ticket counter
+// (returns the count before this group's increment) in a zeroed input of the launch.
+DHSA_INLINE void dhsa_fence_device() { __threadfence(); }
+DHSA_INLINE int dhsa_take_ticket(const int* p) { return atomicAdd(const_cast<int*>(p), 1); }
 
 DHSA_INLINE unsigned dhsa_smem_addr(const void* p) {
   unsigned addr;

@@ -79,6 +79,28 @@ DHSA_INLINE void dhsa_load_row(thread float* dst, P src) {
   }
 }
 
+// Floats other groups of the launch wrote (device memory is coherent at device scope once
+// fenced; see dhsa_fence_device).
+template <typename P>
+DHSA_INLINE float dhsa_load_l2(P p) { return *p; }
+template <int N, typename P>
+DHSA_INLINE void dhsa_load_row_l2(thread float* dst, P src) {
+  DHSA_UNROLL
+  for (int i = 0; i < N; ++i) {
+    dst[i] = src[i];
+  }
+}
+// Last-group-done across threadgroups (MSL 3.2 fences). The kernels only take this path with
+// FOLD, which kernels.py enables on CUDA alone: it has not run on a Mac.
+DHSA_INLINE void dhsa_fence_device() {
+  metal::atomic_thread_fence(metal::mem_flags::mem_device, metal::memory_order_seq_cst,
+                             metal::thread_scope_device);
+}
+DHSA_INLINE int dhsa_take_ticket(const device int* p) {
+  return metal::atomic_fetch_add_explicit(
+      (device metal::atomic_int*)(p), 1, metal::memory_order_relaxed);
+}
+
 // Synchronous here: dhsa_cp_commit / dhsa_cp_wait have nothing to wait for.
 template <typename T, typename P>
 DHSA_INLINE void dhsa_cp16(threadgroup T* dst, P src, bool valid) {

@@ -107,6 +107,11 @@ def _backend() -> str | None:
 
 
 BACKEND = _backend()
+# decode_attention.metal merges its own splits (FOLD: the last group of a KV head to finish
+# does it, after a device-scope fence and an atomic ticket): one launch a decode step instead
+# of two, which is what a host-bound decode step pays for. CUDA only: the Metal side of those
+# fences has not run on a Mac, so Macs keep the merge_splits launch.
+_DECODE_FOLD = BACKEND == "cuda"
 
 
 def _build(name: str, inputs: list[str], outputs: list[str], *, contiguous: bool = True):
@@ -133,8 +138,8 @@ _attention_kernel = _build(
 )
 _decode_kernel = _build(
     "decode_attention",
-    ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
-    ["part", "lse"],
+    ["queries", "keys", "values", "kv_index", "kv_count", "tickets", "iparams", "fparams"],
+    ["part", "lse", "out"],
     contiguous=False,
 )
 _merge_kernel = _build("merge_splits", ["part", "lse", "iparams"], ["out"])
@@ -235,15 +240,20 @@ def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams):
     n_splits, per_split = _decode_splits(n_slots, B * H_kv)
     iparams = _params((S, q_offset, window or 0, H, H_kv, count.shape[1], index.shape[-1],
                        n_splits, per_split, B))
-    part, lse = _decode_kernel(
-        inputs=[q, k, v, index, count, iparams, fparams],
+    fold = _DECODE_FOLD
+    # Fresh zero tickets for every launch: launches that MLX runs side by side share nothing.
+    tickets = mx.zeros((B * H_kv,), mx.int32) if fold else _no_plan()
+    part, lse, out = _decode_kernel(
+        inputs=[q, k, v, index, count, tickets, iparams, fparams],
         template=[("T", q.dtype), ("D", D), ("REPS", H // H_kv), ("NW", _DECODE_WARPS),
-                  ("ALL_KEYS", all_keys)],
+                  ("ALL_KEYS", all_keys), ("FOLD", fold)],
         grid=(n_splits * _DECODE_WARPS * 32, B * H_kv, 1),
         threadgroup=(_DECODE_WARPS * 32, 1, 1),
-        output_shapes=[(n_splits, B, H, D), (n_splits, B, H)],
-        output_dtypes=[mx.float32, mx.float32],
+        output_shapes=[(n_splits, B, H, D), (n_splits, B, H), (B, H, 1, D) if fold else (1,)],
+        output_dtypes=[mx.float32, mx.float32, q.dtype],
     )
+    if fold:
+        return out
     return _merge(part, lse, n_splits, B * H, D, q.dtype).reshape(B, H, 1, D)
 
 

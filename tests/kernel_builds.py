@@ -21,8 +21,8 @@ SIGNATURES = {
         ["out", "part", "lse"],
     ),
     "decode_attention": (
-        ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
-        ["part", "lse"],
+        ["queries", "keys", "values", "kv_index", "kv_count", "tickets", "iparams", "fparams"],
+        ["part", "lse", "out"],
     ),
     "merge_splits": (["part", "lse", "iparams"], ["out"]),
     "chunk_scores": (["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]),
@@ -49,11 +49,14 @@ def instances(name: str, backend: str):
             for D, reps in ((256, 2), (128, 8), (64, 1)):  # distinct REPS: nvcc builds each
                 ins = [mx.zeros((1, 4 * reps, 1, D), dtype), mx.zeros((1, 4, 64, D), dtype),
                        mx.zeros((1, 4, 64, D), dtype), mx.zeros((1, 1, 16), mx.int32),
-                       mx.zeros((1, 1), mx.int32), mx.zeros((10,), mx.int32), mx.zeros((2,))]
+                       mx.zeros((1, 1), mx.int32), mx.zeros((4,), mx.int32),
+                       mx.zeros((10,), mx.int32), mx.zeros((2,))]
                 for all_keys in (False, True):
-                    tmpl = [("T", dtype), ("D", D), ("REPS", reps),
-                            ("NW", kernels._DECODE_WARPS), ("ALL_KEYS", all_keys)]
-                    out.append((ins, tmpl, [mx.float32, mx.float32]))
+                    for fold in (False, True):
+                        tmpl = [("T", dtype), ("D", D), ("REPS", reps),
+                                ("NW", kernels._DECODE_WARPS), ("ALL_KEYS", all_keys),
+                                ("FOLD", fold)]
+                        out.append((ins, tmpl, [mx.float32, mx.float32, dtype]))
             continue
         if name == "block_scores":
             for D in (64, 256):

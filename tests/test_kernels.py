@@ -118,10 +118,14 @@ def test_strided_inputs(dtype):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode_kernel", [False, True])
-def test_one_query_on_either_kernel(monkeypatch, decode_kernel):
-    """A decode step on decode_attention.metal or on the query-tile kernel: the same result."""
+@pytest.mark.parametrize("decode_kernel,fold", [(False, False), (True, False), (True, True)])
+def test_one_query_on_either_kernel(monkeypatch, decode_kernel, fold):
+    """A decode step on decode_attention.metal (its splits merged by a second launch, or by
+    its own last group) or on the query-tile kernel: the same result."""
+    if fold and kernels.BACKEND != "cuda":
+        pytest.skip("the folded merge runs on CUDA only")
     monkeypatch.setattr(kernels, "DECODE_KERNEL", decode_kernel)
+    monkeypatch.setattr(kernels, "_DECODE_FOLD", fold)
     q, k, v = make_qkv(H=8, H_kv=4, L=1, S=2000, D=256)
     plan = _plan(q, k, small_config(), 1999, None)
     ref = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=50.0)
@@ -130,6 +134,15 @@ def test_one_query_on_either_kernel(monkeypatch, decode_kernel):
                                     mask=key_mask(1999, 1, 2000, 512))
     _close(_on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=50.0, q_offset=1999,
                    window=512), ref)
+    # Independent launches in one graph (which may run side by side) each get their own answer.
+    qs = [q * (1 + i) for i in range(6)]
+    with mx.stream(mx.gpu):
+        outs = [kernels.dense_attention(x, k, v, scale=SCALE, softcap=50.0, q_offset=1999)
+                for x in qs]
+        mx.eval(outs)
+    for x, out in zip(qs, outs):
+        mask = key_mask(1999, 1, 2000, None)
+        _close(out, reference.dense_attention(x, k, v, scale=SCALE, softcap=50.0, mask=mask))
 
 
 @gpu

@@ -75,7 +75,9 @@ float exp2(float);
 float log2(float);
 float tanh(float);
 float rsqrt(float);
-enum memory_order { memory_order_relaxed };
+enum memory_order { memory_order_relaxed, memory_order_seq_cst };
+enum thread_scope { thread_scope_threadgroup, thread_scope_device };
+void atomic_thread_fence(mem_flags, memory_order, thread_scope);
 struct atomic_int {
   int value;
 };
