@@ -137,7 +137,7 @@ class DHSAAttention(nn.Module):
         """Whether a decode step over ``n_keys`` keys is left to the wrapped mlx-lm module:
         dense (``DHSAConfig.sparse_decode_at``), no sliding window cutting keys off (mlx-lm's
         Gemma2 ignores the window, so those steps stay here and read only it) and no fused
-        kernel to run it in two launches instead of mlx-lm's ten ops (``_fused_decode``)."""
+        kernel to run it in one call instead of mlx-lm's six ops (``_fused_decode``)."""
         if self.__dict__.get("_base") is None:  # built directly, not by from_base
             return False
         config = self.config

@@ -106,9 +106,9 @@ class DHSAConfig:
     def sparse_decode_at(self, n_keys: int) -> bool:
         """Whether a decode step over ``n_keys`` keys attends sparsely.
 
-        A sparse step costs four kernel launches per layer (scores, selection, attention,
-        merge), a dense one two (the fused kernel and its merge); decode on the H200 is bound
-        by host work per launch, so below ``decode_dense_below`` keys reading the whole cache
+        A sparse step costs three kernel calls per layer (scores, selection, attention; a
+        fourth, the merge, on Metal), a dense one a single call; decode on the H200 is bound
+        by host work per call, so below ``decode_dense_below`` keys reading the whole cache
         is as fast or faster there (see README, decode).
         """
         limit = self.decode_dense_below

@@ -53,8 +53,8 @@ _CARRY_OPEN_SUM = True  # block_scores adds new keys to the cache's running open
 _SELECT_THREADS = 512
 
 # One-query dense steps with a logit soft cap (Gemma2's dense and sliding-window decode) run
-# the fused kernel: two launches (attention, merge) instead of mlx-lm's ten or so ops (scale,
-# two matmuls, soft cap, softmax, ...). Decode on a fast GPU is bound by host work per launch
+# decode_attention.metal: one kernel call (two on Metal: attention, merge) instead of mlx-lm's
+# six ops (scale, two matmuls, soft cap, softmax). Decode on a fast GPU is bound by host work per launch
 # (CUDA graph nodes, encoding, Python): see scripts/profile_timeline.py. False: MLX ops, as
 # mlx-lm runs them.
 FUSED_DECODE = True

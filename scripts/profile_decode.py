@@ -25,7 +25,9 @@ from bench_prefill import set_method
 VARIANTS = {
     "dense": None,
     "dhsa": {},
-    "dhsa, splits of 8 tiles": {"_MIN_SPLIT_TILES_DECODE": 8},
+    "dhsa, 128 decode groups": {"_DECODE_GROUPS": 128},
+    "dhsa, merge launched": {"_DECODE_FOLD": False},
+    "dhsa, one query on the tile kernel": {"DECODE_KERNEL": False},
     "dhsa, select_keys 256 threads": {"_SELECT_THREADS": 256},
     "dhsa, open chunk from keys": {"_CARRY_OPEN_SUM": False},
     "dhsa, fresh parameter arrays": {"_params": lambda v, dtype=mx.int32: mx.array(v, dtype)},

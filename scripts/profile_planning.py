@@ -5,7 +5,8 @@ part. Each part runs ``--reps`` times back to back and is evaluated once, so a f
 GPU time of one call plus its launch cost, without a host round trip (``empty_op`` shows
 that floor). Prefill: one 2048-query step at the end of the context; decode: one query.
 ``--min-groups`` sweeps the attention kernel's split threshold (``kernels._MIN_GROUPS``),
-``--split-tiles`` the decode split length (``kernels._MIN_SPLIT_TILES_DECODE``).
+``--split-tiles`` the decode split length of the query-tile kernel
+(``kernels._MIN_SPLIT_TILES_DECODE``; decode steps run ``decode_attention.metal`` by default).
 
     python scripts/profile_planning.py --contexts 8192 32768 131072 --json parts.json
 """
@@ -80,11 +81,11 @@ def profile(S, L, reps, dtype, min_groups, split_tiles=(), reference_too=True):
         kernels._MIN_GROUPS = g
         parts[f"sparse_attention(g{g})"] = timed(
             lambda: kernels.sparse_attention(qs, keys, values, plan, **args), reps)
-        for t in split_tiles if L == 1 else []:
-            kernels._MIN_SPLIT_TILES_DECODE = t
-            parts[f"sparse_attention(g{g},t{t})"] = timed(
+        for t in split_tiles if L == 1 else []:  # the query-tile kernel on one query
+            kernels._MIN_SPLIT_TILES_DECODE, kernels.DECODE_KERNEL = t, False
+            parts[f"sparse_attention(tile kernel,g{g},t{t})"] = timed(
                 lambda: kernels.sparse_attention(qs, keys, values, plan, **args), reps)
-        kernels._MIN_SPLIT_TILES_DECODE = default_tiles
+        kernels._MIN_SPLIT_TILES_DECODE, kernels.DECODE_KERNEL = default_tiles, True
         if L > 1:
             parts[f"dense_tail(g{g})"] = timed(
                 lambda: kernels.dense_attention(q[:, :, n_sparse:], keys, values,
@@ -103,8 +104,8 @@ def main():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--min-groups", type=int, nargs="+", default=[kernels._MIN_GROUPS])
     p.add_argument("--split-tiles", type=int, nargs="*", default=[],
-                   help="decode: also time these key tiles per split at least "
-                        "(kernels._MIN_SPLIT_TILES_DECODE)")
+                   help="decode: also time the query-tile kernel with these key tiles per "
+                        "split at least (kernels._MIN_SPLIT_TILES_DECODE)")
     p.add_argument("--no-reference", action="store_true", help="skip the pure-MLX planner")
     p.add_argument("--open-keys", type=int, default=256,
                    help="decode rows: keys added to the context, which land in the open chunk")

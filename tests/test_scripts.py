@@ -59,3 +59,28 @@ def test_profile_timeline_says_what_it_needs(monkeypatch):
         pytest.skip("a CUDA machine runs the real trace")
     with pytest.raises(SystemExit, match="CUDA backend"):
         _run("profile_timeline", ["--model", "tiny"], monkeypatch)
+
+
+def test_bench_decode_attention(tmp_path, monkeypatch):
+    out = tmp_path / "decode_attention.json"
+    _run("bench_decode_attention", ["--lengths", "300", "--budget", "64", "--calls", "2",
+                                    "--trials", "1", "--builds", "2", "--heads", "4",
+                                    "--kv-heads", "2", "--head-dim", "64", "--dtype", "float32",
+                                    "--json", str(out)], monkeypatch)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["keys"] == 300
+    for m in ("mlx_lm", "dense", "dense_tile", "sparse", "sparse_tile"):
+        assert row[m]["build_us"] > 0 and row[m]["eval_us"] > 0
+
+
+def test_bench_decode_attention_times_mlx_lm_math(monkeypatch):
+    """The ``mlx_lm`` method computes what the reference does (the soft-capped decode step)."""
+    import mlx.core as mx
+
+    from mlx_dhsa import reference
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = importlib.import_module("bench_decode_attention")
+    q, k, v = (mx.random.normal(s) for s in ((1, 4, 1, 64), (1, 2, 50, 64), (1, 2, 50, 64)))
+    ref = reference.dense_attention(q, k, v, scale=bench.SCALE, softcap=bench.SOFTCAP)
+    assert mx.allclose(bench.mlx_lm_decode(q, k, v), ref, atol=1e-5).item()
