@@ -18,7 +18,7 @@
 //          out [B, H, 1, D] T when FOLD (else a 1-element placeholder): the splits joined as
 //          merge_splits.metal joins them, by the last group of each KV head to finish
 // template: T, D (a multiple of 32, <= 256), REPS (query heads per KV head), NW (warps per
-//          group), ALL_KEYS (keys [0, S) instead of a plan), FOLD (merge here; needs
+//          group), KB (keys a warp loads per step: K and V rows in flight together), ALL_KEYS (keys [0, S) instead of a plan), FOLD (merge here; needs
 //          device-scope fences and atomics: without FOLD merge_splits.metal runs after)
 // launch : grid (n_splits * NW * 32, B * H_kv, 1), threadgroup (NW * 32, 1, 1). Group (z, b,
 //          kv head) takes slots [z * per_split, (z + 1) * per_split); warp w of it the runs of
@@ -27,7 +27,6 @@
 //          softcap(scale q.k) in fp32, online softmax (exp2 domain), all in fp32.
 constexpr int NT = NW * 32;
 constexpr int EPL = D / 32;  // elements of a row per lane
-constexpr int KB = 4;        // keys a warp loads per step, K and V rows in flight together
 
 DHSA_SHARED(float, wm_s, NW * REPS);
 DHSA_SHARED(float, wl_s, NW * REPS);

@@ -42,7 +42,8 @@ _MIN_SPLIT_TILES = 8  # key tiles per split at least (multi-query calls)
 _MIN_SPLIT_TILES_DECODE = 2  # the same for one query: more, shorter splits hide load latency
 # One query (a decode step): decode_attention.metal, warps walking keys (no matrix unit).
 _DECODE_WARPS = 4  # NW: warps per group
-_DECODE_STEP = _DECODE_WARPS * 4  # slots a group's warps read per step (NW x KB)
+_DECODE_KEYS = 4  # KB: keys a warp loads per step
+_DECODE_STEP = _DECODE_WARPS * _DECODE_KEYS  # slots a group's warps read per step
 _DECODE_GROUPS = 512  # split the keys until about this many groups run (4 per SM of an H200)
 _DECODE_MIN_SPLIT = 64  # but give each split at least this many key slots
 _DECODE_MAX_REPS = 8  # query heads per KV head that the kernel holds in registers
@@ -246,7 +247,7 @@ def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams):
     part, lse, out = _decode_kernel(
         inputs=[q, k, v, index, count, tickets, iparams, fparams],
         template=[("T", q.dtype), ("D", D), ("REPS", H // H_kv), ("NW", _DECODE_WARPS),
-                  ("ALL_KEYS", all_keys), ("FOLD", fold)],
+                  ("KB", _DECODE_KEYS), ("ALL_KEYS", all_keys), ("FOLD", fold)],
         grid=(n_splits * _DECODE_WARPS * 32, B * H_kv, 1),
         threadgroup=(_DECODE_WARPS * 32, 1, 1),
         output_shapes=[(n_splits, B, H, D), (n_splits, B, H), (B, H, 1, D) if fold else (1,)],

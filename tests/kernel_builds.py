@@ -54,8 +54,8 @@ def instances(name: str, backend: str):
                 for all_keys in (False, True):
                     for fold in (False, True):
                         tmpl = [("T", dtype), ("D", D), ("REPS", reps),
-                                ("NW", kernels._DECODE_WARPS), ("ALL_KEYS", all_keys),
-                                ("FOLD", fold)]
+                                ("NW", kernels._DECODE_WARPS), ("KB", kernels._DECODE_KEYS),
+                                ("ALL_KEYS", all_keys), ("FOLD", fold)]
                         out.append((ins, tmpl, [mx.float32, mx.float32, dtype]))
             continue
         if name == "block_scores":
