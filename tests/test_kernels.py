@@ -37,6 +37,20 @@ def _close(out, ref, tol=1e-4):
     assert err <= tol + tol * mx.abs(ref).max().item(), f"max error {err:.3g}"
 
 
+def _both_kernels_match_reference(q, k, v, q_offset, dense_window=None):
+    """Sparse attention over the planner's keys and dense causal attention (in a window, if
+    given), soft cap 50, each on the GPU against the CPU reference."""
+    L, S = q.shape[2], k.shape[2]
+    plan = _plan(q, k, small_config(), q_offset, None)
+    ref = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=50.0)
+    _close(_on_gpu(kernels.sparse_attention, q, k, v, plan, scale=SCALE, softcap=50.0), ref)
+    ref = reference.dense_attention(q, k, v, scale=SCALE, softcap=50.0,
+                                    mask=key_mask(q_offset, L, S, dense_window))
+    out = _on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=50.0,
+                  q_offset=q_offset, window=dense_window)
+    _close(out, ref)
+
+
 # (B, H, H_kv, L, S, D, q_offset, window, softcap): ragged L around the block size (16 in
 # small_config), L = 1, GQA repeats 1 and 2, head dims 64 and 256, offsets and windows.
 CASES = [
@@ -85,13 +99,7 @@ def test_split_and_unsplit_agree(monkeypatch, min_groups):
     monkeypatch.setattr(kernels, "_MIN_SPLIT_TILES", 1)
     monkeypatch.setattr(kernels, "_MIN_GROUPS", min_groups)
     q, k, v = make_qkv(H=4, H_kv=2, L=48, S=300, D=64)
-    plan = _plan(q, k, small_config(), 252, None)
-    ref = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=50.0)
-    _close(_on_gpu(kernels.sparse_attention, q, k, v, plan, scale=SCALE, softcap=50.0), ref)
-    ref = reference.dense_attention(q, k, v, scale=SCALE, softcap=50.0,
-                                    mask=key_mask(252, 48, 300, None))
-    _close(_on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=50.0, q_offset=252),
-           ref)
+    _both_kernels_match_reference(q, k, v, 252)
 
 
 @gpu
@@ -127,13 +135,7 @@ def test_one_query_on_either_kernel(monkeypatch, decode_kernel, fold):
     monkeypatch.setattr(kernels, "DECODE_KERNEL", decode_kernel)
     monkeypatch.setattr(kernels, "_DECODE_FOLD", fold)
     q, k, v = make_qkv(H=8, H_kv=4, L=1, S=2000, D=256)
-    plan = _plan(q, k, small_config(), 1999, None)
-    ref = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=50.0)
-    _close(_on_gpu(kernels.sparse_attention, q, k, v, plan, scale=SCALE, softcap=50.0), ref)
-    ref = reference.dense_attention(q, k, v, scale=SCALE, softcap=50.0,
-                                    mask=key_mask(1999, 1, 2000, 512))
-    _close(_on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=50.0, q_offset=1999,
-                   window=512), ref)
+    _both_kernels_match_reference(q, k, v, 1999, dense_window=512)
     # Independent launches in one graph (which may run side by side) each get their own answer.
     qs = [q * (1 + i) for i in range(6)]
     with mx.stream(mx.gpu):
