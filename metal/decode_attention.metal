@@ -9,7 +9,8 @@
 //          kv_index [B, NB, K] int32 (ascending key positions of block 0; unused when ALL_KEYS)
 //          kv_count [B, NB] int32 (valid slots; unused when ALL_KEYS)
 //          tickets [B * H_kv] int32, zeros (FOLD: each group of a KV head takes a ticket; the
-//          group with the last one merges)
+//          group with the last one merges, then sets the ticket back to 0, so one buffer
+//          serves launches that run one after another, e.g. a layer's decode steps)
 //          iparams int32 [10]: S, q_pos (the query's position), window (0 = none), H, H_kv,
 //                  NB, K, n_splits, per_split (slots per split, a multiple of NW * KB), B
 //          fparams float32 [2]: scale, softcap (0 = none)
@@ -27,6 +28,7 @@
 //          softcap(scale q.k) in fp32, online softmax (exp2 domain), all in fp32.
 constexpr int NT = NW * 32;
 constexpr int EPL = D / 32;  // elements of a row per lane
+constexpr int ZB = REPS * EPL <= 16 ? 4 : REPS * EPL <= 32 ? 2 : 1;  // splits a merge step loads
 
 DHSA_SHARED(float, wm_s, NW * REPS);
 DHSA_SHARED(float, wl_s, NW * REPS);
@@ -255,17 +257,37 @@ if (FOLD) {
         o[r][e] = 0.0f;
       }
     }
-    for (int z = dhsa_warp; z < n_splits; z += NW) {
+    // ZB splits' loads in flight before any is added (a split past the end weighs 0).
+    for (int z0 = dhsa_warp; z0 < n_splits; z0 += ZB * NW) {
+      float l[ZB][REPS];
+      float x[ZB][REPS][EPL];
       DHSA_UNROLL
-      for (int r = 0; r < REPS; ++r) {
-        const float l = dhsa_load_l2(lse + z * rows + row_b + r);
-        float x[EPL];
-        dhsa_load_row_l2<EPL>(x, part + (z * rows + row_b + r) * D + col0);
-        const float w = l > -DHSA_INF ? dhsa_exp2((l - mz[r]) * DHSA_LOG2E) : 0.0f;
-        den[r] += w;
+      for (int u = 0; u < ZB; ++u) {
+        const int z = z0 + u * NW;
         DHSA_UNROLL
-        for (int e = 0; e < EPL; ++e) {
-          o[r][e] += w * x[e];
+        for (int r = 0; r < REPS; ++r) {
+          if (z < n_splits) {
+            l[u][r] = dhsa_load_l2(lse + z * rows + row_b + r);
+            dhsa_load_row_l2<EPL>(x[u][r], part + (z * rows + row_b + r) * D + col0);
+          } else {
+            l[u][r] = -DHSA_INF;
+            DHSA_UNROLL
+            for (int e = 0; e < EPL; ++e) {
+              x[u][r][e] = 0.0f;
+            }
+          }
+        }
+      }
+      DHSA_UNROLL
+      for (int u = 0; u < ZB; ++u) {
+        DHSA_UNROLL
+        for (int r = 0; r < REPS; ++r) {
+          const float w = l[u][r] > -DHSA_INF ? dhsa_exp2((l[u][r] - mz[r]) * DHSA_LOG2E) : 0.0f;
+          den[r] += w;
+          DHSA_UNROLL
+          for (int e = 0; e < EPL; ++e) {
+            o[r][e] += w * x[u][r][e];
+          }
         }
       }
     }
@@ -294,6 +316,9 @@ if (FOLD) {
         d_all += wl_s[w * REPS + r];
       }
       out[row_b * D + i] = dhsa_from_float<T>(d_all > 0.0f ? o_s[i] / d_all : 0.0f);
+    }
+    if (dhsa_tid == 0) {
+      dhsa_reset_ticket(tickets + dhsa_gy);  // every ticket is taken: ready for the next launch
     }
   }
 }

@@ -13,7 +13,7 @@
 //                CUDA), dhsa_cp16 (16 bytes global -> shared, zero-filled when invalid; async
 //                on CUDA), dhsa_cp_commit, dhsa_cp_wait<N> (all but the N newest groups landed),
 //                dhsa_load_l2, dhsa_load_row_l2<N> (floats written by other groups of the launch)
-//   groups       dhsa_fence_device, dhsa_take_ticket (last-group-done)
+//   groups       dhsa_fence_device, dhsa_take_ticket, dhsa_reset_ticket (last-group-done)
 //   matrix unit  one warp computes D(M x N, fp32) += A(M x K) B(K x N): dhsa_afrag<T>,
 //                dhsa_bfrag<T>, dhsa_acc, dhsa_load_a (A row-major), dhsa_load_b (B row-major,
 //                shared memory), dhsa_load_bt (B given as its N x K row-major transpose),
@@ -146,6 +146,8 @@ DHSA_INLINE void dhsa_load_row_l2(float* dst, const float* src) {
 // (returns the count before this group's increment) in a zeroed input of the launch.
 DHSA_INLINE void dhsa_fence_device() { __threadfence(); }
 DHSA_INLINE int dhsa_take_ticket(const int* p) { return atomicAdd(const_cast<int*>(p), 1); }
+// Back to zero, by the group that took the last ticket: the counter serves the next launch.
+DHSA_INLINE void dhsa_reset_ticket(const int* p) { atomicExch(const_cast<int*>(p), 0); }
 
 DHSA_INLINE unsigned dhsa_smem_addr(const void* p) {
   unsigned addr;

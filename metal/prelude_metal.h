@@ -100,6 +100,9 @@ DHSA_INLINE int dhsa_take_ticket(const device int* p) {
   return metal::atomic_fetch_add_explicit(
       (device metal::atomic_int*)(p), 1, metal::memory_order_relaxed);
 }
+DHSA_INLINE void dhsa_reset_ticket(const device int* p) {
+  metal::atomic_store_explicit((device metal::atomic_int*)(p), 0, metal::memory_order_relaxed);
+}
 
 // Synchronous here: dhsa_cp_commit / dhsa_cp_wait have nothing to wait for.
 template <typename T, typename P>

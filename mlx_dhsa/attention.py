@@ -174,6 +174,10 @@ class DHSAAttention(nn.Module):
         config = self.config
         window = self.window if config.sliding_window else None
         args = dict(scale=self.scale, softcap=self.attn_logit_softcapping)
+        # One-query kernel launches of this layer run one after another: one set of counters.
+        tickets = None
+        if L == 1 and isinstance(cache, DHSACache):
+            tickets = cache.decode_tickets(queries.shape[0] * self.n_kv_heads)
         visible = min(S, window) if L == 1 and window is not None else S
         if visible <= config.dense_limit or (L == 1 and not config.sparse_decode_at(visible)):
             self._set_path("dense")
@@ -189,7 +193,7 @@ class DHSAAttention(nn.Module):
             if fused and not _per_sequence(mask) and offset + L == S:
                 return kernels.dense_attention(
                     queries, keys, values, q_offset=offset, window=window,
-                    use_kernel=config.use_kernel, **args,
+                    use_kernel=config.use_kernel, tickets=tickets, **args,
                 )
             return reference.dense_attention(
                 queries, keys, values, mask=self._dense_mask(mask, offset, L, S, window), **args
@@ -206,7 +210,9 @@ class DHSAAttention(nn.Module):
             q = queries if n_sparse == L else queries[:, :, :n_sparse]
             plan = self.plan(q, keys, offset=offset, window=window, cache=cache)
             outputs.append(
-                kernels.sparse_attention(q, keys, values, plan, use_kernel=config.use_kernel, **args)
+                kernels.sparse_attention(
+                    q, keys, values, plan, use_kernel=config.use_kernel, tickets=tickets, **args
+                )
             )
             self._set_path(f"dhsa({kernels.last_path})")
         else:

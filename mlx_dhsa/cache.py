@@ -210,6 +210,7 @@ class DHSACache(KVCache):
     _config: DHSAConfig | None = None
     _closed: ClosedChunks | None = None  # used by the layer that owns shared boundaries
     _summaries: ClosedSummaries | None = None
+    _tickets: mx.array | None = None  # decode_tickets
     # The key/value buffers grow by this factor (mlx-lm's KVCache grows to the next multiple
     # of 256 keys, re-allocating and copying the whole cache on every prefill step).
     growth = 1.25
@@ -235,6 +236,15 @@ class DHSACache(KVCache):
     @state.setter
     def state(self, v):
         KVCache.state.fset(self, v)
+
+    def decode_tickets(self, n: int) -> mx.array:
+        """``n`` zeroed int32 counters for this layer's one-query kernel launches, which
+        leave them zeroed (``kernels.dense_attention``'s ``tickets``): made once, not per
+        step. A layer's decode steps run one after another, so they can share them."""
+        if self._tickets is None or self._tickets.size < n:
+            self._tickets = mx.zeros((n,), mx.int32)
+            mx.eval(self._tickets)
+        return self._tickets
 
     def chunk_state(self, config: DHSAConfig) -> tuple[ClosedChunks, ClosedSummaries]:
         if self._closed is None or (self._config is not config and self._config != config):

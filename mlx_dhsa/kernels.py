@@ -229,7 +229,7 @@ def _decode_splits(n_slots: int, heads: int) -> tuple[int, int]:
     return -(-n_slots // per_split), per_split
 
 
-def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams):
+def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams, tickets=None):
     """One query per head over many keys (decode_attention.metal), splits merged."""
     B, H, _, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
@@ -242,8 +242,11 @@ def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams):
     iparams = _params((S, q_offset, window or 0, H, H_kv, count.shape[1], index.shape[-1],
                        n_splits, per_split, B))
     fold = _DECODE_FOLD
-    # Fresh zero tickets for every launch: launches that MLX runs side by side share nothing.
-    tickets = mx.zeros((B * H_kv,), mx.int32) if fold else _no_plan()
+    if not fold:
+        tickets = _no_plan()
+    elif tickets is None or tickets.size < B * H_kv:
+        # Fresh zeros: launches that MLX may run side by side share nothing.
+        tickets = mx.zeros((B * H_kv,), mx.int32)
     part, lse, out = _decode_kernel(
         inputs=[q, k, v, index, count, tickets, iparams, fparams],
         template=[("T", q.dtype), ("D", D), ("REPS", H // H_kv), ("NW", _DECODE_WARPS),
@@ -271,7 +274,7 @@ def _merge(part, lse, n_splits: int, R: int, D: int, dtype) -> mx.array:
 
 
 def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, block_size,
-               scale, softcap):
+               scale, softcap, tickets=None):
     B, H, L, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     fparams = _params((scale, softcap or 0.0), mx.float32)
@@ -279,7 +282,7 @@ def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, bloc
         index, count = mx.contiguous(index), mx.contiguous(count)
     if L == 1 and DECODE_KERNEL and _decode_ok(q.dtype, D, H, H_kv):
         return _decode(q, k, v, index, count, all_keys=all_keys, q_offset=q_offset,
-                       window=window, fparams=fparams)
+                       window=window, fparams=fparams, tickets=tickets)
     warps, wrows, bk, qt = tiles
     n_qtiles = -(-L // qt)
     groups = n_qtiles * B * H_kv
@@ -318,10 +321,12 @@ def sparse_attention(
     scale: float,
     softcap: float | None = None,
     use_kernel: bool = True,
+    tickets: mx.array | None = None,
 ) -> mx.array:
     """:func:`mlx_dhsa.reference.sparse_attention`, on the GPU kernel when one is available.
 
     Args and returns as the reference; ``use_kernel=False`` forces the reference.
+    ``tickets``: see :func:`dense_attention`.
     """
     global last_path
     tiles = _tiles(q, k, v, plan.block_size) if _on_gpu(_attention_kernel, use_kernel) else None
@@ -332,7 +337,7 @@ def sparse_attention(
     return _attention(
         q, k, v, plan.indices.astype(mx.int32), plan.n_valid.astype(mx.int32), tiles=tiles,
         all_keys=False, q_offset=plan.q_offset, window=plan.window,
-        block_size=plan.block_size, scale=scale, softcap=softcap,
+        block_size=plan.block_size, scale=scale, softcap=softcap, tickets=tickets,
     )
 
 
@@ -346,6 +351,7 @@ def dense_attention(
     q_offset: int = 0,
     window: int | None = None,
     use_kernel: bool = True,
+    tickets: mx.array | None = None,
 ) -> mx.array:
     """Causal (and sliding-window) dense attention, fused on the GPU when a kernel exists.
 
@@ -362,6 +368,11 @@ def dense_attention(
         q_offset (int): position of the first query. Default: ``0``.
         window (int, optional): sliding window. Default: ``None``.
         use_kernel (bool): ``False`` forces the reference. Default: ``True``.
+        tickets (mx.array, optional): for one-query calls, a zeroed int32 buffer of at least
+            ``B * H_kv`` counters that the decode kernel takes and leaves zeroed, so that a
+            caller whose launches run one after another (a layer's decode steps:
+            ``DHSACache.decode_tickets``) saves zeroing a fresh one per call. Launches that
+            can run side by side must not share it. Default: ``None`` (fresh zeros).
 
     Returns:
         mx.array: (B, H, L, D).
@@ -376,7 +387,7 @@ def dense_attention(
     none = _no_plan()
     return _attention(
         q, k, v, none, none, tiles=tiles, all_keys=True, q_offset=q_offset, window=window,
-        block_size=1, scale=scale, softcap=softcap,
+        block_size=1, scale=scale, softcap=softcap, tickets=tickets,
     )
 
 

@@ -127,3 +127,11 @@ def test_cache_grows_geometrically_and_saves_only_its_keys():
     assert mx.array_equal(keys[0, 0, ::256, 0], mx.arange(64).astype(mx.float32))
     k, v, offset = cache.state
     assert k.shape[2] == v.shape[2] == offset == 64 * 256
+
+
+def test_decode_tickets_made_once_and_zeroed():
+    cache = DHSACache()
+    t = cache.decode_tickets(4)
+    assert t.dtype == mx.int32 and t.tolist() == [0, 0, 0, 0]
+    assert cache.decode_tickets(4) is t and cache.decode_tickets(2) is t  # reused
+    assert cache.decode_tickets(8).size == 8  # a larger batch: a larger buffer

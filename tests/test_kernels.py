@@ -149,6 +149,34 @@ def test_one_query_on_either_kernel(monkeypatch, decode_kernel, fold):
 
 @gpu
 @pytest.mark.gpu
+def test_one_ticket_buffer_serves_consecutive_launches():
+    """The folded merge leaves its counters zeroed: launches that follow one another (each
+    query depending on the last output, as a layer's decode steps do) share one buffer, within
+    one graph and across evals."""
+    if not kernels._DECODE_FOLD:
+        pytest.skip("the folded merge runs on CUDA only")
+    q, k, v = make_qkv(H=8, H_kv=4, L=1, S=3000, D=256)
+    mask = key_mask(2999, 1, 3000, None)
+    tickets = mx.zeros((4,), mx.int32)
+    with mx.stream(mx.gpu):
+        for _ in range(2):  # two evals of three chained launches
+            outs = []
+            x = q
+            for _ in range(3):
+                outs.append(kernels.dense_attention(x, k, v, scale=SCALE, softcap=50.0,
+                                                    q_offset=2999, tickets=tickets))
+                x = q + 0.5 * outs[-1]  # the next launch needs this one's output
+            mx.eval(outs)
+            x = q
+            for out in outs:
+                _close(out, reference.dense_attention(x, k, v, scale=SCALE, softcap=50.0,
+                                                      mask=mask))
+                x = q + 0.5 * out
+        assert tickets.tolist() == [0, 0, 0, 0]
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("cap", [None, 50.0])
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
