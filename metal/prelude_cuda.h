@@ -1,7 +1,8 @@
 // dhsa prelude, CUDA side: passed in `header=` to mx.fast.cuda_kernel, ahead of common.h.
 // It gives the kernel bodies in this folder one vocabulary on both backends:
 //   qualifiers   DHSA_SMEM (shared-memory pointer), DHSA_THREAD (reference to a local),
-//                DHSA_SHARED(type, name, count) (a shared array), DHSA_INLINE, DHSA_UNROLL
+//                DHSA_SHARED(type, name, count) (a shared array), DHSA_SHARED_SIZED (one
+//                sized at launch on CUDA), DHSA_INLINE, DHSA_UNROLL
 //   sync         DHSA_BARRIER() (whole group), DHSA_WARP_SYNC()
 //   math         dhsa_exp2, dhsa_log2, dhsa_tanh, dhsa_tanh_t<T>, dhsa_rsqrt, dhsa_max,
 //                dhsa_row_max/sum, dhsa_warp_sum, dhsa_warp_all, dhsa_order_key (float ->
@@ -27,6 +28,9 @@
 #define DHSA_SMEM
 #define DHSA_THREAD
 #define DHSA_SHARED(type, name, count) __shared__ type name[count]
+// A shared array sized at launch (mx.fast.cuda_kernel's shared_memory), which may pass the
+// 48 KB static limit; `count` is what the launch must give (Metal declares it statically).
+#define DHSA_SHARED_SIZED(type, name, count) extern __shared__ type name[]
 #define DHSA_INLINE __device__ __forceinline__
 #define DHSA_UNROLL _Pragma("unroll")
 #define DHSA_BARRIER() __syncthreads()

@@ -12,6 +12,7 @@
 #define DHSA_SMEM threadgroup
 #define DHSA_THREAD thread
 #define DHSA_SHARED(type, name, count) threadgroup type name[count]
+#define DHSA_SHARED_SIZED(type, name, count) threadgroup type name[count]
 #define DHSA_INLINE inline __attribute__((always_inline))
 #define DHSA_UNROLL _Pragma("clang loop unroll(full)")
 #define DHSA_BARRIER() metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup)

@@ -14,7 +14,8 @@
 //          else 1-element placeholders)
 // template: T, D (head dim, a multiple of 16, <= 256), BK (keys per tile), WARPS, WROWS
 //          (rows per warp), ALL_KEYS (dense causal attention over keys [0, S) instead of a
-//          plan), SPLIT (write per-split partial results)
+//          plan), SPLIT (write per-split partial results), STAGES (K/V tiles in shared
+//          memory: 2 loads the next tile while this one is multiplied)
 // launch : grid (n_qtiles * WARPS * 32, B * H_kv, n_splits), threadgroup (WARPS * 32, 1, 1).
 //          A group owns qt consecutive queries of one plan block (ALL_KEYS: any qt queries)
 //          and every query head of one KV head: row r = head (r / qt) of the GQA group, query
@@ -24,7 +25,8 @@
 //          > 0) and, with a plan, k is a valid slot of its block. s = softcap(scale q.k);
 //          online softmax in fp32 (exp2 domain); P rounded to T for the P V product on
 //          16-bit inputs; a query with no key outputs 0 (lse -inf). Shared memory:
-//          max(ROWS, 2 BK) x (D + 16 / sizeof(T)) x sizeof(T) bytes + BK ints.
+//          max(ROWS, 2 BK STAGES) x (D + 16 / sizeof(T)) x sizeof(T) bytes (sized at launch
+//          on CUDA, where it may pass the 48 KB static limit) + STAGES BK ints.
 constexpr int NT = WARPS * 32;
 constexpr int ROWS = WARPS * WROWS;
 constexpr int MT = WROWS / DHSA_MMA_M;
@@ -37,14 +39,14 @@ constexpr int VEC = int(16 / sizeof(T));
 constexpr int DV = D / VEC;
 constexpr int LDK = D + VEC;
 constexpr int Q_BYTES = ROWS * LDK * int(sizeof(T));
-constexpr int KV_BYTES = 2 * BK * LDK * int(sizeof(T));
+constexpr int KV_BYTES = STAGES * 2 * BK * LDK * int(sizeof(T));
 constexpr int Q_ITERS = (ROWS * DV + NT - 1) / NT;
 constexpr int KV_ITERS = (BK * DV + NT - 1) / NT;
 constexpr int SMEM_BYTES = Q_BYTES > KV_BYTES ? Q_BYTES : KV_BYTES;
 constexpr int RPL = DHSA_ACC_N / DHSA_ACC_ROWS;
 
-DHSA_SHARED(float4, dhsa_smem, (SMEM_BYTES + 15) / 16);
-DHSA_SHARED(int, kpos_s, BK);
+DHSA_SHARED_SIZED(float4, dhsa_smem, (SMEM_BYTES + 15) / 16);
+DHSA_SHARED(int, kpos_s, STAGES * BK);
 
 const int n_q = iparams[0];
 const int n_k = iparams[1];
@@ -132,11 +134,54 @@ const int n_tiles = (n_slots + BK - 1) / BK;
 const int per_split = (n_tiles + n_splits - 1) / n_splits;
 const int t_begin = split * per_split;
 const int t_end = dhsa_min(t_begin + per_split, n_tiles);
+#define DHSA_SLOT(j) (ALL_KEYS ? key_lo + (j) : int(kv_index[idx_base + (j)]))
+// Slots ascend, so the tiles wholly past the last query are a suffix and those wholly left of
+// the window a prefix: the group walks the tiles [t_lo, t_hi) between.
+int t_lo = t_begin;
+int t_hi = t_end;
+while (t_hi > t_lo && DHSA_SLOT((t_hi - 1) * BK) > pos_hi) {
+  --t_hi;
+}
+while (window > 0 && t_lo < t_hi &&
+       DHSA_SLOT(dhsa_min((t_lo + 1) * BK, n_slots) - 1) <= pos_lo - window) {
+  ++t_lo;
+}
 
-DHSA_SMEM T* ks = qs;
-DHSA_SMEM T* vs = qs + BK * LDK;
+DHSA_SMEM T* kv_s = qs;  // stage st: K tile at kv_s + 2 st BK LDK, its V tile after it
 const dhsa_long k_base = b * k_st0 + hk * k_st1;
 const dhsa_long v_base = b * v_st0 + hk * v_st1;
+// Tile t_ into stage st_: key positions (-1 past the end), then K and V as two copy groups
+// (S = Q K^T starts once K has landed).
+#define DHSA_ISSUE(t_, st_)                                                               \
+  {                                                                                       \
+    const int j0_ = (t_) * BK;                                                            \
+    const int jn_ = dhsa_min(BK, n_slots - j0_);                                          \
+    DHSA_SMEM T* ks_ = kv_s + (st_) * 2 * BK * LDK;                                       \
+    DHSA_SMEM T* vs_ = ks_ + BK * LDK;                                                    \
+    if (dhsa_tid < BK) {                                                                  \
+      kpos_s[(st_) * BK + dhsa_tid] = dhsa_tid < jn_ ? DHSA_SLOT(j0_ + dhsa_tid) : -1;    \
+    }                                                                                     \
+    DHSA_UNROLL                                                                           \
+    for (int it = 0; it < KV_ITERS; ++it) {                                               \
+      const int c = dhsa_tid + it * NT;                                                   \
+      if (c < BK * DV) {                                                                  \
+        const int j = c / DV, col = (c % DV) * VEC;                                       \
+        const int kp = j < jn_ ? DHSA_SLOT(j0_ + j) : 0;                                  \
+        dhsa_cp16(ks_ + j * LDK + col, keys + k_base + kp * k_st2 + col, j < jn_);        \
+      }                                                                                   \
+    }                                                                                     \
+    dhsa_cp_commit();                                                                     \
+    DHSA_UNROLL                                                                           \
+    for (int it = 0; it < KV_ITERS; ++it) {                                               \
+      const int c = dhsa_tid + it * NT;                                                   \
+      if (c < BK * DV) {                                                                  \
+        const int j = c / DV, col = (c % DV) * VEC;                                       \
+        const int kp = j < jn_ ? DHSA_SLOT(j0_ + j) : 0;                                  \
+        dhsa_cp16(vs_ + j * LDK + col, values + v_base + kp * v_st2 + col, j < jn_);      \
+      }                                                                                   \
+    }                                                                                     \
+    dhsa_cp_commit();                                                                     \
+  }
 
 dhsa_acc o[MT][DN];
 float m_run[MT][DHSA_ACC_ROWS];
@@ -157,51 +202,32 @@ for (int mt = 0; mt < MT; ++mt) {
   }
 }
 
-for (int t = t_begin; t < t_end; ++t) {
+for (int t = t_lo; t < t_hi; ++t) {
   const int j0 = t * BK;
   const int jn = dhsa_min(BK, n_slots - j0);
-  const int kp_first = ALL_KEYS ? key_lo + j0 : int(kv_index[idx_base + j0]);
-  const int kp_last = ALL_KEYS ? key_lo + j0 + jn - 1 : int(kv_index[idx_base + j0 + jn - 1]);
-  // Slots ascend: past the last query everything is masked; skip tiles left of the window.
-  if (kp_first > pos_hi) {
-    break;
-  }
-  if (window > 0 && kp_last <= pos_lo - window) {
-    continue;
-  }
+  const int kp_first = DHSA_SLOT(j0);
+  const int kp_last = DHSA_SLOT(j0 + jn - 1);
   // Every row sees every key of a full tile: no per-element mask.
   const bool full = jn == BK && kp_last <= pos_lo && (window <= 0 || kp_first > pos_hi - window);
+  const int st = STAGES > 1 ? (t - t_lo) % STAGES : 0;
+  const bool ahead = STAGES > 1 && t + 1 < t_hi;  // load tile t + 1 during this one
+  if (STAGES == 1 || t == t_lo) {
+    DHSA_BARRIER();  // shared memory free: the queries staged, the last tile done
+    DHSA_ISSUE(t, st);
+  }
+  if (ahead) {
+    DHSA_BARRIER();  // tile t - 1 done with the other stage
+    DHSA_ISSUE(t + 1, (st + 1) % STAGES);
+  }
+  if (ahead) {
+    dhsa_cp_wait<3>();  // this tile's K (its V and the next tile may still be in flight)
+  } else {
+    dhsa_cp_wait<1>();
+  }
   DHSA_BARRIER();
-  if (dhsa_tid < BK) {
-    int kp = -1;
-    if (dhsa_tid < jn) {
-      kp = ALL_KEYS ? key_lo + j0 + dhsa_tid : int(kv_index[idx_base + j0 + dhsa_tid]);
-    }
-    kpos_s[dhsa_tid] = kp;
-  }
-  // K then V tiles, as two copy groups: S = Q K^T starts once K has landed.
-  DHSA_UNROLL
-  for (int it = 0; it < KV_ITERS; ++it) {
-    const int c = dhsa_tid + it * NT;
-    if (c < BK * DV) {
-      const int j = c / DV, col = (c % DV) * VEC;
-      const int kp = j >= jn ? 0 : ALL_KEYS ? key_lo + j0 + j : int(kv_index[idx_base + j0 + j]);
-      dhsa_cp16(ks + j * LDK + col, keys + k_base + kp * k_st2 + col, j < jn);
-    }
-  }
-  dhsa_cp_commit();
-  DHSA_UNROLL
-  for (int it = 0; it < KV_ITERS; ++it) {
-    const int c = dhsa_tid + it * NT;
-    if (c < BK * DV) {
-      const int j = c / DV, col = (c % DV) * VEC;
-      const int kp = j >= jn ? 0 : ALL_KEYS ? key_lo + j0 + j : int(kv_index[idx_base + j0 + j]);
-      dhsa_cp16(vs + j * LDK + col, values + v_base + kp * v_st2 + col, j < jn);
-    }
-  }
-  dhsa_cp_commit();
-  dhsa_cp_wait<1>();
-  DHSA_BARRIER();
+  DHSA_SMEM T* ks = kv_s + st * 2 * BK * LDK;
+  DHSA_SMEM T* vs = ks + BK * LDK;
+  DHSA_SMEM int* kpos = kpos_s + st * BK;
 
   // S = Q K^T for this warp's rows.
   dhsa_acc s[MT][NS];
@@ -247,7 +273,7 @@ for (int t = t_begin; t < t_end; ++t) {
         float x = s[mt][ns].x[i] * c_in;
         x = cap > 0.0f ? c_out * dhsa_tanh_t<T>(x) : x;
         if (!full) {
-          const int kp = kpos_s[ns * DHSA_MMA_N + dhsa_acc_col(dhsa_lane, i)];
+          const int kp = kpos[ns * DHSA_MMA_N + dhsa_acc_col(dhsa_lane, i)];
           const int p = row_pos[mt][r];
           const bool ok = row_ok[mt][r] && kp >= 0 && kp <= p && (window <= 0 || kp > p - window);
           x = ok ? x : -DHSA_INF;
@@ -298,7 +324,11 @@ for (int t = t_begin; t < t_end; ++t) {
   }
 
   // O += P V, once V has landed.
-  dhsa_cp_wait<0>();
+  if (ahead) {
+    dhsa_cp_wait<2>();
+  } else {
+    dhsa_cp_wait<0>();
+  }
   DHSA_BARRIER();
   DHSA_UNROLL
   for (int pk = 0; pk < PK; ++pk) {
@@ -318,6 +348,9 @@ for (int t = t_begin; t < t_end; ++t) {
     }
   }
 }
+
+#undef DHSA_ISSUE
+#undef DHSA_SLOT
 
 // Normalise and write this lane's rows.
 DHSA_UNROLL

@@ -11,6 +11,7 @@ compiles a new kernel. ``last_path`` records which path the most recent call too
 import hashlib
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -25,15 +26,19 @@ KERNELS = ("sparse_attention", "decode_attention", "merge_splits", "chunk_scores
            "block_scores", "select_keys")
 
 # (WARPS, WROWS, BK) per backend and element size: warps per group, query rows per warp, keys
-# per tile. Shared memory is max(WARPS * WROWS, 2 * BK) * (D + 16 / size) * size bytes, within
-# the backend's static limit (CUDA 48 KB, Metal 32 KB).
+# per tile. Shared memory is max(WARPS * WROWS, 2 * BK * STAGES) * (D + 16 / size) * size
+# bytes, within the backend's limit: Metal's 32 KB of threadgroup memory; on CUDA the launch
+# sizes it (dynamic shared memory), up to _SMEM_LIMIT so that two groups still share an SM.
 _TILES = {
     ("cuda", 2): (4, 16, 32),
     ("cuda", 4): (2, 16, 16),
     ("metal", 2): (4, 8, 16),
     ("metal", 4): (2, 8, 8),
 }
-_SMEM_LIMIT = {"cuda": 48 * 1024, "metal": 32 * 1024}
+# K/V tiles in flight: CUDA loads the next tile (cp.async) while the matrix unit works on this
+# one; Metal's loads are synchronous, so a second stage would only cost memory there.
+_STAGES = {"cuda": 2, "metal": 1}
+_SMEM_LIMIT = {"cuda": 100 * 1024, "metal": 32 * 1024}
 _SCORE_THREADS = 256  # threads per group in chunk_scores and block_scores
 _MAX_INTERVALS = 1024  # select_keys MAX_IV: key intervals one block can hold (8 KB)
 _PLAN_GROUPS = 128  # block_scores splits the chunks until about this many groups run
@@ -115,28 +120,35 @@ BACKEND = _backend()
 _DECODE_FOLD = BACKEND == "cuda"
 
 
-def _build(name: str, inputs: list[str], outputs: list[str], *, contiguous: bool = True):
+def _build(name: str, inputs: list[str], outputs: list[str], *, contiguous: bool = True,
+           shared_memory: int = 0):
     if BACKEND is None:
         return None
     header, source = kernel_source(name, BACKEND)
     tag = hashlib.sha1((header + source).encode()).hexdigest()[:8]  # no stale JIT cache
-    make = mx.fast.metal_kernel if BACKEND == "metal" else mx.fast.cuda_kernel
-    return make(
-        name=f"dhsa_{name}_{tag}",
-        input_names=inputs,
-        output_names=outputs,
-        source=source,
-        header=header,
-        ensure_row_contiguous=contiguous,
+    kwargs = dict(name=f"dhsa_{name}_{tag}", input_names=inputs, output_names=outputs,
+                  source=source, header=header, ensure_row_contiguous=contiguous)
+    if BACKEND == "metal":
+        return mx.fast.metal_kernel(**kwargs)
+    if shared_memory:
+        kwargs["name"] += f"_{shared_memory}"
+    return mx.fast.cuda_kernel(**kwargs, shared_memory=shared_memory)
+
+
+@lru_cache(maxsize=None)
+def _attention_kernel(smem: int):
+    """sparse_attention.metal, built for ``smem`` bytes of shared memory (CUDA sizes it at
+    launch: one build per tile configuration; Metal declares it in the body)."""
+    return _build(
+        "sparse_attention",
+        ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
+        ["out", "part", "lse"],
+        contiguous=False,  # q, k, v are read through their strides: cache slices need no copy
+        shared_memory=smem if BACKEND == "cuda" else 0,
     )
 
 
-_attention_kernel = _build(
-    "sparse_attention",
-    ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
-    ["out", "part", "lse"],
-    contiguous=False,  # q, k, v are read through their strides: cache slices need no copy
-)
+_ATTENTION = BACKEND is not None  # the attention kernels exist (built on first use)
 _decode_kernel = _build(
     "decode_attention",
     ["queries", "keys", "values", "kv_index", "kv_count", "tickets", "iparams", "fparams"],
@@ -168,17 +180,28 @@ def _params(values: tuple, dtype=mx.int32) -> mx.array:
 
 
 def _on_gpu(kernel, use_kernel: bool) -> bool:
-    return use_kernel and kernel is not None and mx.default_device() == mx.gpu
+    return use_kernel and bool(kernel) and mx.default_device() == mx.gpu
 
 
 def fused_decode(use_kernel: bool = True) -> bool:
     """Whether a one-query dense attention step runs on the fused kernel (``FUSED_DECODE``
     and a GPU kernel present), rather than on MLX ops."""
-    return FUSED_DECODE and _on_gpu(_attention_kernel, use_kernel)
+    return FUSED_DECODE and _on_gpu(_ATTENTION, use_kernel)
+
+
+class Tiles(NamedTuple):
+    """How sparse_attention.metal is launched for one dtype, head dim and GQA layout."""
+
+    warps: int  # WARPS: warps per group
+    wrows: int  # WROWS: query rows per warp
+    bk: int  # BK: keys per tile
+    qt: int  # queries per group (qt x heads per KV head <= warps x wrows rows)
+    stages: int  # STAGES: K/V tiles in shared memory at once
+    smem: int  # shared memory bytes
 
 
 def _tiles(q: mx.array, k: mx.array, v: mx.array, block_size: int | None):
-    """(WARPS, WROWS, BK, qt) for these inputs, or None when the kernel cannot take them."""
+    """The Tiles for these inputs, or None when the kernel cannot take them."""
     if not q.dtype == k.dtype == v.dtype or q.shape[2] == 0 or k.shape[2] == 0:
         return None
     return _tile_config(q.dtype, q.shape[-1], q.shape[1], k.shape[1], block_size)
@@ -190,13 +213,16 @@ def _tile_config(dtype, D: int, H: int, H_kv: int, block_size: int | None):
         return None
     warps, wrows, bk = _TILES[(BACKEND, dtype.size)]
     rows = warps * wrows
-    smem = max(rows, 2 * bk) * (D + 16 // dtype.size) * dtype.size + 4 * bk
     qt = 1 << ((rows // (H // H_kv)).bit_length() - 1) if H // H_kv <= rows else 0
     while block_size is not None and qt and block_size % qt:
         qt //= 2
-    if smem > _SMEM_LIMIT[BACKEND] or qt == 0:
+    if qt == 0:
         return None
-    return warps, wrows, bk, qt
+    for stages in range(_STAGES[BACKEND], 0, -1):
+        smem = max(rows, 2 * bk * stages) * (D + 16 // dtype.size) * dtype.size
+        if smem <= _SMEM_LIMIT[BACKEND]:  # (+ the stages x bk key positions, declared apart)
+            return Tiles(warps, wrows, bk, qt, stages, smem)
+    return None
 
 
 @lru_cache(maxsize=None)
@@ -283,7 +309,7 @@ def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, bloc
     if L == 1 and DECODE_KERNEL and _decode_ok(q.dtype, D, H, H_kv):
         return _decode(q, k, v, index, count, all_keys=all_keys, q_offset=q_offset,
                        window=window, fparams=fparams, tickets=tickets)
-    warps, wrows, bk, qt = tiles
+    warps, wrows, bk, qt = tiles.warps, tiles.wrows, tiles.bk, tiles.qt
     n_qtiles = -(-L // qt)
     groups = n_qtiles * B * H_kv
     key_tiles = -(-(S if all_keys else index.shape[-1]) // bk)
@@ -298,10 +324,10 @@ def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, bloc
     )
     shapes = [(1,), (n_splits, B, H, L, D), (n_splits, B, H, L)] if split else [
         (B, H, L, D), (1,), (1,)]
-    out, part, lse = _attention_kernel(
+    out, part, lse = _attention_kernel(tiles.smem)(
         inputs=[q, k, v, index, count, iparams, fparams],
         template=[("T", q.dtype), ("D", D), ("BK", bk), ("WARPS", warps), ("WROWS", wrows),
-                  ("ALL_KEYS", all_keys), ("SPLIT", split)],
+                  ("ALL_KEYS", all_keys), ("SPLIT", split), ("STAGES", tiles.stages)],
         grid=(n_qtiles * warps * 32, B * H_kv, n_splits),
         threadgroup=(warps * 32, 1, 1),
         output_shapes=shapes,
@@ -329,7 +355,7 @@ def sparse_attention(
     ``tickets``: see :func:`dense_attention`.
     """
     global last_path
-    tiles = _tiles(q, k, v, plan.block_size) if _on_gpu(_attention_kernel, use_kernel) else None
+    tiles = _tiles(q, k, v, plan.block_size) if _on_gpu(_ATTENTION, use_kernel) else None
     if tiles is None:
         last_path = "reference"
         return reference.sparse_attention(q, k, v, plan, scale=scale, softcap=softcap)
@@ -378,7 +404,7 @@ def dense_attention(
         mx.array: (B, H, L, D).
     """
     global last_path
-    tiles = _tiles(q, k, v, None) if _on_gpu(_attention_kernel, use_kernel) else None
+    tiles = _tiles(q, k, v, None) if _on_gpu(_ATTENTION, use_kernel) else None
     if tiles is None:
         last_path = "reference"
         mask = key_mask(q_offset, q.shape[2], k.shape[2], window)

@@ -70,6 +70,7 @@ def instances(name: str, backend: str):
             out.append((ins, [("T", dtype), ("D", 256)], [mx.float32, mx.float32]))
             continue
         warps, wrows, bk = kernels._TILES[(backend, dtype.size)]
+        stages = kernels._STAGES[backend]
         for D in (64, 256):
             ins = [mx.zeros((1, 8, 64, D), dtype), mx.zeros((1, 4, 64, D), dtype),
                    mx.zeros((1, 4, 64, D), dtype), mx.zeros((1, 1, 16), mx.int32),
@@ -77,7 +78,8 @@ def instances(name: str, backend: str):
             for all_keys in (False, True):
                 for split in (False, True):
                     tmpl = [("T", dtype), ("D", D), ("BK", bk), ("WARPS", warps),
-                            ("WROWS", wrows), ("ALL_KEYS", all_keys), ("SPLIT", split)]
+                            ("WROWS", wrows), ("ALL_KEYS", all_keys), ("SPLIT", split),
+                            ("STAGES", stages)]
                     out.append((ins, tmpl, [dtype, mx.float32, mx.float32]))
     return out
 
