@@ -21,6 +21,20 @@ from mlx_dhsa.profiling import SHAPES, random_model
 from bench_decode import decode, decode_sync, filled_caches
 from bench_prefill import set_method
 
+def _reused_plans():
+    """kernels.select_chunks that plans each layer once and then returns that plan: what a
+    decode step costs without its planning (scores + selection)."""
+    plans, select = {}, kernels.select_chunks
+
+    def select_chunks(queries, table, config, **kw):
+        key = id(table.open_sum)  # one per layer
+        if key not in plans:
+            plans[key] = select(queries, table, config, **kw)
+        return plans[key]
+
+    return select_chunks
+
+
 # name -> kernels module settings (None: the unpatched mlx-lm model)
 VARIANTS = {
     "dense": None,
@@ -30,6 +44,7 @@ VARIANTS = {
     "dhsa, one query on the tile kernel": {"DECODE_KERNEL": False},
     "dhsa, select_keys 256 threads": {"_SELECT_THREADS": 256},
     "dhsa, open chunk from keys": {"_CARRY_OPEN_SUM": False},
+    "dhsa, plan reused (no planning)": {"select_chunks": _reused_plans()},
     "dhsa, fresh parameter arrays": {"_params": lambda v, dtype=mx.int32: mx.array(v, dtype)},
     "dhsa, dense steps on MLX ops": {"FUSED_DECODE": False},
 }

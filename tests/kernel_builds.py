@@ -79,7 +79,7 @@ def instances(name: str, backend: str):
                 for split in (False, True):
                     tmpl = [("T", dtype), ("D", D), ("BK", bk), ("WARPS", warps),
                             ("WROWS", wrows), ("ALL_KEYS", all_keys), ("SPLIT", split),
-                            ("STAGES", stages)]
+                            ("STAGES", 1 if all_keys else stages)]
                     out.append((ins, tmpl, [dtype, mx.float32, mx.float32]))
     return out
 
