@@ -61,6 +61,33 @@ def test_profile_timeline_says_what_it_needs(monkeypatch):
         _run("profile_timeline", ["--model", "tiny"], monkeypatch)
 
 
+def test_profile_decode_latency_says_what_it_needs(monkeypatch):
+    import mlx.core as mx
+    import pytest
+
+    if mx.cuda.is_available():
+        pytest.skip("a CUDA machine runs the real trace")
+    with pytest.raises(SystemExit, match="CUDA backend"):
+        _run("profile_decode_latency", ["--calls", "2"], monkeypatch)
+
+
+def test_profile_decode_reuses_each_layers_first_plan(monkeypatch):
+    """The "plan reused" variant plans once per layer (told apart by its chunk state)."""
+    from types import SimpleNamespace
+
+    from mlx_dhsa import kernels
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    profile_decode = importlib.import_module("profile_decode")
+    calls = []
+    monkeypatch.setattr(kernels, "select_chunks", lambda q, t, c, **kw: calls.append(t) or len(calls))
+    select = profile_decode._reused_plans()
+    layer_a, layer_b = SimpleNamespace(open_sum=object()), SimpleNamespace(open_sum=object())
+    assert [select(None, t, None, q_offset=0) for t in (layer_a, layer_b, layer_a, layer_b)] == [
+        1, 2, 1, 2]
+    assert calls == [layer_a, layer_b]
+
+
 def test_bench_decode_attention(tmp_path, monkeypatch):
     out = tmp_path / "decode_attention.json"
     _run("bench_decode_attention", ["--lengths", "300", "--budget", "64", "--calls", "2",
