@@ -38,6 +38,8 @@ GEMMA2_2B = dict(
 # Random-weight Gemma2 architectures: profile runs without downloading anything.
 SHAPES: dict[str, dict] = {
     "gemma-2-2b": GEMMA2_2B,
+    # gemma-2-2b's attention, cache and vocabulary at a width a CPU prefills in seconds.
+    "gemma-2-2b-narrow": dict(GEMMA2_2B, hidden_size=256, intermediate_size=512),
     "tiny": dict(
         hidden_size=128,
         num_hidden_layers=4,

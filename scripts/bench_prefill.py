@@ -12,6 +12,9 @@ over that call (weights included). Methods, all on the same model in one process
   no attention method can beat with mlx-lm's KVCache.
 - ``floor_grow``: the same with ``DHSACache``, whose buffers grow geometrically instead of
   256 keys at a time (what DHSA's own floor is).
+- ``floor_kv``: the floor with its attention output depending on the step's keys and values
+  (as every attention's does), for nothing: how much of the floor's peak memory comes from the
+  order MLX evaluates its graph in rather than from attention's work.
 
 Usage: python scripts/bench_prefill.py --lengths 4096 8192 --json p.json
 """
@@ -32,9 +35,10 @@ from mlx_dhsa.runinfo import attention_path, environment
 class FloorAttention(nn.Module):
     """Gemma2 attention without the scores: projections, RoPE and the cache update only."""
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, base: nn.Module, *, kv_dependency: bool = False):
         super().__init__()
         self.base = base
+        self.kv_dependency = kv_dependency  # floor_kv
 
     def __call__(self, x, mask=None, cache=None):
         a, (B, L, _) = self.base, x.shape
@@ -45,7 +49,10 @@ class FloorAttention(nn.Module):
         q, k = a.rope(q, offset=offset), a.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        return a.o_proj(q.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = a.o_proj(q.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        if self.kv_dependency:  # 0 x (one key + one value): the graph edge, not the work
+            out = out + 0 * (k[:, 0, -1, 0] + v[:, 0, -1, 0]).astype(out.dtype)[:, None, None]
+        return out
 
 
 def set_method(model, method: str, config: mlx_dhsa.DHSAConfig | None = None):
@@ -57,9 +64,9 @@ def set_method(model, method: str, config: mlx_dhsa.DHSAConfig | None = None):
             layer.self_attn = layer.self_attn.base
     if method == "dense":
         return lambda: make_prompt_cache(model)
-    if method in ("floor", "floor_grow"):
+    if method in ("floor", "floor_grow", "floor_kv"):
         for layer in model.layers:
-            layer.self_attn = FloorAttention(layer.self_attn)
+            layer.self_attn = FloorAttention(layer.self_attn, kv_dependency=method == "floor_kv")
         if method == "floor_grow":  # the floor with DHSA's geometrically growing cache
             return lambda: [mlx_dhsa.DHSACache() for _ in model.layers]
         return lambda: make_prompt_cache(model)
@@ -103,11 +110,12 @@ def main():
     p.add_argument("--warmup", type=int, default=8192, help="warm-up prompt length")
     p.add_argument("--model", default="gemma-2-2b", choices=sorted(SHAPES),
                    help="architecture of the random-weight model (tiny: a smoke test)")
+    p.add_argument("--dtype", default="bfloat16", help="weights and activations (CPU: float32)")
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args()
 
     mx.random.seed(0)
-    model = random_model(args.model, mx.bfloat16)
+    model = random_model(args.model, getattr(mx, args.dtype))
     vocab = model.args.vocab_size
     for method in args.methods:  # warm-up: JIT compiles kernels and graphs
         # 8k runs DHSA's sparse path (4k would stay dense); MLX's own ops still compile new
@@ -133,14 +141,14 @@ def main():
         cells = [f"{n:>7} tok"]
         for method in args.methods:
             r = row[method]
-            cells.append(f"{method} {r['seconds']:7.3f} s {r['peak_gb']:5.1f} GB")
+            cells.append(f"{method} {r['seconds']:7.3f} s {r['peak_gb']:6.3f} GB")
         if "dense" in row and "dhsa" in row:
             cells.append(f"speedup {row['dense']['seconds'] / row['dhsa']['seconds']:4.2f}x")
         if "floor" in row and "dhsa" in row:
             cells.append(f"mem/floor {row['dhsa']['peak_gb'] / row['floor']['peak_gb']:4.2f}")
         print(" | ".join(cells), flush=True)
         if args.json:  # after every length, so a run cut short keeps what it measured
-            report = {"env": environment(model=f"{args.model} (random weights)", dtype="bfloat16"),
+            report = {"env": environment(model=f"{args.model} (random weights)", dtype=args.dtype),
                       "bench": "prefill", "prefill_step_size": 2048, "rows": rows}
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)

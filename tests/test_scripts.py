@@ -32,11 +32,13 @@ def test_bench_decode_runs_dense_dhsa_and_floor(tmp_path, monkeypatch):
 def test_bench_prefill_and_plot(tmp_path, monkeypatch):
     prefill = tmp_path / "prefill.json"
     _run("bench_prefill", ["--model", "tiny", "--lengths", "600", "--warmup", "64",
-                           "--methods", "dense", "dhsa", "floor", "--json", str(prefill)],
+                           "--methods", "dense", "dhsa", "floor", "floor_kv", "--dtype", "float32",
+                           "--json", str(prefill)],
          monkeypatch)
     row = json.loads(prefill.read_text())["rows"][0]
     assert row["dhsa"]["peak_gb"] >= row["dhsa"]["base_gb"] > 0
     assert row["dhsa"]["peak_gb_steps"]
+    assert row["floor_kv"]["peak_gb"] >= row["floor_kv"]["base_gb"] > 0
     png = tmp_path / "plot.png"
     _run("plot_bench", [str(prefill), "--out", str(png)], monkeypatch)
     assert png.stat().st_size > 0
