@@ -14,27 +14,15 @@ CUDA build of PyTorch beside MLX's CUDA backend.
 """
 
 import argparse
-import time
 
 import mlx.core as mx
 
 from mlx_dhsa import kernels, reference
 from mlx_dhsa.selection import Plan
 
+from profile_timeline import profiled, require_cupti
+
 H, H_KV, D, SCALE, SOFTCAP = 8, 4, 256, 256**-0.5, 50.0  # gemma-2-2b
-
-
-def trace(fn):
-    """(seconds, kernel events) of ``fn()`` under torch.profiler."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.init()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        tic = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - tic
-    return seconds, [e for e in prof.events() if e.device_type.name == "CUDA"]
 
 
 def main():
@@ -44,13 +32,7 @@ def main():
     p.add_argument("--groups", type=int, nargs="+", default=[kernels._DECODE_GROUPS],
                    help="kernels._DECODE_GROUPS settings for the window and plan cases")
     args = p.parse_args()
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    if not mx.cuda.is_available() or torch is None or not torch.cuda.is_available():
-        raise SystemExit("profile_decode_latency needs MLX's CUDA backend and a CUDA build of "
-                         "PyTorch (for its CUPTI profiler)")
+    require_cupti("profile_decode_latency")
     S = args.context
     k = mx.random.normal((1, H_KV, S, D)).astype(mx.bfloat16)
     v = mx.random.normal((1, H_KV, S, D)).astype(mx.bfloat16)
@@ -81,7 +63,8 @@ def main():
             return q
 
         mx.eval(chain())  # warm-up: JIT compiles
-        seconds, events = trace(lambda: mx.eval(chain()))
+        seconds, events = profiled(lambda: mx.eval(chain()), host=False)
+        events = [e for e in events if e.device_type.name == "CUDA"]
         n = args.calls
         busy = sum(e.time_range.elapsed_us() for e in events) / n
         span = (max(e.time_range.end for e in events)

@@ -25,18 +25,36 @@ from bench_decode import decode_gaps, decode_methods, filled_caches
 from bench_prefill import set_method
 
 
-def trace(fn):
-    """Run fn under torch.profiler; returns (seconds, kernel events, CUDA API events)."""
+def require_cupti(script: str) -> None:
+    """Exit with what ``script`` needs unless MLX runs on CUDA beside a CUDA build of PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if not mx.cuda.is_available() or torch is None or not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs MLX's CUDA backend and a CUDA build of PyTorch (for "
+                         "its CUPTI profiler); on a Mac, use Xcode's Metal trace")
+
+
+def profiled(fn, host: bool = True):
+    """Run fn under torch.profiler: (seconds, events), CUDA API calls too when ``host``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.init()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] * host + [ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
         tic = time.perf_counter()
         fn()
         seconds = time.perf_counter() - tic
+    return seconds, prof.events()
+
+
+def trace(fn):
+    """Run fn under torch.profiler; returns (seconds, kernel events, CUDA API events)."""
+    seconds, events = profiled(fn)
     kernels, api = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
+    for e in events:
         us = e.time_range.elapsed_us()
         table = kernels if e.device_type.name == "CUDA" else api
         table[e.name][0] += 1
@@ -54,13 +72,7 @@ def main():
     p.add_argument("--model", default="gemma-2-2b", choices=sorted(SHAPES))
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    if not mx.cuda.is_available() or torch is None or not torch.cuda.is_available():
-        raise SystemExit("profile_timeline needs MLX's CUDA backend and a CUDA build of "
-                         "PyTorch (for its CUPTI profiler); on a Mac, use Xcode's Metal trace")
+    require_cupti("profile_timeline")
     config = mlx_dhsa.DHSAConfig()
     methods = {m: decode_methods(config)[m] for m in args.methods}
     model = random_model(args.model, mx.bfloat16)
