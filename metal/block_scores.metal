@@ -16,11 +16,11 @@
 //          [prev_end, S) are read: the rest of the sum comes from open_prev.
 //          open_sum [B, D] float32: sum_h sum_i k_i over [open_start, S), for the next call
 // template: T, D (a multiple of 32, <= 256)
-// launch : grid (n_tiles * NT, NB, B), threadgroup (NT, 1, 1), NT = 256. Every group forms
+// launch : grid (n_tiles * NTS, NB, B), threadgroup (NTS, 1, 1), NTS = 256. Every group forms
 //          its block's q_b (warps take rows, lanes take columns, shared-memory reduction),
 //          then each warp dots q_b with chunks of the group's tile, lanes splitting D.
-constexpr int NT = 256;
-constexpr int NW = NT / 32;
+constexpr int NTS = 256;
+constexpr int NW = NTS / 32;
 constexpr int DL = D / 32;
 constexpr int UR = 4;
 DHSA_SHARED(float, part_s, NW * D);
@@ -81,7 +81,7 @@ for (int j = 0; j < DL; ++j) {
   part_s[dhsa_warp * D + dhsa_lane + 32 * j] = acc[j];
 }
 DHSA_BARRIER();
-for (int d = dhsa_tid; d < D; d += NT) {
+for (int d = dhsa_tid; d < D; d += NTS) {
   float s = 0.0f;
   for (int w = 0; w < NW; ++w) {
     s += part_s[w * D + d];
@@ -126,7 +126,7 @@ if (has_open) {
   DHSA_BARRIER();
   const float n = float(dhsa_imax(n_k - open_start, 1));
   const float norm = (sqrt_norm ? dhsa_rsqrt(n) : 1.0f / n) / float(n_kv);
-  for (int d = dhsa_tid; d < D; d += NT) {
+  for (int d = dhsa_tid; d < D; d += NTS) {
     float s = prev_end > open_start ? open_prev[(dhsa_long)b * D + d] : 0.0f;
     for (int w = 0; w < NW; ++w) {
       s += part_s[w * D + d];

@@ -1,6 +1,7 @@
 // dhsa prelude, CUDA side: passed in `header=` to mx.fast.cuda_kernel, ahead of common.h.
 // It gives the kernel bodies in this folder one vocabulary on both backends:
-//   qualifiers   DHSA_SMEM (shared-memory pointer), DHSA_THREAD (reference to a local),
+//   qualifiers   DHSA_DEVICE (global-memory pointer), DHSA_SMEM (shared-memory pointer),
+//                DHSA_THREAD (reference to a local),
 //                DHSA_SHARED(type, name, count) (a shared array), DHSA_SHARED_SIZED (one
 //                sized at launch on CUDA), DHSA_INLINE, DHSA_UNROLL
 //   sync         DHSA_BARRIER() (whole group), DHSA_WARP_SYNC()
@@ -25,6 +26,7 @@
 // same fragment layout is multiplied exactly in fp32 through warp shuffles.
 // The header is global (the body sits in namespace mlx::core::cu): every name has a dhsa prefix.
 
+#define DHSA_DEVICE
 #define DHSA_SMEM
 #define DHSA_THREAD
 #define DHSA_SHARED(type, name, count) __shared__ type name[count]

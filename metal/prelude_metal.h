@@ -9,6 +9,7 @@
 #include <metal_simdgroup_matrix>
 #include <metal_stdlib>
 
+#define DHSA_DEVICE device
 #define DHSA_SMEM threadgroup
 #define DHSA_THREAD thread
 #define DHSA_SHARED(type, name, count) threadgroup type name[count]

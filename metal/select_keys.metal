@@ -10,7 +10,8 @@
 //          n_valid [B, NB] int32
 // template: MAX_IV (key intervals one block can hold: sinks + taken chunks + local),
 //          NT (threads per group: a multiple of 32, at most 1024)
-// launch : grid (NB * NT, B, 1), threadgroup (NT, 1, 1); thread t owns the chunk range
+// launch : grid (NT, NB, B), threadgroup (NT, 1, 1) (block_scores' layout, so that the fused
+//          plan kernel runs this as its last part); thread t owns the chunk range
 //          [t * per, (t + 1) * per).
 // math   : block b (queries q0..q1) keeps sinks [lo, sink_end), local [local_start, q1] and,
 //          in the free middle, the best chunks until `room` keys: a chunk takes its keys
@@ -39,8 +40,8 @@ const int n_k = iparams[9];
 const int cap = iparams[10];
 const int n_blocks = (n_q + block_size - 1) / block_size;
 const int n_chunks = n_closed + 1;
-const int blk = dhsa_gx;
-const int b = dhsa_gy;
+const int blk = dhsa_gy;
+const int b = dhsa_gz;
 const dhsa_long score_row = ((dhsa_long)b * n_blocks + blk) * n_chunks;
 
 const int q0 = q_offset + blk * block_size;

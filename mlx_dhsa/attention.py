@@ -181,20 +181,21 @@ class DHSAAttention(nn.Module):
         visible = min(S, window) if L == 1 and window is not None else S
         if visible <= config.dense_limit or (L == 1 and not config.sparse_decode_at(visible)):
             self._set_path("dense")
-            if visible < S:
-                # A dense decode step on a sliding layer reads only the last `window` keys:
-                # drop the rest instead of masking them.
-                keys, values = keys[:, :, S - window :], values[:, :, S - window :]
-                mask = mask[..., S - window :] if isinstance(mask, mx.array) else mask
-                offset, S = offset - (S - window), window
             # The fused causal(+window) kernel: prefill steps, and decode steps when
-            # kernels.fused_decode (fewer launches); else MLX's own ops.
+            # kernels.fused_decode (fewer launches); else MLX's own ops. The kernel skips
+            # keys left of the window itself.
             fused = L > 1 or self._fused_decode()
             if fused and not _per_sequence(mask) and offset + L == S:
                 return kernels.dense_attention(
                     queries, keys, values, q_offset=offset, window=window,
                     use_kernel=config.use_kernel, tickets=tickets, **args,
                 )
+            if visible < S:
+                # A dense decode step on a sliding layer reads only the last `window` keys:
+                # drop the rest instead of masking them.
+                keys, values = keys[:, :, S - window :], values[:, :, S - window :]
+                mask = mask[..., S - window :] if isinstance(mask, mx.array) else mask
+                offset, S = offset - (S - window), window
             return reference.dense_attention(
                 queries, keys, values, mask=self._dense_mask(mask, offset, L, S, window), **args
             )

@@ -211,6 +211,7 @@ class DHSACache(KVCache):
     _closed: ClosedChunks | None = None  # used by the layer that owns shared boundaries
     _summaries: ClosedSummaries | None = None
     _tickets: mx.array | None = None  # decode_tickets
+    _plan_tickets: mx.array | None = None  # plan_tickets
     # The key/value buffers grow by this factor (mlx-lm's KVCache grows to the next multiple
     # of 256 keys, re-allocating and copying the whole cache on every prefill step). The
     # spare capacity is memory too: at 1.25 a 128k prompt in 2048-key steps ends at 1.16x its
@@ -241,13 +242,17 @@ class DHSACache(KVCache):
         KVCache.state.fset(self, v)
 
     def decode_tickets(self, n: int) -> mx.array:
-        """``n`` zeroed int32 counters for this layer's one-query kernel launches, which
+        """``n`` zeroed int32 counters for this layer's one-query attention launches, which
         leave them zeroed (``kernels.dense_attention``'s ``tickets``): made once, not per
         step. A layer's decode steps run one after another, so they can share them."""
-        if self._tickets is None or self._tickets.size < n:
-            self._tickets = mx.zeros((n,), mx.int32)
-            mx.eval(self._tickets)
+        self._tickets = _zeroed(self._tickets, n)
         return self._tickets
+
+    def plan_tickets(self, n: int) -> mx.array:
+        """The same for this layer's one-query planning launches (``kernels.select_chunks``):
+        a buffer apart from ``decode_tickets``'."""
+        self._plan_tickets = _zeroed(self._plan_tickets, n)
+        return self._plan_tickets
 
     def chunk_state(self, config: DHSAConfig) -> tuple[ClosedChunks, ClosedSummaries]:
         if self._closed is None or (self._config is not config and self._config != config):
@@ -262,6 +267,14 @@ class DHSACache(KVCache):
             self._summaries.trim(self.offset, self._config)
             self._summaries.open_sum.reset()  # trimmed keys get overwritten: sum afresh
         return n
+
+
+def _zeroed(buf: mx.array | None, n: int) -> mx.array:
+    """``buf`` if it holds at least ``n`` int32 counters, else ``n`` fresh evaluated zeros."""
+    if buf is None or buf.size < n:
+        buf = mx.zeros((n,), mx.int32)
+        mx.eval(buf)
+    return buf
 
 
 def _grow(x: mx.array, capacity: int) -> mx.array:

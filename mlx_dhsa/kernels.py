@@ -9,6 +9,7 @@ compiles a new kernel. ``last_path`` records which path the most recent call too
 """
 
 import hashlib
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +24,10 @@ from .selection import Plan, chunk_scores as _reference_scores, key_mask
 
 BACKENDS = ("metal", "cuda")
 KERNELS = ("sparse_attention", "decode_attention", "merge_splits", "chunk_scores",
-           "block_scores", "select_keys")
+           "block_scores", "select_keys", "plan")
+# Kernels assembled from several bodies, each in a scope of its own: the fused planning kernel
+# runs block_scores, hands each query block to the group that finishes it last, and selects.
+_PARTS = {"plan": ("block_scores", "plan_handoff", "select_keys")}
 
 # (WARPS, WROWS, BK) per backend and element size: warps per group, query rows per warp, keys
 # per tile. Shared memory is max(WARPS * WROWS, 2 * BK * STAGES) * (D + 16 / size) * size
@@ -84,9 +88,15 @@ def _metal_dir() -> Path:
     )
 
 
+_COMMENT = re.compile(r"[ \t]*//[^\n]*")
+
+
 @lru_cache(maxsize=None)
 def _read(name: str) -> str:
-    text = (_metal_dir() / name).read_text()
+    """File ``name`` of the kernel folder without its comments (each call of a custom kernel
+    copies its whole source on the host: fewer bytes, less time a launch), lines kept so
+    that compiler messages point at the right line."""
+    text = _COMMENT.sub("", (_metal_dir() / name).read_text())
     return f'#line 1 "{name}"\n{text}'
 
 
@@ -103,7 +113,15 @@ def kernel_source(name: str, backend: str) -> tuple[str, str]:
     if backend not in BACKENDS or name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r} or backend {backend!r}")
     header = _read(f"prelude_{backend}.h") + "\n" + _read("common.h")
-    return header, _read(f"ids_{backend}.h") + "\n" + _read(f"{name}.metal")
+    parts = _PARTS.get(name)
+    if parts is None:
+        body = _read(f"{name}.metal")
+    else:
+        first, handoff, last = (_read(f"{part}.metal") for part in parts)
+        # The last part reads its own parameters, sel_params, under the name it uses alone.
+        body = (f"{{\n{first}\n}}\n{handoff}\n{{\n"
+                f"const DHSA_DEVICE int* iparams = sel_params;\n{last}\n}}")
+    return header, _read(f"ids_{backend}.h") + "\n" + body
 
 
 def _backend() -> str | None:
@@ -120,6 +138,9 @@ BACKEND = _backend()
 # of two, which is what a host-bound decode step pays for. CUDA only: the Metal side of those
 # fences has not run on a Mac, so Macs keep the merge_splits launch.
 _DECODE_FOLD = BACKEND == "cuda"
+# A call with one query block (decode) plans in one launch (plan: block_scores, hand-off,
+# select_keys) instead of two; host-bound decode pays per launch. CUDA only, as _DECODE_FOLD.
+_FUSED_PLAN = BACKEND == "cuda"
 
 
 def _build(name: str, inputs: list[str], outputs: list[str], *, contiguous: bool = True,
@@ -168,6 +189,13 @@ _block_scores_kernel = _build(
 )
 _select_kernel = _build(
     "select_keys", ["scores", "starts", "lengths", "iparams"], ["indices", "n_valid"]
+)
+_plan_kernel = _build(
+    "plan",
+    ["queries", "keys", "summaries", "open_prev", "iparams", "starts", "lengths", "sel_params",
+     "tickets"],
+    ["scores", "open_sum", "indices", "n_valid"],
+    contiguous=False,  # queries and keys are read through their strides
 )
 
 
@@ -308,8 +336,6 @@ def _attention(q, k, v, index, count, *, tiles, all_keys, q_offset, window, bloc
     B, H, L, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     fparams = _params((scale, softcap or 0.0), mx.float32)
-    if not all_keys:
-        index, count = mx.contiguous(index), mx.contiguous(count)
     if L == 1 and DECODE_KERNEL and _decode_ok(q.dtype, D, H, H_kv):
         return _decode(q, k, v, index, count, all_keys=all_keys, q_offset=q_offset,
                        window=window, fparams=fparams, tickets=tickets)
@@ -364,8 +390,11 @@ def sparse_attention(
         last_path = "reference"
         return reference.sparse_attention(q, k, v, plan, scale=scale, softcap=softcap)
     last_path = "kernel"
+    index, count = plan.indices, plan.n_valid
+    if not plan.contiguous:  # the kernels read both as int32 rows
+        index, count = (mx.contiguous(x.astype(mx.int32)) for x in (index, count))
     return _attention(
-        q, k, v, plan.indices.astype(mx.int32), plan.n_valid.astype(mx.int32), tiles=tiles,
+        q, k, v, index, count, tiles=tiles,
         all_keys=False, q_offset=plan.q_offset, window=plan.window,
         block_size=plan.block_size, scale=scale, softcap=softcap, tickets=tickets,
     )
@@ -496,25 +525,37 @@ def select_chunks(
     q_offset: int,
     window: int | None = None,
     use_kernel: bool = True,
+    tickets: mx.array | None = None,
 ) -> Plan:
-    """:func:`mlx_dhsa.selection.select_chunks` in two kernels: block x chunk scores (with
-    the open chunk summarised in the same pass) and the per-block selection.
+    """:func:`mlx_dhsa.selection.select_chunks` on the GPU: block x chunk scores (with the
+    open chunk summarised in the same pass), then the per-block selection.
 
-    The selection equals the reference's up to score ties, which the kernel breaks in key
-    order. Args and returns as the reference; ``use_kernel=False`` forces the reference.
+    On CUDA a call with one query block (a decode step) runs both in one launch
+    (plan.metal: the group that finishes a block's scores selects its keys); otherwise two
+    launches (block_scores.metal, select_keys.metal). The selection equals the reference's up
+    to score ties, which the kernels break in key order. Args and returns as the reference;
+    ``use_kernel=False`` forces the reference. ``tickets``: a zeroed int32 buffer of at least
+    ``B`` counters that the fused launch takes and leaves zeroed (``DHSACache.plan_tickets``),
+    as for :func:`dense_attention`; None: fresh zeros.
     """
     global last_plan_path
     if not (_on_gpu(_select_kernel, use_kernel) and _plan_ok(queries, table, config)):
         last_plan_path = "reference"
         return selection.select_chunks(queries, table, config, q_offset=q_offset, window=window)
     last_plan_path = "kernel"
-    scores = _block_scores(queries, table, config)
-    indices, n_valid = _select_keys(scores, table, config, queries.shape[2], q_offset, window)
-    return Plan(indices, n_valid, q_offset=q_offset, block_size=config.block_size, window=window)
+    L = queries.shape[2]
+    select = _select_params(table, config, L, q_offset, window)
+    if _FUSED_PLAN and L <= config.block_size:
+        indices, n_valid = _plan(queries, table, config, select, tickets)
+    else:
+        scores = _block_scores(queries, table, config)
+        indices, n_valid = _select_keys(scores, table, config, select)
+    return Plan(indices, n_valid, q_offset=q_offset, block_size=config.block_size, window=window,
+                contiguous=True)
 
 
-def _block_scores(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> mx.array:
-    """(B, NB, n_closed + 1) block x chunk scores, the open chunk last (block_scores.metal)."""
+def _score_launch(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> dict:
+    """Inputs, grid and sizes of block_scores.metal (also the first part of plan.metal)."""
     B, H, L, D = queries.shape
     keys, cap = table.keys, table.starts.shape[1]
     NB, N = -(-L // config.block_size), table.n_closed + 1
@@ -531,35 +572,75 @@ def _block_scores(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> m
     prev, prev_end = (state.total, state.end) if carried else (summaries, table.open_start)
     iparams = (L, H, keys.shape[1], config.block_size, table.n_closed, table.open_start,
                table.n_keys, cap, per_group, int(table.summary == "sqrt"), prev_end)
-    scores, open_sum = _block_scores_kernel(
-        inputs=[queries, keys, summaries, prev, _params(iparams)],
-        template=[("T", queries.dtype), ("D", D)],
-        grid=(tiles * _SCORE_THREADS, NB, B),
-        threadgroup=(_SCORE_THREADS, 1, 1),
-        output_shapes=[(B, NB, N), (B, D)],
-        output_dtypes=[mx.float32, mx.float32],
-    )
+    return dict(inputs=[queries, keys, summaries, prev, _params(iparams)],
+                grid=(tiles * _SCORE_THREADS, NB, B), B=B, NB=NB, N=N, D=D)
+
+
+def _carry_open_sum(table: ChunkTable, open_sum: mx.array, L: int) -> None:
+    """Keep block_scores' open-chunk key sum in the cache for the next call."""
+    state = table.open_sum if _CARRY_OPEN_SUM else None
     if state is not None:
         state.start, state.end, state.total = table.open_start, table.n_keys, open_sum
         if L > 1:
             # Prefill evaluates only the caches: keep the running sum from holding this
             # step's graph (and its key buffers) alive until the next step.
             mx.async_eval(open_sum)
+
+
+def _block_scores(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> mx.array:
+    """(B, NB, n_closed + 1) block x chunk scores, the open chunk last (block_scores.metal)."""
+    launch = _score_launch(queries, table, config)
+    B, NB, N, D = launch["B"], launch["NB"], launch["N"], launch["D"]
+    scores, open_sum = _block_scores_kernel(
+        inputs=launch["inputs"],
+        template=[("T", queries.dtype), ("D", D)],
+        grid=launch["grid"],
+        threadgroup=(_SCORE_THREADS, 1, 1),
+        output_shapes=[(B, NB, N), (B, D)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    _carry_open_sum(table, open_sum, queries.shape[2])
     return scores
 
 
-def _select_keys(scores: mx.array, table: ChunkTable, config: DHSAConfig, n_queries: int,
-                 q_offset: int, window: int | None) -> tuple[mx.array, mx.array]:
+def _select_params(table: ChunkTable, config: DHSAConfig, n_queries: int, q_offset: int,
+                   window: int | None) -> mx.array:
+    """select_keys.metal's iparams."""
+    return _params((n_queries, q_offset, config.block_size, window or 0, config.sink,
+                    config.local, config.budget, table.n_closed, table.open_start,
+                    table.n_keys, table.starts.shape[1]))
+
+
+def _select_keys(scores: mx.array, table: ChunkTable, config: DHSAConfig,
+                 select: mx.array) -> tuple[mx.array, mx.array]:
     """(indices (B, NB, budget), n_valid (B, NB)) from block x chunk scores (select_keys.metal)."""
     B, NB, _ = scores.shape
-    iparams = (n_queries, q_offset, config.block_size, window or 0, config.sink, config.local,
-               config.budget, table.n_closed, table.open_start, table.n_keys,
-               table.starts.shape[1])
     return _select_kernel(
-        inputs=[scores, table.starts, table.lengths, _params(iparams)],
+        inputs=[scores, table.starts, table.lengths, select],
         template=[("MAX_IV", _MAX_INTERVALS), ("NT", _SELECT_THREADS)],
-        grid=(NB * _SELECT_THREADS, B, 1),
+        grid=(_SELECT_THREADS, NB, B),
         threadgroup=(_SELECT_THREADS, 1, 1),
         output_shapes=[(B, NB, config.budget), (B, NB)],
         output_dtypes=[mx.int32, mx.int32],
     )
+
+
+def _plan(queries: mx.array, table: ChunkTable, config: DHSAConfig, select: mx.array,
+          tickets: mx.array | None) -> tuple[mx.array, mx.array]:
+    """Scores and selection in one launch (plan.metal): (indices, n_valid) as _select_keys."""
+    launch = _score_launch(queries, table, config)
+    B, NB, N, D = launch["B"], launch["NB"], launch["N"], launch["D"]
+    if tickets is None or tickets.size < B * NB:
+        tickets = mx.zeros((B * NB,), mx.int32)  # fresh: launches side by side share nothing
+    # table.starts / lengths are whole (contiguous) buffers, as the launch assumes.
+    _, open_sum, indices, n_valid = _plan_kernel(
+        inputs=[*launch["inputs"], table.starts, table.lengths, select, tickets],
+        template=[("T", queries.dtype), ("D", D), ("MAX_IV", _MAX_INTERVALS),
+                  ("NT", _SCORE_THREADS)],
+        grid=launch["grid"],
+        threadgroup=(_SCORE_THREADS, 1, 1),
+        output_shapes=[(B, NB, N), (B, D), (B, NB, config.budget), (B, NB)],
+        output_dtypes=[mx.float32, mx.float32, mx.int32, mx.int32],
+    )
+    _carry_open_sum(table, open_sum, queries.shape[2])
+    return indices, n_valid

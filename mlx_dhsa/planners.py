@@ -20,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 
 from . import kernels
+from .cache import DHSACache
 from .chunking import Chunks
 from .reference import _logits, _masked_softmax
 from .selection import (
@@ -53,9 +54,13 @@ def plan_dhsa(attn, queries: mx.array, keys: mx.array, *, offset: int, window, c
         Plan: (B, ceil(L / block_size), budget) key indices.
     """
     table = attn.chunk_view(keys, cache)
+    # A layer's decode steps plan one after another: one set of counters (kernels.select_chunks).
+    tickets = None
+    if queries.shape[2] == 1 and isinstance(cache, DHSACache):
+        tickets = cache.plan_tickets(queries.shape[0])
     return kernels.select_chunks(
         queries, table, attn.config, q_offset=offset, window=window,
-        use_kernel=attn.config.use_kernel,
+        use_kernel=attn.config.use_kernel, tickets=tickets,
     )
 
 

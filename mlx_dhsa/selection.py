@@ -29,6 +29,7 @@ class Plan:
     q_offset: int  # absolute position of the first planned query
     block_size: int  # queries per block
     window: int | None  # sliding window of the layer; None = global attention
+    contiguous: bool = False  # indices and n_valid are known row-contiguous (kernel outputs)
 
     @property
     def budget(self) -> int:

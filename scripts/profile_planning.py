@@ -65,7 +65,9 @@ def profile(S, L, reps, dtype, min_groups, split_tiles=(), reference_too=True):
         parts["block_scores(open from keys)"] = timed(
             lambda: kernels._block_scores(qs, scratch, config), reps)
         parts["select_keys"] = timed(
-            lambda: kernels._select_keys(scores, table, config, n_sparse, off, None)[0], reps)
+            lambda: kernels._select_keys(
+                scores, table, config, kernels._select_params(table, config, n_sparse, off, None)
+            )[0], reps)
     parts |= {
         "select(kernel)": timed(plan_with(kernels.select_chunks), reps),
         "dense(mlx-lm style)": timed(

@@ -29,6 +29,8 @@ SIGNATURES = {
     "block_scores": (["queries", "keys", "summaries", "open_prev", "iparams"],
                      ["scores", "open_sum"]),
     "select_keys": (["scores", "starts", "lengths", "iparams"], ["indices", "n_valid"]),
+    "plan": (["queries", "keys", "summaries", "open_prev", "iparams", "starts", "lengths",
+              "sel_params", "tickets"], ["scores", "open_sum", "indices", "n_valid"]),
 }
 
 
@@ -58,11 +60,18 @@ def instances(name: str, backend: str):
                                 ("ALL_KEYS", all_keys), ("FOLD", fold)]
                         out.append((ins, tmpl, [mx.float32, mx.float32, dtype]))
             continue
-        if name == "block_scores":
+        if name in ("block_scores", "plan"):
             for D in (64, 256):
                 ins = [mx.zeros((1, 8, 64, D), dtype), mx.zeros((1, 4, 64, D), dtype),
                        mx.zeros((1, 8, D)), mx.zeros((1, D)), mx.zeros((11,), mx.int32)]
-                out.append((ins, [("T", dtype), ("D", D)], [mx.float32, mx.float32]))
+                if name == "block_scores":
+                    out.append((ins, [("T", dtype), ("D", D)], [mx.float32, mx.float32]))
+                    continue
+                ins += [mx.zeros((1, 8), mx.int32), mx.zeros((1, 8), mx.int32),
+                        mx.zeros((11,), mx.int32), mx.zeros((1,), mx.int32)]
+                tmpl = [("T", dtype), ("D", D), ("MAX_IV", kernels._MAX_INTERVALS),
+                        ("NT", kernels._SCORE_THREADS)]
+                out.append((ins, tmpl, [mx.float32, mx.float32, mx.int32, mx.int32]))
             continue
         if name == "chunk_scores":
             ins = [mx.zeros((1, 2, 64, 256), dtype), mx.zeros((1, 8), mx.int32),

@@ -137,3 +137,6 @@ def test_decode_tickets_made_once_and_zeroed():
     assert t.dtype == mx.int32 and t.tolist() == [0, 0, 0, 0]
     assert cache.decode_tickets(4) is t and cache.decode_tickets(2) is t  # reused
     assert cache.decode_tickets(8).size == 8  # a larger batch: a larger buffer
+    p = cache.plan_tickets(1)  # the planning kernel's counters: a buffer of their own
+    assert p.tolist() == [0] and p is not cache.decode_tickets(8)
+    assert cache.plan_tickets(1) is p and cache.plan_tickets(2).size == 2

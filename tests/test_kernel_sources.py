@@ -21,10 +21,13 @@ def test_source_assembles(name, backend):
     header, source = kernels.kernel_source(name, backend)
     assert header.isascii() and source.isascii()
     assert f'#line 1 "prelude_{backend}.h"' in header and '#line 1 "common.h"' in header
-    assert source.startswith(f'#line 1 "ids_{backend}.h"') and f'#line 1 "{name}.metal"' in source
+    assert source.startswith(f'#line 1 "ids_{backend}.h"')
+    for part in kernels._PARTS.get(name, (name,)):
+        assert f'#line 1 "{part}.metal"' in source
     strided = {"sparse_attention": {"queries", "keys", "values"},
                "decode_attention": {"queries", "keys", "values"},
-               "block_scores": {"queries", "keys"}}.get(name, set())
+               "block_scores": {"queries", "keys"},
+               "plan": {"queries", "keys"}}.get(name, set())
     for arg in SIGNATURES[name][0]:  # MLX adds shape arguments for these substrings
         assert arg + "_shape" not in source and arg + "_ndim" not in source
         assert (arg + "_strides" in source) == (arg in strided), arg

@@ -243,9 +243,15 @@ PLAN_CASES = [
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("B,H,H_kv,L,S,D,off,window,budget", PLAN_CASES)
-def test_plan_kernels_match_reference(dtype, B, H, H_kv, L, S, D, off, window, budget):
+def test_plan_kernels_match_reference(monkeypatch, fused, dtype, B, H, H_kv, L, S, D, off,
+                                      window, budget):
+    """Two launches (scores, selection) or, for one query block on CUDA, one (plan)."""
+    if fused and kernels.BACKEND != "cuda":
+        pytest.skip("the fused planning kernel runs on CUDA only")
+    monkeypatch.setattr(kernels, "_FUSED_PLAN", fused)
     q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
     config = small_config(budget=budget)
     table = _table(k, config)
@@ -254,6 +260,34 @@ def test_plan_kernels_match_reference(dtype, B, H, H_kv, L, S, D, off, window, b
     assert kernels.last_plan_path == "kernel"
     assert mx.array_equal(out.n_valid, ref.n_valid)
     assert mx.array_equal(out.indices, ref.indices)
+
+
+@gpu
+@pytest.mark.gpu
+def test_fused_plans_share_one_ticket_buffer():
+    """The fused planning kernel leaves its counters zeroed: a decode-like chain of launches
+    (each query depending on the last plan) shares one buffer, within a graph and across
+    evals, and every plan equals the reference's; many chunk tiles, so many groups hand off."""
+    if not kernels._FUSED_PLAN:
+        pytest.skip("the fused planning kernel runs on CUDA only")
+    q, k, _ = make_qkv(H=8, H_kv=4, L=1, S=6000, D=128)
+    config = small_config(budget=256)
+    table = _table(k, config)
+    tickets = mx.zeros((1,), mx.int32)
+    shift = mx.random.normal(q.shape)  # each next query differs: other chunks win
+    for _ in range(2):
+        with mx.stream(mx.gpu):
+            plans, x = [], q
+            for i in range(3):
+                plans.append(kernels.select_chunks(x, table, config, q_offset=5999,
+                                                   tickets=tickets))
+                x = q + shift * (1 + i + plans[-1].n_valid[0, 0] % 2).astype(q.dtype)
+            mx.eval([p.indices for p in plans])
+        for i, plan in enumerate(plans):
+            x = q if i == 0 else q + shift * (i + plans[i - 1].n_valid[0, 0] % 2).astype(q.dtype)
+            ref = select_chunks(x, table, config, q_offset=5999, window=None)
+            assert mx.array_equal(plan.indices, ref.indices)
+    assert tickets.tolist() == [0]
 
 
 @gpu

@@ -23,4 +23,5 @@ def test_wheel_contains_kernel_sources(tmp_path):
     assert {"mlx_dhsa/metal/common.h", "mlx_dhsa/metal/sparse_attention.metal"} <= expected
     assert expected <= names, sorted(expected - names)
     for name in kernels.KERNELS:
-        assert f"mlx_dhsa/metal/{name}.metal" in names
+        for part in kernels._PARTS.get(name, (name,)):
+            assert f"mlx_dhsa/metal/{part}.metal" in names

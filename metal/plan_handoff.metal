@@ -1,0 +1,27 @@
+// dhsa_plan (middle part): the fused planning kernel is block_scores.metal, this, and
+// select_keys.metal, each in a scope of its own (kernels.kernel_source assembles "plan").
+// inputs : tickets [B * NB] int32, zeros (one per query block); sel_params int32 [11]:
+//          select_keys' iparams
+// The groups of one (block, batch) have written their scores; each takes a ticket, and the
+// group with the last one sets it back to zero (the buffer serves the next launch) and goes
+// on to select that block's keys, after a device-scope fence. The others are done.
+DHSA_SHARED(int, handoff_s, 1);
+{
+  const int n_blocks = (iparams[0] + iparams[3] - 1) / iparams[3];
+  const int n_tiles = (iparams[4] + iparams[8]) / iparams[8];  // groups per block: n_chunks / per_group
+  DHSA_DEVICE const int* ticket = tickets + dhsa_gz * n_blocks + dhsa_gy;
+  dhsa_fence_device();
+  DHSA_BARRIER();
+  if (dhsa_tid == 0) {
+    const bool last = dhsa_take_ticket(ticket) == n_tiles - 1;
+    if (last) {
+      dhsa_reset_ticket(ticket);
+    }
+    handoff_s[0] = last ? 1 : 0;
+  }
+  DHSA_BARRIER();
+}
+if (handoff_s[0] == 0) {
+  return;
+}
+dhsa_fence_device();
