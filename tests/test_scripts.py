@@ -113,3 +113,17 @@ def test_bench_decode_attention_times_mlx_lm_math(monkeypatch):
     q, k, v = (mx.random.normal(s) for s in ((1, 4, 1, 64), (1, 2, 50, 64), (1, 2, 50, 64)))
     ref = reference.dense_attention(q, k, v, scale=bench.SCALE, softcap=bench.SOFTCAP)
     assert mx.allclose(bench.mlx_lm_decode(q, k, v), ref, atol=1e-5).item()
+
+
+def test_pool_decode_pairs_trials_across_runs(tmp_path, monkeypatch):
+    def run(dense, dhsa):
+        return {"rows": [{"context": 4096, "runs": {"dense": {"tps": dense},
+                                                     "dhsa": {"tps": dhsa}}}]}
+
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "pooled.json"
+    a.write_text(json.dumps(run([100, 50], [120, 100])))  # ratios 1.2, 2.0
+    b.write_text(json.dumps(run([80], [40])))  # ratio 0.5
+    _run("pool_decode", [str(a), str(b), "--json", str(out)], monkeypatch)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["trials"] == 3 and row["median"] == 1.2
+    assert (row["min"], row["max"]) == (0.5, 2.0) and row["run_medians"] == [1.6, 0.5]
