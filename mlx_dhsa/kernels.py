@@ -93,8 +93,8 @@ _COMMENT = re.compile(r"[ \t]*//[^\n]*")
 
 @lru_cache(maxsize=None)
 def _read(name: str) -> str:
-    """File ``name`` of the kernel folder without its comments (each call of a custom kernel
-    copies its whole source on the host: fewer bytes, less time a launch), lines kept so
+    """File ``name`` of the kernel folder without its comments (MLX builds a custom kernel's
+    whole source text on every call: fewer bytes, less host time a launch), lines kept so
     that compiler messages point at the right line."""
     text = _COMMENT.sub("", (_metal_dir() / name).read_text())
     return f'#line 1 "{name}"\n{text}'
@@ -530,9 +530,9 @@ def select_chunks(
     """:func:`mlx_dhsa.selection.select_chunks` on the GPU: block x chunk scores (with the
     open chunk summarised in the same pass), then the per-block selection.
 
-    On CUDA a call with one query block (a decode step) runs both in one launch
-    (plan.metal: the group that finishes a block's scores selects its keys); otherwise two
-    launches (block_scores.metal, select_keys.metal). The selection equals the reference's up
+    On CUDA a call with one query block (a decode step) runs both in one launch (the
+    assembled ``plan`` kernel: the group that finishes a block's scores selects its keys);
+    otherwise two launches (block_scores.metal, select_keys.metal). The selection equals the reference's up
     to score ties, which the kernels break in key order. Args and returns as the reference;
     ``use_kernel=False`` forces the reference. ``tickets``: a zeroed int32 buffer of at least
     ``B`` counters that the fused launch takes and leaves zeroed (``DHSACache.plan_tickets``),
@@ -555,7 +555,7 @@ def select_chunks(
 
 
 def _score_launch(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> dict:
-    """Inputs, grid and sizes of block_scores.metal (also the first part of plan.metal)."""
+    """Inputs, grid and sizes of block_scores.metal (also the first part of ``plan``)."""
     B, H, L, D = queries.shape
     keys, cap = table.keys, table.starts.shape[1]
     NB, N = -(-L // config.block_size), table.n_closed + 1
@@ -627,7 +627,7 @@ def _select_keys(scores: mx.array, table: ChunkTable, config: DHSAConfig,
 
 def _plan(queries: mx.array, table: ChunkTable, config: DHSAConfig, select: mx.array,
           tickets: mx.array | None) -> tuple[mx.array, mx.array]:
-    """Scores and selection in one launch (plan.metal): (indices, n_valid) as _select_keys."""
+    """Scores and selection in one launch (``plan``): (indices, n_valid) as _select_keys."""
     launch = _score_launch(queries, table, config)
     B, NB, N, D = launch["B"], launch["NB"], launch["N"], launch["D"]
     if tickets is None or tickets.size < B * NB:
