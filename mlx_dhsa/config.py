@@ -106,10 +106,10 @@ class DHSAConfig:
     def sparse_decode_at(self, n_keys: int) -> bool:
         """Whether a decode step over ``n_keys`` keys attends sparsely.
 
-        A sparse step costs three kernel calls per layer (scores, selection, attention; a
-        fourth, the merge, on Metal), a dense one a single call; decode on the H200 is bound
-        by host work per call, so below ``decode_dense_below`` keys reading the whole cache
-        is as fast or faster there (see README, decode).
+        A sparse step costs two kernel calls per layer on CUDA (planning, attention; four on
+        Metal: scores, selection, attention, merge), a dense one a single call; decode on the
+        H200 is bound by host work per call, so below ``decode_dense_below`` keys reading the
+        whole cache is as fast or faster there (see README, decode).
         """
         limit = self.decode_dense_below
         return limit is not None and n_keys > max(limit, self.dense_limit)

@@ -66,9 +66,9 @@ _SELECT_THREADS = 512
 
 # One-query dense steps with a logit soft cap (Gemma2's dense and sliding-window decode) run
 # decode_attention.metal: one kernel call (two on Metal: attention, merge) instead of mlx-lm's
-# six ops (scale, two matmuls, soft cap, softmax). Decode on a fast GPU is bound by host work per launch
-# (CUDA graph nodes, encoding, Python): see scripts/profile_timeline.py. False: MLX ops, as
-# mlx-lm runs them.
+# six ops (scale, two matmuls, soft cap, softmax). Decode on a fast GPU is bound by host work
+# per launch (CUDA graph nodes, encoding, Python): see scripts/profile_timeline.py. False: MLX
+# ops, as mlx-lm runs them.
 FUSED_DECODE = True
 # One-query calls (sparse and dense decode steps) on decode_attention.metal; False: on the
 # query-tile kernel sparse_attention.metal, as before it existed (for A/B measurements).
@@ -300,11 +300,7 @@ def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams, ticke
     iparams = _params((S, q_offset, window or 0, H, H_kv, count.shape[1], index.shape[-1],
                        n_splits, per_split, B))
     fold = _DECODE_FOLD
-    if not fold:
-        tickets = _no_plan()
-    elif tickets is None or tickets.size < B * H_kv:
-        # Fresh zeros: launches that MLX may run side by side share nothing.
-        tickets = mx.zeros((B * H_kv,), mx.int32)
+    tickets = _ticket_buffer(tickets, B * H_kv) if fold else _no_plan()
     part, lse, out = _decode_kernel(
         inputs=[q, k, v, index, count, tickets, iparams, fparams],
         template=[("T", q.dtype), ("D", D), ("REPS", H // H_kv), ("NW", _DECODE_WARPS),
@@ -317,6 +313,14 @@ def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams, ticke
     if fold:
         return out
     return _merge(part, lse, n_splits, B * H, D, q.dtype).reshape(B, H, 1, D)
+
+
+def _ticket_buffer(tickets: mx.array | None, n: int) -> mx.array:
+    """The caller's zeroed counters if they hold ``n``, else fresh zeros (launches that MLX
+    may run side by side must share nothing)."""
+    if tickets is None or tickets.size < n:
+        return mx.zeros((n,), mx.int32)
+    return tickets
 
 
 def _merge(part, lse, n_splits: int, R: int, D: int, dtype) -> mx.array:
@@ -532,11 +536,11 @@ def select_chunks(
 
     On CUDA a call with one query block (a decode step) runs both in one launch (the
     assembled ``plan`` kernel: the group that finishes a block's scores selects its keys);
-    otherwise two launches (block_scores.metal, select_keys.metal). The selection equals the reference's up
-    to score ties, which the kernels break in key order. Args and returns as the reference;
-    ``use_kernel=False`` forces the reference. ``tickets``: a zeroed int32 buffer of at least
-    ``B`` counters that the fused launch takes and leaves zeroed (``DHSACache.plan_tickets``),
-    as for :func:`dense_attention`; None: fresh zeros.
+    otherwise two launches (block_scores.metal, select_keys.metal). The selection equals the
+    reference's up to score ties, which the kernels break in key order. Args and returns as
+    the reference; ``use_kernel=False`` forces the reference. ``tickets``: a zeroed int32
+    buffer of at least ``B`` counters that the fused launch takes and leaves zeroed
+    (``DHSACache.plan_tickets``), as for :func:`dense_attention`; None: fresh zeros.
     """
     global last_plan_path
     if not (_on_gpu(_select_kernel, use_kernel) and _plan_ok(queries, table, config)):
@@ -554,8 +558,16 @@ def select_chunks(
                 contiguous=True)
 
 
-def _score_launch(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> dict:
-    """Inputs, grid and sizes of block_scores.metal (also the first part of ``plan``)."""
+class _ScoreLaunch(NamedTuple):
+    """How block_scores.metal (also the first part of ``plan``) is launched."""
+
+    inputs: list
+    grid: tuple
+    shapes: list  # of its outputs: scores (B, NB, N), open_sum (B, D)
+
+
+def _score_launch(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> _ScoreLaunch:
+    """block_scores.metal's inputs, grid and output shapes for these queries."""
     B, H, L, D = queries.shape
     keys, cap = table.keys, table.starts.shape[1]
     NB, N = -(-L // config.block_size), table.n_closed + 1
@@ -572,8 +584,8 @@ def _score_launch(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> d
     prev, prev_end = (state.total, state.end) if carried else (summaries, table.open_start)
     iparams = (L, H, keys.shape[1], config.block_size, table.n_closed, table.open_start,
                table.n_keys, cap, per_group, int(table.summary == "sqrt"), prev_end)
-    return dict(inputs=[queries, keys, summaries, prev, _params(iparams)],
-                grid=(tiles * _SCORE_THREADS, NB, B), B=B, NB=NB, N=N, D=D)
+    return _ScoreLaunch([queries, keys, summaries, prev, _params(iparams)],
+                        (tiles * _SCORE_THREADS, NB, B), [(B, NB, N), (B, D)])
 
 
 def _carry_open_sum(table: ChunkTable, open_sum: mx.array, L: int) -> None:
@@ -590,13 +602,12 @@ def _carry_open_sum(table: ChunkTable, open_sum: mx.array, L: int) -> None:
 def _block_scores(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> mx.array:
     """(B, NB, n_closed + 1) block x chunk scores, the open chunk last (block_scores.metal)."""
     launch = _score_launch(queries, table, config)
-    B, NB, N, D = launch["B"], launch["NB"], launch["N"], launch["D"]
     scores, open_sum = _block_scores_kernel(
-        inputs=launch["inputs"],
-        template=[("T", queries.dtype), ("D", D)],
-        grid=launch["grid"],
+        inputs=launch.inputs,
+        template=[("T", queries.dtype), ("D", queries.shape[-1])],
+        grid=launch.grid,
         threadgroup=(_SCORE_THREADS, 1, 1),
-        output_shapes=[(B, NB, N), (B, D)],
+        output_shapes=launch.shapes,
         output_dtypes=[mx.float32, mx.float32],
     )
     _carry_open_sum(table, open_sum, queries.shape[2])
@@ -629,17 +640,16 @@ def _plan(queries: mx.array, table: ChunkTable, config: DHSAConfig, select: mx.a
           tickets: mx.array | None) -> tuple[mx.array, mx.array]:
     """Scores and selection in one launch (``plan``): (indices, n_valid) as _select_keys."""
     launch = _score_launch(queries, table, config)
-    B, NB, N, D = launch["B"], launch["NB"], launch["N"], launch["D"]
-    if tickets is None or tickets.size < B * NB:
-        tickets = mx.zeros((B * NB,), mx.int32)  # fresh: launches side by side share nothing
+    B, NB, _ = launch.shapes[0]
+    tickets = _ticket_buffer(tickets, B * NB)
     # table.starts / lengths are whole (contiguous) buffers, as the launch assumes.
     _, open_sum, indices, n_valid = _plan_kernel(
-        inputs=[*launch["inputs"], table.starts, table.lengths, select, tickets],
-        template=[("T", queries.dtype), ("D", D), ("MAX_IV", _MAX_INTERVALS),
+        inputs=[*launch.inputs, table.starts, table.lengths, select, tickets],
+        template=[("T", queries.dtype), ("D", queries.shape[-1]), ("MAX_IV", _MAX_INTERVALS),
                   ("NT", _SCORE_THREADS)],
-        grid=launch["grid"],
+        grid=launch.grid,
         threadgroup=(_SCORE_THREADS, 1, 1),
-        output_shapes=[(B, NB, N), (B, D), (B, NB, config.budget), (B, NB)],
+        output_shapes=[*launch.shapes, (B, NB, config.budget), (B, NB)],
         output_dtypes=[mx.float32, mx.float32, mx.int32, mx.int32],
     )
     _carry_open_sum(table, open_sum, queries.shape[2])

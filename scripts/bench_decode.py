@@ -109,7 +109,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768, 65536, 131072])
     p.add_argument("--budget", type=int, default=mlx_dhsa.DHSAConfig().budget)
-    p.add_argument("--decode-dense-below", type=int, default=mlx_dhsa.DHSAConfig().decode_dense_below,
+    p.add_argument("--decode-dense-below", type=int,
+                   default=mlx_dhsa.DHSAConfig().decode_dense_below,
                    help="keys below which DHSA decodes densely (0: sparse whenever S > 2 x budget)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
@@ -173,7 +174,8 @@ def main():
             + f" | sync dense="
             f"{row['dense_sync_tps']:.1f} dhsa={row['dhsa_sync_tps']:.1f} tok/s, build dense="
             f"{row['dense_build_ms']:.2f} dhsa={row['dhsa_build_ms']:.2f} ms | "
-            f"bytes/token dense={row['dense_gb_per_token']:.2f} GB dhsa={row['dhsa_gb_per_token']:.2f} GB"
+            f"bytes/token dense={row['dense_gb_per_token']:.2f} GB "
+            f"dhsa={row['dhsa_gb_per_token']:.2f} GB"
             + (f" | floor={row['floor_tps']:.1f} tok/s" if args.floor else ""),
             flush=True,
         )

@@ -13,7 +13,7 @@ runs ``decode_attention.metal``) and ``dense_tile`` / ``sparse_tile`` (the same 
 query-tile kernel ``sparse_attention.metal``, ``kernels.DECODE_KERNEL = False``). Without a GPU
 kernel the ``dense``/``sparse`` methods time the pure-MLX reference (``path`` says which ran).
 
-    python scripts/bench_decode_attention.py --lengths 4096 16384 131072 --json decode_attention.json
+    python scripts/bench_decode_attention.py --lengths 4096 16384 131072 --json d.json
 """
 
 import argparse

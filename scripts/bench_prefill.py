@@ -19,9 +19,10 @@ over that call (weights included). Methods, all on the same model in one process
 Peak memory includes the work MLX has queued but the GPU has not finished: ``eval`` encodes
 command batches ahead of the GPU until a cap on batches in flight (MAX_ACTIVE_TASKS in MLX's
 transforms.cpp) or the memory limit stops it, each batch holding its buffers. A method with
-more GPU work per layer runs further behind and peaks higher for the same live data. ``--memory-limit GB`` sets ``mx.set_memory_limit``, above
-which MLX waits for queued work before encoding more: every method then peaks near what it
-really holds. Each run's peak is kept (``peak_gb_all``); the report takes the largest.
+more GPU work per layer runs further behind and peaks higher for the same live data.
+``--memory-limit GB`` sets ``mx.set_memory_limit``, above which MLX waits for queued work
+before encoding more: every method then peaks near what it really holds. Each run's peak is
+kept (``peak_gb_all``); the report takes the largest.
 
 Usage: python scripts/bench_prefill.py --lengths 4096 8192 --json p.json
 """

@@ -82,7 +82,8 @@ def test_profile_decode_reuses_each_layers_first_plan(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))
     profile_decode = importlib.import_module("profile_decode")
     calls = []
-    monkeypatch.setattr(kernels, "select_chunks", lambda q, t, c, **kw: calls.append(t) or len(calls))
+    monkeypatch.setattr(kernels, "select_chunks",
+                        lambda q, t, c, **kw: calls.append(t) or len(calls))
     select = profile_decode._reused_plans()
     layer_a, layer_b = SimpleNamespace(open_sum=object()), SimpleNamespace(open_sum=object())
     assert [select(None, t, None, q_offset=0) for t in (layer_a, layer_b, layer_a, layer_b)] == [
