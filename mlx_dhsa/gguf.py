@@ -17,6 +17,12 @@ import numpy as np
 
 Progress = Callable[[int, int, str], None]  # (done, total, what), called once per tensor
 
+MARKER = "mlx_dhsa_source.json"  # written into every directory convert_gguf makes
+
+
+class OutputDirError(ValueError):
+    """The output path of a conversion cannot be used (a file, or a directory not ours)."""
+
 # Per-layer llama.cpp name -> HF name (``blk.N.<key>.weight`` -> ``model.layers.N.<value>.weight``).
 _LAYER_COMMON = {
     "attn_q": "self_attn.q_proj",
@@ -192,11 +198,14 @@ def convert_gguf(
     """Convert a GGUF file into an mlx-lm model directory loadable with ``mlx_lm.load``.
 
     The directory is written next to ``out_dir`` under a temporary name and renamed when
-    complete, so an interrupted conversion leaves nothing half-written at ``out_dir``.
+    complete, so an interrupted conversion leaves nothing half-written at ``out_dir``; the
+    temporary is deleted on any failure or interrupt, and temporaries of processes that died
+    are deleted by the next conversion to the same path.
 
     Args:
         gguf_path (str | Path): a llama.cpp GGUF file (architecture ``llama`` or ``gemma3``).
-        out_dir (str | Path): the model directory to create; replaced if it exists.
+        out_dir (str | Path): the model directory to create: a new or empty directory, or one
+            that an earlier conversion made (replaced). Anything else is refused.
         dtype (str): weight dtype, an ``mx`` dtype name. Default: ``"float16"``.
         tokenizer_dir (str | Path, optional): copy ``tokenizer*`` / ``special_tokens_map`` files
             from here instead of rebuilding the tokenizer from the GGUF. Default: ``None``.
@@ -206,7 +215,9 @@ def convert_gguf(
         Path: ``out_dir``.
 
     Raises:
-        ValueError: an unsupported architecture. KeyError: an unknown tensor name.
+        OutputDirError: ``out_dir`` is a file or a directory mlx-dhsa did not make (checked
+            before converting; nothing is written). ValueError: an unsupported architecture.
+        KeyError: an unknown tensor name.
         ImportError: the ``gguf`` package is missing.
     """
     try:
@@ -215,34 +226,94 @@ def convert_gguf(
     except ImportError as e:
         raise ImportError("GGUF conversion needs the gguf package: pip install gguf") from e
 
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir).expanduser()
+    check_output_dir(out_dir)
+    remove_stale_temporaries(out_dir)
     reader = gguf.GGUFReader(gguf_path)
     meta = read_metadata(reader)
     arch = meta["general.architecture"]
     config = model_config(meta, [t.name for t in reader.tensors])
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _temporary(out_dir, "tmp")
     tmp.mkdir(parents=True)
-    weights = {}
-    for i, t in enumerate(reader.tensors):
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        name, w = convert_tensor(t.name, w, arch, config)
-        weights[name] = mx.array(w).astype(getattr(mx, dtype))
-        mx.eval(weights[name])
-        if progress is not None:
-            progress(i + 1, len(reader.tensors), t.name)
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-    del weights
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template")):
-                shutil.copy(f, tmp / f.name)
-    else:
-        build_tokenizer(meta).save_pretrained(str(tmp))
-    source = {"gguf": gguf_path.name, "architecture": arch, "dtype": dtype}
-    (tmp / "mlx_dhsa_source.json").write_text(json.dumps(source, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    try:
+        weights = {}
+        for i, t in enumerate(reader.tensors):
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            name, w = convert_tensor(t.name, w, arch, config)
+            weights[name] = mx.array(w).astype(getattr(mx, dtype))
+            mx.eval(weights[name])
+            if progress is not None:
+                progress(i + 1, len(reader.tensors), t.name)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        del weights
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer_dir is not None:
+            for f in Path(tokenizer_dir).iterdir():
+                if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template")):
+                    shutil.copy(f, tmp / f.name)
+        else:
+            build_tokenizer(meta).save_pretrained(str(tmp))
+        source = {"gguf": gguf_path.name, "architecture": arch, "dtype": dtype}
+        (tmp / MARKER).write_text(json.dumps(source, indent=2))
+        check_output_dir(out_dir)  # again: the conversion took a while
+        old = None
+        if out_dir.exists():  # a previous conversion of ours: swap, then delete it
+            old = _temporary(out_dir, "old")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+    except BaseException:  # KeyboardInterrupt included: leave no temporary behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Refuse an output path that a conversion would clobber.
+
+    A missing path or an empty directory is fine, and so is a directory that an earlier
+    conversion made (it holds ``MARKER``): it is replaced. Anything else is the user's.
+
+    Raises:
+        OutputDirError: ``out_dir`` is a file, or a non-empty directory mlx-dhsa did not make.
+    """
+    if out_dir.is_dir():
+        if (out_dir / MARKER).is_file() or not any(out_dir.iterdir()):
+            return
+        raise OutputDirError(
+            f"{out_dir} already exists and was not made by mlx-dhsa (no {MARKER} in it); "
+            "nothing was written: choose a new or empty directory for --out"
+        )
+    if out_dir.exists() or out_dir.is_symlink():
+        raise OutputDirError(f"{out_dir} exists and is not a directory; choose a directory path")
+
+
+def _temporary(out_dir: Path, kind: str) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.{kind}-{os.getpid()}")
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Delete the temporaries (``.NAME.tmp-PID``, ``.NAME.old-PID``) that conversions of
+    ``out_dir`` left when their process died; returns what was removed."""
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for path in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        kind, _, pid = path.name[len(out_dir.name) + 2 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True

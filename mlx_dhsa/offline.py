@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf import Progress, convert_gguf
+from .gguf import Progress, convert_gguf, remove_stale_temporaries
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ def ensure_model(name: str, *, progress: Progress | str | None = "auto") -> Path
             (the message says how to install it).
     """
     out = model_dir(name)
+    remove_stale_temporaries(out)  # left by a conversion that was killed
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     return convert(name, out, progress=progress)

@@ -1,5 +1,6 @@
 import importlib.util
 import sys
+import os
 
 import mlx.core as mx
 import mlx_lm
@@ -198,3 +199,54 @@ def test_convert_gguf_command(tmp_path):
     assert (tmp_path / "m" / "config.json").is_file() and str(tmp_path / "m") in result.output
     result = CliRunner().invoke(app, ["convert-gguf", str(tmp_path / "missing.gguf")])
     assert result.exit_code == 1 and "neither a GGUF file" in result.output
+
+
+def test_convert_gguf_refuses_a_directory_it_did_not_make(tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_dhsa.cli import app
+
+    src = write_gguf(tmp_path / "tiny.gguf", "llama", tiny_llama(vocab_size=64))
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's file")
+    result = CliRunner().invoke(app, ["convert-gguf", str(src), "--out", str(mine)])
+    assert result.exit_code == 1 and "was not made by mlx-dhsa" in result.output
+    assert "Traceback" not in result.output
+    assert (mine / "notes.txt").read_text() == "the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "tiny.gguf"]  # no temporary
+    # A file as --out: refused before converting, nothing left beside it.
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    result = CliRunner().invoke(app, ["convert-gguf", str(src), "--out", str(target)])
+    assert result.exit_code == 1 and "not a directory" in result.output
+    assert target.read_text() == "x" and not list(tmp_path.glob(".file.txt.*"))
+    # An empty directory is used; a previous conversion of ours is replaced.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["convert-gguf", str(src), "--out", str(empty)])
+        assert result.exit_code == 0, result.output
+        assert (empty / "config.json").is_file()
+    assert not list(tmp_path.glob(".empty.*"))
+
+
+def test_interrupted_conversion_leaves_no_temporary(monkeypatch, tmp_path):
+    from mlx_dhsa import gguf as gguf_module
+
+    src = write_gguf(tmp_path / "tiny.gguf", "llama", tiny_llama(vocab_size=64))
+
+    def interrupt(done, total, name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_gguf(src, tmp_path / "out", progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+    # A temporary of a process that died (killed before it could clean up) goes at next start.
+    stale = tmp_path / ".out.tmp-999999999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    live = tmp_path / f".out.tmp-{os.getppid()}"  # a live process's: kept
+    live.mkdir()
+    assert gguf_module.remove_stale_temporaries(tmp_path / "out") == [stale]
+    assert not stale.exists() and live.exists()
