@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .config import DHSAConfig
-from .predictor import load_predictor
+from .boundaries.predictor import load_predictor
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any
 import mlx.nn as nn
 
 from .config import DHSAConfig
-from .offline import PACKAGED_MODELS, ensure_model
+from .models.packaged import PACKAGED_MODELS, ensure_model
 from .patching import patch as patch_model
 
 # Short names -> mlx-community repositories. Paths and other repo ids pass through.

@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from mlx_dhsa import DHSAConfig, kernels, reference
 from mlx_dhsa.chunking import chunk_boundaries
-from mlx_dhsa.runinfo import environment
+from mlx_dhsa.evaluation.runinfo import environment
 from mlx_dhsa.selection import block_queries, key_mask, select
 
 H, H_KV, D, SCALE, SOFTCAP = 8, 4, 256, 256**-0.5, 50.0  # gemma-2-2b

@@ -29,7 +29,7 @@ from mlx_lm.generate import generate_step
 
 import mlx_dhsa
 from mlx_dhsa.patching import dhsa_layers
-from mlx_dhsa.profiling import SHAPES, random_model
+from mlx_dhsa.cli.profiling import SHAPES, random_model
 
 from bench_prefill import set_method
 

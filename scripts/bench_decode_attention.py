@@ -24,7 +24,7 @@ import time
 import mlx.core as mx
 
 from mlx_dhsa import kernels
-from mlx_dhsa.runinfo import environment
+from mlx_dhsa.evaluation.runinfo import environment
 from mlx_dhsa.selection import Plan
 
 SCALE, SOFTCAP = 256**-0.5, 50.0  # gemma-2-2b

@@ -37,8 +37,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_dhsa
-from mlx_dhsa.profiling import SHAPES, random_model
-from mlx_dhsa.runinfo import attention_path, environment
+from mlx_dhsa.cli.profiling import SHAPES, random_model
+from mlx_dhsa.evaluation.runinfo import attention_path, environment
 
 class FloorAttention(nn.Module):
     """Gemma2 attention without the scores: projections, RoPE and the cache update only."""

@@ -1,7 +1,7 @@
 """Accuracy of DHSA against dense attention and the baselines on a real model.
 
 Needle in a haystack (the original test's Paul Graham essays and needle, scored by
-``mlx_dhsa.niah``) over context lengths x depths, and perplexity on held-out essays (the
+``mlx_dhsa.evaluation.niah``) over context lengths x depths, and perplexity on held-out essays (the
 essays at the end of the sorted list; NIAH's haystack is read from the start), for every
 method in one process. Writes ``results.json`` (all raw results), ``results.md`` (tables) and
 one heatmap PNG per method; ``results.jsonl`` grows as results arrive, so an interrupted run
@@ -23,10 +23,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_dhsa import DHSAConfig, load
-from mlx_dhsa import niah
-from mlx_dhsa.methods import Method, parse_methods
-from mlx_dhsa.perplexity import next_token_stats
-from mlx_dhsa.runinfo import environment, model_dtype
+from mlx_dhsa.evaluation import niah
+from mlx_dhsa.evaluation.methods import Method, parse_methods
+from mlx_dhsa.evaluation.perplexity import next_token_stats
+from mlx_dhsa.evaluation.runinfo import environment, model_dtype
 
 DEFAULT_METHODS = "dense,dhsa@1024,block_sparse@1024,streaming@1024,dhsa@512,dhsa@2048,oracle@1024"
 

@@ -16,7 +16,7 @@ import mlx.core as mx
 
 import mlx_dhsa
 from mlx_dhsa import kernels
-from mlx_dhsa.profiling import SHAPES, random_model
+from mlx_dhsa.cli.profiling import SHAPES, random_model
 
 from bench_decode import decode, decode_sync, filled_caches
 from bench_prefill import set_method

@@ -19,7 +19,7 @@ from collections import defaultdict
 import mlx.core as mx
 
 import mlx_dhsa
-from mlx_dhsa.profiling import SHAPES, random_model
+from mlx_dhsa.cli.profiling import SHAPES, random_model
 
 from bench_decode import decode_gaps, decode_methods, filled_caches
 from bench_prefill import set_method

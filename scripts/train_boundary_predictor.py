@@ -1,7 +1,7 @@
 """Train a boundary predictor for one model on Paul Graham essays (design.md section 5).
 
 Labels come from the model's own attention at the layer that owns DHSA's shared boundaries
-(``mlx_dhsa.boundary_labels``); keys and labels are cached. Training: focal BCE (gamma 2,
+(``mlx_dhsa.boundaries.labels``); keys and labels are cached. Training: focal BCE (gamma 2,
 pos_weight 1.3), Adam 1e-4, random crops of the training essays. Essays are split three
 ways: training, validation (loss and F1 at every checkpoint; the checkpoint with the lowest
 validation loss becomes the predictor) and test (the final report, which compares the learned
@@ -26,11 +26,11 @@ import numpy as np
 from tqdm import tqdm
 
 import mlx_dhsa
-from mlx_dhsa.boundary_labels import boundary_labels, default_layer
+from mlx_dhsa.boundaries.labels import boundary_labels, default_layer
 from mlx_dhsa.chunking import gap_scores
-from mlx_dhsa.offline import cache_dir
-from mlx_dhsa.predictor import BoundaryPredictor, PredictorArgs, load_predictor, save_predictor
-from mlx_dhsa.predictor_train import Trainer, best_f1, gap_metrics, threshold_at_density
+from mlx_dhsa.models.packaged import cache_dir
+from mlx_dhsa.boundaries.predictor import BoundaryPredictor, PredictorArgs, load_predictor, save_predictor
+from mlx_dhsa.boundaries.train import Trainer, best_f1, gap_metrics, threshold_at_density
 
 
 def essay_files(directory: str | None) -> list[Path]:

@@ -11,9 +11,11 @@ from mlx.utils import tree_flatten
 from PIL import Image
 from typer.testing import CliRunner
 
-from mlx_dhsa import niah, patch
-from mlx_dhsa.chat import ChatSession
-from mlx_dhsa.cli import app
+from mlx_dhsa import patch
+
+from mlx_dhsa.evaluation import niah
+from mlx_dhsa.cli.chat import ChatSession
+from mlx_dhsa.cli.app import app
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>"

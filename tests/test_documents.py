@@ -2,7 +2,7 @@ import io
 
 import pytest
 
-from mlx_dhsa.documents import DocumentError, read_document, read_documents
+from mlx_dhsa.cli.documents import DocumentError, read_document, read_documents
 
 
 def _pdf(path, text: str | None):

@@ -9,8 +9,8 @@ import pytest
 from conftest import tiny_gemma3, tiny_llama
 from mlx.utils import tree_flatten
 
-from mlx_dhsa import offline
-from mlx_dhsa.gguf import convert_gguf, hf_name, unpermute_rope
+from mlx_dhsa.models import packaged as offline
+from mlx_dhsa.models.gguf import convert_gguf, hf_name, unpermute_rope
 from mlx_dhsa.loading import ModelNotFoundError, resolve
 
 gguf = pytest.importorskip("gguf")
@@ -191,7 +191,7 @@ def test_packaged_model_converts_once_into_the_cache(monkeypatch, tmp_path):
 def test_convert_gguf_command(tmp_path):
     from typer.testing import CliRunner
 
-    from mlx_dhsa.cli import app
+    from mlx_dhsa.cli.app import app
 
     src = write_gguf(tmp_path / "tiny.gguf", "llama", tiny_llama(vocab_size=64))
     result = CliRunner().invoke(app, ["convert-gguf", str(src), "--out", str(tmp_path / "m")])
@@ -204,7 +204,7 @@ def test_convert_gguf_command(tmp_path):
 def test_convert_gguf_refuses_a_directory_it_did_not_make(tmp_path):
     from typer.testing import CliRunner
 
-    from mlx_dhsa.cli import app
+    from mlx_dhsa.cli.app import app
 
     src = write_gguf(tmp_path / "tiny.gguf", "llama", tiny_llama(vocab_size=64))
     mine = tmp_path / "models"
@@ -232,7 +232,7 @@ def test_convert_gguf_refuses_a_directory_it_did_not_make(tmp_path):
 
 
 def test_interrupted_conversion_leaves_no_temporary(monkeypatch, tmp_path):
-    from mlx_dhsa import gguf as gguf_module
+    from mlx_dhsa.models import gguf as gguf_module
 
     src = write_gguf(tmp_path / "tiny.gguf", "llama", tiny_llama(vocab_size=64))
 

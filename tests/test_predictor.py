@@ -7,9 +7,9 @@ from conftest import small_config, tiny_gemma2, tiny_gemma3, tiny_llama
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_dhsa import DHSAConfig, patch
-from mlx_dhsa.boundary_labels import boundary_labels, default_layer, layer_queries_keys
+from mlx_dhsa.boundaries.labels import boundary_labels, default_layer, layer_queries_keys
 from mlx_dhsa.chunking import chunk_boundaries, segment_chunks
-from mlx_dhsa.predictor import (
+from mlx_dhsa.boundaries.predictor import (
     BoundaryPredictor,
     PredictorArgs,
     args_path,
@@ -17,8 +17,8 @@ from mlx_dhsa.predictor import (
     packaged_predictor,
     save_predictor,
 )
-from mlx_dhsa.predictor_convert import STATE_DICT_KEYS, convert_predictor, expected_shapes
-from mlx_dhsa.predictor_train import Trainer, best_f1, focal_bce, gap_metrics
+from mlx_dhsa.boundaries.convert import STATE_DICT_KEYS, convert_predictor, expected_shapes
+from mlx_dhsa.boundaries.train import Trainer, best_f1, focal_bce, gap_metrics
 
 
 def _state_dict(args: PredictorArgs, seed: int = 0) -> dict[str, np.ndarray]:
@@ -89,7 +89,7 @@ def test_gap_blocks_and_explicit_windows_agree(monkeypatch):
     model = _random_predictor(args)
     keys = mx.random.normal((1, 1, 40, 16))
     whole = model.gap_logits(keys)
-    monkeypatch.setattr("mlx_dhsa.predictor.GAP_BLOCK", 5)
+    monkeypatch.setattr("mlx_dhsa.boundaries.predictor.GAP_BLOCK", 5)
     assert mx.allclose(model.gap_logits(keys), whole, atol=1e-5).item()
     x = keys[0, 0]
     windows = mx.stack([x[p - 4 : p + 4] for p in range(4, 37)])
@@ -341,7 +341,7 @@ def test_packaged_gemma3_predictor_loads():
 def test_cli_convert_predictor(tmp_path):
     from typer.testing import CliRunner
 
-    from mlx_dhsa.cli import app
+    from mlx_dhsa.cli.app import app
 
     sd = _state_dict(PredictorArgs(channels=32, heads=4, hidden=16))
     src = tmp_path / "released.safetensors"

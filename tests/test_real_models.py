@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from mlx_dhsa import DHSAConfig, load, patch, unpatch
-from mlx_dhsa.niah import read_haystack
+from mlx_dhsa.evaluation.niah import read_haystack
 from mlx_dhsa.patching import dhsa_layers
-from mlx_dhsa.perplexity import next_token_stats
+from mlx_dhsa.evaluation.perplexity import next_token_stats
 
 pytestmark = [
     pytest.mark.slow,

@@ -5,8 +5,8 @@ from typing import Annotated, Literal
 
 import typer
 
-from . import _ui as ui
-from .predictor import DEFAULT_HEADS, DEFAULT_WINDOW
+from . import ui
+from ..boundaries.predictor import DEFAULT_HEADS, DEFAULT_WINDOW
 
 
 def convert_gguf(
@@ -21,7 +21,7 @@ def convert_gguf(
     ] = "float16",
 ):
     """Convert a llama.cpp GGUF (gemma3 or llama) into an mlx-lm model directory."""
-    from .offline import convert
+    from ..models.packaged import convert
 
     with ui.progress(f"Converting {source}", unit="tensors") as update:
         try:
@@ -41,7 +41,7 @@ def convert_predictor(
     residual: Annotated[bool, typer.Option(help="Encoder is LayerNorm(x + MHA(x)).")] = False,
 ):
     """Convert a boundary predictor state_dict to MLX weights (for boundaries="learned")."""
-    from .predictor_convert import convert_predictor as convert
+    from ..boundaries.convert import convert_predictor as convert
 
     try:
         path = convert(source, out, heads=heads, window=window, residual=residual)

@@ -175,7 +175,7 @@ def packaged_predictor(model: str) -> Path:
     Raises:
         FileNotFoundError: no predictor for ``model`` is shipped; the message lists those that are.
     """
-    data = Path(__file__).resolve().parent / "data"
+    data = Path(__file__).resolve().parent.parent / "data"
     path = data / f"{model}.safetensors"
     if not path.is_file():
         shipped = sorted(p.stem for p in data.glob("*.safetensors"))

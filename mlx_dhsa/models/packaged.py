@@ -1,7 +1,7 @@
 """Real models that ship inside PyPI packages as GGUF files, converted on first use.
 
 ``ensure_model("gemma-3-270m")`` finds the GGUF of an installed package, converts it with
-:func:`mlx_dhsa.gguf.convert_gguf` into the user cache and returns the mlx-lm directory;
+:func:`mlx_dhsa.models.gguf.convert_gguf` into the user cache and returns the mlx-lm directory;
 later calls return the cached directory at once.
 """
 

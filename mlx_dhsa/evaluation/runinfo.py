@@ -8,8 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ._version import __version__
-from .patching import dhsa_layers
+from .._version import __version__
+from ..patching import dhsa_layers
 
 
 def attention_path(model: nn.Module) -> str:

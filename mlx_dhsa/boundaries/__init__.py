@@ -1,0 +1,1 @@
+"""Learned chunk boundaries: the boundary predictor, its conversion, labels and training."""

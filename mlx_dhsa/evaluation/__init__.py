@@ -1,0 +1,1 @@
+"""Evaluation: needle in a haystack, perplexity, the methods compared, run info."""

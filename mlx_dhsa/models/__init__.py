@@ -1,0 +1,1 @@
+"""Real models that ship inside PyPI packages as GGUF files, and GGUF conversion."""
