@@ -4,6 +4,7 @@ import json
 from dataclasses import asdict
 
 import typer
+from typing import Annotated
 
 from . import ui
 from ..evaluation import niah as needle
@@ -265,6 +266,30 @@ def info(config: DHSAConfig = None):
     env = runinfo.environment()
     env["attention path"] = profiling.probe_path(config.use_kernel)
     ui.info(env, asdict(config), MODEL_ALIASES)
+
+
+@app.command()
+def doctor(
+    contexts: Annotated[
+        str | None,
+        typer.Option(help="Timing contexts, e.g. 8192,32768. [default: 8k,32k on a GPU; 1k on a CPU]"),
+    ] = None,
+    timing: Annotated[bool, typer.Option(help="Time dense vs DHSA prefill.")] = True,
+    json_out: JsonOut = None,
+):
+    """Check this machine: versions, device, kernels vs reference, a short timing (paste it
+    into a bug report)."""
+    from . import doctor as checkup
+
+    lengths = ints(contexts, "--contexts") if contexts else None
+    with ui.status("Checking kernels and timing prefill"):
+        report = checkup.diagnose(lengths, timing=timing).as_dict()
+    ui.doctor(report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2))
+        ui.note(f"wrote {json_out}")
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 # Converters live in their own module; registered here so `mlx-dhsa --help` lists them.

@@ -184,3 +184,35 @@ def info(versions: dict, config: dict, aliases: dict) -> None:
         for key, value in rows.items():
             table.add_row(str(key), escape(str(value)))
         console.print(table)
+
+
+def doctor(report: dict) -> None:
+    """The doctor's report: environment and device, kernel checks, timings, verdict."""
+    for title, rows in (("environment", report["environment"]), ("device", report["device"])):
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in rows.items():
+            table.add_row(str(key), escape(str(value)))
+        console.print(table)
+    table = Table(title="kernels vs reference", title_justify="left")
+    for col in ("check", "status", "max error", "tolerance", "detail"):
+        table.add_column(col)
+    colors = {"pass": "green", "reference only": "yellow", "fail": "red", "error": "red"}
+    for c in report["checks"]:
+        err = "" if c["max_error"] is None else f"{c['max_error']:.2e}"
+        tol = "" if c["tolerance"] is None else f"{c['tolerance']:.0e}"
+        status = f"[{colors[c['status']]}]{c['status']}[/]"
+        table.add_row(c["name"], status, err, tol, escape(c["detail"]))
+    console.print(table)
+    if report["timings"]:
+        table = Table(title="dense vs DHSA prefill", title_justify="left")
+        for col in ("context", "dense", "DHSA", "speedup", "DHSA path"):
+            table.add_column(col, justify="right" if col != "DHSA path" else "left")
+        for t in report["timings"]:
+            table.add_row(f"{t['context']:,}", f"{t['dense_s']:.3f} s", f"{t['dhsa_s']:.3f} s",
+                          f"{t['speedup']:.2f}x", t["attention"])  # fmt: skip
+        console.print(table)
+        note(report["timing_note"])
+    verdict = "[green]OK[/]" if report["ok"] else "[bold red]PROBLEMS FOUND[/] (see above)"
+    console.print(f"doctor: {verdict}")

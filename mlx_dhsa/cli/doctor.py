@@ -1,0 +1,195 @@
+"""``mlx-dhsa doctor``: what a bug report needs, in one run.
+
+Versions, the device as MLX reports it, whether the GPU kernels run here and agree with the
+pure-MLX reference (a tiny random Gemma2 through DHSA's sparse prefill and sparse decode, once
+with the kernels and once without), a short timing of dense attention against DHSA, and the
+resolved defaults. ``as_dict`` gives the JSON form.
+"""
+
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+
+from ..config import DHSAConfig
+from ..evaluation.methods import Method
+from ..evaluation.runinfo import environment
+from ..patching import patch, unpatch
+
+# Sparse everywhere on a tiny model: every kernel family runs (planning, sparse attention,
+# the dense tail, decode).
+CHECK_CONFIG = dict(
+    budget=48,
+    block_size=16,
+    sink=4,
+    local=8,
+    dense_tail=8,
+    target_chunk=8,
+    min_chunk=2,
+    nms_window=2,
+    boundary_window=2,
+    decode_dense_below=0,
+)
+# Logits of the kernel path against the reference path, per dtype (as the GPU tests allow).
+CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
+GPU_CONTEXTS = (8192, 32768)
+CPU_CONTEXTS = (1024,)
+CPU_BUDGET = 384  # the least the default sink/local/block allow: sparse at 1k tokens
+
+
+@dataclass
+class Check:
+    """One comparison of the kernel path with the reference path."""
+
+    name: str
+    status: str  # "pass", "fail", "error" or "reference only"
+    max_error: float | None = None
+    tolerance: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class Timing:
+    """Prefill of one prompt through a random Gemma2 with gemma-2-2b's attention."""
+
+    context: int
+    dense_s: float
+    dhsa_s: float
+    attention: str  # the path DHSA's prefill ran
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_s / self.dhsa_s
+
+
+@dataclass
+class Report:
+    environment: dict
+    device: dict
+    checks: list[Check]
+    timings: list[Timing] = field(default_factory=list)
+    timing_note: str = ""
+    config: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status in ("pass", "reference only") for c in self.checks)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        for t, row in zip(self.timings, d["timings"]):
+            row["speedup"] = t.speedup
+        d["ok"] = self.ok
+        return d
+
+
+def gpu_backend() -> str | None:
+    """``"metal"``, ``"cuda"`` or ``None`` (CPU only)."""
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    return "cuda" if cuda is not None and cuda.is_available() else None
+
+
+def device_facts() -> dict:
+    """What MLX reports about the default device (name, architecture, memory), JSON-ready."""
+    try:
+        info = mx.device_info()
+    except (RuntimeError, AttributeError):
+        info = {}
+    facts = {"default_device": str(mx.default_device()), "gpu_backend": gpu_backend() or "none"}
+    for k, v in info.items():
+        facts[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return facts
+
+
+def _tiny_model(dtype):
+    from .profiling import random_model
+
+    return random_model("tiny", dtype, num_hidden_layers=2)
+
+
+def kernel_checks(dtypes: Sequence[str] = ("float32", "bfloat16")) -> list[Check]:
+    """Sparse prefill and sparse decode of a tiny random Gemma2, kernels vs reference."""
+    if gpu_backend() is None:
+        return [Check("kernels", "reference only", detail="no GPU backend: the pure-MLX path runs")]
+    checks = []
+    tokens = mx.random.randint(0, 1024, (1, 160), key=mx.random.key(1))
+    for dtype in dtypes:
+        model = _tiny_model(getattr(mx, dtype))
+        for phase in ("prefill", "decode"):
+            name = f"{phase} {dtype}"
+            try:
+                logits = {}
+                for use_kernel in (False, True):
+                    patch(model, DHSAConfig(**CHECK_CONFIG, use_kernel=use_kernel))
+                    logits[use_kernel] = _run(model, tokens, phase)
+                    unpatch(model)
+                err = mx.abs(logits[True] - logits[False]).max().item()
+                tol = CHECK_TOLERANCE[dtype]
+                ok = err <= tol  # NaN fails too
+                checks.append(Check(name, "pass" if ok else "fail", err, tol))
+            except Exception as e:  # noqa: BLE001 - a report, not a crash
+                unpatch(model)
+                last = traceback.format_exception_only(type(e), e)[-1].strip()
+                checks.append(Check(name, "error", detail=last))
+    return checks
+
+
+def _run(model, tokens: mx.array, phase: str) -> mx.array:
+    from .. import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    if phase == "prefill":
+        out = model(tokens, cache=cache)
+    else:
+        model(tokens[:, :-4], cache=cache)
+        for i in range(4, 0, -1):
+            out = model(tokens[:, -i:][:, :1], cache=cache)
+    out = out.astype(mx.float32)
+    mx.eval(out)
+    return out
+
+
+def timings(contexts: Sequence[int], config: DHSAConfig | None = None) -> list[Timing]:
+    """Prefill time of dense attention and of DHSA (``config``, default: defaults) per context, on a
+    random Gemma2 with gemma-2-2b's attention (8 heads, 4 KV heads, head dim 256): two layers
+    (a sliding and a global one) on a GPU, after a warm-up that compiles the kernels; the
+    global layer alone on a CPU, untimed runs skipped."""
+    from .profiling import compare, random_model
+
+    gpu = gpu_backend() is not None
+    dtype = mx.bfloat16 if gpu else mx.float32
+    layers = 2 if gpu else 1
+    model = random_model("gemma-2-2b-narrow", dtype, num_hidden_layers=layers, vocab_size=4096)
+    config = config or DHSAConfig()
+    methods = [Method("dense", None), Method("dhsa", config)]
+    report = compare(
+        model, None, contexts=contexts, methods=methods, trials=1, warmup=int(gpu), decode_tokens=1
+    )
+    by = {(r.method, r.context): r for r in report.rows}
+    return [
+        Timing(n, by["dense", n].prefill_s, by["dhsa", n].prefill_s, by["dhsa", n].attention)
+        for n in sorted(contexts)
+    ]
+
+
+def diagnose(contexts: Sequence[int] | None = None, *, timing: bool = True) -> Report:
+    """Everything ``mlx-dhsa doctor`` reports. ``contexts`` defaults by device: 8k and 32k on
+    a GPU, 1k on a CPU (with a CPU-sized budget, said in ``timing_note``)."""
+    report = Report(environment(), device_facts(), kernel_checks(), config=asdict(DHSAConfig()))
+    if timing:
+        gpu = gpu_backend() is not None
+        contexts = tuple(contexts or (GPU_CONTEXTS if gpu else CPU_CONTEXTS))
+        budget = None if gpu else CPU_BUDGET
+        tic = time.perf_counter()
+        report.timings = timings(contexts, DHSAConfig(budget=budget) if budget else None)
+        report.timing_note = (
+            f"prefill of a {2 if gpu else 1}-layer random Gemma2 with gemma-2-2b's attention, "
+            f"{'bfloat16' if gpu else 'float32'}, DHSA "
+            f"{'defaults' if budget is None else f'budget {budget} (CPU-sized)'}; "
+            f"{time.perf_counter() - tic:.1f} s in all"
+        )
+    return report

@@ -1,0 +1,48 @@
+"""``mlx-dhsa doctor``: runs here, reports the reference path honestly, and fails on a mismatch."""
+
+import json
+
+import mlx.core as mx
+from typer.testing import CliRunner
+
+from mlx_dhsa import DHSAConfig
+from mlx_dhsa.cli import app, doctor
+
+
+def test_doctor_reports_the_reference_path_on_cpu(tmp_path):
+    out = tmp_path / "doctor.json"
+    result = CliRunner().invoke(app, ["doctor", "--no-timing", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["device"]["gpu_backend"] == "none"
+    assert [c["status"] for c in report["checks"]] == ["reference only"]
+    assert report["environment"]["mlx"] == mx.__version__
+    assert report["config"]["budget"] == 2048 and "doctor: OK" in result.output
+
+
+def test_doctor_fails_when_the_kernel_path_disagrees(monkeypatch, tmp_path):
+    # Pretend a GPU is present and make the "kernel" run return wrong logits.
+    used = []
+    real_patch, real_run = doctor.patch, doctor._run
+    monkeypatch.setattr(doctor, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(doctor, "patch", lambda m, c: used.append(c.use_kernel) or real_patch(m, c))
+    monkeypatch.setattr(
+        doctor, "_run", lambda m, t, p: real_run(m, t, p) + (0.5 if used[-1] else 0.0)
+    )
+    checks = doctor.kernel_checks(dtypes=("float32",))
+    assert [(c.name, c.status) for c in checks] == [
+        ("prefill float32", "fail"), ("decode float32", "fail")
+    ]
+    assert all(abs(c.max_error - 0.5) < 1e-6 for c in checks)
+    monkeypatch.setattr(doctor, "_run", lambda m, t, p: 1 / 0)
+    (check, _) = doctor.kernel_checks(dtypes=("float32",))
+    assert check.status == "error" and "ZeroDivisionError" in check.detail
+    result = CliRunner().invoke(app, ["doctor", "--no-timing"])
+    assert result.exit_code == 1 and "PROBLEMS FOUND" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_doctor_times_dense_and_dhsa():
+    rows = doctor.timings([256], DHSAConfig(**doctor.CHECK_CONFIG))
+    assert len(rows) == 1 and rows[0].context == 256
+    assert rows[0].attention == "dhsa(reference)" and rows[0].dense_s > 0 and rows[0].dhsa_s > 0
