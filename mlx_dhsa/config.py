@@ -4,6 +4,7 @@ from pathlib import Path
 BOUNDARY_METHODS = ("shift", "fixed", "learned")
 SUMMARIES = ("sqrt", "mean")
 HEAD_SCORES = ("mean", "max")
+METHODS = ("dhsa", "block_sparse", "streaming", "oracle")  # the planners (planners.PLANNERS)
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,8 @@ class DHSAConfig:
             )
         if self.predictor_path is not None and not Path(self.predictor_path).expanduser().is_file():
             raise ValueError(f"DHSAConfig.predictor_path is not a file: {self.predictor_path!r}")
-        from .planners import PLANNERS  # deferred: avoids an import cycle
-
-        if self.method not in PLANNERS:
-            raise ValueError(
-                f"DHSAConfig.method must be one of {sorted(PLANNERS)}, got {self.method!r}"
-            )
+        if self.method not in METHODS:
+            raise ValueError(f"DHSAConfig.method must be one of {METHODS}, got {self.method!r}")
         forced = self.sink + self.local + self.block_size
         if self.budget < forced:
             raise ValueError(
