@@ -334,10 +334,8 @@ class DHSAAttention(nn.Module):
         outputs = []
         if n_sparse > 0:
             q = queries if n_sparse == L else queries[:, :, :n_sparse]
-            plan = planners.plan(
-                q, keys, config=config, table=lambda: self.chunk_view(keys, cache),
-                offset=offset, window=window, launch=route.plan, state=state, **args,
-            )
+            plan = self.plan(q, keys, offset=offset, window=window, cache=cache,
+                             launch=route.plan, state=state)
             outputs.append(kernels.run_sparse(route.kernel, q, keys, values, plan, state=state,
                                               **args))
         if n_sparse < L:
@@ -346,6 +344,26 @@ class DHSAAttention(nn.Module):
                                   q_offset=offset + n_sparse, window=window, **args)
             )
         return mx.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
+
+    def plan(
+        self,
+        queries: mx.array,
+        keys: mx.array,
+        *,
+        offset: int,
+        window: int | None,
+        cache: Any = None,
+        launch: kernels.PlanLaunch | None = None,
+        state: kernels.KernelState | None = None,
+    ) -> Plan:
+        """Select keys for the query blocks of ``queries`` (B, H, L, D) at ``offset`` with the
+        planner ``config.method`` names (``planners.PLANNERS``), on the planning kernels as
+        ``launch`` says (None: pure MLX)."""
+        return planners.plan(
+            queries, keys, config=self.config, table=lambda: self.chunk_view(keys, cache),
+            offset=offset, window=window, scale=self.scale, softcap=self.attn_logit_softcapping,
+            launch=launch, state=state,
+        )
 
     def chunk_view(self, keys: mx.array, cache: Any = None) -> ChunkTable:
         """The chunks of ``keys`` (B, H_kv, S, D) and their summaries, as a ChunkTable.
