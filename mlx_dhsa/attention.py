@@ -41,9 +41,9 @@ class Route(NamedTuple):
     @property
     def label(self) -> str:
         """``"dense"``, ``"dhsa(kernel)"`` or ``"dhsa(reference)"``."""
-        if self.path is Path.SPARSE_KERNEL and self.n_sparse:
+        if self.path is Path.SPARSE_KERNEL:
             return "dhsa(kernel)"
-        if self.path is Path.SPARSE_REFERENCE and self.n_sparse:
+        if self.path is Path.SPARSE_REFERENCE:
             return "dhsa(reference)"
         return "dense"
 
@@ -113,14 +113,15 @@ def route(
         )
     # Multi-token calls end with dense_tail queries that see every key; decode never does.
     n_sparse = L - min(config.dense_tail, L) if L > 1 else 1
-    kernel = plan = tail = None
-    if n_sparse > 0:
-        kernel = kernels.attention_kernel(
-            *shape, n_sparse, S, config.block_size, use_kernel=use_kernel
-        )
-        if config.method == "dhsa":
-            plan = kernels.plan_launch(dtypes[0], dtypes[1], head_dim, n_sparse, config,
-                                       use_kernel=use_kernel)
+    if n_sparse == 0:  # all of them: causal dense attention
+        kernel = kernels.attention_kernel(*shape, L, S, None, use_kernel=use_kernel)
+        path = Path.DENSE_KERNEL if kernel is not None else Path.DENSE_REFERENCE
+        return Route(path, kernel, own_mask=True)
+    kernel = kernels.attention_kernel(*shape, n_sparse, S, config.block_size, use_kernel=use_kernel)
+    plan = tail = None
+    if config.method == "dhsa":
+        plan = kernels.plan_launch(dtypes[0], dtypes[1], head_dim, n_sparse, config,
+                                   use_kernel=use_kernel)
     if n_sparse < L:
         tail = kernels.attention_kernel(*shape, L - n_sparse, S, None, use_kernel=use_kernel)
     path = Path.SPARSE_KERNEL if kernel is not None else Path.SPARSE_REFERENCE
@@ -331,13 +332,10 @@ class DHSAAttention(nn.Module):
                 queries, keys, values, mask=self._dense_mask(mask, offset, L, S, window), **args
             )
         n_sparse = route.n_sparse
-        outputs = []
-        if n_sparse > 0:
-            q = queries if n_sparse == L else queries[:, :, :n_sparse]
-            plan = self.plan(q, keys, offset=offset, window=window, cache=cache,
-                             launch=route.plan, state=state)
-            outputs.append(kernels.run_sparse(route.kernel, q, keys, values, plan, state=state,
-                                              **args))
+        q = queries if n_sparse == L else queries[:, :, :n_sparse]
+        plan = self.plan(q, keys, offset=offset, window=window, cache=cache, launch=route.plan,
+                         state=state)
+        outputs = [kernels.run_sparse(route.kernel, q, keys, values, plan, state=state, **args)]
         if n_sparse < L:
             outputs.append(
                 kernels.run_dense(route.tail, queries[:, :, n_sparse:], keys, values,
