@@ -195,7 +195,7 @@ def kernel_source(name: str, backend: str) -> tuple[str, str]:
 Factory = Callable[..., Any]  # mx.fast.metal_kernel's call shape (cuda_kernel: + shared_memory)
 
 
-@dataclass
+@dataclass(eq=False)
 class Backend:
     """The GPU backend the kernels are built for, and how.
 
