@@ -103,7 +103,9 @@ def route(
     shape = (dtypes, head_dim, n_heads, n_kv_heads)
     if dense:
         own = (L > 1 or fused_decode) and not per_sequence_mask and offset + L == S
-        kernel = kernels.attention_kernel(*shape, L, S, None, use_kernel=use_kernel) if own else None
+        kernel = (
+            kernels.attention_kernel(*shape, L, S, None, use_kernel=use_kernel) if own else None
+        )
         path = Path.DENSE_KERNEL if kernel is not None else Path.DENSE_REFERENCE
         return Route(path, kernel, own_mask=own)
     if per_sequence_mask:
@@ -120,8 +122,9 @@ def route(
     kernel = kernels.attention_kernel(*shape, n_sparse, S, config.block_size, use_kernel=use_kernel)
     plan = tail = None
     if config.method == "dhsa":
-        plan = kernels.plan_launch(dtypes[0], dtypes[1], head_dim, n_sparse, config,
-                                   use_kernel=use_kernel)
+        plan = kernels.plan_launch(
+            dtypes[0], dtypes[1], head_dim, n_sparse, config, use_kernel=use_kernel
+        )
     if n_sparse < L:
         tail = kernels.attention_kernel(*shape, L - n_sparse, S, None, use_kernel=use_kernel)
     path = Path.SPARSE_KERNEL if kernel is not None else Path.SPARSE_REFERENCE
@@ -244,13 +247,29 @@ class DHSAAttention(nn.Module):
         # nn.Module.__setattr__'s cost, paid per layer and token.
         object.__setattr__(self, "last_route", r)
 
-    def route(self, n_queries: int, n_keys: int, offset: int, dtypes: tuple, *,
-              base: bool = False, mask: Any = None) -> Route:
+    def route(
+        self,
+        n_queries: int,
+        n_keys: int,
+        offset: int,
+        dtypes: tuple,
+        *,
+        base: bool = False,
+        mask: Any = None,
+    ) -> Route:
         """:func:`route` for a call of this layer."""
         return route(
-            self.config, n_queries=n_queries, n_keys=n_keys, offset=offset, dtypes=dtypes,
-            head_dim=self.head_dim, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-            softcap=self.attn_logit_softcapping, window=self.window, base=base,
+            self.config,
+            n_queries=n_queries,
+            n_keys=n_keys,
+            offset=offset,
+            dtypes=dtypes,
+            head_dim=self.head_dim,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            softcap=self.attn_logit_softcapping,
+            window=self.window,
+            base=base,
             per_sequence_mask=_per_sequence(mask),
         )
 
@@ -282,9 +301,7 @@ class DHSAAttention(nn.Module):
             keys.shape[2] != offset + L
         ):
             r = None  # not what the route assumed: attend decides again
-        output = self.attend(
-            queries, keys, values, mask=mask, offset=offset, cache=cache, route=r
-        )
+        output = self.attend(queries, keys, values, mask=mask, offset=offset, cache=cache, route=r)
         output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(output)
 
@@ -316,12 +333,21 @@ class DHSAAttention(nn.Module):
         args = dict(scale=self.scale, softcap=self.attn_logit_softcapping)
         state = _kernel_state(cache)
         if route.path is Path.DENSE_KERNEL:
-            return kernels.run_dense(route.kernel, queries, keys, values, q_offset=offset,
-                                     window=window, state=state, **args)
+            return kernels.run_dense(
+                route.kernel,
+                queries,
+                keys,
+                values,
+                q_offset=offset,
+                window=window,
+                state=state,
+                **args,
+            )
         if route.path is Path.DENSE_REFERENCE:
             if route.own_mask:
-                return kernels.run_dense(None, queries, keys, values, q_offset=offset,
-                                         window=window, **args)
+                return kernels.run_dense(
+                    None, queries, keys, values, q_offset=offset, window=window, **args
+                )
             if L == 1 and window is not None and S > window:
                 # A dense decode step on a sliding layer reads only the last `window` keys:
                 # drop the rest instead of masking them.
@@ -333,13 +359,21 @@ class DHSAAttention(nn.Module):
             )
         n_sparse = route.n_sparse
         q = queries if n_sparse == L else queries[:, :, :n_sparse]
-        plan = self.plan(q, keys, offset=offset, window=window, cache=cache, launch=route.plan,
-                         state=state)
+        plan = self.plan(
+            q, keys, offset=offset, window=window, cache=cache, launch=route.plan, state=state
+        )
         outputs = [kernels.run_sparse(route.kernel, q, keys, values, plan, state=state, **args)]
         if n_sparse < L:
             outputs.append(
-                kernels.run_dense(route.tail, queries[:, :, n_sparse:], keys, values,
-                                  q_offset=offset + n_sparse, window=window, **args)
+                kernels.run_dense(
+                    route.tail,
+                    queries[:, :, n_sparse:],
+                    keys,
+                    values,
+                    q_offset=offset + n_sparse,
+                    window=window,
+                    **args,
+                )
             )
         return mx.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
 
@@ -358,9 +392,16 @@ class DHSAAttention(nn.Module):
         planner ``config.method`` names (``planners.PLANNERS``), on the planning kernels as
         ``launch`` says (None: pure MLX)."""
         return planners.plan(
-            queries, keys, config=self.config, table=lambda: self.chunk_view(keys, cache),
-            offset=offset, window=window, scale=self.scale, softcap=self.attn_logit_softcapping,
-            launch=launch, state=state,
+            queries,
+            keys,
+            config=self.config,
+            table=lambda: self.chunk_view(keys, cache),
+            offset=offset,
+            window=window,
+            scale=self.scale,
+            softcap=self.attn_logit_softcapping,
+            launch=launch,
+            state=state,
         )
 
     def chunk_view(self, keys: mx.array, cache: Any = None) -> ChunkTable:

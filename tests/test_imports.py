@@ -45,8 +45,11 @@ def _core_imports(module: str) -> set[str]:
                 continue
             names = [target] + [f"{target}.{a.name}".lstrip(".") for a in node.names]
         elif isinstance(node, ast.Import):
-            names = [a.name.removeprefix("mlx_dhsa.") for a in node.names
-                     if a.name.startswith("mlx_dhsa.")]
+            names = [
+                a.name.removeprefix("mlx_dhsa.")
+                for a in node.names
+                if a.name.startswith("mlx_dhsa.")
+            ]
         else:
             continue
         found |= {n for n in names if n in LEVEL and n != module}

@@ -34,14 +34,27 @@ class Recorder:
     def __init__(self):
         self.launches = []
 
-    def __call__(self, *, name, input_names, output_names, source, header,
-                 ensure_row_contiguous=True, **extra):
-        base = "_".join(name.split("_")[1:-1] if "shared_memory" not in extra or not extra[
-            "shared_memory"] else name.split("_")[1:-2])
+    def __call__(
+        self,
+        *,
+        name,
+        input_names,
+        output_names,
+        source,
+        header,
+        ensure_row_contiguous=True,
+        **extra,
+    ):
+        base = "_".join(
+            name.split("_")[1:-1]
+            if "shared_memory" not in extra or not extra["shared_memory"]
+            else name.split("_")[1:-2]
+        )
         head = f"{base} in={input_names} out={output_names} rc={ensure_row_contiguous} {extra}"
 
-        def launch(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
-                   init_value=None):
+        def launch(
+            *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None
+        ):
             args = []
             for n, x in zip(input_names, inputs):
                 arg = f"{n}{list(x.shape)}:{x.dtype}"
@@ -76,12 +89,16 @@ def _attention_calls():
         plan2 = Plan(mx.zeros((2, 1, 48), mx.int32), mx.ones((2, 1), mx.int32), 511, 16, None)
         kernels.sparse_attention(q2, k2, v2, plan2, scale=SCALE)
     for dtype in (mx.bfloat16, mx.float32):
-        for L, S, off, window in ((256, 256, 0, None), (64, 2048, 1984, 512),
-                                  (1, 4096, 4095, None), (1, 4096, 4095, 1024),
-                                  (1, 100, 99, None), (3, 3000, 2997, None)):
+        for L, S, off, window in (
+            (256, 256, 0, None),
+            (64, 2048, 1984, 512),
+            (1, 4096, 4095, None),
+            (1, 4096, 4095, 1024),
+            (1, 100, 99, None),
+            (3, 3000, 2997, None),
+        ):
             q, k, v = make_qkv(B=1, H=8, H_kv=2, L=L, S=S, D=64, dtype=dtype)
-            kernels.dense_attention(q, k, v, scale=SCALE, softcap=30.0, q_offset=off,
-                                    window=window)
+            kernels.dense_attention(q, k, v, scale=SCALE, softcap=30.0, q_offset=off, window=window)
         q, k, v = make_qkv(B=1, H=16, H_kv=1, L=1, S=300, D=256, dtype=dtype)  # 16 heads a KV
         kernels.dense_attention(q, k, v, scale=SCALE, q_offset=299)
     return []
@@ -104,7 +121,7 @@ def _model_calls(family, prompt_len, steps, **overrides):
         tokens = mx.random.randint(0, 1000, (1, prompt_len))
         paths = []
         for i in range(0, prompt_len, 128):
-            model(tokens[:, i:i + 128], cache=cache)
+            model(tokens[:, i : i + 128], cache=cache)
             paths.append([a.last_path for a in dhsa_layers(model)])
         for _ in range(steps):
             model(mx.array([[5]]), cache=cache)
@@ -141,8 +158,7 @@ def _record(backend: str) -> dict:
             firsts = {}
             for line in launches:
                 firsts.setdefault(line.split(" ", 1)[0], line)
-            out[name] = {"paths": paths, "count": len(launches), "sha256": digest,
-                         "first": firsts}
+            out[name] = {"paths": paths, "count": len(launches), "sha256": digest, "first": firsts}
     return out
 
 

@@ -31,10 +31,10 @@ from .sources import (
 from .state import KernelState
 
 __all__ = [
-    "AttentionKernel",
     "BACKENDS",
-    "Backend",
     "KERNELS",
+    "AttentionKernel",
+    "Backend",
     "KernelState",
     "PlanLaunch",
     "Tiles",

@@ -6,7 +6,7 @@ chose (None: the pure-MLX reference); :func:`sparse_attention` / :func:`dense_at
 both.
 """
 
-from functools import lru_cache
+from functools import cache
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -73,7 +73,7 @@ class AttentionKernel(NamedTuple):
     decode: bool
 
 
-@lru_cache(maxsize=None)
+@cache
 def tile_config(backend_name: str, dtype, D: int, H: int, H_kv: int, block_size: int | None):
     """Tiles for a plan with ``block_size`` (None: all keys, one K/V stage), or None when
     sparse_attention.metal cannot take these shapes."""
@@ -93,11 +93,15 @@ def tile_config(backend_name: str, dtype, D: int, H: int, H_kv: int, block_size:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def decode_ok(dtype, D: int, H: int, H_kv: int) -> bool:
     """Whether decode_attention.metal takes one query of these shapes."""
-    return dtype in DTYPES and D % 32 == 0 and D <= 256 and H % H_kv == 0 and (
-        H // H_kv <= DECODE_MAX_REPS
+    return (
+        dtype in DTYPES
+        and D % 32 == 0
+        and D <= 256
+        and H % H_kv == 0
+        and (H // H_kv <= DECODE_MAX_REPS)
     )
 
 
@@ -125,11 +129,19 @@ def attention_kernel(
 
 
 def _kernel_for(q: mx.array, k: mx.array, v: mx.array, block_size: int | None, use_kernel):
-    return attention_kernel((q.dtype, k.dtype, v.dtype), q.shape[-1], q.shape[1], k.shape[1],
-                            q.shape[2], k.shape[2], block_size, use_kernel=use_kernel)
+    return attention_kernel(
+        (q.dtype, k.dtype, v.dtype),
+        q.shape[-1],
+        q.shape[1],
+        k.shape[1],
+        q.shape[2],
+        k.shape[2],
+        block_size,
+        use_kernel=use_kernel,
+    )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _no_plan() -> mx.array:
     """The placeholder index/count array of an all-keys call, made once."""
     x = mx.zeros((1, 1), mx.int32)
@@ -157,11 +169,20 @@ def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams, state
     else:
         n_slots = max(index.shape[-1], 1)
     n_splits, per_split = decode_splits(n_slots, B * H_kv)
-    iparams = params(DecodeParams(
-        n_k=S, q_pos=q_offset, window=window or 0, n_heads=H, n_kv=H_kv,
-        n_blocks=count.shape[1], n_slots_max=index.shape[-1], n_splits=n_splits,
-        per_split=per_split, n_batch=B,
-    ))
+    iparams = params(
+        DecodeParams(
+            n_k=S,
+            q_pos=q_offset,
+            window=window or 0,
+            n_heads=H,
+            n_kv=H_kv,
+            n_blocks=count.shape[1],
+            n_slots_max=index.shape[-1],
+            n_splits=n_splits,
+            per_split=per_split,
+            n_batch=B,
+        )
+    )
     be = backend()
     fold = be.fold_decode
     if not fold:
@@ -178,8 +199,15 @@ def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams, state
     )
     part, lse, out = kernel(
         inputs=[q, k, v, index, count, tickets, iparams, fparams],
-        template=[("T", q.dtype), ("D", D), ("REPS", H // H_kv), ("NW", DECODE_WARPS),
-                  ("KB", DECODE_KEYS), ("ALL_KEYS", all_keys), ("FOLD", fold)],
+        template=[
+            ("T", q.dtype),
+            ("D", D),
+            ("REPS", H // H_kv),
+            ("NW", DECODE_WARPS),
+            ("KB", DECODE_KEYS),
+            ("ALL_KEYS", all_keys),
+            ("FOLD", fold),
+        ],
         grid=(n_splits * DECODE_WARPS * 32, B * H_kv, 1),
         threadgroup=(DECODE_WARPS * 32, 1, 1),
         output_shapes=[(n_splits, B, H, D), (n_splits, B, H), (B, H, 1, D) if fold else (1,)],
@@ -203,14 +231,38 @@ def merge(part, lse, n_splits: int, R: int, D: int, dtype) -> mx.array:
     )[0]
 
 
-def _attention(kernel: AttentionKernel, q, k, v, index, count, *, all_keys, q_offset, window,
-               block_size, scale, softcap, state):
+def _attention(
+    kernel: AttentionKernel,
+    q,
+    k,
+    v,
+    index,
+    count,
+    *,
+    all_keys,
+    q_offset,
+    window,
+    block_size,
+    scale,
+    softcap,
+    state,
+):
     B, H, L, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     fparams = params(AttentionScalars(scale=scale, cap=softcap or 0.0), mx.float32)
     if kernel.decode:
-        return _decode(q, k, v, index, count, all_keys=all_keys, q_offset=q_offset,
-                       window=window, fparams=fparams, state=state)
+        return _decode(
+            q,
+            k,
+            v,
+            index,
+            count,
+            all_keys=all_keys,
+            q_offset=q_offset,
+            window=window,
+            fparams=fparams,
+            state=state,
+        )
     tiles = kernel.tiles
     warps, wrows, bk, qt = tiles.warps, tiles.wrows, tiles.bk, tiles.qt
     n_qtiles = -(-L // qt)
@@ -221,13 +273,25 @@ def _attention(kernel: AttentionKernel, q, k, v, index, count, *, all_keys, q_of
         min_tiles = MIN_SPLIT_TILES if L > 1 else MIN_SPLIT_TILES_DECODE
         n_splits = max(1, min(-(-2 * MIN_GROUPS // groups), key_tiles // min_tiles))
     split = n_splits > 1
-    iparams = params(SparseParams(
-        n_q=L, n_k=S, q_offset=q_offset, window=window or 0, block_size=block_size, n_heads=H,
-        n_kv=H_kv, n_blocks=count.shape[1], n_slots_max=index.shape[-1], qt=qt,
-        n_splits=n_splits, n_batch=B,
-    ))
-    shapes = [(1,), (n_splits, B, H, L, D), (n_splits, B, H, L)] if split else [
-        (B, H, L, D), (1,), (1,)]
+    iparams = params(
+        SparseParams(
+            n_q=L,
+            n_k=S,
+            q_offset=q_offset,
+            window=window or 0,
+            block_size=block_size,
+            n_heads=H,
+            n_kv=H_kv,
+            n_blocks=count.shape[1],
+            n_slots_max=index.shape[-1],
+            qt=qt,
+            n_splits=n_splits,
+            n_batch=B,
+        )
+    )
+    shapes = (
+        [(1,), (n_splits, B, H, L, D), (n_splits, B, H, L)] if split else [(B, H, L, D), (1,), (1,)]
+    )
     be = backend()
     launch = be.kernel(
         "sparse_attention",
@@ -238,8 +302,16 @@ def _attention(kernel: AttentionKernel, q, k, v, index, count, *, all_keys, q_of
     )
     out, part, lse = launch(
         inputs=[q, k, v, index, count, iparams, fparams],
-        template=[("T", q.dtype), ("D", D), ("BK", bk), ("WARPS", warps), ("WROWS", wrows),
-                  ("ALL_KEYS", all_keys), ("SPLIT", split), ("STAGES", tiles.stages)],
+        template=[
+            ("T", q.dtype),
+            ("D", D),
+            ("BK", bk),
+            ("WARPS", warps),
+            ("WROWS", wrows),
+            ("ALL_KEYS", all_keys),
+            ("SPLIT", split),
+            ("STAGES", tiles.stages),
+        ],
         grid=(n_qtiles * warps * 32, B * H_kv, n_splits),
         threadgroup=(warps * 32, 1, 1),
         output_shapes=shapes,
@@ -269,8 +341,18 @@ def run_sparse(
     if state is None or not state.take_planned(index):  # the kernels read both as int32 rows
         index, count = (mx.contiguous(x.astype(mx.int32)) for x in (index, count))
     return _attention(
-        kernel, q, k, v, index, count, all_keys=False, q_offset=plan.q_offset,
-        window=plan.window, block_size=plan.block_size, scale=scale, softcap=softcap,
+        kernel,
+        q,
+        k,
+        v,
+        index,
+        count,
+        all_keys=False,
+        q_offset=plan.q_offset,
+        window=plan.window,
+        block_size=plan.block_size,
+        scale=scale,
+        softcap=softcap,
         state=state,
     )
 
@@ -294,8 +376,19 @@ def run_dense(
         return reference.dense_attention(q, k, v, scale=scale, softcap=softcap, mask=mask)
     none = _no_plan()
     return _attention(
-        kernel, q, k, v, none, none, all_keys=True, q_offset=q_offset, window=window,
-        block_size=1, scale=scale, softcap=softcap, state=state,
+        kernel,
+        q,
+        k,
+        v,
+        none,
+        none,
+        all_keys=True,
+        q_offset=q_offset,
+        window=window,
+        block_size=1,
+        scale=scale,
+        softcap=softcap,
+        state=state,
     )
 
 
@@ -353,5 +446,6 @@ def dense_attention(
         mx.array: (B, H, L, D).
     """
     kernel = _kernel_for(q, k, v, None, use_kernel)
-    return run_dense(kernel, q, k, v, scale=scale, softcap=softcap, q_offset=q_offset,
-                     window=window, state=state)
+    return run_dense(
+        kernel, q, k, v, scale=scale, softcap=softcap, q_offset=q_offset, window=window, state=state
+    )

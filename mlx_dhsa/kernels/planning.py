@@ -78,12 +78,23 @@ def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _Sco
     summaries = table.summaries  # a contiguous buffer: also the placeholder of open_prev
     prev, prev_end = carried if carried is not None else (summaries, table.open_start)
     iparams = BlockScoreParams(
-        n_q=L, n_heads=H, n_kv=keys.shape[1], block_size=config.block_size,
-        n_closed=table.n_closed, open_start=table.open_start, n_k=table.n_keys, cap=cap,
-        per_group=per_group, sqrt_norm=int(table.summary == "sqrt"), prev_end=prev_end,
+        n_q=L,
+        n_heads=H,
+        n_kv=keys.shape[1],
+        block_size=config.block_size,
+        n_closed=table.n_closed,
+        open_start=table.open_start,
+        n_k=table.n_keys,
+        cap=cap,
+        per_group=per_group,
+        sqrt_norm=int(table.summary == "sqrt"),
+        prev_end=prev_end,
     )
-    return _ScoreLaunch([queries, keys, summaries, prev, params(iparams)],
-                        (tiles * SCORE_THREADS, NB, B), [(B, NB, N), (B, D)])
+    return _ScoreLaunch(
+        [queries, keys, summaries, prev, params(iparams)],
+        (tiles * SCORE_THREADS, NB, B),
+        [(B, NB, N), (B, D)],
+    )
 
 
 def _carry(state: KernelState | None, table: ChunkTable, open_sum: mx.array, L: int) -> None:
@@ -100,12 +111,15 @@ def _carry(state: KernelState | None, table: ChunkTable, open_sum: mx.array, L: 
 _SCORE_INPUTS = ["queries", "keys", "summaries", "open_prev", "iparams"]
 
 
-def block_scores(queries, table: ChunkTable, config: DHSAConfig,
-                 state: KernelState | None = None) -> mx.array:
+def block_scores(
+    queries, table: ChunkTable, config: DHSAConfig, state: KernelState | None = None
+) -> mx.array:
     """(B, NB, n_closed + 1) block x chunk scores, the open chunk last (block_scores.metal)."""
     launch = _score_launch(queries, table, config, state)
     kernel = backend().kernel(
-        "block_scores", _SCORE_INPUTS, ["scores", "open_sum"],
+        "block_scores",
+        _SCORE_INPUTS,
+        ["scores", "open_sum"],
         contiguous=False,  # queries and keys are read through their strides
     )
     scores, open_sum = kernel(
@@ -120,18 +134,30 @@ def block_scores(queries, table: ChunkTable, config: DHSAConfig,
     return scores
 
 
-def select_params(table: ChunkTable, config: DHSAConfig, n_queries: int, q_offset: int,
-                  window: int | None) -> mx.array:
+def select_params(
+    table: ChunkTable, config: DHSAConfig, n_queries: int, q_offset: int, window: int | None
+) -> mx.array:
     """select_keys.metal's iparams."""
-    return params(SelectParams(
-        n_q=n_queries, q_offset=q_offset, block_size=config.block_size, window=window or 0,
-        sink=config.sink, local=config.local, budget=config.budget, n_closed=table.n_closed,
-        open_start=table.open_start, n_k=table.n_keys, cap=table.starts.shape[1],
-    ))
+    return params(
+        SelectParams(
+            n_q=n_queries,
+            q_offset=q_offset,
+            block_size=config.block_size,
+            window=window or 0,
+            sink=config.sink,
+            local=config.local,
+            budget=config.budget,
+            n_closed=table.n_closed,
+            open_start=table.open_start,
+            n_k=table.n_keys,
+            cap=table.starts.shape[1],
+        )
+    )
 
 
-def select_keys(scores: mx.array, table: ChunkTable, config: DHSAConfig,
-                select: mx.array) -> tuple[mx.array, mx.array]:
+def select_keys(
+    scores: mx.array, table: ChunkTable, config: DHSAConfig, select: mx.array
+) -> tuple[mx.array, mx.array]:
     """(indices (B, NB, budget), n_valid (B, NB)) from block x chunk scores (select_keys.metal)."""
     B, NB, _ = scores.shape
     kernel = backend().kernel(
@@ -147,8 +173,9 @@ def select_keys(scores: mx.array, table: ChunkTable, config: DHSAConfig,
     )
 
 
-def _fused(queries, table: ChunkTable, config: DHSAConfig, select: mx.array,
-           state: KernelState | None) -> tuple[mx.array, mx.array]:
+def _fused(
+    queries, table: ChunkTable, config: DHSAConfig, select: mx.array, state: KernelState | None
+) -> tuple[mx.array, mx.array]:
     """Scores and selection in one launch (``plan``): (indices, n_valid) as select_keys."""
     launch = _score_launch(queries, table, config, state)
     B, NB, _ = launch.shapes[0]
@@ -157,15 +184,20 @@ def _fused(queries, table: ChunkTable, config: DHSAConfig, select: mx.array,
     else:  # launches that MLX may run side by side must share nothing
         tickets = mx.zeros((B * NB,), mx.int32)
     kernel = backend().kernel(
-        "plan", [*_SCORE_INPUTS, "starts", "lengths", "sel_params", "tickets"],
+        "plan",
+        [*_SCORE_INPUTS, "starts", "lengths", "sel_params", "tickets"],
         ["scores", "open_sum", "indices", "n_valid"],
         contiguous=False,  # queries and keys are read through their strides
     )
     # table.starts / lengths are whole (contiguous) buffers, as the launch assumes.
     _, open_sum, indices, n_valid = kernel(
         inputs=[*launch.inputs, table.starts, table.lengths, select, tickets],
-        template=[("T", queries.dtype), ("D", queries.shape[-1]), ("MAX_IV", MAX_INTERVALS),
-                  ("NT", SCORE_THREADS)],
+        template=[
+            ("T", queries.dtype),
+            ("D", queries.shape[-1]),
+            ("MAX_IV", MAX_INTERVALS),
+            ("NT", SCORE_THREADS),
+        ],
         grid=launch.grid,
         threadgroup=(SCORE_THREADS, 1, 1),
         output_shapes=[*launch.shapes, (B, NB, config.budget), (B, NB)],
@@ -220,7 +252,12 @@ def select_chunks(
     selection; in one launch for a call with one query block where the backend allows it
     (:class:`PlanLaunch`). Args and returns as the reference; ``use_kernel=False`` forces
     the reference."""
-    launch = plan_launch(queries.dtype, table.keys.dtype, queries.shape[-1], queries.shape[2],
-                         config, use_kernel=use_kernel)
-    return run_plan(launch, queries, table, config, q_offset=q_offset, window=window,
-                    state=state)
+    launch = plan_launch(
+        queries.dtype,
+        table.keys.dtype,
+        queries.shape[-1],
+        queries.shape[2],
+        config,
+        use_kernel=use_kernel,
+    )
+    return run_plan(launch, queries, table, config, q_offset=q_offset, window=window, state=state)

@@ -14,15 +14,21 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import mlx.core as mx
 
 BACKENDS = ("metal", "cuda")
-KERNELS = ("sparse_attention", "decode_attention", "merge_splits", "block_scores",
-           "select_keys", "plan")
+KERNELS = (
+    "sparse_attention",
+    "decode_attention",
+    "merge_splits",
+    "block_scores",
+    "select_keys",
+    "plan",
+)
 # Kernels assembled from several bodies, each in a scope of its own: the fused planning kernel
 # runs block_scores, hands each query block to the group that finishes it last, and selects.
 PARTS = {"plan": ("block_scores", "plan_handoff", "select_keys")}
@@ -157,7 +163,7 @@ def metal_dir() -> Path:
 _COMMENT = re.compile(r"[ \t]*//[^\n]*")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read(name: str) -> str:
     """File ``name`` of the kernel folder without its comments (MLX builds a custom kernel's
     whole source text on every call: fewer bytes, less host time a launch), lines kept so
@@ -186,8 +192,10 @@ def kernel_source(name: str, backend: str) -> tuple[str, str]:
     else:
         first, handoff, last = (_read(f"{part}.metal") for part in parts)
         # The last part reads its own parameters, sel_params, under the name it uses alone.
-        body = (f"{{\n{first}\n}}\n{handoff}\n{{\n"
-                f"const DHSA_DEVICE int* iparams = sel_params;\n{last}\n}}")
+        body = (
+            f"{{\n{first}\n}}\n{handoff}\n{{\n"
+            f"const DHSA_DEVICE int* iparams = sel_params;\n{last}\n}}"
+        )
     offsets = "".join(layout_constants(layout) for layout in KERNEL_LAYOUTS[name])
     return header, _read(f"ids_{backend}.h") + "\n" + offsets + body
 
@@ -236,8 +244,15 @@ class Backend:
             and (self.any_device or mx.default_device() == mx.gpu)
         )
 
-    def kernel(self, name: str, inputs: list[str], outputs: list[str], *,
-               contiguous: bool = True, shared_memory: int = 0):
+    def kernel(
+        self,
+        name: str,
+        inputs: list[str],
+        outputs: list[str],
+        *,
+        contiguous: bool = True,
+        shared_memory: int = 0,
+    ):
         """Kernel ``name`` for this backend, built on first use (one build per shared-memory
         size on CUDA, which sizes it at launch)."""
         key = (name, shared_memory)
@@ -245,8 +260,14 @@ class Backend:
         if built is None:
             header, source = kernel_source(name, self.name)
             tag = hashlib.sha1((header + source).encode()).hexdigest()[:8]  # no stale JIT cache
-            kwargs = dict(name=f"dhsa_{name}_{tag}", input_names=inputs, output_names=outputs,
-                          source=source, header=header, ensure_row_contiguous=contiguous)
+            kwargs = dict(
+                name=f"dhsa_{name}_{tag}",
+                input_names=inputs,
+                output_names=outputs,
+                source=source,
+                header=header,
+                ensure_row_contiguous=contiguous,
+            )
             if self.name == "metal":
                 built = self.factory(**kwargs)
             else:

@@ -16,7 +16,7 @@ class KernelState:
       (the attention kernel then reads them as they are).
     """
 
-    __slots__ = ("_tickets", "open_start", "open_end", "open_total", "_planned")
+    __slots__ = ("_planned", "_tickets", "open_end", "open_start", "open_total")
 
     def __init__(self):
         self._tickets: dict[str, mx.array] = {}
