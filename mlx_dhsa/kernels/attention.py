@@ -120,7 +120,7 @@ def attention_kernel(
     ``dtypes`` (q, k, v), with a plan of ``block_size`` (None: all keys), or None for the
     reference: no backend active, or shapes the kernels do not take."""
     be = backend()
-    if not be.active(use_kernel) or L == 0 or S == 0 or len(set(dtypes)) != 1:
+    if not be.active(use_kernel) or L == 0 or S == 0 or not dtypes[0] == dtypes[1] == dtypes[2]:
         return None
     tiles = tile_config(be.name, dtypes[0], D, H, H_kv, block_size)
     if tiles is None:

@@ -6,6 +6,7 @@ it chose (None: the pure-MLX planner); :func:`select_chunks` does both.
 """
 
 from enum import Enum
+from functools import lru_cache
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -42,16 +43,17 @@ def plan_launch(
     if not be.active(use_kernel):
         return None
     if not (
-        config.head_scores == "mean"
-        and dtype in DTYPES
-        and dtype == keys_dtype
-        and D % 32 == 0
-        and D <= 256
-        and L > 0
-        and selection.max_chunks_taken(config) + 2 <= MAX_INTERVALS
-    ):
+        dtype in DTYPES and dtype == keys_dtype and D % 32 == 0 and D <= 256 and L > 0
+    ) or not _config_ok(config):
         return None
     return PlanLaunch.FUSED if be.fused_plan and L <= config.block_size else PlanLaunch.TWO
+
+
+@lru_cache(maxsize=64)
+def _config_ok(config: DHSAConfig) -> bool:
+    """Whether the kernels plan with these settings: mean head scores, and at most
+    MAX_INTERVALS key intervals a block."""
+    return config.head_scores == "mean" and selection.max_chunks_taken(config) + 2 <= MAX_INTERVALS
 
 
 class _ScoreLaunch(NamedTuple):
