@@ -6,6 +6,7 @@
 - ``attention``: sparse and dense attention launches (query tiles, one-query decode, merge).
 - ``planning``: block x chunk scores and key selection, in two launches or one.
 - ``state``: :class:`KernelState`, what a layer's kernels keep between calls.
+- ``checks``: each kernel's self-check on first use; :func:`kernel_status`.
 """
 
 from .attention import (
@@ -17,6 +18,7 @@ from .attention import (
     run_sparse,
     sparse_attention,
 )
+from .checks import kernel_status
 from .planning import PlanLaunch, plan_launch, run_plan, select_chunks
 from .sources import (
     BACKENDS,
@@ -42,6 +44,7 @@ __all__ = [
     "backend",
     "dense_attention",
     "kernel_source",
+    "kernel_status",
     "metal_dir",
     "plan_launch",
     "run_dense",

@@ -14,6 +14,7 @@ import mlx.core as mx
 from .. import reference
 from ..plan import Plan
 from ..selection import key_mask
+from . import checks
 from .sources import (
     AttentionScalars,
     DecodeParams,
@@ -118,14 +119,58 @@ def attention_kernel(
 ) -> AttentionKernel | None:
     """The kernel launch for queries (B, H, L, D) over keys and values (B, H_kv, S, D) of
     ``dtypes`` (q, k, v), with a plan of ``block_size`` (None: all keys), or None for the
-    reference: no backend active, or shapes the kernels do not take."""
+    reference: no backend active, shapes the kernels do not take, or a kernel that failed
+    its self-check in this process (:mod:`.checks`)."""
     be = backend()
     if not be.active(use_kernel) or L == 0 or S == 0 or not dtypes[0] == dtypes[1] == dtypes[2]:
         return None
-    tiles = tile_config(be.name, dtypes[0], D, H, H_kv, block_size)
+    dtype = dtypes[0]
+    tiles = tile_config(be.name, dtype, D, H, H_kv, block_size)
     if tiles is None:
         return None
-    return AttentionKernel(tiles, L == 1 and decode_ok(dtypes[0], D, H, H_kv))
+    kernel = AttentionKernel(tiles, L == 1 and decode_ok(dtype, D, H, H_kv))
+    if be.self_check:
+        names = ("decode_attention",) if kernel.decode else ("sparse_attention",)
+        if not (kernel.decode and be.fold_decode):
+            names += ("merge_splits",)
+        reps, all_keys = H // H_kv, block_size is None
+        key = ("attention", kernel, dtype, D, reps, all_keys)
+        check = lambda: _self_check(kernel, dtype, D, reps, block_size)  # noqa: E731
+        if not checks.verified(be, key, names, check):
+            return None
+    return kernel
+
+
+def _self_check(kernel: AttentionKernel, dtype, D: int, reps: int, block_size: int | None):
+    """Run ``kernel`` on tiny inputs of its instantiation (one pass over the keys, then enough
+    key tiles to split and merge) against the reference: None if it matched, else why not."""
+    tol = 1e-3 if dtype == mx.float32 else 5e-2
+    L = 1 if kernel.decode else 2 * kernel.tiles.qt + 3  # a ragged last query tile
+    for i, S in enumerate((max(97, L), max(40 * kernel.tiles.bk, L))):
+        q, k, v = (
+            mx.random.normal(shape, key=mx.random.key(3 * i + j)).astype(dtype)
+            for j, shape in enumerate(((1, reps, L, D), (1, 1, S, D), (1, 1, S, D)))
+        )
+        ref_in = [x.astype(mx.float32) for x in (q, k, v)]
+        args = dict(q_offset=S - L, window=None, scale=D**-0.5, softcap=30.0, state=None)
+        if block_size is None:
+            none = _no_plan()
+            out = _attention(kernel, q, k, v, none, none, all_keys=True, block_size=1, **args)
+            mask = key_mask(S - L, L, S, None)
+            ref = reference.dense_attention(*ref_in, scale=D**-0.5, softcap=30.0, mask=mask)
+        else:
+            NB, K = -(-L // block_size), S // 2
+            index = mx.broadcast_to(mx.arange(0, 2 * K, 2, dtype=mx.int32), (1, NB, K))
+            index, count = mx.contiguous(index), mx.full((1, NB), K, mx.int32)
+            out = _attention(
+                kernel, q, k, v, index, count, all_keys=False, block_size=block_size, **args
+            )
+            plan = Plan(index, count, S - L, block_size, None)
+            ref = reference.sparse_attention(*ref_in, plan, scale=D**-0.5, softcap=30.0)
+        problem = checks.mismatch(out, ref, tol)
+        if problem is not None:
+            return problem
+    return None
 
 
 def _kernel_for(q: mx.array, k: mx.array, v: mx.array, block_size: int | None, use_kernel):

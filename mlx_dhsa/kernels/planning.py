@@ -12,9 +12,10 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from .. import selection
-from ..cache import ChunkTable
+from ..cache import ChunkTable, ClosedChunks, ClosedSummaries
 from ..config import DHSAConfig
 from ..plan import Plan
+from . import checks
 from .sources import BlockScoreParams, SelectParams, backend, params
 from .state import KernelState
 
@@ -38,7 +39,8 @@ def plan_launch(
     dtype, keys_dtype, D: int, L: int, config: DHSAConfig, *, use_kernel: bool = True
 ) -> PlanLaunch | None:
     """How queries (B, H, L, D) of ``dtype`` over keys of ``keys_dtype`` plan on the kernels,
-    or None for the pure-MLX planner (no backend active, or inputs the kernels do not take)."""
+    or None for the pure-MLX planner (no backend active, inputs the kernels do not take, or
+    a kernel that failed its self-check in this process)."""
     be = backend()
     if not be.active(use_kernel):
         return None
@@ -46,7 +48,33 @@ def plan_launch(
         dtype in DTYPES and dtype == keys_dtype and D % 32 == 0 and D <= 256 and L > 0
     ) or not _config_ok(config):
         return None
-    return PlanLaunch.FUSED if be.fused_plan and L <= config.block_size else PlanLaunch.TWO
+    launch = PlanLaunch.FUSED if be.fused_plan and L <= config.block_size else PlanLaunch.TWO
+    if be.self_check:
+        names = ("plan",) if launch is PlanLaunch.FUSED else ("block_scores", "select_keys")
+        check = lambda: _self_check(launch, dtype, D, config)  # noqa: E731
+        if not checks.verified(be, ("plan", launch, dtype, D), names, check):
+            return None
+    return launch
+
+
+def _self_check(launch: PlanLaunch, dtype, D: int, config: DHSAConfig) -> str | None:
+    """Plan tiny random queries over a few segments of keys with ``launch`` and with the
+    reference: None if they agree (up to near-ties in the scores), else how they differ."""
+    S = 2 * config.chunk_limit + config.budget + 37
+    L = 1 if launch is PlanLaunch.FUSED else config.block_size + 5
+    q = mx.random.normal((1, 2, L, D), key=mx.random.key(0)).astype(dtype)
+    k = mx.random.normal((1, 1, S, D), key=mx.random.key(1)).astype(dtype)
+    table = ClosedSummaries().table(k, ClosedChunks().sync(k, config), config)
+    out = run_plan(launch, q, table, config, q_offset=S - L)
+    ref = selection.select_chunks(q, table, config, q_offset=S - L)
+    if not mx.array_equal(out.n_valid, ref.n_valid).item():
+        return "key counts differ from the reference"
+    got, want = out.indices.tolist()[0], ref.indices.tolist()[0]
+    for blk, n in enumerate(ref.n_valid.tolist()[0]):
+        shared = len(set(got[blk][:n]) & set(want[blk][:n]))
+        if shared < 0.9 * n:  # near-tied chunks may rank differently; garbage does not agree
+            return f"block {blk} shares {shared} of {n} keys with the reference"
+    return None
 
 
 @lru_cache(maxsize=64)

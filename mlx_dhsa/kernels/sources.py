@@ -224,7 +224,12 @@ class Backend:
     # has not run on a Mac, so Macs keep the merge_splits launch and two planning launches.
     fold_decode: bool | None = None
     fused_plan: bool | None = None
+    # Run each kernel instantiation once against the reference before its first use
+    # (kernels.checks); fakes that only record launches turn it off.
+    self_check: bool = True
     _builds: dict = field(default_factory=dict, repr=False)
+    checked: dict = field(default_factory=dict, repr=False)  # instantiation -> passed
+    status: dict = field(default_factory=dict, repr=False)  # kernel name -> "ok" / "off: why"
 
     def __post_init__(self):
         if self.name is not None and self.name not in BACKENDS:
@@ -307,7 +312,7 @@ def use_backend(name: str | None, factory: Factory | None = None, **options) -> 
 
     For tests and emulators: ``use_backend("metal", fake_metal_kernel, any_device=True)``
     launches the Metal path through ``fake_metal_kernel`` on the CPU. ``options``: the other
-    :class:`Backend` fields (``any_device``, ``fold_decode``, ``fused_plan``).
+    :class:`Backend` fields (``any_device``, ``fold_decode``, ``fused_plan``, ``self_check``).
     """
     previous = set_backend(Backend(name, factory, **options))
     try:
