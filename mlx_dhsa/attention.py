@@ -94,7 +94,7 @@ def route(
     """
     L, S = n_queries, n_keys
     window = window if config.sliding_window else None
-    use_kernel = config.use_kernel
+    use_kernel, groups = config.use_kernel, config.decode_groups
     fused_decode = softcap is not None and kernels.backend().active(use_kernel)
     visible = min(S, window) if L == 1 and window is not None else S
     dense = visible <= config.dense_limit or (L == 1 and not config.sparse_decode_at(visible))
@@ -104,7 +104,11 @@ def route(
     if dense:
         own = (L > 1 or fused_decode) and not per_sequence_mask and offset + L == S
         kernel = (
-            kernels.attention_kernel(*shape, L, S, None, use_kernel=use_kernel) if own else None
+            kernels.attention_kernel(
+                *shape, L, S, None, use_kernel=use_kernel, decode_groups=groups
+            )
+            if own
+            else None
         )
         path = Path.DENSE_KERNEL if kernel is not None else Path.DENSE_REFERENCE
         return Route(path, kernel, own_mask=own)
@@ -116,10 +120,14 @@ def route(
     # Multi-token calls end with dense_tail queries that see every key; decode never does.
     n_sparse = L - min(config.dense_tail, L) if L > 1 else 1
     if n_sparse == 0:  # all of them: causal dense attention
-        kernel = kernels.attention_kernel(*shape, L, S, None, use_kernel=use_kernel)
+        kernel = kernels.attention_kernel(
+            *shape, L, S, None, use_kernel=use_kernel, decode_groups=groups
+        )
         path = Path.DENSE_KERNEL if kernel is not None else Path.DENSE_REFERENCE
         return Route(path, kernel, own_mask=True)
-    kernel = kernels.attention_kernel(*shape, n_sparse, S, config.block_size, use_kernel=use_kernel)
+    kernel = kernels.attention_kernel(
+        *shape, n_sparse, S, config.block_size, use_kernel=use_kernel, decode_groups=groups
+    )
     plan = tail = None
     if config.method == "dhsa":
         plan = kernels.plan_launch(

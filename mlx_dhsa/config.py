@@ -1,6 +1,8 @@
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .device import device_tuning
+
 BOUNDARY_METHODS = ("shift", "fixed", "learned")
 SUMMARIES = ("sqrt", "mean")
 HEAD_SCORES = ("mean", "max")
@@ -33,7 +35,12 @@ class DHSAConfig:
     boundary_threshold: float | None = None  # None = top-count by target_chunk; else min shift
     predictor_path: str | None = None  # boundaries="learned": MLX predictor .safetensors
     predictor_threshold: float | None = None  # "learned": least logit; None = the predictor's own
-    decode_dense_below: int | None = 98304  # decode stays dense up to this many keys; None = always
+    # Decode stays dense up to this many keys; None: the device's (device.py: 98304 on the
+    # H200, where it was measured; estimated elsewhere).
+    decode_dense_below: int | None = None
+    # decode_attention.metal splits a step's keys until about this many groups run; None: the
+    # device's (device.py: 512 on the H200, 4 per SM, measured; estimated elsewhere).
+    decode_groups: int | None = None
     share_boundaries: bool = True  # compute boundaries once (first patched layer) for all layers
     sliding_window: bool = True  # honour the model's sliding window on its sliding layers
     use_kernel: bool = True  # use the GPU kernels when a GPU backend is present
@@ -51,6 +58,13 @@ class DHSAConfig:
         if self.decode_dense_below is not None and self.decode_dense_below < 0:
             raise ValueError(
                 f"DHSAConfig.decode_dense_below must be >= 0 or None, got {self.decode_dense_below}"
+            )
+        if self.decode_groups is not None and (
+            not isinstance(self.decode_groups, int) or self.decode_groups <= 0
+        ):
+            raise ValueError(
+                f"DHSAConfig.decode_groups must be a positive integer or None, got "
+                f"{self.decode_groups!r}"
             )
         if self.dense_below is not None and self.dense_below < 0:
             raise ValueError(f"DHSAConfig.dense_below must be >= 0 or None, got {self.dense_below}")
@@ -109,7 +123,9 @@ class DHSAConfig:
         whole cache is as fast or faster there (see README, decode).
         """
         limit = self.decode_dense_below
-        return limit is not None and n_keys > max(limit, self.dense_limit)
+        if limit is None:
+            limit = device_tuning().decode_dense_below
+        return n_keys > max(limit, self.dense_limit)
 
     @property
     def chunk_limit(self) -> int:

@@ -16,6 +16,7 @@ import mlx.core as mx
 
 import mlx_dhsa
 from mlx_dhsa import kernels
+from mlx_dhsa.device import device_tuning
 from mlx_dhsa.kernels import attention as launches
 from mlx_dhsa.kernels import planning
 from mlx_dhsa.cli.profiling import SHAPES, random_model
@@ -37,6 +38,11 @@ def _reused_plans():
     return run_plan
 
 
+def _tuned(groups: int):
+    """The device's tuning with ``decode_groups`` changed."""
+    return device_tuning()._replace(decode_groups=groups)
+
+
 def _fresh(values, dtype=mx.int32):
     return mx.array(tuple(values), dtype)
 
@@ -45,7 +51,7 @@ def _fresh(values, dtype=mx.int32):
 VARIANTS = {
     "dense": None,
     "dhsa": {},
-    "dhsa, 128 decode groups": {(launches, "DECODE_GROUPS"): 128},
+    "dhsa, 128 decode groups": {(launches, "device_tuning"): lambda: _tuned(128)},
     "dhsa, merge launched": {(kernels.backend(), "fold_decode"): False},
     "dhsa, select_keys 256 threads": {(planning, "SELECT_THREADS"): 256},
     "dhsa, plan reused (no planning)": {(kernels, "run_plan"): _reused_plans()},

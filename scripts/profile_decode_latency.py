@@ -7,7 +7,7 @@ and span (kernel time plus the gaps between dependent launches). Cases, gemma-2-
 keys from a ``--context``-key cache: a sliding-window step over the last 4096 keys, a
 2048-slot plan, a dense step over every key, the same 4096-key step on mlx-lm's ops, one step
 over 64 keys (the fixed cost of a call) and two trivial MLX ops (the floor of any launch).
-``--groups`` repeats the first two under other ``kernels.attention.DECODE_GROUPS``. CUDA only; needs a
+``--groups`` repeats the first two under other ``DHSAConfig.decode_groups``. CUDA only; needs a
 CUDA build of PyTorch beside MLX's CUDA backend.
 
     python scripts/profile_decode_latency.py --calls 100 --groups 512 128 32
@@ -18,6 +18,7 @@ import argparse
 import mlx.core as mx
 
 from mlx_dhsa import kernels, reference
+from mlx_dhsa.device import device_tuning
 from mlx_dhsa.kernels import attention as launches
 from mlx_dhsa.plan import Plan
 
@@ -30,8 +31,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--context", type=int, default=131072)
     p.add_argument("--calls", type=int, default=100, help="chained calls per case")
-    p.add_argument("--groups", type=int, nargs="+", default=[launches.DECODE_GROUPS],
-                   help="kernels.attention.DECODE_GROUPS settings for the window and plan cases")
+    p.add_argument("--groups", type=int, nargs="+",
+                   default=[device_tuning().decode_groups],
+                   help="DHSAConfig.decode_groups settings for the window and plan cases")
     args = p.parse_args()
     require_cupti("profile_decode_latency")
     S = args.context
@@ -73,12 +75,12 @@ def main():
         print(f"{label:<34} {len(events) / n:4.1f} kernels/call  kernel time {busy:7.1f} us  "
               f"span {span:7.1f} us  wall {seconds / n * 1e6:7.1f} us", flush=True)
 
-    default = launches.DECODE_GROUPS
+    default = launches.device_tuning
     for groups in args.groups:
-        launches.DECODE_GROUPS = groups
+        launches.device_tuning = lambda g=groups: default()._replace(decode_groups=g)
         for name in ("window 4096", "plan 2048"):
             run(f"{name}, {groups} groups", steps[name])
-    launches.DECODE_GROUPS = default
+    launches.device_tuning = default
     for name in list(steps)[2:]:
         run(name, steps[name])
 

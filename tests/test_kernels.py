@@ -459,9 +459,9 @@ def test_tile_configs_fit_each_backend(backend):
 @pytest.mark.parametrize("heads", [1, 4, 16, 1024])
 def test_decode_splits_cover_every_slot_once(n_slots, heads):
     """decode_attention.metal's splits: whole warp steps, none empty, all slots covered, about
-    DECODE_GROUPS groups, and no more splits than DECODE_MIN_SPLIT-slot pieces."""
-    n_splits, per = launches.decode_splits(n_slots, heads)
+    512 groups (the H200's), and no more splits than DECODE_MIN_SPLIT-slot pieces."""
+    n_splits, per = launches.decode_splits(n_slots, heads, 512)
     assert per % launches.DECODE_STEP == 0
     assert (n_splits - 1) * per < n_slots <= n_splits * per
-    assert n_splits == 1 or n_splits * heads <= launches.DECODE_GROUPS + heads
+    assert n_splits == 1 or n_splits * heads <= 512 + heads
     assert n_splits <= -(-n_slots // launches.DECODE_MIN_SPLIT)

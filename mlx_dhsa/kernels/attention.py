@@ -12,6 +12,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from .. import reference
+from ..device import device_tuning
 from ..plan import Plan
 from ..selection import key_mask
 from . import checks
@@ -48,7 +49,6 @@ MIN_SPLIT_TILES_DECODE = 2  # the same for one query: more, shorter splits hide 
 DECODE_WARPS = 4  # NW: warps per group
 DECODE_KEYS = 4  # KB: keys a warp loads per step
 DECODE_STEP = DECODE_WARPS * DECODE_KEYS  # slots a group's warps read per step
-DECODE_GROUPS = 512  # split the keys until about this many groups run (4 per SM of an H200)
 DECODE_MIN_SPLIT = 64  # but give each split at least this many key slots
 DECODE_MAX_REPS = 8  # query heads per KV head that the kernel holds in registers
 MERGE_WARPS = 8  # NW of merge_splits.metal
@@ -72,6 +72,7 @@ class AttentionKernel(NamedTuple):
 
     tiles: Tiles
     decode: bool
+    groups: int = 0  # decode: split the keys until about this many groups run
 
 
 @cache
@@ -116,9 +117,11 @@ def attention_kernel(
     block_size: int | None,
     *,
     use_kernel: bool = True,
+    decode_groups: int | None = None,
 ) -> AttentionKernel | None:
     """The kernel launch for queries (B, H, L, D) over keys and values (B, H_kv, S, D) of
-    ``dtypes`` (q, k, v), with a plan of ``block_size`` (None: all keys), or None for the
+    ``dtypes`` (q, k, v), with a plan of ``block_size`` (None: all keys), one-query calls
+    split into about ``decode_groups`` groups (None: the device's), or None for the
     reference: no backend active, shapes the kernels do not take, or a kernel that failed
     its self-check in this process (:mod:`.checks`)."""
     be = backend()
@@ -128,7 +131,9 @@ def attention_kernel(
     tiles = tile_config(be.name, dtype, D, H, H_kv, block_size)
     if tiles is None:
         return None
-    kernel = AttentionKernel(tiles, L == 1 and decode_ok(dtype, D, H, H_kv))
+    decode = L == 1 and decode_ok(dtype, D, H, H_kv)
+    groups = (decode_groups or device_tuning().decode_groups) if decode else 0
+    kernel = AttentionKernel(tiles, decode, groups)
     if be.self_check:
         names = ("decode_attention",) if kernel.decode else ("sparse_attention",)
         if not (kernel.decode and be.fold_decode):
@@ -194,17 +199,17 @@ def _no_plan() -> mx.array:
     return x
 
 
-def decode_splits(n_slots: int, heads: int) -> tuple[int, int]:
+def decode_splits(n_slots: int, heads: int, groups: int) -> tuple[int, int]:
     """(n_splits, per_split) for ``n_slots`` key slots of each of ``heads`` (batch x KV
-    heads): about ``DECODE_GROUPS`` groups, at least ``DECODE_MIN_SPLIT`` slots a split,
-    splits a whole number of warp steps long, none of them empty."""
-    n_splits = max(1, min(-(-DECODE_GROUPS // heads), -(-n_slots // DECODE_MIN_SPLIT)))
+    heads): about ``groups`` groups, at least ``DECODE_MIN_SPLIT`` slots a split, splits a
+    whole number of warp steps long, none of them empty."""
+    n_splits = max(1, min(-(-groups // heads), -(-n_slots // DECODE_MIN_SPLIT)))
     per_split = -(-n_slots // n_splits)
     per_split = -(-per_split // DECODE_STEP) * DECODE_STEP
     return -(-n_slots // per_split), per_split
 
 
-def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams, state):
+def _decode(q, k, v, index, count, *, groups, all_keys, q_offset, window, fparams, state):
     """One query per head over many keys (decode_attention.metal), splits merged."""
     B, H, _, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
@@ -213,7 +218,7 @@ def _decode(q, k, v, index, count, *, all_keys, q_offset, window, fparams, state
         n_slots = max(min(S, q_offset + 1) - lo, 1)
     else:
         n_slots = max(index.shape[-1], 1)
-    n_splits, per_split = decode_splits(n_slots, B * H_kv)
+    n_splits, per_split = decode_splits(n_slots, B * H_kv, groups)
     iparams = params(
         DecodeParams(
             n_k=S,
@@ -302,6 +307,7 @@ def _attention(
             v,
             index,
             count,
+            groups=kernel.groups,
             all_keys=all_keys,
             q_offset=q_offset,
             window=window,
