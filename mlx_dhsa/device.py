@@ -12,7 +12,7 @@ memory bandwidth, so those come from the name. Two settings depend on them:
 """
 
 import math
-from functools import lru_cache
+from functools import cache
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -74,7 +74,7 @@ def tuning_for(backend: str | None, info: dict) -> Tuning:
     return H200._replace(basis="the H200's (no GPU)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def device_tuning() -> Tuning:
     """:func:`tuning_for` the GPU MLX runs on (the H200's settings without one)."""
     if mx.metal.is_available():

@@ -3,8 +3,7 @@ overridable in DHSAConfig."""
 
 import pytest
 
-from mlx_dhsa import DHSAConfig
-from mlx_dhsa import kernels
+from mlx_dhsa import DHSAConfig, kernels
 from mlx_dhsa.device import H200, device_tuning, tuning_for
 
 
@@ -14,16 +13,19 @@ def test_the_h200_keeps_its_measured_values():
     assert t.basis.startswith("measured")
 
 
-@pytest.mark.parametrize("backend,name,groups", [
-    ("cuda", "NVIDIA H100 80GB HBM3", 512),
-    ("cuda", "NVIDIA A100-SXM4-80GB", 512),
-    ("cuda", "NVIDIA L4", 256),
-    ("cuda", "Some future GPU", 512),
-    ("metal", "Apple M2 Max", 128),
-    ("metal", "Apple M2 Ultra", 256),
-    ("metal", "Apple M3 Pro", 64),
-    ("metal", "Apple M1", 32),
-])
+@pytest.mark.parametrize(
+    "backend,name,groups",
+    [
+        ("cuda", "NVIDIA H100 80GB HBM3", 512),
+        ("cuda", "NVIDIA A100-SXM4-80GB", 512),
+        ("cuda", "NVIDIA L4", 256),
+        ("cuda", "Some future GPU", 512),
+        ("metal", "Apple M2 Max", 128),
+        ("metal", "Apple M2 Ultra", 256),
+        ("metal", "Apple M3 Pro", 64),
+        ("metal", "Apple M1", 32),
+    ],
+)
 def test_other_devices_are_estimated(backend, name, groups):
     t = tuning_for(backend, {"device_name": name})
     assert t.decode_groups == groups and t.basis.startswith("estimated")
@@ -45,6 +47,7 @@ def test_config_decode_groups_reach_the_decode_launch():
 
     with kernels.use_backend("cuda", lambda **kw: None, any_device=True, self_check=False):
         default = kernels.attention_kernel((mx.float16,) * 3, 128, 8, 4, 1, 5000, None)
-        chosen = kernels.attention_kernel((mx.float16,) * 3, 128, 8, 4, 1, 5000, None,
-                                          decode_groups=128)
+        chosen = kernels.attention_kernel(
+            (mx.float16,) * 3, 128, 8, 4, 1, 5000, None, decode_groups=128
+        )
     assert (default.groups, chosen.groups) == (512, 128)

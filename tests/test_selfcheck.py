@@ -31,7 +31,7 @@ def _wrong(**build):
 
 
 def _choices(config, D=64):
-    q, k, v = make_qkv(H=4, H_kv=2, L=1, S=300, D=D)
+    q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=300, D=D)
     attn = kernels.attention_kernel((q.dtype,) * 3, D, 4, 2, 1, 300, None)
     sparse = kernels.attention_kernel((q.dtype,) * 3, D, 4, 2, 40, 300, config.block_size)
     plan = kernels.plan_launch(q.dtype, k.dtype, D, 40, config)

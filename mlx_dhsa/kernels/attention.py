@@ -140,7 +140,7 @@ def attention_kernel(
             names += ("merge_splits",)
         reps, all_keys = H // H_kv, block_size is None
         key = ("attention", kernel, dtype, D, reps, all_keys)
-        check = lambda: _self_check(kernel, dtype, D, reps, block_size)  # noqa: E731
+        check = lambda: _self_check(kernel, dtype, D, reps, block_size)
         if not checks.verified(be, key, names, check):
             return None
     return kernel

@@ -51,7 +51,7 @@ def plan_launch(
     launch = PlanLaunch.FUSED if be.fused_plan and L <= config.block_size else PlanLaunch.TWO
     if be.self_check:
         names = ("plan",) if launch is PlanLaunch.FUSED else ("block_scores", "select_keys")
-        check = lambda: _self_check(launch, dtype, D, config)  # noqa: E731
+        check = lambda: _self_check(launch, dtype, D, config)
         if not checks.verified(be, ("plan", launch, dtype, D), names, check):
             return None
     return launch
