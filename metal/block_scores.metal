@@ -6,38 +6,37 @@
 //          summaries [B, cap, D] float32 (closed chunks in slots [0, n_closed))
 //          open_prev [B, D] float32: sum_h sum_i k_i over keys [open_start, prev_end) from
 //                  an earlier call (read only when prev_end > open_start)
-//          iparams int32 [11]: L, H, H_kv, block_size, n_closed, open_start, S, cap,
-//                  chunks per group, 1 for sqrt(n) summaries (paper) / 0 for plain means,
-//                  prev_end
+//          iparams int32: kernels.sources.BlockScoreParams (read as iparams[BS_<FIELD>]):
+//                  L, H, H_kv, block_size, n_closed, open_start, S, cap, chunks per group,
+//                  1 for sqrt(n) summaries (paper) / 0 for plain means, prev_end
 // outputs: scores [B, NB, n_closed + 1] float32: S_bc = q_b . k_c with q_b the mean of
 //          block b's queries over queries and heads, k_c the closed summaries and, in slot
 //          n_closed, the open chunk [open_start, S) summarised here as
 //          sum_i mean_h k_i / sqrt(n) (or / n); 0 for an empty open chunk. Only keys
 //          [prev_end, S) are read: the rest of the sum comes from open_prev.
 //          open_sum [B, D] float32: sum_h sum_i k_i over [open_start, S), for the next call
-// template: T, D (a multiple of 32, <= 256)
-// launch : grid (n_tiles * NTS, NB, B), threadgroup (NTS, 1, 1), NTS = 256. Every group forms
+// template: T, D (a multiple of 32, <= 256), NT (threads per group, a multiple of 32)
+// launch : grid (n_tiles * NT, NB, B), threadgroup (NT, 1, 1). Every group forms
 //          its block's q_b (warps take rows, lanes take columns, shared-memory reduction),
 //          then each warp dots q_b with chunks of the group's tile, lanes splitting D.
-constexpr int NTS = 256;
-constexpr int NW = NTS / 32;
+constexpr int NW = NT / 32;
 constexpr int DL = D / 32;
 constexpr int UR = 4;
 DHSA_SHARED(float, part_s, NW * D);
 DHSA_SHARED(float, qb_s, D);
 DHSA_SHARED(float, open_s, D);
 
-const int n_q = iparams[0];
-const int n_heads = iparams[1];
-const int n_kv = iparams[2];
-const int block_size = iparams[3];
-const int n_closed = iparams[4];
-const int open_start = iparams[5];
-const int n_k = iparams[6];
-const int cap = iparams[7];
-const int per_group = iparams[8];
-const bool sqrt_norm = iparams[9] != 0;
-const int prev_end = iparams[10];
+const int n_q = iparams[BS_N_Q];
+const int n_heads = iparams[BS_N_HEADS];
+const int n_kv = iparams[BS_N_KV];
+const int block_size = iparams[BS_BLOCK_SIZE];
+const int n_closed = iparams[BS_N_CLOSED];
+const int open_start = iparams[BS_OPEN_START];
+const int n_k = iparams[BS_N_K];
+const int cap = iparams[BS_CAP];
+const int per_group = iparams[BS_PER_GROUP];
+const bool sqrt_norm = iparams[BS_SQRT_NORM] != 0;
+const int prev_end = iparams[BS_PREV_END];
 const int n_chunks = n_closed + 1;
 const int n_blocks = (n_q + block_size - 1) / block_size;
 const int blk = dhsa_gy;
@@ -81,7 +80,7 @@ for (int j = 0; j < DL; ++j) {
   part_s[dhsa_warp * D + dhsa_lane + 32 * j] = acc[j];
 }
 DHSA_BARRIER();
-for (int d = dhsa_tid; d < D; d += NTS) {
+for (int d = dhsa_tid; d < D; d += NT) {
   float s = 0.0f;
   for (int w = 0; w < NW; ++w) {
     s += part_s[w * D + d];
@@ -126,7 +125,7 @@ if (has_open) {
   DHSA_BARRIER();
   const float n = float(dhsa_imax(n_k - open_start, 1));
   const float norm = (sqrt_norm ? dhsa_rsqrt(n) : 1.0f / n) / float(n_kv);
-  for (int d = dhsa_tid; d < D; d += NTS) {
+  for (int d = dhsa_tid; d < D; d += NT) {
     float s = prev_end > open_start ? open_prev[(dhsa_long)b * D + d] : 0.0f;
     for (int w = 0; w < NW; ++w) {
       s += part_s[w * D + d];

@@ -11,9 +11,10 @@
 //          tickets [B * H_kv] int32, zeros (FOLD: each group of a KV head takes a ticket; the
 //          group with the last one merges, then sets the ticket back to 0, so one buffer
 //          serves launches that run one after another, e.g. a layer's decode steps)
-//          iparams int32 [10]: S, q_pos (the query's position), window (0 = none), H, H_kv,
+//          iparams int32: kernels.sources.DecodeParams (iparams[DA_<FIELD>]): S, q_pos (the query's position), window (0 = none), H, H_kv,
 //                  NB, K, n_splits, per_split (slots per split, a multiple of NW * KB), B
-//          fparams float32 [2]: scale, softcap (0 = none)
+//          fparams float32: kernels.sources.AttentionScalars (fparams[AF_<FIELD>]): scale,
+//                  softcap (0 = none)
 // outputs: part [n_splits, B, H, D] float32 (each split's normalised output, 0 if it saw no
 //          key), lse [n_splits, B, H] float32 (its log-sum-exp, natural log; -inf: no key);
 //          out [B, H, 1, D] T when FOLD (else a 1-element placeholder): the splits joined as
@@ -36,18 +37,18 @@ DHSA_SHARED(float, tot_s, 2 * REPS);
 DHSA_SHARED(float, o_s, REPS * D);
 DHSA_SHARED(int, last_s, 1);
 
-const int n_k = iparams[0];
-const int q_pos = iparams[1];
-const int window = iparams[2];
-const int n_heads = iparams[3];
-const int n_kv = iparams[4];
-const int n_blocks = iparams[5];
-const int n_slots_max = iparams[6];
-const int n_splits = iparams[7];
-const int per_split = iparams[8];
-const int n_batch = iparams[9];
-const float scale = fparams[0];
-const float cap = fparams[1];
+const int n_k = iparams[DA_N_K];
+const int q_pos = iparams[DA_Q_POS];
+const int window = iparams[DA_WINDOW];
+const int n_heads = iparams[DA_N_HEADS];
+const int n_kv = iparams[DA_N_KV];
+const int n_blocks = iparams[DA_N_BLOCKS];
+const int n_slots_max = iparams[DA_N_SLOTS_MAX];
+const int n_splits = iparams[DA_N_SPLITS];
+const int per_split = iparams[DA_PER_SPLIT];
+const int n_batch = iparams[DA_N_BATCH];
+const float scale = fparams[AF_SCALE];
+const float cap = fparams[AF_CAP];
 // logit (log2 units) = c_out * tanh(c_in * q.k) with a cap, else c_in * q.k.
 const float c_in = cap > 0.0f ? scale / cap : scale * DHSA_LOG2E;
 const float c_out = cap * DHSA_LOG2E;

@@ -3,22 +3,21 @@
 // Joins the per-split results of sparse_attention.metal (SPLIT) and decode_attention.metal.
 // inputs : part [n_splits, R, D] float32 (each split's normalised output)
 //          lse [n_splits, R] float32 (each split's log-sum-exp, natural log; -inf: no key)
-//          iparams int32 [2]: n_splits, R
+//          iparams int32: kernels.sources.MergeParams (iparams[MS_<FIELD>]): n_splits, R
 // outputs: out [R, D] T: sum_z w_z part_z / sum_z w_z with w_z = exp(lse_z - max lse);
 //          0 for a row no split saw a key of
-// template: T, D
+// template: T, D, NW (warps per group)
 // launch : grid (NW * 32 * ceil(D / 32), R, 1), threadgroup (NW * 32, 1, 1): group (c, r)
 //          owns columns [32 c, 32 c + 32) of row r, a lane one column; warp w sums the
 //          splits w, w + NW, ..., ZB of them per step so that their loads are in flight
 //          together, and the warps' sums meet in shared memory.
-constexpr int NW = 8;
 constexpr int ZB = 4;
 
 DHSA_SHARED(float, num_s, NW * 32);
 DHSA_SHARED(float, red_s, NW);
 
-const int n_splits = iparams[0];
-const int n_rows = iparams[1];
+const int n_splits = iparams[MS_N_SPLITS];
+const int n_rows = iparams[MS_N_ROWS];
 const int r = dhsa_gy;
 const int col = dhsa_gx * 32 + dhsa_lane;
 

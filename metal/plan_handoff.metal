@@ -1,14 +1,16 @@
 // dhsa_plan (middle part): the fused planning kernel is block_scores.metal, this, and
 // select_keys.metal, each in a scope of its own (kernels.kernel_source assembles "plan").
-// inputs : tickets [B * NB] int32, zeros (one per query block); sel_params int32 [11]:
-//          select_keys' iparams
+// inputs : tickets [B * NB] int32, zeros (one per query block); sel_params int32:
+//          select_keys' iparams (kernels.sources.SelectParams)
 // The groups of one (block, batch) have written their scores; each takes a ticket, and the
 // group with the last one sets it back to zero (the buffer serves the next launch) and goes
 // on to select that block's keys, after a device-scope fence. The others are done.
 DHSA_SHARED(int, handoff_s, 1);
 {
-  const int n_blocks = (iparams[0] + iparams[3] - 1) / iparams[3];
-  const int n_tiles = (iparams[4] + iparams[8]) / iparams[8];  // groups per block: n_chunks / per_group
+  const int bs = iparams[BS_BLOCK_SIZE];
+  const int n_blocks = (iparams[BS_N_Q] + bs - 1) / bs;
+  // Groups per block: n_chunks (n_closed + 1) / per_group, rounded up.
+  const int n_tiles = (iparams[BS_N_CLOSED] + iparams[BS_PER_GROUP]) / iparams[BS_PER_GROUP];
   DHSA_DEVICE const int* ticket = tickets + dhsa_gz * n_blocks + dhsa_gy;
   dhsa_fence_device();
   DHSA_BARRIER();

@@ -4,8 +4,9 @@
 // block per group, without sorting.
 // inputs : scores [B, NB, N] float32 (N = n_closed + 1 chunks, the open one last)
 //          starts, lengths [B, cap] int32 (closed chunks in slots [0, n_closed))
-//          iparams int32 [11]: L, q_offset, block_size, window (0 = none), sink, local,
-//                  K (budget), n_closed, open_start, S, cap
+//          iparams int32: kernels.sources.SelectParams (iparams[SK_<FIELD>]): L, q_offset,
+//                  block_size, window (0 = none), sink, local, K (budget), n_closed,
+//                  open_start, S, cap
 // outputs: indices [B, NB, K] int32: the block's keys, ascending, padding 0
 //          n_valid [B, NB] int32
 // template: MAX_IV (key intervals one block can hold: sinks + taken chunks + local),
@@ -27,17 +28,17 @@ DHSA_SHARED(int, pick_s, 2);
 DHSA_SHARED(int, iv_start, MAX_IV);
 DHSA_SHARED(int, iv_off, MAX_IV);
 
-const int n_q = iparams[0];
-const int q_offset = iparams[1];
-const int block_size = iparams[2];
-const int window = iparams[3];
-const int sink = iparams[4];
-const int local = iparams[5];
-const int budget = iparams[6];
-const int n_closed = iparams[7];
-const int open_start = iparams[8];
-const int n_k = iparams[9];
-const int cap = iparams[10];
+const int n_q = iparams[SK_N_Q];
+const int q_offset = iparams[SK_Q_OFFSET];
+const int block_size = iparams[SK_BLOCK_SIZE];
+const int window = iparams[SK_WINDOW];
+const int sink = iparams[SK_SINK];
+const int local = iparams[SK_LOCAL];
+const int budget = iparams[SK_BUDGET];
+const int n_closed = iparams[SK_N_CLOSED];
+const int open_start = iparams[SK_OPEN_START];
+const int n_k = iparams[SK_N_K];
+const int cap = iparams[SK_CAP];
 const int n_blocks = (n_q + block_size - 1) / block_size;
 const int n_chunks = n_closed + 1;
 const int blk = dhsa_gy;

@@ -5,9 +5,11 @@
 //          dim contiguous, rows 16-byte aligned (cache slices pass without a copy)
 //          kv_index [B, NB, K] int32 (ascending key positions; unused when ALL_KEYS)
 //          kv_count [B, NB] int32 (valid slots per block; unused when ALL_KEYS)
-//          iparams int32 [12]: L, S, q_offset, window (0 = none), block_size, H, H_kv, NB, K,
-//                  qt (queries per group), n_splits, B
-//          fparams float32 [2]: scale, softcap (0 = none)
+//          iparams int32: kernels.sources.SparseParams (iparams[SA_<FIELD>]): L, S,
+//                  q_offset, window (0 = none), block_size, H, H_kv, NB, K, qt (queries per
+//                  group), n_splits, B
+//          fparams float32: kernels.sources.AttentionScalars (fparams[AF_<FIELD>]): scale,
+//                  softcap (0 = none)
 // outputs: out [B, H, L, D] T (when !SPLIT; else a 1-element placeholder)
 //          part [n_splits, B, H, L, D] float32, lse [n_splits, B, H, L] float32 (when SPLIT:
 //          each split's normalised output and log-sum-exp, -inf where it saw no key;
@@ -48,20 +50,20 @@ constexpr int RPL = DHSA_ACC_N / DHSA_ACC_ROWS;
 DHSA_SHARED_SIZED(float4, dhsa_smem, (SMEM_BYTES + 15) / 16);
 DHSA_SHARED(int, kpos_s, STAGES * BK);
 
-const int n_q = iparams[0];
-const int n_k = iparams[1];
-const int q_offset = iparams[2];
-const int window = iparams[3];
-const int block_size = iparams[4];
-const int n_heads = iparams[5];
-const int n_kv = iparams[6];
-const int n_blocks = iparams[7];
-const int n_slots_max = iparams[8];
-const int qt = iparams[9];
-const int n_splits = iparams[10];
-const int n_batch = iparams[11];
-const float scale = fparams[0];
-const float cap = fparams[1];
+const int n_q = iparams[SA_N_Q];
+const int n_k = iparams[SA_N_K];
+const int q_offset = iparams[SA_Q_OFFSET];
+const int window = iparams[SA_WINDOW];
+const int block_size = iparams[SA_BLOCK_SIZE];
+const int n_heads = iparams[SA_N_HEADS];
+const int n_kv = iparams[SA_N_KV];
+const int n_blocks = iparams[SA_N_BLOCKS];
+const int n_slots_max = iparams[SA_N_SLOTS_MAX];
+const int qt = iparams[SA_QT];
+const int n_splits = iparams[SA_N_SPLITS];
+const int n_batch = iparams[SA_N_BATCH];
+const float scale = fparams[AF_SCALE];
+const float cap = fparams[AF_CAP];
 // logit (log2 units) = c_out * tanh(c_in * q.k) with a cap, else c_in * q.k.
 const float c_in = cap > 0.0f ? scale / cap : scale * DHSA_LOG2E;
 const float c_out = cap * DHSA_LOG2E;

@@ -1,6 +1,12 @@
-"""DHSAAttention: a drop-in replacement for mlx-lm's Gemma2 attention module."""
+"""DHSAAttention: a drop-in replacement for mlx-lm's Gemma2 attention module.
 
-from typing import Any
+:func:`route` decides what runs for a call (mlx-lm's own module, dense or sparse attention,
+on the kernels or the pure-MLX reference) from its shapes, dtypes, device and config; the
+layer runs the :class:`Route` it returns and keeps it as ``last_route``.
+"""
+
+from enum import Enum
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,7 +14,138 @@ import mlx.nn as nn
 from . import kernels, planners, reference
 from .cache import ChunkTable, ClosedChunks, ClosedSummaries, DHSACache
 from .config import DHSAConfig
-from .selection import Plan, key_mask
+from .plan import Plan
+from .selection import key_mask
+
+
+class Path(Enum):
+    """What computes an attention call."""
+
+    BASE = "base"  # the wrapped mlx-lm module, op for op (dense decode steps it can run)
+    DENSE_KERNEL = "dense kernel"  # causal (+ window) attention fused on the GPU
+    DENSE_REFERENCE = "dense reference"  # pure MLX
+    SPARSE_KERNEL = "sparse kernel"  # DHSA: plan, then attention over the plan on the GPU
+    SPARSE_REFERENCE = "sparse reference"  # the same, attention in pure MLX
+
+
+class Route(NamedTuple):
+    """The decision for one attention call (made by :func:`route`)."""
+
+    path: Path
+    kernel: kernels.AttentionKernel | None = None  # launch of the (first) attention, if any
+    plan: kernels.PlanLaunch | None = None  # planning kernels (method "dhsa"); None: pure MLX
+    n_sparse: int = 0  # queries attended sparsely; the rest of the call attends densely
+    tail: kernels.AttentionKernel | None = None  # launch of those dense queries, if any
+    own_mask: bool = False  # dense: the call's own causal (+ window) mask, not the model's
+
+    @property
+    def label(self) -> str:
+        """``"dense"``, ``"dhsa(kernel)"`` or ``"dhsa(reference)"``."""
+        if self.path is Path.SPARSE_KERNEL:
+            return "dhsa(kernel)"
+        if self.path is Path.SPARSE_REFERENCE:
+            return "dhsa(reference)"
+        return "dense"
+
+
+def route(
+    config: DHSAConfig,
+    *,
+    n_queries: int,
+    n_keys: int,
+    offset: int,
+    dtypes: tuple,
+    head_dim: int,
+    n_heads: int,
+    n_kv_heads: int,
+    softcap: float | None,
+    window: int | None,
+    base: bool = False,
+    per_sequence_mask: bool = False,
+) -> Route:
+    """What runs an attention call of ``n_queries`` queries at ``offset`` over ``n_keys`` keys.
+
+    - Up to ``config.dense_limit`` visible keys (or a decode step below
+      ``decode_dense_below``) attention is dense. A decode step that mlx-lm's module can run
+      (``base``: the layer wraps one and has a cache) stays there, unless its logits are
+      soft-capped and a kernel is active: mlx-lm computes those op by op, the fused kernel in
+      one launch (models without a cap decode with MLX's fused SDPA). Other dense calls run
+      the fused kernel when it takes them (causal: no per-sequence mask, queries last), else
+      the reference.
+    - Longer calls are sparse: the first ``n_sparse`` queries attend over a plan, the last
+      ``dense_tail`` of a multi-token call densely.
+
+    Args:
+        config (DHSAConfig): the layer's settings (``use_kernel`` among them).
+        n_queries (int), n_keys (int), offset (int): L, S and the first query's position.
+        dtypes (tuple): dtypes of queries, keys, values.
+        head_dim (int), n_heads (int), n_kv_heads (int): D, H, H_kv.
+        softcap (float, optional): the layer's logit soft cap.
+        window (int, optional): the layer's sliding window (honoured if
+            ``config.sliding_window``).
+        base (bool): a decode step may run on the wrapped mlx-lm module. Default: ``False``.
+        per_sequence_mask (bool): the mask differs across the batch (padded batches).
+
+    Returns:
+        Route: the decision; kernel launches are None where the reference runs.
+
+    Raises:
+        NotImplementedError: a sparse call with a per-sequence mask.
+    """
+    L, S = n_queries, n_keys
+    window = window if config.sliding_window else None
+    use_kernel, groups = config.use_kernel, config.decode_groups
+    fused_decode = softcap is not None and kernels.backend().active(use_kernel)
+    visible = min(S, window) if L == 1 and window is not None else S
+    dense = visible <= config.dense_limit or (L == 1 and not config.sparse_decode_at(visible))
+    if L == 1 and base and dense and not fused_decode and visible == S:
+        return Route(Path.BASE)
+    shape = (dtypes, head_dim, n_heads, n_kv_heads)
+    if dense:
+        own = (L > 1 or fused_decode) and not per_sequence_mask and offset + L == S
+        kernel = (
+            kernels.attention_kernel(
+                *shape, L, S, None, use_kernel=use_kernel, decode_groups=groups
+            )
+            if own
+            else None
+        )
+        path = Path.DENSE_KERNEL if kernel is not None else Path.DENSE_REFERENCE
+        return Route(path, kernel, own_mask=own)
+    if per_sequence_mask:
+        raise NotImplementedError(
+            "DHSA sparse attention does not support per-sequence (padded batch) masks; "
+            "run sequences one at a time, or raise the budget above the context length"
+        )
+    # Multi-token calls end with dense_tail queries that see every key; decode never does.
+    n_sparse = L - min(config.dense_tail, L) if L > 1 else 1
+    if n_sparse == 0:  # all of them: causal dense attention
+        kernel = kernels.attention_kernel(
+            *shape, L, S, None, use_kernel=use_kernel, decode_groups=groups
+        )
+        path = Path.DENSE_KERNEL if kernel is not None else Path.DENSE_REFERENCE
+        return Route(path, kernel, own_mask=True)
+    kernel = kernels.attention_kernel(
+        *shape, n_sparse, S, config.block_size, use_kernel=use_kernel, decode_groups=groups
+    )
+    plan = tail = None
+    if config.method == "dhsa":
+        plan = kernels.plan_launch(
+            dtypes[0], dtypes[1], head_dim, n_sparse, config, use_kernel=use_kernel
+        )
+    if n_sparse < L:
+        tail = kernels.attention_kernel(*shape, L - n_sparse, S, None, use_kernel=use_kernel)
+    path = Path.SPARSE_KERNEL if kernel is not None else Path.SPARSE_REFERENCE
+    return Route(path, kernel, plan, n_sparse, tail)
+
+
+def _kernel_state(cache: Any) -> kernels.KernelState | None:
+    """The kernel state a DHSACache holds for its layer (made on first use); None without."""
+    if not isinstance(cache, DHSACache):
+        return None
+    if cache.kernel_state is None:
+        cache.kernel_state = kernels.KernelState()
+    return cache.kernel_state
 
 
 def _per_sequence(mask) -> bool:
@@ -72,7 +209,7 @@ class DHSAAttention(nn.Module):
         self.window = window  # sliding window of this layer (None = global)
         self._shared = shared if shared is not None else SharedChunks()
         self._owner = owner
-        self.last_path = "none"  # "dense", "dhsa(reference)" or "dhsa(kernel)"
+        self._set_route(None)
 
     @classmethod
     def from_base(
@@ -107,11 +244,52 @@ class DHSAAttention(nn.Module):
         object.__setattr__(attn, "_base", base)  # kept out of the parameter tree, for unpatch
         return attn
 
+    @property
+    def last_path(self) -> str:
+        """What ran the last call: ``"dense"``, ``"dhsa(kernel)"``, ``"dhsa(reference)"``
+        (``"none"`` before the first)."""
+        return "none" if self.last_route is None else self.last_route.label
+
+    def _set_route(self, r: Route | None) -> None:
+        # Outside the module's parameter tree (a tuple would join it), and without
+        # nn.Module.__setattr__'s cost, paid per layer and token.
+        object.__setattr__(self, "last_route", r)
+
+    def route(
+        self,
+        n_queries: int,
+        n_keys: int,
+        offset: int,
+        dtypes: tuple,
+        *,
+        base: bool = False,
+        mask: Any = None,
+    ) -> Route:
+        """:func:`route` for a call of this layer."""
+        return route(
+            self.config,
+            n_queries=n_queries,
+            n_keys=n_keys,
+            offset=offset,
+            dtypes=dtypes,
+            head_dim=self.head_dim,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            softcap=self.attn_logit_softcapping,
+            window=self.window,
+            base=base,
+            per_sequence_mask=_per_sequence(mask),
+        )
+
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
-        if L == 1 and cache is not None and self._base_decodes(cache.offset + 1):
-            # A dense decode step that sees every key: mlx-lm's own module, op for op.
-            self._set_path("dense")
+        offset = 0 if cache is None else cache.offset
+        # Decided before the projections (mlx-lm's module makes its own); queries, keys and
+        # values take x's dtype, which attend checks.
+        base = L == 1 and cache is not None and self.__dict__.get("_base") is not None
+        r = self.route(L, offset + L, offset, (x.dtype,) * 3, base=base, mask=mask)
+        if r.path is Path.BASE:
+            self._set_route(r)
             return self._base(x, mask=mask, cache=cache)
         queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
@@ -119,9 +297,7 @@ class DHSAAttention(nn.Module):
         values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         queries, keys = self.qk_norm(queries, keys)
 
-        offset = 0
         if cache is not None:
-            offset = cache.offset
             queries = self.rope(queries, offset=offset)
             keys = self.rope(keys, offset=offset)
             keys, values = cache.update_and_fetch(keys, values)
@@ -129,30 +305,13 @@ class DHSAAttention(nn.Module):
             queries = self.rope(queries)
             keys = self.rope(keys)
 
-        output = self.attend(queries, keys, values, mask=mask, offset=offset, cache=cache)
+        if (queries.dtype, keys.dtype, values.dtype) != (x.dtype,) * 3 or (
+            keys.shape[2] != offset + L
+        ):
+            r = None  # not what the route assumed: attend decides again
+        output = self.attend(queries, keys, values, mask=mask, offset=offset, cache=cache, route=r)
         output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(output)
-
-    def _base_decodes(self, n_keys: int) -> bool:
-        """Whether a decode step over ``n_keys`` keys is left to the wrapped mlx-lm module:
-        dense (``DHSAConfig.sparse_decode_at``), no sliding window cutting keys off (mlx-lm's
-        Gemma2 ignores the window, so those steps stay here and read only it) and no fused
-        kernel to run it in one call instead of mlx-lm's six ops (``_fused_decode``)."""
-        if self.__dict__.get("_base") is None:  # built directly, not by from_base
-            return False
-        config = self.config
-        if self._fused_decode():
-            return False
-        if config.sliding_window and self.window is not None and n_keys > self.window:
-            return False
-        return not config.sparse_decode_at(n_keys)  # dense_limit is part of that test
-
-    def _fused_decode(self) -> bool:
-        """Whether one-query dense steps run the fused kernel: for soft-capped logits, which
-        mlx-lm computes op by op (its models without a cap decode with MLX's fused SDPA)."""
-        return self.attn_logit_softcapping is not None and kernels.fused_decode(
-            self.config.use_kernel
-        )
 
     def qk_norm(self, queries: mx.array, keys: mx.array) -> tuple[mx.array, mx.array]:
         """Per-head query/key normalisation before RoPE: none for Gemma2 (Gemma3 has one)."""
@@ -167,30 +326,37 @@ class DHSAAttention(nn.Module):
         mask: mx.array | str | None = None,
         offset: int = 0,
         cache: Any = None,
+        route: Route | None = None,
     ) -> mx.array:
         """Attention of post-RoPE queries (B, H, L, D) at positions ``offset..`` over keys
-        and values (B, H_kv, S, D) (``cache`` holds them, if given); returns (B, H, L, D)."""
+        and values (B, H_kv, S, D) (``cache`` holds them, if given); returns (B, H, L, D).
+        ``route``: the decision for these arrays, if made already (see :func:`route`)."""
         L, S = queries.shape[2], keys.shape[2]
+        if route is None:
+            dtypes = (queries.dtype, keys.dtype, values.dtype)
+            route = self.route(L, S, offset, dtypes, mask=mask)
+        self._set_route(route)
         config = self.config
         window = self.window if config.sliding_window else None
         args = dict(scale=self.scale, softcap=self.attn_logit_softcapping)
-        # One-query kernel launches of this layer run one after another: one set of counters.
-        tickets = None
-        if L == 1 and isinstance(cache, DHSACache):
-            tickets = cache.decode_tickets(queries.shape[0] * self.n_kv_heads)
-        visible = min(S, window) if L == 1 and window is not None else S
-        if visible <= config.dense_limit or (L == 1 and not config.sparse_decode_at(visible)):
-            self._set_path("dense")
-            # The fused causal(+window) kernel: prefill steps, and decode steps when
-            # kernels.fused_decode (fewer launches); else MLX's own ops. The kernel skips
-            # keys left of the window itself.
-            fused = L > 1 or self._fused_decode()
-            if fused and not _per_sequence(mask) and offset + L == S:
-                return kernels.dense_attention(
-                    queries, keys, values, q_offset=offset, window=window,
-                    use_kernel=config.use_kernel, tickets=tickets, **args,
+        state = _kernel_state(cache)
+        if route.path is Path.DENSE_KERNEL:
+            return kernels.run_dense(
+                route.kernel,
+                queries,
+                keys,
+                values,
+                q_offset=offset,
+                window=window,
+                state=state,
+                **args,
+            )
+        if route.path is Path.DENSE_REFERENCE:
+            if route.own_mask:
+                return kernels.run_dense(
+                    None, queries, keys, values, q_offset=offset, window=window, **args
                 )
-            if visible < S:
+            if L == 1 and window is not None and S > window:
                 # A dense decode step on a sliding layer reads only the last `window` keys:
                 # drop the rest instead of masking them.
                 keys, values = keys[:, :, S - window :], values[:, :, S - window :]
@@ -199,38 +365,25 @@ class DHSAAttention(nn.Module):
             return reference.dense_attention(
                 queries, keys, values, mask=self._dense_mask(mask, offset, L, S, window), **args
             )
-        if _per_sequence(mask):
-            raise NotImplementedError(
-                "DHSA sparse attention does not support per-sequence (padded batch) masks; "
-                "run sequences one at a time, or raise the budget above the context length"
-            )
-        # Multi-token calls end with dense_tail queries that see every key; decode never does.
-        n_sparse = L - min(config.dense_tail, L) if L > 1 else 1
-        outputs = []
-        if n_sparse > 0:
-            q = queries if n_sparse == L else queries[:, :, :n_sparse]
-            plan = self.plan(q, keys, offset=offset, window=window, cache=cache)
-            outputs.append(
-                kernels.sparse_attention(
-                    q, keys, values, plan, use_kernel=config.use_kernel, tickets=tickets, **args
-                )
-            )
-            self._set_path(f"dhsa({kernels.last_path})")
-        else:
-            self._set_path("dense")
+        n_sparse = route.n_sparse
+        q = queries if n_sparse == L else queries[:, :, :n_sparse]
+        plan = self.plan(
+            q, keys, offset=offset, window=window, cache=cache, launch=route.plan, state=state
+        )
+        outputs = [kernels.run_sparse(route.kernel, q, keys, values, plan, state=state, **args)]
         if n_sparse < L:
             outputs.append(
-                kernels.dense_attention(
-                    queries[:, :, n_sparse:], keys, values, q_offset=offset + n_sparse,
-                    window=window, use_kernel=config.use_kernel, **args,
+                kernels.run_dense(
+                    route.tail,
+                    queries[:, :, n_sparse:],
+                    keys,
+                    values,
+                    q_offset=offset + n_sparse,
+                    window=window,
+                    **args,
                 )
             )
         return mx.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
-
-    def _set_path(self, path: str) -> None:
-        # Only on change: nn.Module.__setattr__ costs about a microsecond, per layer and token.
-        if self.last_path != path:
-            self.last_path = path
 
     def plan(
         self,
@@ -240,10 +393,24 @@ class DHSAAttention(nn.Module):
         offset: int,
         window: int | None,
         cache: Any = None,
+        launch: kernels.PlanLaunch | None = None,
+        state: kernels.KernelState | None = None,
     ) -> Plan:
         """Select keys for the query blocks of ``queries`` (B, H, L, D) at ``offset`` with the
-        planner ``config.method`` names (``planners.PLANNERS``)."""
-        return planners.plan(self, queries, keys, offset=offset, window=window, cache=cache)
+        planner ``config.method`` names (``planners.PLANNERS``), on the planning kernels as
+        ``launch`` says (None: pure MLX)."""
+        return planners.plan(
+            queries,
+            keys,
+            config=self.config,
+            table=lambda: self.chunk_view(keys, cache),
+            offset=offset,
+            window=window,
+            scale=self.scale,
+            softcap=self.attn_logit_softcapping,
+            launch=launch,
+            state=state,
+        )
 
     def chunk_view(self, keys: mx.array, cache: Any = None) -> ChunkTable:
         """The chunks of ``keys`` (B, H_kv, S, D) and their summaries, as a ChunkTable.

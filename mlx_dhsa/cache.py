@@ -2,7 +2,7 @@
 
 Closed segments (whole ``chunk_limit`` spans of keys) are chunked and summarised once, as keys
 arrive; the keys after them form one open chunk, summarised on each call (the planning kernel
-adds new keys to a running sum, ``OpenSum``; the pure-MLX planner sums them afresh). The same
+adds new keys to a running sum that it keeps itself; the pure-MLX planner sums them afresh). The same
 code serves a plain mlx-lm ``KVCache`` by rebuilding the state from the cached keys on every
 call, so both give identical chunks, summaries and selections (up to the float rounding of the
 running sum).
@@ -13,7 +13,6 @@ from functools import cached_property, lru_cache
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache
 
@@ -44,22 +43,6 @@ def _reserve(buf: mx.array | None, shape: tuple, needed: int, dtype) -> mx.array
 
 
 @dataclass
-class OpenSum:
-    """The open chunk's keys summed over heads and keys, ``sum_h sum_{start <= i < end} k_i``
-    (B, D) float32, carried between calls so that the planning kernel adds only new keys."""
-
-    start: int = -1  # open_start it belongs to
-    end: int = -1  # keys [start, end) are in total
-    total: mx.array | None = None
-
-    def usable(self, start: int, n_keys: int) -> bool:
-        return self.total is not None and self.start == start and self.end <= n_keys
-
-    def reset(self) -> None:
-        self.start, self.end, self.total = -1, -1, None
-
-
-@dataclass
 class ChunkTable:
     """Every chunk of S keys in fixed-capacity buffers, ready for the compiled planner.
 
@@ -77,7 +60,6 @@ class ChunkTable:
     n_keys: int  # S
     segment: int
     summary: str = "sqrt"  # DHSAConfig.summary
-    open_sum: OpenSum | None = None  # running sum kept by a DHSACache (kernels only)
 
     @cached_property
     def open_summary(self) -> mx.array:
@@ -139,7 +121,6 @@ class ClosedSummaries:
     def __init__(self):
         self.n_keys = 0
         self.summaries: mx.array | None = None
-        self.open_sum = OpenSum()
 
     def table(self, keys: mx.array, closed: ClosedChunks, config: DHSAConfig) -> ChunkTable:
         """Summarise new closed chunks of ``keys`` (B, H_kv, S, D) and the open chunk."""
@@ -171,7 +152,6 @@ class ClosedSummaries:
             n_keys=S,
             segment=seg,
             summary=config.summary,
-            open_sum=self.open_sum,
         )
 
     def trim(self, n_keys: int, config: DHSAConfig) -> None:
@@ -210,13 +190,12 @@ class DHSACache(KVCache):
     _config: DHSAConfig | None = None
     _closed: ClosedChunks | None = None  # used by the layer that owns shared boundaries
     _summaries: ClosedSummaries | None = None
-    _tickets: mx.array | None = None  # decode_tickets
-    _plan_tickets: mx.array | None = None  # plan_tickets
-    # The key/value buffers grow by this factor (mlx-lm's KVCache grows to the next multiple
-    # of 256 keys, re-allocating and copying the whole cache on every prefill step). The
-    # spare capacity is memory too: at 1.25 a 128k prompt in 2048-key steps ends at 1.16x its
-    # keys (peak 1.12x the floor's on the H200); 1.125 ends at 1.08x and still copies the
-    # cache 8 times over where mlx-lm copies it 32 times.
+    # What the kernels keep for this layer between calls (kernels.KernelState): held here,
+    # never looked into; dropped when the keys it describes are trimmed or re-chunked.
+    kernel_state: Any = None
+    # The key/value buffers grow by this factor instead of mlx-lm's next multiple of 256
+    # keys, which re-allocates and copies the whole cache on every prefill step; the spare
+    # capacity costs memory too (docs/benchmarks.md, memory).
     growth = 1.125
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -241,21 +220,10 @@ class DHSACache(KVCache):
     def state(self, v):
         KVCache.state.fset(self, v)
 
-    def decode_tickets(self, n: int) -> mx.array:
-        """``n`` zeroed int32 counters for this layer's one-query attention launches, which
-        leave them zeroed (``kernels.dense_attention``'s ``tickets``): made once, not per
-        step. A layer's decode steps run one after another, so they can share them."""
-        self._tickets = _zeroed(self._tickets, n)
-        return self._tickets
-
-    def plan_tickets(self, n: int) -> mx.array:
-        """The same for this layer's one-query planning launches (``kernels.select_chunks``):
-        a buffer apart from ``decode_tickets``'."""
-        self._plan_tickets = _zeroed(self._plan_tickets, n)
-        return self._plan_tickets
-
     def chunk_state(self, config: DHSAConfig) -> tuple[ClosedChunks, ClosedSummaries]:
         if self._closed is None or (self._config is not config and self._config != config):
+            if self._config is not None:  # re-chunked under another config
+                self.kernel_state = None
             self._config = config
             self._closed, self._summaries = ClosedChunks(), ClosedSummaries()
         return self._closed, self._summaries
@@ -265,16 +233,8 @@ class DHSACache(KVCache):
         if self._config is not None:
             self._closed.trim(self.offset, self._config)
             self._summaries.trim(self.offset, self._config)
-            self._summaries.open_sum.reset()  # trimmed keys get overwritten: sum afresh
+        self.kernel_state = None  # trimmed keys get overwritten: the kernels start afresh
         return n
-
-
-def _zeroed(buf: mx.array | None, n: int) -> mx.array:
-    """``buf`` if it holds at least ``n`` int32 counters, else ``n`` fresh evaluated zeros."""
-    if buf is None or buf.size < n:
-        buf = mx.zeros((n,), mx.int32)
-        mx.eval(buf)
-    return buf
 
 
 def _grow(x: mx.array, capacity: int) -> mx.array:
@@ -285,30 +245,3 @@ def _grow(x: mx.array, capacity: int) -> mx.array:
 
 # mlx-lm's load_prompt_cache finds cache classes by name in its own module.
 mlx_cache.DHSACache = DHSACache
-
-
-def make_prompt_cache(model: nn.Module, max_kv_size: int | None = None) -> list[Any]:
-    """The model's prompt cache with a DHSACache for every DHSA layer.
-
-    Other layers (e.g. Gemma3's sliding layers) keep the cache the model makes for them.
-
-    Args:
-        model (nn.Module): a model patched with :func:`mlx_dhsa.patch`.
-        max_kv_size (int, optional): not supported with DHSA layers (it would rotate keys).
-
-    Returns:
-        list: one cache per layer, for ``mlx_lm.generate`` / ``stream_generate``.
-    """
-    from .attention import DHSAAttention
-
-    if max_kv_size is not None:
-        raise ValueError(
-            "max_kv_size (a rotating KV cache) is not supported by DHSA layers: DHSA already "
-            "bounds attention cost by its budget; drop max_kv_size"
-        )
-    make = getattr(type(model), "make_cache", None)
-    caches = make(model) if make is not None else [KVCache() for _ in model.layers]
-    return [
-        DHSACache() if isinstance(getattr(layer, "self_attn", None), DHSAAttention) else c
-        for layer, c in zip(model.layers, caches)
-    ]

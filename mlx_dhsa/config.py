@@ -1,9 +1,12 @@
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .device import device_tuning
+
 BOUNDARY_METHODS = ("shift", "fixed", "learned")
 SUMMARIES = ("sqrt", "mean")
 HEAD_SCORES = ("mean", "max")
+METHODS = ("dhsa", "block_sparse", "streaming", "oracle")  # the planners (planners.PLANNERS)
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,12 @@ class DHSAConfig:
     boundary_threshold: float | None = None  # None = top-count by target_chunk; else min shift
     predictor_path: str | None = None  # boundaries="learned": MLX predictor .safetensors
     predictor_threshold: float | None = None  # "learned": least logit; None = the predictor's own
-    decode_dense_below: int | None = 98304  # decode stays dense up to this many keys; None = always
+    # Decode stays dense up to this many keys; None: the device's (device.py: 98304 on the
+    # H200, where it was measured; estimated elsewhere).
+    decode_dense_below: int | None = None
+    # decode_attention.metal splits a step's keys until about this many groups run; None: the
+    # device's (device.py: 512 on the H200, 4 per SM, measured; estimated elsewhere).
+    decode_groups: int | None = None
     share_boundaries: bool = True  # compute boundaries once (first patched layer) for all layers
     sliding_window: bool = True  # honour the model's sliding window on its sliding layers
     use_kernel: bool = True  # use the GPU kernels when a GPU backend is present
@@ -50,6 +58,13 @@ class DHSAConfig:
         if self.decode_dense_below is not None and self.decode_dense_below < 0:
             raise ValueError(
                 f"DHSAConfig.decode_dense_below must be >= 0 or None, got {self.decode_dense_below}"
+            )
+        if self.decode_groups is not None and (
+            not isinstance(self.decode_groups, int) or self.decode_groups <= 0
+        ):
+            raise ValueError(
+                f"DHSAConfig.decode_groups must be a positive integer or None, got "
+                f"{self.decode_groups!r}"
             )
         if self.dense_below is not None and self.dense_below < 0:
             raise ValueError(f"DHSAConfig.dense_below must be >= 0 or None, got {self.dense_below}")
@@ -70,12 +85,8 @@ class DHSAConfig:
             )
         if self.predictor_path is not None and not Path(self.predictor_path).expanduser().is_file():
             raise ValueError(f"DHSAConfig.predictor_path is not a file: {self.predictor_path!r}")
-        from .planners import PLANNERS  # deferred: avoids an import cycle
-
-        if self.method not in PLANNERS:
-            raise ValueError(
-                f"DHSAConfig.method must be one of {sorted(PLANNERS)}, got {self.method!r}"
-            )
+        if self.method not in METHODS:
+            raise ValueError(f"DHSAConfig.method must be one of {METHODS}, got {self.method!r}")
         forced = self.sink + self.local + self.block_size
         if self.budget < forced:
             raise ValueError(
@@ -112,7 +123,9 @@ class DHSAConfig:
         whole cache is as fast or faster there (see README, decode).
         """
         limit = self.decode_dense_below
-        return limit is not None and n_keys > max(limit, self.dense_limit)
+        if limit is None:
+            limit = device_tuning().decode_dense_below
+        return n_keys > max(limit, self.dense_limit)
 
     @property
     def chunk_limit(self) -> int:

@@ -34,24 +34,39 @@ class Gemma3Attention(DHSAAttention):
 LlamaAttention = DHSAAttention
 
 
-def _patch_layers(layers: list, config: DHSAConfig, cls: type, is_global) -> None:
-    """Swap ``layer.self_attn`` for ``cls`` on the layers where ``is_global(i, layer)``;
-    the first patched layer owns the shared boundaries."""
+GEMMA2_SLIDING_WINDOW = 4096  # every released Gemma2; mlx-lm's ModelArgs drops the field
+
+
+def patch_layers(layers: list, config: DHSAConfig, cls: type, is_global, window=None) -> None:
+    """Swap ``layer.self_attn`` for ``cls`` on the layers where ``is_global(i, layer)``, with
+    the sliding window ``window(i)`` (None: global attention); the first patched layer owns
+    the shared boundaries."""
     shared, owner = SharedChunks(), True
     for i, layer in enumerate(layers):
         if is_global(i, layer):
-            layer.self_attn = cls.from_base(layer.self_attn, config, shared=shared, owner=owner)
+            layer.self_attn = cls.from_base(
+                layer.self_attn, config, window=None if window is None else window(i),
+                shared=shared, owner=owner,
+            )
             owner = False
+
+
+def patch_gemma2(model: nn.Module, config: DHSAConfig) -> None:
+    """DHSA on every Gemma2 layer, the even-index ones (sliding in HF Gemma2) with their
+    window: mlx-lm's Gemma2 attends to every key there, which DHSA bounds."""
+    size = getattr(model.args, "sliding_window", None) or GEMMA2_SLIDING_WINDOW
+    patch_layers(model.layers, config, DHSAAttention, lambda i, l: True,
+                 window=lambda i: size if i % 2 == 0 else None)
 
 
 def patch_gemma3_text(model: nn.Module, config: DHSAConfig) -> None:
     """DHSA on Gemma3's global layers (one in ``sliding_window_pattern``); the sliding layers
     keep mlx-lm's attention, RotatingKVCache and window."""
-    _patch_layers(model.layers, config, Gemma3Attention, lambda i, l: not l.self_attn.is_sliding)
+    patch_layers(model.layers, config, Gemma3Attention, lambda i, l: not l.self_attn.is_sliding)
 
 
 def patch_llama(model: nn.Module, config: DHSAConfig) -> None:
     """DHSA on every full-attention layer of a Llama-family model (llama, mistral, qwen2)."""
-    _patch_layers(
+    patch_layers(
         model.layers, config, LlamaAttention, lambda i, l: not getattr(l, "use_sliding", False)
     )

@@ -2,29 +2,18 @@
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
 
-from .attention import DHSAAttention, SharedChunks
-from .cache import make_prompt_cache
+from .attention import DHSAAttention
+from .cache import DHSACache
 from .config import DHSAConfig
-from .families import patch_gemma3_text, patch_llama
-
-GEMMA2_SLIDING_WINDOW = 4096  # every released Gemma2; mlx-lm's ModelArgs drops the field
-
-
-def _patch_gemma2(model: nn.Module, config: DHSAConfig) -> None:
-    # HF Gemma2 marks even-index layers as sliding.
-    window = getattr(model.args, "sliding_window", None) or GEMMA2_SLIDING_WINDOW
-    shared = SharedChunks()
-    for i, layer in enumerate(model.layers):
-        layer.self_attn = DHSAAttention.from_base(
-            layer.self_attn, config, window=window if i % 2 == 0 else None, shared=shared, owner=i == 0
-        )
-
+from .families import patch_gemma2, patch_gemma3_text, patch_llama
 
 PATCHERS: dict[str, Callable[[nn.Module, DHSAConfig], None]] = {
-    "gemma2": _patch_gemma2,
+    "gemma2": patch_gemma2,
     "gemma3_text": patch_gemma3_text,
     "llama": patch_llama,
     "mistral": patch_llama,
@@ -80,3 +69,28 @@ def unpatch(model: nn.Module) -> nn.Module:
             layer.self_attn = layer.self_attn._base
     vars(model).pop("make_cache", None)
     return model
+
+
+def make_prompt_cache(model: nn.Module, max_kv_size: int | None = None) -> list[Any]:
+    """The model's prompt cache with a DHSACache for every DHSA layer.
+
+    Other layers (e.g. Gemma3's sliding layers) keep the cache the model makes for them.
+
+    Args:
+        model (nn.Module): a model patched with :func:`mlx_dhsa.patch`.
+        max_kv_size (int, optional): not supported with DHSA layers (it would rotate keys).
+
+    Returns:
+        list: one cache per layer, for ``mlx_lm.generate`` / ``stream_generate``.
+    """
+    if max_kv_size is not None:
+        raise ValueError(
+            "max_kv_size (a rotating KV cache) is not supported by DHSA layers: DHSA already "
+            "bounds attention cost by its budget; drop max_kv_size"
+        )
+    make = getattr(type(model), "make_cache", None)
+    caches = make(model) if make is not None else [KVCache() for _ in model.layers]
+    return [
+        DHSACache() if isinstance(getattr(layer, "self_attn", None), DHSAAttention) else c
+        for layer, c in zip(model.layers, caches)
+    ]

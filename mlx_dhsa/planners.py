@@ -1,4 +1,4 @@
-"""Planners: DHSA and the baselines it is compared with, all returning a ``selection.Plan``.
+"""Planners: DHSA and the baselines it is compared with, all returning a ``Plan``.
 
 Every planner decides which keys each query block sees; attention over the plan is the same
 code for all of them, so comparisons differ only in what they select (design.md section 2).
@@ -15,52 +15,65 @@ code for all of them, so comparisons differ only in what they select (design.md 
 """
 
 from collections.abc import Callable
-from typing import Any
 
 import mlx.core as mx
 
 from . import kernels
-from .cache import DHSACache
+from .cache import ChunkTable
 from .chunking import Chunks
-from .reference import _logits, _masked_softmax
+from .config import DHSAConfig
+from .plan import Plan
+from .reference import logits, masked_softmax
 from .selection import (
-    Plan,
-    _block_ranges,
     block_queries,
+    block_ranges,
     chunk_scores,
-    plan_from_intervals,
     key_mask,
+    plan_from_intervals,
     select,
 )
 
 # Attention probabilities per oracle group of query blocks; bounds its working memory.
 MAX_ORACLE_SCORES = 1 << 25
 
-Planner = Callable[..., Plan]  # (attn, queries, keys, *, offset, window, cache) -> Plan
+# (queries, keys, *, config, table, offset, window, scale, softcap, launch, state) -> Plan
+Planner = Callable[..., Plan]
 
 
-def plan_dhsa(attn, queries: mx.array, keys: mx.array, *, offset: int, window, cache=None) -> Plan:
+def plan_dhsa(
+    queries: mx.array,
+    keys: mx.array,
+    *,
+    config: DHSAConfig,
+    table: Callable[[], ChunkTable],
+    offset: int,
+    window: int | None,
+    scale: float,
+    softcap: float | None,
+    launch: kernels.PlanLaunch | None = None,
+    state: kernels.KernelState | None = None,
+) -> Plan:
     """DHSA (paper section 3): ``S_bc = q_b . k_c`` over dynamic chunks, best chunks first.
 
+    Every planner takes these arguments (and uses what it needs).
+
     Args:
-        attn (DHSAAttention): the layer (its ``config`` and ``chunk_view``).
         queries (mx.array): the planned queries, (B, H, L, D), at positions ``offset..``.
         keys (mx.array): all keys, (B, H_kv, S, D).
+        config (DHSAConfig): selection settings.
+        table (Callable[[], ChunkTable]): makes the chunk table of ``keys`` (the layer's
+            chunk state brought up to date), for the planners that use chunks.
         offset (int): position of the first query.
         window (int, optional): sliding window of the layer.
-        cache (optional): the layer's cache (a DHSACache keeps chunk state).
+        scale (float), softcap (float or None): the model's attention math.
+        launch (PlanLaunch, optional): how the planning kernels run it (None: pure MLX).
+        state (KernelState, optional): the layer's kernel state.
 
     Returns:
         Plan: (B, ceil(L / block_size), budget) key indices.
     """
-    table = attn.chunk_view(keys, cache)
-    # A layer's decode steps plan one after another: one set of counters (kernels.select_chunks).
-    tickets = None
-    if queries.shape[2] == 1 and isinstance(cache, DHSACache):
-        tickets = cache.plan_tickets(queries.shape[0])
-    return kernels.select_chunks(
-        queries, table, attn.config, q_offset=offset, window=window,
-        use_kernel=attn.config.use_kernel, tickets=tickets,
+    return kernels.run_plan(
+        launch, queries, table(), config, q_offset=offset, window=window, state=state
     )
 
 
@@ -90,30 +103,27 @@ def block_means(keys: mx.array, size: int) -> mx.array:
     return kbar.reshape(B, n, size, D).sum(axis=2) / counts[:, None]
 
 
-def plan_block_sparse(
-    attn, queries: mx.array, keys: mx.array, *, offset: int, window, cache=None
-) -> Plan:
+def plan_block_sparse(queries: mx.array, keys: mx.array, *, config: DHSAConfig, offset: int,
+                      window: int | None, **_) -> Plan:
     """Block-sparse baseline: fixed ``target_chunk``-key blocks scored by ``q_b . mean(k)``.
 
     Arguments and result as :func:`plan_dhsa`.
     """
     B, _, S, _ = keys.shape
-    size = attn.config.target_chunk
-    scores = chunk_scores(block_queries(queries, attn.config.block_size), block_means(keys, size))
-    return _select(attn, scores, fixed_blocks(S, B, size), queries, offset, window)
+    size = config.target_chunk
+    scores = chunk_scores(block_queries(queries, config.block_size), block_means(keys, size))
+    return _select(config, scores, fixed_blocks(S, B, size), queries, offset, window)
 
 
-def plan_streaming(
-    attn, queries: mx.array, keys: mx.array, *, offset: int, window, cache=None
-) -> Plan:
+def plan_streaming(queries: mx.array, keys: mx.array, *, config: DHSAConfig, offset: int,
+                   window: int | None, **_) -> Plan:
     """StreamingLLM baseline: the first ``sink`` keys and the ``budget - sink`` most recent
     keys up to the block's last query; nothing is scored.
 
     Arguments and result as :func:`plan_dhsa`.
     """
-    config = attn.config
     B, L = queries.shape[0], queries.shape[2]
-    lo, sink_end, _, q1 = _block_ranges(config, L, offset, window)
+    lo, sink_end, _, q1 = block_ranges(config, L, offset, window)
     n_sink = sink_end - lo
     recent = mx.maximum(sink_end, q1 + 1 - (config.budget - n_sink))
     starts = mx.stack([lo, recent], axis=-1)  # (NB, 2)
@@ -161,7 +171,7 @@ def chunk_mass(
         i0, i1 = b0 * block_size, min((b0 + G) * block_size, L)
         q = queries[:, :, i0:i1].reshape(B, H_kv, H // H_kv, i1 - i0, D)
         mask = key_mask(offset + i0, i1 - i0, S, window)
-        probs = _masked_softmax(_logits(q, k, scale, softcap).astype(mx.float32), mask)
+        probs = masked_softmax(logits(q, k, scale, softcap).astype(mx.float32), mask)
         probs = probs.sum(axis=(1, 2))  # (B, n, S)
         nb = -(-(i1 - i0) // block_size)
         probs = mx.pad(probs, [(0, 0), (0, nb * block_size - (i1 - i0)), (0, 0)])
@@ -176,33 +186,33 @@ def chunk_mass(
     return mx.concatenate(out, axis=1) if len(out) > 1 else out[0]
 
 
-def plan_oracle(
-    attn, queries: mx.array, keys: mx.array, *, offset: int, window, cache=None
-) -> Plan:
+def plan_oracle(queries: mx.array, keys: mx.array, *, config: DHSAConfig,
+                table: Callable[[], ChunkTable], offset: int, window: int | None, scale: float,
+                softcap: float | None, **_) -> Plan:
     """Oracle top-k: DHSA's chunks ranked by true attention mass per key, ``m_bc / n_c``
     (builds L x S in groups). Ranking by total mass instead favours long chunks that use up
     the budget, and captured less attention than fixed blocks on gemma-3-270m.
 
     Arguments and result as :func:`plan_dhsa`.
     """
-    chunks, _ = attn.chunk_view(keys, cache).materialize()
+    chunks, _ = table().materialize()
     mass = chunk_mass(
         queries,
         keys,
         chunks,
         offset=offset,
         window=window,
-        block_size=attn.config.block_size,
-        scale=attn.scale,
-        softcap=attn.attn_logit_softcapping,
+        block_size=config.block_size,
+        scale=scale,
+        softcap=softcap,
     )
     density = mass / mx.maximum(chunks.lengths, 1)[:, None].astype(mx.float32)
-    return _select(attn, density, chunks, queries, offset, window)
+    return _select(config, density, chunks, queries, offset, window)
 
 
-def _select(attn, scores, chunks, queries, offset, window) -> Plan:
+def _select(config, scores, chunks, queries, offset, window) -> Plan:
     return select(
-        scores, chunks, attn.config, n_queries=queries.shape[2], q_offset=offset, window=window
+        scores, chunks, config, n_queries=queries.shape[2], q_offset=offset, window=window
     )
 
 
@@ -214,10 +224,6 @@ PLANNERS: dict[str, Planner] = {
 }
 
 
-def plan(
-    attn, queries: mx.array, keys: mx.array, *, offset: int, window, cache: Any = None
-) -> Plan:
-    """Dispatch to ``PLANNERS[attn.config.method]``; arguments as :func:`plan_dhsa`."""
-    return PLANNERS[attn.config.method](
-        attn, queries, keys, offset=offset, window=window, cache=cache
-    )
+def plan(queries: mx.array, keys: mx.array, *, config: DHSAConfig, **kwargs) -> Plan:
+    """Dispatch to ``PLANNERS[config.method]``; arguments as :func:`plan_dhsa`."""
+    return PLANNERS[config.method](queries, keys, config=config, **kwargs)

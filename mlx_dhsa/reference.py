@@ -7,20 +7,22 @@ GQA through the ``(B, H_kv, repeats, L, D)`` reshape (K/V are never repeated).
 
 import mlx.core as mx
 
-from .selection import Plan
+from .plan import Plan
 
 # Scores per group of query blocks in sparse_attention; bounds its working memory.
 MAX_GROUP_SCORES = 1 << 24
 
 
-def _logits(q: mx.array, k: mx.array, scale: float, softcap: float | None) -> mx.array:
+def logits(q: mx.array, k: mx.array, scale: float, softcap: float | None) -> mx.array:
+    """Gemma2's attention logits ``c * tanh(scale * q.k / c)`` (no cap: ``scale * q.k``)."""
     scores = (q * scale) @ k.swapaxes(-1, -2)
     if softcap is not None:
         scores = mx.tanh(scores / softcap) * softcap
     return scores
 
 
-def _masked_softmax(scores: mx.array, mask: mx.array | None) -> mx.array:
+def masked_softmax(scores: mx.array, mask: mx.array | None) -> mx.array:
+    """A precise softmax over the last axis; False entries of ``mask`` get no weight."""
     if mask is not None:
         scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
     return mx.softmax(scores, axis=-1, precise=True)
@@ -54,8 +56,8 @@ def dense_attention(
     q = q.reshape(B, H_kv, H // H_kv, L, D)
     if mask is not None and mask.ndim == 4:
         mask = mx.expand_dims(mask, 2)  # (B, 1, 1, L, S) against (B, H_kv, R, L, S)
-    scores = _logits(q, mx.expand_dims(k, 2), scale, softcap)
-    out = _masked_softmax(scores, mask) @ mx.expand_dims(v, 2)
+    scores = logits(q, mx.expand_dims(k, 2), scale, softcap)
+    out = masked_softmax(scores, mask) @ mx.expand_dims(v, 2)
     return out.reshape(B, H, L, D)
 
 
@@ -117,8 +119,8 @@ def sparse_attention(
         if plan.window is not None:
             mask = mask & (keys > pos - plan.window)
         mask = mask[:, None, None]  # (B, 1, 1, G, Bq, K)
-        scores = _logits(qg, kg, scale, softcap)
-        out = _masked_softmax(scores, mask) @ vg
+        scores = logits(qg, kg, scale, softcap)
+        out = masked_softmax(scores, mask) @ vg
         out = out * mask.any(axis=-1, keepdims=True).astype(out.dtype)
         outs.append(out.reshape(B, H, (b1 - b0) * Bq, D)[:, :, :n])
     return mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]

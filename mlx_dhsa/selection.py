@@ -4,7 +4,6 @@ block x chunk scores -> per-block choice of chunks under the budget -> padded ke
 Every step has static shapes and runs on the device; no L x S array is ever built.
 """
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
@@ -12,28 +11,7 @@ import mlx.core as mx
 from .cache import ChunkTable
 from .chunking import Chunks
 from .config import DHSAConfig
-
-
-@dataclass
-class Plan:
-    """The key set of every query block: where selection and attention meet.
-
-    Query i of the planned range sits at absolute position ``q_offset + i`` and belongs to
-    block ``i // block_size``. It may attend to slots ``j < n_valid[b, blk]`` of
-    ``indices[b, blk]`` whose key position ``k`` satisfies ``k <= q`` and, with a window,
-    ``k > q - window``.
-    """
-
-    indices: mx.array  # (B, NB, K) int32 key positions, ascending; padding slots hold 0
-    n_valid: mx.array  # (B, NB) int32, valid slots per block (<= K)
-    q_offset: int  # absolute position of the first planned query
-    block_size: int  # queries per block
-    window: int | None  # sliding window of the layer; None = global attention
-    contiguous: bool = False  # indices and n_valid are known row-contiguous (kernel outputs)
-
-    @property
-    def budget(self) -> int:
-        return self.indices.shape[-1]
+from .plan import Plan
 
 
 def block_queries(queries: mx.array, block_size: int, *, per_head: bool = False) -> mx.array:
@@ -74,7 +52,7 @@ def chunk_scores(qb: mx.array, summaries: mx.array) -> mx.array:
     return qb @ summaries.swapaxes(-1, -2)
 
 
-def _block_ranges(config: DHSAConfig, n_queries: int, q_offset: int, window: int | None):
+def block_ranges(config: DHSAConfig, n_queries: int, q_offset: int, window: int | None):
     """Per block: candidate start, sink end, local start and last query (each (NB,) int32)."""
     NB = -(-n_queries // config.block_size)
     q0 = q_offset + mx.arange(NB) * config.block_size
@@ -115,13 +93,13 @@ def select(
     """
     B, NB, N_c = scores.shape
     K = config.budget
-    lo, sink_end, local_start, q1 = (x[:, None] for x in _block_ranges(config, n_queries, q_offset, window))
+    lo, sink_end, local_start, q1 = (x[:, None] for x in block_ranges(config, n_queries, q_offset, window))
     s, n = chunks.starts[:, None, :], chunks.lengths[:, None, :]  # (B, 1, N_c)
     # Chunk keys inside the free middle [sink_end, local_start) of each block.
     c0 = mx.maximum(s, sink_end)
     avail = mx.maximum(mx.minimum(s + n, local_start) - c0, 0)  # (B, NB, N_c)
     room = K - (sink_end - lo) - (q1 + 1 - local_start)  # (NB, 1), >= 0 by config validation
-    order = _best_first(mx.where(avail > 0, -scores, mx.inf), _max_chunks_taken(config))
+    order = _best_first(mx.where(avail > 0, -scores, mx.inf), max_chunks_taken(config))
     a_sorted = mx.take_along_axis(avail, order, axis=-1)
     before = mx.cumsum(a_sorted, axis=-1) - a_sorted
     take_sorted = mx.clip(room - before, 0, a_sorted)
@@ -214,7 +192,7 @@ def _compiled(fn):
     return mx.compile(fn)
 
 
-def _max_chunks_taken(config: DHSAConfig) -> int:
+def max_chunks_taken(config: DHSAConfig) -> int:
     """How many chunks one block can take at most: enough to rank only that many.
 
     Closed chunks are at least ``min(min_chunk, nms_window + 1)`` keys long (cuts keep

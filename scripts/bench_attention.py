@@ -22,9 +22,9 @@ import time
 import mlx.core as mx
 
 from mlx_dhsa import DHSAConfig, kernels, reference
-from mlx_dhsa.chunking import chunk_boundaries
+from mlx_dhsa.chunking import chunk_boundaries, chunk_summaries
 from mlx_dhsa.evaluation.runinfo import environment
-from mlx_dhsa.selection import block_queries, key_mask, select
+from mlx_dhsa.selection import block_queries, chunk_scores, key_mask, select
 
 H, H_KV, D, SCALE, SOFTCAP = 8, 4, 256, 256**-0.5, 50.0  # gemma-2-2b
 
@@ -55,7 +55,8 @@ def _fused(q, k, v, i, j):
 def _plan(q, k, i, j, config):
     kj = k[:, :, :j]
     chunks = chunk_boundaries(kj, config)
-    scores = kernels.chunk_scores(block_queries(q[:, :, i:j], config.block_size), kj, chunks)
+    scores = chunk_scores(block_queries(q[:, :, i:j], config.block_size),
+                          chunk_summaries(kj, chunks))
     return select(scores, chunks, config, n_queries=j - i, q_offset=i)
 
 
@@ -104,7 +105,9 @@ def bench(L: int, budgets, step: int, trials: int, methods) -> dict:
             row[f"plan_{K}"] = _timed(
                 lambda i, j: (lambda p: [p.indices, p.n_valid])(_plan(q, k, i, j, config))
                 if j > K else mx.zeros(1), steps, trials)
-            row["path"] = kernels.last_path
+            kernel = kernels.attention_kernel((q.dtype,) * 3, D, H, H_KV, step, L,
+                                              config.block_size)
+            row["path"] = "reference" if kernel is None else "kernel"
     return row
 
 
@@ -116,11 +119,13 @@ def main():
     p.add_argument("--trials", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=["mlx_lm", "sdpa", "fused", "dhsa"])
     p.add_argument("--stages", type=int, default=None,
-                   help="K/V tiles in flight in the attention kernel (kernels._STAGES; A/B)")
+                   help="K/V tiles in flight in the attention kernel (kernels.attention.STAGES)")
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args()
-    if args.stages is not None and kernels.BACKEND is not None:
-        kernels._STAGES[kernels.BACKEND] = args.stages
+    backend = kernels.backend().name
+    if args.stages is not None and backend is not None:
+        kernels.attention.STAGES[backend] = args.stages
+        kernels.attention.tile_config.cache_clear()
 
     bench(4096, args.budgets[:1], args.step, 1, args.methods)  # warm-up: JIT compiles
     rows = []

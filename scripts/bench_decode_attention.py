@@ -9,9 +9,8 @@ times both sides of one layer's attention for a single query over S keys:
 
 Methods: ``mlx_lm`` (mlx-lm's Gemma2 decode math: scale, two matmuls, tanh soft cap, softmax),
 ``dense`` / ``sparse`` (our kernels over all keys / over a ``--budget``-slot plan: one query
-runs ``decode_attention.metal``) and ``dense_tile`` / ``sparse_tile`` (the same on the
-query-tile kernel ``sparse_attention.metal``, ``kernels.DECODE_KERNEL = False``). Without a GPU
-kernel the ``dense``/``sparse`` methods time the pure-MLX reference (``path`` says which ran).
+runs ``decode_attention.metal``). Without a GPU kernel the ``dense``/``sparse`` methods time the
+pure-MLX reference (``path`` says which ran).
 
     python scripts/bench_decode_attention.py --lengths 4096 16384 131072 --json d.json
 """
@@ -25,10 +24,10 @@ import mlx.core as mx
 
 from mlx_dhsa import kernels
 from mlx_dhsa.evaluation.runinfo import environment
-from mlx_dhsa.selection import Plan
+from mlx_dhsa.plan import Plan
 
 SCALE, SOFTCAP = 256**-0.5, 50.0  # gemma-2-2b
-METHODS = ("mlx_lm", "dense", "dense_tile", "sparse", "sparse_tile")
+METHODS = ("mlx_lm", "dense", "sparse")
 
 
 def mlx_lm_decode(q, k, v):
@@ -52,26 +51,20 @@ def methods(S: int, budget: int, heads: int, kv_heads: int, head_dim: int, dtype
     plan = Plan(index, mx.array([[n]], mx.int32), q_offset=S - 1, block_size=128, window=None)
     mx.eval(q, k, v, plan.indices, plan.n_valid)
 
-    def on(decode_kernel: bool, fn):
-        def call():
-            kernels.DECODE_KERNEL = decode_kernel
-            return fn()
-        return call
-
     dense = lambda: kernels.dense_attention(q, k, v, scale=SCALE, softcap=SOFTCAP,  # noqa: E731
                                             q_offset=S - 1)
     sparse = lambda: kernels.sparse_attention(q, k, v, plan, scale=SCALE,  # noqa: E731
                                               softcap=SOFTCAP)
-    return {"mlx_lm": lambda: mlx_lm_decode(q, k, v), "dense": on(True, dense),
-            "dense_tile": on(False, dense), "sparse": on(True, sparse),
-            "sparse_tile": on(False, sparse)}
+    kernel = kernels.attention_kernel((dtype,) * 3, head_dim, heads, kv_heads, 1, S, None)
+    path = "reference" if kernel is None else "kernel"
+    return {"mlx_lm": (lambda: mlx_lm_decode(q, k, v), "mlx_lm"), "dense": (dense, path),
+            "sparse": (sparse, path)}
 
 
-def time_method(fn, calls: int, trials: int, builds: int) -> dict:
+def time_method(fn, path: str, calls: int, trials: int, builds: int) -> dict:
     """build and eval microseconds per call (medians over trials), and the path that ran."""
     for _ in range(3):
         mx.eval(fn())
-    path = kernels.last_path
     tic = time.perf_counter()
     outs = [fn() for _ in range(builds)]
     build = (time.perf_counter() - tic) / builds * 1e6
@@ -104,17 +97,14 @@ def main():
     args = p.parse_args()
     dtype = getattr(mx, args.dtype)
     rows = []
-    try:
-        for S in args.lengths:
-            fns = methods(S, args.budget, args.heads, args.kv_heads, args.head_dim, dtype)
-            row = {"keys": S}
-            for m in args.methods:
-                row[m] = time_method(fns[m], args.calls, args.trials, args.builds)
-                print(f"S={S:7d} {m:<12} build {row[m]['build_us']:7.1f} us/call   "
-                      f"eval {row[m]['eval_us']:8.1f} us/call   ({row[m]['path']})", flush=True)
-            rows.append(row)
-    finally:
-        kernels.DECODE_KERNEL = True
+    for S in args.lengths:
+        fns = methods(S, args.budget, args.heads, args.kv_heads, args.head_dim, dtype)
+        row = {"keys": S}
+        for m in args.methods:
+            row[m] = time_method(*fns[m], args.calls, args.trials, args.builds)
+            print(f"S={S:7d} {m:<12} build {row[m]['build_us']:7.1f} us/call   "
+                  f"eval {row[m]['eval_us']:8.1f} us/call   ({row[m]['path']})", flush=True)
+        rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": environment(dtype=args.dtype), "budget": args.budget,

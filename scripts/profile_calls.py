@@ -35,10 +35,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=2000)
     args = p.parse_args()
-    if kernels.BACKEND is None:
+    backend = kernels.backend().name
+    if backend is None:
         raise SystemExit("no GPU backend: custom kernels cannot be built here")
-    make = mx.fast.metal_kernel if kernels.BACKEND == "metal" else mx.fast.cuda_kernel
-    header, source = kernels.kernel_source("block_scores", kernels.BACKEND)
+    make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    header, source = kernels.kernel_source("block_scores", backend)
     ins = ["queries", "keys", "summaries", "open_prev", "iparams"]
     outs = ["scores", "open_sum"]
     variants = {
@@ -57,7 +58,7 @@ def main():
         kern = make(name="dhsa_calls_" + str(abs(hash(name))), input_names=ins,
                     output_names=outs, source=src, header=h, ensure_row_contiguous=False)
         rows[f"{name} [{len(h) + len(src)} chars]"] = per_call_us(
-            lambda: kern(inputs=[q, k, s, prev, params], template=[("T", q.dtype), ("D", 256)],
+            lambda: kern(inputs=[q, k, s, prev, params], template=[("T", q.dtype), ("D", 256), ("NT", 256)],
                          grid=(256, 1, 1), threadgroup=(256, 1, 1),
                          output_shapes=[(1, 1, 33), (1, 256)],
                          output_dtypes=[mx.float32, mx.float32]),

@@ -16,37 +16,46 @@ import mlx.core as mx
 
 import mlx_dhsa
 from mlx_dhsa import kernels
+from mlx_dhsa.device import device_tuning
+from mlx_dhsa.kernels import attention as launches
+from mlx_dhsa.kernels import planning
 from mlx_dhsa.cli.profiling import SHAPES, random_model
 
 from bench_decode import decode, decode_sync, filled_caches
 from bench_prefill import set_method
 
 def _reused_plans():
-    """kernels.select_chunks that plans each layer once and then returns that plan: what a
-    decode step costs without its planning (scores + selection)."""
-    plans, select = {}, kernels.select_chunks
+    """kernels.run_plan that plans each layer once and then returns that plan: what a decode
+    step costs without its planning (scores + selection)."""
+    plans, run = {}, kernels.run_plan
 
-    def select_chunks(queries, table, config, **kw):
-        key = id(table.open_sum)  # one per layer
+    def run_plan(launch, queries, table, config, *, state=None, **kw):
+        key = id(state)  # one per layer
         if key not in plans:
-            plans[key] = select(queries, table, config, **kw)
+            plans[key] = run(launch, queries, table, config, state=state, **kw)
         return plans[key]
 
-    return select_chunks
+    return run_plan
 
 
-# name -> kernels module settings (None: the unpatched mlx-lm model)
+def _tuned(groups: int):
+    """The device's tuning with ``decode_groups`` changed."""
+    return device_tuning()._replace(decode_groups=groups)
+
+
+def _fresh(values, dtype=mx.int32):
+    return mx.array(tuple(values), dtype)
+
+
+# name -> {(object, attribute): value} (None: the unpatched mlx-lm model)
 VARIANTS = {
     "dense": None,
     "dhsa": {},
-    "dhsa, 128 decode groups": {"_DECODE_GROUPS": 128},
-    "dhsa, merge launched": {"_DECODE_FOLD": False},
-    "dhsa, one query on the tile kernel": {"DECODE_KERNEL": False},
-    "dhsa, select_keys 256 threads": {"_SELECT_THREADS": 256},
-    "dhsa, open chunk from keys": {"_CARRY_OPEN_SUM": False},
-    "dhsa, plan reused (no planning)": {"select_chunks": _reused_plans()},
-    "dhsa, fresh parameter arrays": {"_params": lambda v, dtype=mx.int32: mx.array(v, dtype)},
-    "dhsa, dense steps on MLX ops": {"FUSED_DECODE": False},
+    "dhsa, 128 decode groups": {(launches, "device_tuning"): lambda: _tuned(128)},
+    "dhsa, merge launched": {(kernels.backend(), "fold_decode"): False},
+    "dhsa, select_keys 256 threads": {(planning, "SELECT_THREADS"): 256},
+    "dhsa, plan reused (no planning)": {(kernels, "run_plan"): _reused_plans()},
+    "dhsa, fresh parameter arrays": {(launches, "params"): _fresh, (planning, "params"): _fresh},
 }
 
 
@@ -82,15 +91,15 @@ def main():
             mx.eval(out)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return
-    defaults = {k: getattr(kernels, k) for v in VARIANTS.values() if v for k in v}
+    defaults = {k: getattr(*k) for v in VARIANTS.values() if v for k in v}
     runs = {name: {"tps": [], "sync_tps": [], "build_ms": []} for name in args.variants}
     for trial in range(args.trials):
         for name in args.variants if trial % 2 == 0 else args.variants[::-1]:
             settings = VARIANTS[name]
             method = "dense" if settings is None else "dhsa"
             set_method(model, method, config)
-            for k, v in {**defaults, **(settings or {})}.items():
-                setattr(kernels, k, v)
+            for (obj, attr), v in {**defaults, **(settings or {})}.items():
+                setattr(obj, attr, v)
             cache = caches[method]
             runs[name]["tps"].append(decode(model, cache, args.steps, args.warmup))
             sync_tps, build_ms = decode_sync(model, cache, args.steps)

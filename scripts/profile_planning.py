@@ -4,9 +4,8 @@ One Gemma2-2b-shaped attention layer (random keys, bf16) at a given context, tim
 part. Each part runs ``--reps`` times back to back and is evaluated once, so a figure is the
 GPU time of one call plus its launch cost, without a host round trip (``empty_op`` shows
 that floor). Prefill: one 2048-query step at the end of the context; decode: one query.
-``--min-groups`` sweeps the attention kernel's split threshold (``kernels._MIN_GROUPS``),
-``--split-tiles`` the decode split length of the query-tile kernel
-(``kernels._MIN_SPLIT_TILES_DECODE``; decode steps run ``decode_attention.metal`` by default).
+``--min-groups`` sweeps the attention kernel's split threshold
+(``kernels.attention.MIN_GROUPS``).
 
     python scripts/profile_planning.py --contexts 8192 32768 131072 --json parts.json
 """
@@ -18,10 +17,12 @@ import time
 import mlx.core as mx
 
 import mlx_dhsa
-from mlx_dhsa import kernels
+from mlx_dhsa import kernels, reference
 from mlx_dhsa.attention import DHSAAttention
 from mlx_dhsa.cache import DHSACache
-from mlx_dhsa.selection import select_chunks
+from mlx_dhsa.kernels import attention as launches
+from mlx_dhsa.kernels import planning
+from mlx_dhsa.selection import key_mask, select_chunks
 
 
 def timed(fn, reps):
@@ -33,7 +34,7 @@ def timed(fn, reps):
     return (time.perf_counter() - tic) / reps * 1e3
 
 
-def profile(S, L, reps, dtype, min_groups, split_tiles=(), reference_too=True):
+def profile(S, L, reps, dtype, min_groups, reference_too=True):
     config = mlx_dhsa.DHSAConfig(decode_dense_below=0)  # profile the sparse decode step
     attn = DHSAAttention(config, n_heads=8, n_kv_heads=4, head_dim=256, scale=1 / 16, softcap=50.0)
     cache = DHSACache()
@@ -44,7 +45,6 @@ def profile(S, L, reps, dtype, min_groups, split_tiles=(), reference_too=True):
     q = mx.random.normal((1, 8, L, 256)).astype(dtype)
     mx.eval(keys, values, q)
     n_sparse = L - min(config.dense_tail, L) if L > 1 else 1
-    default_tiles = kernels._MIN_SPLIT_TILES_DECODE
     qs, off = q[:, :, :n_sparse], S - L
     args = dict(scale=1 / 16, softcap=50.0)
 
@@ -58,21 +58,23 @@ def profile(S, L, reps, dtype, min_groups, split_tiles=(), reference_too=True):
     table = attn.chunk_view(keys, cache)
     plan = kernels.select_chunks(qs, table, config, q_offset=off, window=None)
     parts = {"empty_op": timed(lambda: q + 1, reps), "chunk_view": timed(view, reps)}
-    if kernels.BACKEND is not None:  # the two planning kernels on their own
-        scores = kernels._block_scores(qs, table, config)
-        parts["block_scores"] = timed(lambda: kernels._block_scores(qs, table, config), reps)
-        scratch = attn.chunk_view(keys)  # no cache: the open chunk is summed from its keys
+    if kernels.backend().active():  # the two planning kernels on their own
+        state = kernels.KernelState()
+        scores = planning.block_scores(qs, table, config, state)
+        parts["block_scores"] = timed(
+            lambda: planning.block_scores(qs, table, config, state), reps)
+        # Without a kernel state the open chunk is summed from its keys.
         parts["block_scores(open from keys)"] = timed(
-            lambda: kernels._block_scores(qs, scratch, config), reps)
+            lambda: planning.block_scores(qs, table, config), reps)
         parts["select_keys"] = timed(
-            lambda: kernels._select_keys(
-                scores, table, config, kernels._select_params(table, config, n_sparse, off, None)
+            lambda: planning.select_keys(
+                scores, table, config, planning.select_params(table, config, n_sparse, off, None)
             )[0], reps)
     parts |= {
         "select(kernel)": timed(plan_with(kernels.select_chunks), reps),
         "dense(mlx-lm style)": timed(
-            lambda: kernels.reference.dense_attention(
-                q, keys, values, mask=kernels.key_mask(off, L, S, None), **args
+            lambda: reference.dense_attention(
+                q, keys, values, mask=key_mask(off, L, S, None), **args
             ),
             reps,
         ),
@@ -80,14 +82,9 @@ def profile(S, L, reps, dtype, min_groups, split_tiles=(), reference_too=True):
     if reference_too:
         parts["select(reference)"] = timed(plan_with(select_chunks), reps)
     for g in min_groups:
-        kernels._MIN_GROUPS = g
+        launches.MIN_GROUPS = g
         parts[f"sparse_attention(g{g})"] = timed(
             lambda: kernels.sparse_attention(qs, keys, values, plan, **args), reps)
-        for t in split_tiles if L == 1 else []:  # the query-tile kernel on one query
-            kernels._MIN_SPLIT_TILES_DECODE, kernels.DECODE_KERNEL = t, False
-            parts[f"sparse_attention(tile kernel,g{g},t{t})"] = timed(
-                lambda: kernels.sparse_attention(qs, keys, values, plan, **args), reps)
-        kernels._MIN_SPLIT_TILES_DECODE, kernels.DECODE_KERNEL = default_tiles, True
         if L > 1:
             parts[f"dense_tail(g{g})"] = timed(
                 lambda: kernels.dense_attention(q[:, :, n_sparse:], keys, values,
@@ -104,26 +101,21 @@ def main():
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--queries", type=int, nargs="+", default=[2048, 1])
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--min-groups", type=int, nargs="+", default=[kernels._MIN_GROUPS])
-    p.add_argument("--split-tiles", type=int, nargs="*", default=[],
-                   help="decode: also time the query-tile kernel with these key tiles per "
-                        "split at least (kernels._MIN_SPLIT_TILES_DECODE)")
+    p.add_argument("--min-groups", type=int, nargs="+", default=[launches.MIN_GROUPS])
     p.add_argument("--no-reference", action="store_true", help="skip the pure-MLX planner")
     p.add_argument("--open-keys", type=int, default=256,
                    help="decode rows: keys added to the context, which land in the open chunk")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     rows = []
-    default_groups = kernels._MIN_GROUPS
+    default_groups = launches.MIN_GROUPS
     for context in args.contexts:
         for L in args.queries:
             # Decode: put keys in the open chunk (a context that fills whole segments has none).
             S = context + (args.open_keys if L == 1 else 0)
-            parts = profile(S, L, args.reps, mx.bfloat16, args.min_groups, args.split_tiles,
-                            not args.no_reference)
-            kernels._MIN_GROUPS = default_groups
-            rows.append({"context": S, "queries": L, "path": kernels.last_path,
-                         "plan_path": kernels.last_plan_path, **parts})
+            parts = profile(S, L, args.reps, mx.bfloat16, args.min_groups, not args.no_reference)
+            launches.MIN_GROUPS = default_groups
+            rows.append({"context": S, "queries": L, **parts})
             print(f"S={S:>6} L={L:>4} " + " ".join(f"{k}={v:.3f}ms" for k, v in parts.items()),
                   flush=True)
     if args.json:

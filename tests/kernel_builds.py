@@ -11,6 +11,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_dhsa import kernels
+from mlx_dhsa.kernels import attention as attn_launch
+from mlx_dhsa.kernels import planning
 
 SHIMS = Path(__file__).parent / "shims"
 
@@ -25,7 +27,6 @@ SIGNATURES = {
         ["part", "lse", "out"],
     ),
     "merge_splits": (["part", "lse", "iparams"], ["out"]),
-    "chunk_scores": (["keys", "starts", "lengths", "block_q", "iparams"], ["summaries", "scores"]),
     "block_scores": (["queries", "keys", "summaries", "open_prev", "iparams"],
                      ["scores", "open_sum"]),
     "select_keys": (["scores", "starts", "lengths", "iparams"], ["indices", "n_valid"]),
@@ -40,12 +41,12 @@ def instances(name: str, backend: str):
     if name == "select_keys":
         ins = [mx.zeros((1, 2, 9)), mx.zeros((1, 8), mx.int32), mx.zeros((1, 8), mx.int32),
                mx.zeros((11,), mx.int32)]
-        return [(ins, [("MAX_IV", kernels._MAX_INTERVALS), ("NT", nt)], [mx.int32, mx.int32])
-                for nt in (256, kernels._SELECT_THREADS)]
+        return [(ins, [("MAX_IV", planning.MAX_INTERVALS), ("NT", nt)], [mx.int32, mx.int32])
+                for nt in (256, planning.SELECT_THREADS)]
     for dtype in (mx.float32, mx.float16, mx.bfloat16):
         if name == "merge_splits":
             ins = [mx.zeros((2, 4, 256)), mx.zeros((2, 4)), mx.zeros((2,), mx.int32)]
-            out.append((ins, [("T", dtype), ("D", 256)], [dtype]))
+            out.append((ins, [("T", dtype), ("D", 256), ("NW", attn_launch.MERGE_WARPS)], [dtype]))
             continue
         if name == "decode_attention":
             for D, reps in ((256, 2), (128, 8), (64, 1)):  # distinct REPS: nvcc builds each
@@ -56,7 +57,8 @@ def instances(name: str, backend: str):
                 for all_keys in (False, True):
                     for fold in (False, True):
                         tmpl = [("T", dtype), ("D", D), ("REPS", reps),
-                                ("NW", kernels._DECODE_WARPS), ("KB", kernels._DECODE_KEYS),
+                                ("NW", attn_launch.DECODE_WARPS),
+                                ("KB", attn_launch.DECODE_KEYS),
                                 ("ALL_KEYS", all_keys), ("FOLD", fold)]
                         out.append((ins, tmpl, [mx.float32, mx.float32, dtype]))
             continue
@@ -65,21 +67,17 @@ def instances(name: str, backend: str):
                 ins = [mx.zeros((1, 8, 64, D), dtype), mx.zeros((1, 4, 64, D), dtype),
                        mx.zeros((1, 8, D)), mx.zeros((1, D)), mx.zeros((11,), mx.int32)]
                 if name == "block_scores":
-                    out.append((ins, [("T", dtype), ("D", D)], [mx.float32, mx.float32]))
+                    tmpl = [("T", dtype), ("D", D), ("NT", planning.SCORE_THREADS)]
+                    out.append((ins, tmpl, [mx.float32, mx.float32]))
                     continue
                 ins += [mx.zeros((1, 8), mx.int32), mx.zeros((1, 8), mx.int32),
                         mx.zeros((11,), mx.int32), mx.zeros((1,), mx.int32)]
-                tmpl = [("T", dtype), ("D", D), ("MAX_IV", kernels._MAX_INTERVALS),
-                        ("NT", kernels._SCORE_THREADS)]
+                tmpl = [("T", dtype), ("D", D), ("MAX_IV", planning.MAX_INTERVALS),
+                        ("NT", planning.SCORE_THREADS)]
                 out.append((ins, tmpl, [mx.float32, mx.float32, mx.int32, mx.int32]))
             continue
-        if name == "chunk_scores":
-            ins = [mx.zeros((1, 2, 64, 256), dtype), mx.zeros((1, 8), mx.int32),
-                   mx.zeros((1, 8), mx.int32), mx.zeros((1, 2, 256)), mx.zeros((4,), mx.int32)]
-            out.append((ins, [("T", dtype), ("D", 256)], [mx.float32, mx.float32]))
-            continue
-        warps, wrows, bk = kernels._TILES[(backend, dtype.size)]
-        stages = kernels._STAGES[backend]
+        warps, wrows, bk = attn_launch.TILES[(backend, dtype.size)]
+        stages = attn_launch.STAGES[backend]
         for D in (64, 256):
             ins = [mx.zeros((1, 8, 64, D), dtype), mx.zeros((1, 4, 64, D), dtype),
                    mx.zeros((1, 4, 64, D), dtype), mx.zeros((1, 1, 16), mx.int32),

@@ -131,12 +131,18 @@ def test_cache_grows_geometrically_and_saves_only_its_keys():
     assert k.shape[2] == v.shape[2] == offset == 64 * 256
 
 
-def test_decode_tickets_made_once_and_zeroed():
+def test_kernel_state_is_held_unopened_and_dropped_on_trim():
+    from mlx_dhsa.kernels import KernelState
+
     cache = DHSACache()
-    t = cache.decode_tickets(4)
+    state = cache.kernel_state = KernelState()
+    t = state.tickets("attention", 4)
     assert t.dtype == mx.int32 and t.tolist() == [0, 0, 0, 0]
-    assert cache.decode_tickets(4) is t and cache.decode_tickets(2) is t  # reused
-    assert cache.decode_tickets(8).size == 8  # a larger batch: a larger buffer
-    p = cache.plan_tickets(1)  # the planning kernel's counters: a buffer of their own
-    assert p.tolist() == [0] and p is not cache.decode_tickets(8)
-    assert cache.plan_tickets(1) is p and cache.plan_tickets(2).size == 2
+    assert state.tickets("attention", 2) is t and state.tickets("attention", 8).size == 8
+    p = state.tickets("plan", 1)  # the planning kernel's counters: a buffer of their own
+    assert p.tolist() == [0] and p is not state.tickets("attention", 8)
+    cache.update_and_fetch(mx.zeros((1, 1, 8, 4)), mx.zeros((1, 1, 8, 4)))
+    cache.chunk_state(small_config())  # first chunking keeps it
+    assert cache.kernel_state is state
+    cache.trim(2)  # trimmed keys are overwritten: the kernels start afresh
+    assert cache.kernel_state is None

@@ -93,9 +93,13 @@ def test_fused_decode_only_where_mlx_lm_has_no_fused_attention(monkeypatch, fami
     module (MLX's fused SDPA); Gemma2's hand-written soft-capped attention moves to the kernel."""
     from conftest import tiny_gemma2
     from mlx_dhsa import kernels
+    from mlx_dhsa.attention import Path
 
-    monkeypatch.setattr(kernels, "fused_decode", lambda use_kernel=True: use_kernel)
     model = tiny_gemma2() if family == "gemma2" else MODELS[family]()
     patched = patch(model, small_config(decode_dense_below=None))
-    assert {a._fused_decode() for a in dhsa_layers(patched)} == {fused}
-    assert {a._base_decodes(40) for a in dhsa_layers(patched)} == {not fused}
+    layers = dhsa_layers(patched)
+    fake = kernels.use_backend("cuda", lambda **kw: None, any_device=True, self_check=False)
+    with fake:  # decides only, builds nothing
+        paths = {a.route(1, 40, 39, (mx.float32,) * 3, base=True).path for a in layers}
+    assert paths == {Path.DENSE_KERNEL if fused else Path.BASE}
+    assert {a.route(1, 40, 39, (mx.float32,) * 3, base=True).path for a in layers} == {Path.BASE}

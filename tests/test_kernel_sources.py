@@ -22,7 +22,7 @@ def test_source_assembles(name, backend):
     assert header.isascii() and source.isascii()
     assert f'#line 1 "prelude_{backend}.h"' in header and '#line 1 "common.h"' in header
     assert source.startswith(f'#line 1 "ids_{backend}.h"')
-    for part in kernels._PARTS.get(name, (name,)):
+    for part in kernels.sources.PARTS.get(name, (name,)):
         assert f'#line 1 "{part}.metal"' in source
     strided = {"sparse_attention": {"queries", "keys", "values"},
                "decode_attention": {"queries", "keys", "values"},
@@ -36,7 +36,7 @@ def test_source_assembles(name, backend):
 
 
 def test_locator_and_unknown_kernel():
-    assert (kernels._metal_dir() / "sparse_attention.metal").is_file()
+    assert (kernels.metal_dir() / "sparse_attention.metal").is_file()
     with pytest.raises(ValueError):
         kernels.kernel_source("nope", "metal")
 

@@ -1,19 +1,25 @@
 """Kernels against the reference. Tests marked ``gpu`` run on whichever GPU backend MLX has
 (Metal on a Mac, CUDA on NVIDIA) and are skipped on CPU; the references always run on the CPU
-stream, in exact fp32. The dispatch tests at the end run everywhere."""
+stream, in exact fp32. The dispatch tests at the end run everywhere.
+
+GPU run: ``python3 -m pytest tests -m gpu -q -x``."""
 
 import mlx.core as mx
 import pytest
 
 from mlx_dhsa import kernels, reference
-from mlx_dhsa.attention import DHSAAttention
+from mlx_dhsa.attention import DHSAAttention, Path
 from mlx_dhsa.cache import DHSACache
 from mlx_dhsa.chunking import chunk_boundaries, chunk_summaries
+from mlx_dhsa.kernels import KernelState, PlanLaunch, attention_kernel, plan_launch
+from mlx_dhsa.kernels import attention as launches
+from mlx_dhsa.kernels import planning
 from mlx_dhsa.selection import block_queries, chunk_scores, key_mask, select, select_chunks
 
 from conftest import assert_within_baseline, make_qkv, small_config
 
-gpu = pytest.mark.skipif(kernels.BACKEND is None, reason="no GPU backend (Metal or CUDA)")
+BACKEND = kernels.backend().name
+gpu = pytest.mark.skipif(BACKEND is None, reason="no GPU backend (Metal or CUDA)")
 SCALE = 0.0625
 
 
@@ -30,6 +36,15 @@ def _on_gpu(fn, *args, **kw):
         out = fn(*args, **kw)
         mx.eval(out)
     return out
+
+
+def _kernel(q, k, v, block_size=None, use_kernel=True):
+    """The attention launch the kernels choose for these arrays on the GPU, where there is one
+    (None: the reference)."""
+    with mx.stream(mx.gpu if mx.is_available(mx.gpu) else mx.cpu):
+        return attention_kernel((q.dtype, k.dtype, v.dtype), q.shape[-1], q.shape[1],
+                                k.shape[1], q.shape[2], k.shape[2], block_size,
+                                use_kernel=use_kernel)
 
 
 def _close(out, ref, tol=1e-4):
@@ -74,7 +89,7 @@ def test_sparse_kernel_fp32(B, H, H_kv, L, S, D, off, window, cap):
     plan = _plan(q, k, small_config(), off, window)
     ref = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=cap)
     out = _on_gpu(kernels.sparse_attention, q, k, v, plan, scale=SCALE, softcap=cap)
-    assert kernels.last_path == "kernel"
+    assert _kernel(q, k, v, plan.block_size) is not None
     _close(out, ref)
 
 
@@ -87,7 +102,7 @@ def test_dense_kernel_fp32(B, H, H_kv, L, S, D, off, window, cap):
     ref = reference.dense_attention(q, k, v, scale=SCALE, softcap=cap, mask=mask)
     out = _on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=cap, q_offset=off,
                   window=window)
-    assert kernels.last_path == "kernel"
+    assert _kernel(q, k, v) is not None
     _close(out, ref)
 
 
@@ -96,8 +111,8 @@ def test_dense_kernel_fp32(B, H, H_kv, L, S, D, off, window, cap):
 @pytest.mark.parametrize("min_groups", [1, 10**6])
 def test_split_and_unsplit_agree(monkeypatch, min_groups):
     """Both launch shapes: one pass over the keys, or several splits merged by log-sum-exp."""
-    monkeypatch.setattr(kernels, "_MIN_SPLIT_TILES", 1)
-    monkeypatch.setattr(kernels, "_MIN_GROUPS", min_groups)
+    monkeypatch.setattr(launches, "MIN_SPLIT_TILES", 1)
+    monkeypatch.setattr(launches, "MIN_GROUPS", min_groups)
     q, k, v = make_qkv(H=4, H_kv=2, L=48, S=300, D=64)
     _both_kernels_match_reference(q, k, v, 252)
 
@@ -126,22 +141,25 @@ def test_strided_inputs(dtype):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode_kernel,fold", [(False, False), (True, False), (True, True)])
-def test_one_query_on_either_kernel(monkeypatch, decode_kernel, fold):
+@pytest.mark.parametrize("decode,fold", [(False, False), (True, False), (True, True)])
+def test_one_query_on_either_kernel(decode, fold):
     """A decode step on decode_attention.metal (its splits merged by a second launch, or by
-    its own last group) or on the query-tile kernel: the same result."""
-    if fold and kernels.BACKEND != "cuda":
+    its own last group), or on the query-tile kernel where the decode kernel cannot take the
+    shapes (16 query heads a KV head): the same result as the reference."""
+    if fold and BACKEND != "cuda":
         pytest.skip("the folded merge runs on CUDA only")
-    monkeypatch.setattr(kernels, "DECODE_KERNEL", decode_kernel)
-    monkeypatch.setattr(kernels, "_DECODE_FOLD", fold)
-    q, k, v = make_qkv(H=8, H_kv=4, L=1, S=2000, D=256)
-    _both_kernels_match_reference(q, k, v, 1999, dense_window=512)
-    # Independent launches in one graph (which may run side by side) each get their own answer.
-    qs = [q * (1 + i) for i in range(6)]
-    with mx.stream(mx.gpu):
-        outs = [kernels.dense_attention(x, k, v, scale=SCALE, softcap=50.0, q_offset=1999)
-                for x in qs]
-        mx.eval(outs)
+    H, H_kv = (8, 4) if decode else (16, 1)
+    q, k, v = make_qkv(H=H, H_kv=H_kv, L=1, S=2000, D=256)
+    with kernels.use_backend(BACKEND, fold_decode=fold):
+        assert _kernel(q, k, v).decode == decode
+        _both_kernels_match_reference(q, k, v, 1999, dense_window=512)
+        # Independent launches in one graph (which may run side by side) each get their own
+        # answer.
+        qs = [q * (1 + i) for i in range(6)]
+        with mx.stream(mx.gpu):
+            outs = [kernels.dense_attention(x, k, v, scale=SCALE, softcap=50.0, q_offset=1999)
+                    for x in qs]
+            mx.eval(outs)
     for x, out in zip(qs, outs):
         mask = key_mask(1999, 1, 2000, None)
         _close(out, reference.dense_attention(x, k, v, scale=SCALE, softcap=50.0, mask=mask))
@@ -153,18 +171,19 @@ def test_one_ticket_buffer_serves_consecutive_launches():
     """The folded merge leaves its counters zeroed: launches that follow one another (each
     query depending on the last output, as a layer's decode steps do) share one buffer, within
     one graph and across evals."""
-    if not kernels._DECODE_FOLD:
+    if not kernels.backend().fold_decode:
         pytest.skip("the folded merge runs on CUDA only")
     q, k, v = make_qkv(H=8, H_kv=4, L=1, S=3000, D=256)
     mask = key_mask(2999, 1, 3000, None)
-    tickets = mx.zeros((4,), mx.int32)
+    state = KernelState()
+    tickets = state.tickets("attention", 4)
     with mx.stream(mx.gpu):
         for _ in range(2):  # two evals of three chained launches
             outs = []
             x = q
             for _ in range(3):
                 outs.append(kernels.dense_attention(x, k, v, scale=SCALE, softcap=50.0,
-                                                    q_offset=2999, tickets=tickets))
+                                                    q_offset=2999, state=state))
                 x = q + 0.5 * outs[-1]  # the next launch needs this one's output
             mx.eval(outs)
             x = q
@@ -172,6 +191,7 @@ def test_one_ticket_buffer_serves_consecutive_launches():
                 _close(out, reference.dense_attention(x, k, v, scale=SCALE, softcap=50.0,
                                                       mask=mask))
                 x = q + 0.5 * out
+        assert state.tickets("attention", 4) is tickets
         assert tickets.tolist() == [0, 0, 0, 0]
 
 
@@ -196,27 +216,9 @@ def test_kernels_low_precision(dtype, cap, mode, L, S):
     ref32 = ref(*[x.astype(mx.float32) for x in lp], scale=SCALE, softcap=cap)
     ref_lp = ref(*lp, scale=SCALE, softcap=cap)
     out = _on_gpu(fn, *lp, scale=SCALE, softcap=cap)
-    assert out.dtype == dtype and kernels.last_path == "kernel"
+    assert out.dtype == dtype
+    assert _kernel(*lp, small_config().block_size if mode == "sparse" else None) is not None
     assert_within_baseline(out, ref32, ref_lp, factor=factor)
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("S,D", [(37, 64), (300, 256)])
-def test_chunk_scores_kernel(dtype, S, D):
-    _, k, _ = make_qkv(B=2, H_kv=2, L=8, S=S, D=D)
-    q = mx.random.normal((2, 4, S, D))
-    k = k.astype(dtype)
-    config = small_config()
-    chunks = chunk_boundaries(k, config)
-    qb = block_queries(q, config.block_size)
-    ref_summaries = chunk_summaries(k, chunks)
-    ref = chunk_scores(qb, ref_summaries)
-    _close(_on_gpu(kernels.chunk_summaries, k, chunks), ref_summaries)
-    out = _on_gpu(kernels.chunk_scores, qb, k, chunks)
-    assert kernels.last_path == "kernel"
-    _close(out, ref)
 
 
 def _table(k, config):
@@ -246,18 +248,19 @@ PLAN_CASES = [
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("B,H,H_kv,L,S,D,off,window,budget", PLAN_CASES)
-def test_plan_kernels_match_reference(monkeypatch, fused, dtype, B, H, H_kv, L, S, D, off,
-                                      window, budget):
+def test_plan_kernels_match_reference(fused, dtype, B, H, H_kv, L, S, D, off, window, budget):
     """Two launches (scores, selection) or, for one query block on CUDA, one (plan)."""
-    if fused and kernels.BACKEND != "cuda":
+    if fused and BACKEND != "cuda":
         pytest.skip("the fused planning kernel runs on CUDA only")
-    monkeypatch.setattr(kernels, "_FUSED_PLAN", fused)
     q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
     config = small_config(budget=budget)
     table = _table(k, config)
     ref = select_chunks(q, table, config, q_offset=off, window=window)
-    out = _on_gpu(kernels.select_chunks, q, table, config, q_offset=off, window=window)
-    assert kernels.last_plan_path == "kernel"
+    with kernels.use_backend(BACKEND, fused_plan=fused):
+        out = _on_gpu(kernels.select_chunks, q, table, config, q_offset=off, window=window)
+        with mx.stream(mx.gpu):
+            launch = plan_launch(dtype, dtype, D, L, config)
+    assert launch is (PlanLaunch.FUSED if fused and L <= config.block_size else PlanLaunch.TWO)
     assert mx.array_equal(out.n_valid, ref.n_valid)
     assert mx.array_equal(out.indices, ref.indices)
 
@@ -268,26 +271,27 @@ def test_fused_plans_share_one_ticket_buffer():
     """The fused planning kernel leaves its counters zeroed: a decode-like chain of launches
     (each query depending on the last plan) shares one buffer, within a graph and across
     evals, and every plan equals the reference's; many chunk tiles, so many groups hand off."""
-    if not kernels._FUSED_PLAN:
+    if not kernels.backend().fused_plan:
         pytest.skip("the fused planning kernel runs on CUDA only")
     q, k, _ = make_qkv(H=8, H_kv=4, L=1, S=6000, D=128)
     config = small_config(budget=256)
     table = _table(k, config)
-    tickets = mx.zeros((1,), mx.int32)
+    state = KernelState()
+    tickets = state.tickets("plan", 1)
     shift = mx.random.normal(q.shape)  # each next query differs: other chunks win
     for _ in range(2):
         with mx.stream(mx.gpu):
             plans, x = [], q
             for i in range(3):
                 plans.append(kernels.select_chunks(x, table, config, q_offset=5999,
-                                                   tickets=tickets))
+                                                   state=state))
                 x = q + shift * (1 + i + plans[-1].n_valid[0, 0] % 2).astype(q.dtype)
             mx.eval([p.indices for p in plans])
         for i, plan in enumerate(plans):
             x = q if i == 0 else q + shift * (i + plans[i - 1].n_valid[0, 0] % 2).astype(q.dtype)
             ref = select_chunks(x, table, config, q_offset=5999, window=None)
             assert mx.array_equal(plan.indices, ref.indices)
-    assert tickets.tolist() == [0]
+    assert state.tickets("plan", 1) is tickets and tickets.tolist() == [0]
 
 
 @gpu
@@ -303,15 +307,18 @@ def test_block_scores_carry_the_open_chunk_sum():
     carried = 0
     for step in [100, 37, 1, 1, 1, "trim", 1, 1, 40, 1, 1]:
         if step == "trim":
-            cache.trim(3)
+            cache.trim(3)  # drops the kernel state
             continue
         new = mx.random.normal((1, 2, step, 64))
         keys, _ = cache.update_and_fetch(new, new)
         q = mx.random.normal((1, 4, step, 64))
         table = attn.chunk_view(keys, cache)
-        carried += table.open_sum.usable(table.open_start, table.n_keys)
-        out = _on_gpu(kernels._block_scores, q, table, config)
-        assert table.open_sum.end == keys.shape[2]
+        if cache.kernel_state is None:
+            cache.kernel_state = KernelState()
+        state = cache.kernel_state
+        carried += state.carried_sum(table.open_start, table.n_keys, 1) is not None
+        out = _on_gpu(planning.block_scores, q, table, config, state)
+        assert state.open_end == keys.shape[2]
         _, summaries = attn.chunk_view(keys).materialize()  # no cache: from scratch
         _close(out, chunk_scores(block_queries(q, config.block_size), summaries))
     assert carried >= 5  # the running sum was used, not only rebuilt
@@ -338,8 +345,11 @@ def test_plan_kernels_ties_in_key_order():
 def test_plan_kernels_fall_back_for_max_head_scores():
     q, k, _ = make_qkv(L=16, S=200, D=64)
     config = small_config(head_scores="max")
-    _on_gpu(kernels.select_chunks, q, _table(k, config), config, q_offset=184, window=None)
-    assert kernels.last_plan_path == "reference"
+    with mx.stream(mx.gpu):
+        assert plan_launch(q.dtype, k.dtype, 64, 16, config) is None
+    out = _on_gpu(kernels.select_chunks, q, _table(k, config), config, q_offset=184, window=None)
+    ref = select_chunks(q, _table(k, config), config, q_offset=184, window=None)
+    assert mx.array_equal(out.indices, ref.indices)
 
 
 @gpu
@@ -362,7 +372,10 @@ def test_patched_model_on_kernels_generates_like_the_reference():
             gen = generate_step(prompt, model, max_tokens=24, prefill_step_size=64,
                                 prompt_cache=mlx_dhsa.make_prompt_cache(model))
             tokens[use_kernel] = [int(t) for t, _ in gen]
-        assert kernels.last_plan_path == ("kernel" if use_kernel else "reference")
+        routes = [a.last_route for a in mlx_dhsa.patching.dhsa_layers(model)]
+        assert {r.path for r in routes} == {
+            Path.SPARSE_KERNEL if use_kernel else Path.SPARSE_REFERENCE}
+        assert {r.plan is not None for r in routes} == {use_kernel}
     assert tokens[True] == tokens[False]
 
 
@@ -382,7 +395,8 @@ def test_dense_decode_steps_on_the_fused_kernel():
     for cache in caches:
         mx.eval(model(prompt, cache=cache))
     gpu_logits = _on_gpu(model, prompt[:, -1:], cache=caches[0])
-    assert kernels.last_path == "kernel"
+    routes = [a.last_route for a in mlx_dhsa.patching.dhsa_layers(model)]
+    assert {r.path for r in routes} == {Path.DENSE_KERNEL}
     assert {a.last_path for a in mlx_dhsa.patching.dhsa_layers(model)} == {"dense"}
     with mx.stream(mx.cpu):
         cpu_logits = model(prompt[:, -1:], cache=caches[1])
@@ -393,18 +407,17 @@ def test_dense_decode_steps_on_the_fused_kernel():
 def test_dispatch_falls_back_on_cpu():
     q, k, v = make_qkv(L=20, S=40)
     plan = _plan(q, k, small_config(), 20, None)
+    assert _kernel(q, k, v, plan.block_size) is None
     out = kernels.sparse_attention(q, k, v, plan, scale=SCALE, softcap=50.0)
-    assert kernels.last_path == "reference"
     ref = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=50.0)
     assert mx.array_equal(out, ref)
     out = kernels.dense_attention(q, k, v, scale=SCALE, q_offset=20, window=8)
     mask = key_mask(20, 20, 40, 8)
     assert mx.array_equal(out, reference.dense_attention(q, k, v, scale=SCALE, mask=mask))
-    assert kernels.last_path == "reference"
     config = small_config()
     table = _table(k, config)
+    assert plan_launch(q.dtype, k.dtype, q.shape[-1], 20, config) is None
     out = kernels.select_chunks(q, table, config, q_offset=20, window=None)
-    assert kernels.last_plan_path == "reference"
     ref = select_chunks(q, table, config, q_offset=20, window=None)
     assert mx.array_equal(out.indices, ref.indices)
 
@@ -412,45 +425,43 @@ def test_dispatch_falls_back_on_cpu():
 @gpu
 @pytest.mark.gpu
 def test_use_kernel_false_forces_reference():
-    q, k, v = make_qkv(L=20, S=40)
-    _on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, use_kernel=False)
-    assert kernels.last_path == "reference"
+    q, k, v = make_qkv(L=20, S=40, D=64)
+    assert _kernel(q, k, v) is not None and _kernel(q, k, v, use_kernel=False) is None
+    with mx.stream(mx.gpu):
+        assert plan_launch(q.dtype, k.dtype, 64, 20, small_config(use_kernel=False),
+                           use_kernel=False) is None
 
 
 @pytest.mark.parametrize("backend", kernels.BACKENDS)
-def test_tile_configs_fit_each_backend(monkeypatch, backend):
+def test_tile_configs_fit_each_backend(backend):
     """The attention kernel's tiles for every supported dtype, head dim and GQA layout fit the
     backend's shared memory, and a group's queries never straddle a plan block. CUDA keeps two
     K/V stages for plans even at head dim 256 (dynamic shared memory past the 48 KB static
     limit); all-keys calls keep one."""
-    monkeypatch.setattr(kernels, "BACKEND", backend)
-    kernels._tile_config.cache_clear()
-    try:
-        for dtype in (mx.float32, mx.float16, mx.bfloat16):
-            for D in (64, 128, 256):
-                for H, H_kv in ((8, 4), (4, 4), (32, 8)):
-                    for block_size in (None, 128, 16):
-                        t = kernels._tile_config(dtype, D, H, H_kv, block_size)
-                        rows, size = t.warps * t.wrows, dtype.size
-                        smem = max(rows, 2 * t.bk * t.stages) * (D + 16 // size) * size
-                        assert t.smem == smem <= kernels._SMEM_LIMIT[backend]
-                        assert t.stages == (kernels._STAGES[backend] if block_size else 1)
-                        assert t.qt * (H // H_kv) <= rows
-                        assert block_size is None or block_size % t.qt == 0
-        assert kernels._tile_config(mx.int32, 64, 8, 4, None) is None
-        assert kernels._tile_config(mx.float32, 72, 8, 4, None) is None  # D % 16
-        assert kernels._tile_config(mx.float32, 64, 6, 4, None) is None  # H % H_kv
-    finally:
-        kernels._tile_config.cache_clear()
+    tile_config = launches.tile_config
+    for dtype in (mx.float32, mx.float16, mx.bfloat16):
+        for D in (64, 128, 256):
+            for H, H_kv in ((8, 4), (4, 4), (32, 8)):
+                for block_size in (None, 128, 16):
+                    t = tile_config(backend, dtype, D, H, H_kv, block_size)
+                    rows, size = t.warps * t.wrows, dtype.size
+                    smem = max(rows, 2 * t.bk * t.stages) * (D + 16 // size) * size
+                    assert t.smem == smem <= launches.SMEM_LIMIT[backend]
+                    assert t.stages == (launches.STAGES[backend] if block_size else 1)
+                    assert t.qt * (H // H_kv) <= rows
+                    assert block_size is None or block_size % t.qt == 0
+    assert tile_config(backend, mx.int32, 64, 8, 4, None) is None
+    assert tile_config(backend, mx.float32, 72, 8, 4, None) is None  # D % 16
+    assert tile_config(backend, mx.float32, 64, 6, 4, None) is None  # H % H_kv
 
 
 @pytest.mark.parametrize("n_slots", [1, 15, 16, 64, 65, 2048, 4096, 16385, 131072])
 @pytest.mark.parametrize("heads", [1, 4, 16, 1024])
 def test_decode_splits_cover_every_slot_once(n_slots, heads):
     """decode_attention.metal's splits: whole warp steps, none empty, all slots covered, about
-    _DECODE_GROUPS groups, and no more splits than _DECODE_MIN_SPLIT-slot pieces."""
-    n_splits, per = kernels._decode_splits(n_slots, heads)
-    assert per % kernels._DECODE_STEP == 0
+    512 groups (the H200's), and no more splits than DECODE_MIN_SPLIT-slot pieces."""
+    n_splits, per = launches.decode_splits(n_slots, heads, 512)
+    assert per % launches.DECODE_STEP == 0
     assert (n_splits - 1) * per < n_slots <= n_splits * per
-    assert n_splits == 1 or n_splits * heads <= kernels._DECODE_GROUPS + heads
-    assert n_splits <= -(-n_slots // kernels._DECODE_MIN_SPLIT)
+    assert n_splits == 1 or n_splits * heads <= 512 + heads
+    assert n_splits <= -(-n_slots // launches.DECODE_MIN_SPLIT)

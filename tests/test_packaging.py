@@ -1,4 +1,4 @@
-"""The built wheel carries the kernel sources where kernels._metal_dir() looks first."""
+"""The built wheel carries the kernel sources where kernels.metal_dir() looks first."""
 
 import importlib.util
 import subprocess
@@ -23,5 +23,5 @@ def test_wheel_contains_kernel_sources(tmp_path):
     assert {"mlx_dhsa/metal/common.h", "mlx_dhsa/metal/sparse_attention.metal"} <= expected
     assert expected <= names, sorted(expected - names)
     for name in kernels.KERNELS:
-        for part in kernels._PARTS.get(name, (name,)):
+        for part in kernels.sources.PARTS.get(name, (name,)):
             assert f"mlx_dhsa/metal/{part}.metal" in names

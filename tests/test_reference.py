@@ -7,7 +7,8 @@ from mlx_lm.models import gemma2
 
 from mlx_dhsa import reference
 from mlx_dhsa.chunking import chunk_boundaries, chunk_summaries
-from mlx_dhsa.selection import Plan, block_queries, chunk_scores, indices_to_mask, select
+from mlx_dhsa.plan import Plan
+from mlx_dhsa.selection import block_queries, chunk_scores, indices_to_mask, select
 
 SCALE, CAP = 32**-0.5, 50.0
 

@@ -48,9 +48,9 @@ def test_profile_decode_ablation(tmp_path, monkeypatch):
     out = tmp_path / "ablation.json"
     _run("profile_decode", ["--model", "tiny", "--context", "300", "--steps", "2", "--warmup",
                             "1", "--trials", "1", "--variants", "dense", "dhsa",
-                            "dhsa, open chunk from keys", "--json", str(out)], monkeypatch)
+                            "dhsa, 128 decode groups", "--json", str(out)], monkeypatch)
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["dense", "dhsa", "dhsa, open chunk from keys"]
+    assert [r["variant"] for r in rows] == ["dense", "dhsa", "dhsa, 128 decode groups"]
 
 
 def test_profile_timeline_says_what_it_needs(monkeypatch):
@@ -82,13 +82,13 @@ def test_profile_decode_reuses_each_layers_first_plan(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))
     profile_decode = importlib.import_module("profile_decode")
     calls = []
-    monkeypatch.setattr(kernels, "select_chunks",
-                        lambda q, t, c, **kw: calls.append(t) or len(calls))
-    select = profile_decode._reused_plans()
-    layer_a, layer_b = SimpleNamespace(open_sum=object()), SimpleNamespace(open_sum=object())
-    assert [select(None, t, None, q_offset=0) for t in (layer_a, layer_b, layer_a, layer_b)] == [
-        1, 2, 1, 2]
-    assert calls == [layer_a, layer_b]
+    monkeypatch.setattr(kernels, "run_plan",
+                        lambda launch, q, t, c, *, state, **kw: calls.append(state) or len(calls))
+    run_plan = profile_decode._reused_plans()
+    layer_a, layer_b = SimpleNamespace(), SimpleNamespace()  # each layer's kernel state
+    plans = [run_plan(None, None, None, None, state=s, q_offset=0)
+             for s in (layer_a, layer_b, layer_a, layer_b)]
+    assert plans == [1, 2, 1, 2] and calls == [layer_a, layer_b]
 
 
 def test_bench_decode_attention(tmp_path, monkeypatch):
@@ -99,7 +99,7 @@ def test_bench_decode_attention(tmp_path, monkeypatch):
                                     "--json", str(out)], monkeypatch)
     row = json.loads(out.read_text())["rows"][0]
     assert row["keys"] == 300
-    for m in ("mlx_lm", "dense", "dense_tile", "sparse", "sparse_tile"):
+    for m in ("mlx_lm", "dense", "sparse"):
         assert row[m]["build_us"] > 0 and row[m]["eval_us"] > 0
 
 

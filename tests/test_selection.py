@@ -117,8 +117,8 @@ def test_ranking_only_the_chunks_a_block_can_take_changes_nothing(monkeypatch):
     keys = mx.random.normal((1, 2, 1500, 8))
     chunks = chunk_boundaries(keys, cfg)
     scores = mx.random.normal((1, 40, chunks.starts.shape[1]))
-    assert chunks.starts.shape[1] > 4 * selection._max_chunks_taken(cfg)  # partition path
+    assert chunks.starts.shape[1] > 4 * selection.max_chunks_taken(cfg)  # partition path
     fast = select(scores, chunks, cfg, n_queries=320, q_offset=1180)
-    monkeypatch.setattr(selection, "_max_chunks_taken", lambda config: 1 << 30)
+    monkeypatch.setattr(selection, "max_chunks_taken", lambda config: 1 << 30)
     full = select(scores, chunks, cfg, n_queries=320, q_offset=1180)
     assert mx.array_equal(fast.indices, full.indices) and mx.array_equal(fast.n_valid, full.n_valid)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..reference import _logits, _masked_softmax
+from ..reference import logits as _logits, masked_softmax as _masked_softmax
 
 
 @dataclass

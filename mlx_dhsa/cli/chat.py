@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from ..cache import make_prompt_cache
+from ..patching import make_prompt_cache
 from ..loading import resolve
 from ..evaluation.runinfo import PrefillPaths, attention_path
 

@@ -34,7 +34,8 @@ DHSA_OPTIONS = {
     "target_chunk": "Average chunk length the boundaries aim at.",
     "min_chunk": "Shortest chunk.",
     "max_chunk": "Longest chunk (default: 4 x block size).",
-    "decode_dense_below": "Decode stays dense up to this many keys (0: always sparse).",
+    "decode_dense_below": "Decode stays dense up to this many keys (0: always sparse; default: "
+    "the device's, 98304 on an H200).",
     "use_kernel": "Use the GPU kernels when a GPU is present (else the pure-MLX reference).",
 }
 _CHOICES = {

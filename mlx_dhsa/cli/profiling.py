@@ -17,7 +17,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models import gemma2
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
-from ..cache import make_prompt_cache
+from ..patching import make_prompt_cache
 from ..evaluation.methods import Method
 from ..evaluation.runinfo import PrefillPaths, attention_path, environment, model_dtype
 

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import stream_generate
 
-from ..cache import make_prompt_cache
+from ..patching import make_prompt_cache
 from .methods import Method
 from .runinfo import PrefillPaths, environment, model_dtype
 

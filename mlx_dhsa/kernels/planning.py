@@ -1,0 +1,293 @@
+"""Planning launches: block x chunk scores (block_scores.metal), the per-block selection
+(select_keys.metal), or both in one launch (``plan``: block_scores, a hand-off, select_keys).
+
+:func:`plan_launch` says whether and how a call plans on them; :func:`run_plan` launches what
+it chose (None: the pure-MLX planner); :func:`select_chunks` does both.
+"""
+
+from enum import Enum
+from functools import lru_cache
+from typing import NamedTuple
+
+import mlx.core as mx
+
+from .. import selection
+from ..cache import ChunkTable, ClosedChunks, ClosedSummaries
+from ..config import DHSAConfig
+from ..plan import Plan
+from . import checks
+from .sources import BlockScoreParams, SelectParams, backend, params
+from .state import KernelState
+
+SCORE_THREADS = 256  # NT of block_scores.metal (and of the fused plan kernel)
+PLAN_GROUPS = 128  # block_scores splits the chunks until about this many groups run
+MAX_INTERVALS = 1024  # MAX_IV of select_keys.metal: key intervals one block can hold (8 KB)
+# NT of select_keys.metal. CUDA: 71 registers a thread at 512; at 1024 threads it would need
+# 91, over a block's 64K registers.
+SELECT_THREADS = 512
+DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+class PlanLaunch(Enum):
+    """How the planning kernels run a call."""
+
+    FUSED = "fused"  # one launch (``plan``): a call with one query block, where the backend can
+    TWO = "two launches"  # block_scores, then select_keys
+
+
+def plan_launch(
+    dtype, keys_dtype, D: int, L: int, config: DHSAConfig, *, use_kernel: bool = True
+) -> PlanLaunch | None:
+    """How queries (B, H, L, D) of ``dtype`` over keys of ``keys_dtype`` plan on the kernels,
+    or None for the pure-MLX planner (no backend active, inputs the kernels do not take, or
+    a kernel that failed its self-check in this process)."""
+    be = backend()
+    if not be.active(use_kernel):
+        return None
+    if not (
+        dtype in DTYPES and dtype == keys_dtype and D % 32 == 0 and D <= 256 and L > 0
+    ) or not _config_ok(config):
+        return None
+    launch = PlanLaunch.FUSED if be.fused_plan and L <= config.block_size else PlanLaunch.TWO
+    if be.self_check:
+        names = ("plan",) if launch is PlanLaunch.FUSED else ("block_scores", "select_keys")
+        check = lambda: _self_check(launch, dtype, D, config)
+        if not checks.verified(be, ("plan", launch, dtype, D), names, check):
+            return None
+    return launch
+
+
+def _self_check(launch: PlanLaunch, dtype, D: int, config: DHSAConfig) -> str | None:
+    """Plan tiny random queries over a few segments of keys with ``launch`` and with the
+    reference: None if they agree (up to near-ties in the scores), else how they differ."""
+    S = 2 * config.chunk_limit + config.budget + 37
+    L = 1 if launch is PlanLaunch.FUSED else config.block_size + 5
+    q = mx.random.normal((1, 2, L, D), key=mx.random.key(0)).astype(dtype)
+    k = mx.random.normal((1, 1, S, D), key=mx.random.key(1)).astype(dtype)
+    table = ClosedSummaries().table(k, ClosedChunks().sync(k, config), config)
+    out = run_plan(launch, q, table, config, q_offset=S - L)
+    ref = selection.select_chunks(q, table, config, q_offset=S - L)
+    if not mx.array_equal(out.n_valid, ref.n_valid).item():
+        return "key counts differ from the reference"
+    got, want = out.indices.tolist()[0], ref.indices.tolist()[0]
+    for blk, n in enumerate(ref.n_valid.tolist()[0]):
+        shared = len(set(got[blk][:n]) & set(want[blk][:n]))
+        if shared < 0.9 * n:  # near-tied chunks may rank differently; garbage does not agree
+            return f"block {blk} shares {shared} of {n} keys with the reference"
+    return None
+
+
+@lru_cache(maxsize=64)
+def _config_ok(config: DHSAConfig) -> bool:
+    """Whether the kernels plan with these settings: mean head scores, and at most
+    MAX_INTERVALS key intervals a block."""
+    return config.head_scores == "mean" and selection.max_chunks_taken(config) + 2 <= MAX_INTERVALS
+
+
+class _ScoreLaunch(NamedTuple):
+    """How block_scores.metal (also the first part of ``plan``) is launched."""
+
+    inputs: list
+    grid: tuple
+    shapes: list  # of its outputs: scores (B, NB, N), open_sum (B, D)
+
+
+def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _ScoreLaunch:
+    """block_scores.metal's inputs, grid and output shapes for these queries."""
+    B, H, L, D = queries.shape
+    keys, cap = table.keys, table.starts.shape[1]
+    NB, N = -(-L // config.block_size), table.n_closed + 1
+    warps = SCORE_THREADS // 32
+    # Enough groups to fill the GPU: split the chunks when there are few blocks (decode).
+    tiles = max(1, min(-(-PLAN_GROUPS // (NB * B)), -(-N // warps)))
+    per_group = -(-N // tiles)
+    per_group = -(-per_group // warps) * warps  # whole warps
+    tiles = -(-N // per_group)
+    # The open chunk: only keys past those already summed in the layer's running sum.
+    carried = None if state is None else state.carried_sum(table.open_start, table.n_keys, B)
+    summaries = table.summaries  # a contiguous buffer: also the placeholder of open_prev
+    prev, prev_end = carried if carried is not None else (summaries, table.open_start)
+    iparams = BlockScoreParams(
+        n_q=L,
+        n_heads=H,
+        n_kv=keys.shape[1],
+        block_size=config.block_size,
+        n_closed=table.n_closed,
+        open_start=table.open_start,
+        n_k=table.n_keys,
+        cap=cap,
+        per_group=per_group,
+        sqrt_norm=int(table.summary == "sqrt"),
+        prev_end=prev_end,
+    )
+    return _ScoreLaunch(
+        [queries, keys, summaries, prev, params(iparams)],
+        (tiles * SCORE_THREADS, NB, B),
+        [(B, NB, N), (B, D)],
+    )
+
+
+def _carry(state: KernelState | None, table: ChunkTable, open_sum: mx.array, L: int) -> None:
+    """Keep block_scores' open-chunk key sum for the layer's next call."""
+    if state is None:
+        return
+    state.carry(table.open_start, table.n_keys, open_sum)
+    if L > 1:
+        # Prefill evaluates only the caches: keep the running sum from holding this step's
+        # graph (and its key buffers) alive until the next step.
+        mx.async_eval(open_sum)
+
+
+_SCORE_INPUTS = ["queries", "keys", "summaries", "open_prev", "iparams"]
+
+
+def block_scores(
+    queries, table: ChunkTable, config: DHSAConfig, state: KernelState | None = None
+) -> mx.array:
+    """(B, NB, n_closed + 1) block x chunk scores, the open chunk last (block_scores.metal)."""
+    launch = _score_launch(queries, table, config, state)
+    kernel = backend().kernel(
+        "block_scores",
+        _SCORE_INPUTS,
+        ["scores", "open_sum"],
+        contiguous=False,  # queries and keys are read through their strides
+    )
+    scores, open_sum = kernel(
+        inputs=launch.inputs,
+        template=[("T", queries.dtype), ("D", queries.shape[-1]), ("NT", SCORE_THREADS)],
+        grid=launch.grid,
+        threadgroup=(SCORE_THREADS, 1, 1),
+        output_shapes=launch.shapes,
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    _carry(state, table, open_sum, queries.shape[2])
+    return scores
+
+
+def select_params(
+    table: ChunkTable, config: DHSAConfig, n_queries: int, q_offset: int, window: int | None
+) -> mx.array:
+    """select_keys.metal's iparams."""
+    return params(
+        SelectParams(
+            n_q=n_queries,
+            q_offset=q_offset,
+            block_size=config.block_size,
+            window=window or 0,
+            sink=config.sink,
+            local=config.local,
+            budget=config.budget,
+            n_closed=table.n_closed,
+            open_start=table.open_start,
+            n_k=table.n_keys,
+            cap=table.starts.shape[1],
+        )
+    )
+
+
+def select_keys(
+    scores: mx.array, table: ChunkTable, config: DHSAConfig, select: mx.array
+) -> tuple[mx.array, mx.array]:
+    """(indices (B, NB, budget), n_valid (B, NB)) from block x chunk scores (select_keys.metal)."""
+    B, NB, _ = scores.shape
+    kernel = backend().kernel(
+        "select_keys", ["scores", "starts", "lengths", "iparams"], ["indices", "n_valid"]
+    )
+    return kernel(
+        inputs=[scores, table.starts, table.lengths, select],
+        template=[("MAX_IV", MAX_INTERVALS), ("NT", SELECT_THREADS)],
+        grid=(SELECT_THREADS, NB, B),
+        threadgroup=(SELECT_THREADS, 1, 1),
+        output_shapes=[(B, NB, config.budget), (B, NB)],
+        output_dtypes=[mx.int32, mx.int32],
+    )
+
+
+def _fused(
+    queries, table: ChunkTable, config: DHSAConfig, select: mx.array, state: KernelState | None
+) -> tuple[mx.array, mx.array]:
+    """Scores and selection in one launch (``plan``): (indices, n_valid) as select_keys."""
+    launch = _score_launch(queries, table, config, state)
+    B, NB, _ = launch.shapes[0]
+    if state is not None:
+        tickets = state.tickets("plan", B * NB)
+    else:  # launches that MLX may run side by side must share nothing
+        tickets = mx.zeros((B * NB,), mx.int32)
+    kernel = backend().kernel(
+        "plan",
+        [*_SCORE_INPUTS, "starts", "lengths", "sel_params", "tickets"],
+        ["scores", "open_sum", "indices", "n_valid"],
+        contiguous=False,  # queries and keys are read through their strides
+    )
+    # table.starts / lengths are whole (contiguous) buffers, as the launch assumes.
+    _, open_sum, indices, n_valid = kernel(
+        inputs=[*launch.inputs, table.starts, table.lengths, select, tickets],
+        template=[
+            ("T", queries.dtype),
+            ("D", queries.shape[-1]),
+            ("MAX_IV", MAX_INTERVALS),
+            ("NT", SCORE_THREADS),
+        ],
+        grid=launch.grid,
+        threadgroup=(SCORE_THREADS, 1, 1),
+        output_shapes=[*launch.shapes, (B, NB, config.budget), (B, NB)],
+        output_dtypes=[mx.float32, mx.float32, mx.int32, mx.int32],
+    )
+    _carry(state, table, open_sum, queries.shape[2])
+    return indices, n_valid
+
+
+def run_plan(
+    launch: PlanLaunch | None,
+    queries: mx.array,
+    table: ChunkTable,
+    config: DHSAConfig,
+    *,
+    q_offset: int,
+    window: int | None = None,
+    state: KernelState | None = None,
+) -> Plan:
+    """:func:`mlx_dhsa.selection.select_chunks` as ``launch`` says (None: that function).
+
+    The kernels' selection equals the reference's up to score ties, which they break in key
+    order. ``state``: the layer's :class:`KernelState` (carried open-chunk sum, ticket
+    buffer), if it has one; it records the plan, whose arrays the attention kernel then reads
+    as they are.
+    """
+    if launch is None:
+        return selection.select_chunks(queries, table, config, q_offset=q_offset, window=window)
+    select = select_params(table, config, queries.shape[2], q_offset, window)
+    if launch is PlanLaunch.FUSED:
+        indices, n_valid = _fused(queries, table, config, select, state)
+    else:
+        scores = block_scores(queries, table, config, state)
+        indices, n_valid = select_keys(scores, table, config, select)
+    if state is not None:
+        state.planned(indices)
+    return Plan(indices, n_valid, q_offset=q_offset, block_size=config.block_size, window=window)
+
+
+def select_chunks(
+    queries: mx.array,
+    table: ChunkTable,
+    config: DHSAConfig,
+    *,
+    q_offset: int,
+    window: int | None = None,
+    use_kernel: bool = True,
+    state: KernelState | None = None,
+) -> Plan:
+    """:func:`mlx_dhsa.selection.select_chunks` on the GPU kernels when they take the inputs:
+    block x chunk scores (the open chunk summarised in the same pass), then the per-block
+    selection; in one launch for a call with one query block where the backend allows it
+    (:class:`PlanLaunch`). Args and returns as the reference; ``use_kernel=False`` forces
+    the reference."""
+    launch = plan_launch(
+        queries.dtype,
+        table.keys.dtype,
+        queries.shape[-1],
+        queries.shape[2],
+        config,
+        use_kernel=use_kernel,
+    )
+    return run_plan(launch, queries, table, config, q_offset=q_offset, window=window, state=state)

@@ -1,0 +1,53 @@
+"""Device-dependent defaults: the H200's measured values there, estimates elsewhere,
+overridable in DHSAConfig."""
+
+import pytest
+
+from mlx_dhsa import DHSAConfig, kernels
+from mlx_dhsa.device import H200, device_tuning, tuning_for
+
+
+def test_the_h200_keeps_its_measured_values():
+    t = tuning_for("cuda", {"device_name": "NVIDIA H200", "architecture": "sm_90"})
+    assert t == H200 and (t.decode_groups, t.decode_dense_below) == (512, 98304)
+    assert t.basis.startswith("measured")
+
+
+@pytest.mark.parametrize(
+    "backend,name,groups",
+    [
+        ("cuda", "NVIDIA H100 80GB HBM3", 512),
+        ("cuda", "NVIDIA A100-SXM4-80GB", 512),
+        ("cuda", "NVIDIA L4", 256),
+        ("cuda", "Some future GPU", 512),
+        ("metal", "Apple M2 Max", 128),
+        ("metal", "Apple M2 Ultra", 256),
+        ("metal", "Apple M3 Pro", 64),
+        ("metal", "Apple M1", 32),
+    ],
+)
+def test_other_devices_are_estimated(backend, name, groups):
+    t = tuning_for(backend, {"device_name": name})
+    assert t.decode_groups == groups and t.basis.startswith("estimated")
+    if backend == "metal":  # less bandwidth than the H200: sparse decode pays off sooner
+        assert 1024 <= t.decode_dense_below < H200.decode_dense_below
+        assert t.decode_dense_below & (t.decode_dense_below - 1) == 0
+
+
+def test_no_gpu_uses_the_h200_values_and_config_overrides_them():
+    assert (device_tuning().decode_groups, device_tuning().decode_dense_below) == (512, 98304)
+    assert not DHSAConfig().sparse_decode_at(98304) and DHSAConfig().sparse_decode_at(98305)
+    assert DHSAConfig(decode_dense_below=10000).sparse_decode_at(10001)
+    with pytest.raises(ValueError, match="decode_groups"):
+        DHSAConfig(decode_groups=0)
+
+
+def test_config_decode_groups_reach_the_decode_launch():
+    import mlx.core as mx
+
+    with kernels.use_backend("cuda", lambda **kw: None, any_device=True, self_check=False):
+        default = kernels.attention_kernel((mx.float16,) * 3, 128, 8, 4, 1, 5000, None)
+        chosen = kernels.attention_kernel(
+            (mx.float16,) * 3, 128, 8, 4, 1, 5000, None, decode_groups=128
+        )
+    assert (default.groups, chosen.groups) == (512, 128)
