@@ -265,6 +265,9 @@ def info(config: DHSAConfig = None):
     """Versions, backends, the attention path DHSA would take, the config and model aliases."""
     env = runinfo.environment()
     env["attention path"] = profiling.probe_path(config.use_kernel)
+    from .doctor import kernel_report
+
+    env.update(kernel_report())
     ui.info(env, asdict(config), MODEL_ALIASES)
 
 

@@ -105,6 +105,21 @@ def device_facts() -> dict:
     return facts
 
 
+def kernel_report() -> dict:
+    """Each GPU kernel's state in this process (``kernels.kernel_status``: ok, off and why,
+    unused, no GPU backend) and the device's decode tuning, as report rows."""
+    from ..device import device_tuning
+    from ..kernels import kernel_status
+
+    tuning = device_tuning()
+    rows = {f"kernel {name}": state for name, state in kernel_status().items()}
+    rows["decode tuning"] = (
+        f"decode_dense_below={tuning.decode_dense_below}, decode_groups={tuning.decode_groups} "
+        f"({tuning.basis})"
+    )
+    return rows
+
+
 def _tiny_model(dtype):
     from .profiling import random_model
 
@@ -179,7 +194,9 @@ def timings(contexts: Sequence[int], config: DHSAConfig | None = None) -> list[T
 def diagnose(contexts: Sequence[int] | None = None, *, timing: bool = True) -> Report:
     """Everything ``mlx-dhsa doctor`` reports. ``contexts`` defaults by device: 8k and 32k on
     a GPU, 1k on a CPU (with a CPU-sized budget, said in ``timing_note``)."""
-    report = Report(environment(), device_facts(), kernel_checks(), config=asdict(DHSAConfig()))
+    checks = kernel_checks()  # runs the kernels first: their self-checks fill kernel_status
+    device = {**device_facts(), **kernel_report()}
+    report = Report(environment(), device, checks, config=asdict(DHSAConfig()))
     if timing:
         gpu = gpu_backend() is not None
         contexts = tuple(contexts or (GPU_CONTEXTS if gpu else CPU_CONTEXTS))
