@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx_lm.generate import stream_generate
 
 from ..cache import make_prompt_cache
+from ..extras import require
 from .methods import Method
 from .runinfo import PrefillPaths, environment, model_dtype
 
@@ -232,7 +233,8 @@ def run(
 
 
 def heatmap(report: NIAHReport, method: str, path: str | Path) -> Path:
-    """Write the depth x context score grid of ``method`` as a PNG."""
+    """Write the depth x context score grid of ``method`` as a PNG (needs the ``plot`` extra)."""
+    require("matplotlib", "a NIAH heatmap")
     from matplotlib.colors import LinearSegmentedColormap
     from matplotlib.figure import Figure
 
