@@ -118,14 +118,8 @@ def main():
     p.add_argument("--step", type=int, default=2048)
     p.add_argument("--trials", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=["mlx_lm", "sdpa", "fused", "dhsa"])
-    p.add_argument("--stages", type=int, default=None,
-                   help="K/V tiles in flight in the attention kernel (kernels.attention.STAGES)")
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args()
-    backend = kernels.backend().name
-    if args.stages is not None and backend is not None:
-        kernels.attention.STAGES[backend] = args.stages
-        kernels.attention.tile_config.cache_clear()
 
     bench(4096, args.budgets[:1], args.step, 1, args.methods)  # warm-up: JIT compiles
     rows = []
@@ -143,8 +137,7 @@ def main():
         print(" | ".join(cells), flush=True)
         if args.json:  # after every length, so a run cut short keeps what it measured
             with open(args.json, "w") as f:
-                json.dump({"env": environment(), "bench": "attention", "stages": args.stages,
-                           "rows": rows}, f, indent=2)
+                json.dump({"env": environment(), "bench": "attention", "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 import mlx_dhsa
-from mlx_dhsa.patching import dhsa_layers
 from mlx_dhsa.cli.profiling import SHAPES, random_model
+from mlx_dhsa.evaluation.floor import set_method
+from mlx_dhsa.patching import dhsa_layers
 
-from bench_prefill import set_method
 
 def decode_methods(config: mlx_dhsa.DHSAConfig) -> dict:
     """Method name -> (``set_method`` kind, config): dense, DHSA, DHSA with sparse decode

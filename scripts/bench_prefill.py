@@ -32,54 +32,11 @@ import json
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 
-import mlx_dhsa
 from mlx_dhsa.cli.profiling import SHAPES, random_model
+from mlx_dhsa.evaluation.floor import set_method
 from mlx_dhsa.evaluation.runinfo import attention_path, environment
-
-class FloorAttention(nn.Module):
-    """Gemma2 attention without the scores: projections, RoPE and the cache update only."""
-
-    def __init__(self, base: nn.Module, *, kv_dependency: bool = False):
-        super().__init__()
-        self.base = base
-        self.kv_dependency = kv_dependency  # floor_kv
-
-    def __call__(self, x, mask=None, cache=None):
-        a, (B, L, _) = self.base, x.shape
-        q = a.q_proj(x).reshape(B, L, a.n_heads, -1).transpose(0, 2, 1, 3)
-        k = a.k_proj(x).reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = a.v_proj(x).reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = a.rope(q, offset=offset), a.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = a.o_proj(q.transpose(0, 2, 1, 3).reshape(B, L, -1))
-        if self.kv_dependency:  # 0 x (one key + one value): the graph edge, not the work
-            out = out + 0 * (k[:, 0, -1, 0] + v[:, 0, -1, 0]).astype(out.dtype)[:, None, None]
-        return out
-
-
-def set_method(model, method: str, config: mlx_dhsa.DHSAConfig | None = None):
-    """Put the model in the state ``method`` needs (DHSA methods patch with ``config``, the
-    default if None); returns its prompt cache maker."""
-    mlx_dhsa.unpatch(model)
-    for layer in model.layers:
-        if isinstance(layer.self_attn, FloorAttention):
-            layer.self_attn = layer.self_attn.base
-    if method == "dense":
-        return lambda: make_prompt_cache(model)
-    if method in ("floor", "floor_grow", "floor_kv"):
-        for layer in model.layers:
-            layer.self_attn = FloorAttention(layer.self_attn, kv_dependency=method == "floor_kv")
-        if method == "floor_grow":  # the floor with DHSA's geometrically growing cache
-            return lambda: [mlx_dhsa.DHSACache() for _ in model.layers]
-        return lambda: make_prompt_cache(model)
-    mlx_dhsa.patch(model, config, method=method)
-    return lambda: mlx_dhsa.make_prompt_cache(model)
 
 
 def prefill(model, make_cache, n: int, vocab: int) -> dict:

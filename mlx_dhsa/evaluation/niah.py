@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import stream_generate
 
+from ..extras import require
 from ..patching import make_prompt_cache
 from .methods import Method
 from .runinfo import PrefillPaths, environment, model_dtype
@@ -232,7 +233,8 @@ def run(
 
 
 def heatmap(report: NIAHReport, method: str, path: str | Path) -> Path:
-    """Write the depth x context score grid of ``method`` as a PNG."""
+    """Write the depth x context score grid of ``method`` as a PNG (needs the ``plot`` extra)."""
+    require("matplotlib", "a NIAH heatmap")
     from matplotlib.colors import LinearSegmentedColormap
     from matplotlib.figure import Figure
 
