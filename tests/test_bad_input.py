@@ -2,6 +2,7 @@
 traceback, and leaves nothing on disk; interrupted or truncated model files are recovered."""
 
 import importlib
+import itertools
 import json
 import os
 import pickle
@@ -295,7 +296,7 @@ def test_cpu_prefill_moves_in_timed_steps(model_dir, monkeypatch):  # noqa: F811
     assert session.timed_steps  # this machine: a CPU
     seen = []
     stats = session.prefill(lambda done, total: seen.append((done, total)))
-    steps = [b[0] - a[0] for a, b in zip(seen, seen[1:]) if b[0] > a[0]]
+    steps = [b[0] - a[0] for a, b in itertools.pairwise(seen) if b[0] > a[0]]
     assert len(steps) >= 600 // chat_module.MIN_STEP - 1 and steps[0] == chat_module.MIN_STEP
     assert {t for _, t in seen} == {stats.prompt_tokens} and seen[-1][0] == stats.prompt_tokens
     # the cache holds the same keys as one big step

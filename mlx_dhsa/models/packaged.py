@@ -12,7 +12,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf import MARKER, Progress, check_output_dir, convert_gguf, remove_stale_temporaries, temporary_path
+from .gguf import (
+    MARKER,
+    Progress,
+    check_output_dir,
+    convert_gguf,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from .integrity import SafetensorsError, check_safetensors
 
 
