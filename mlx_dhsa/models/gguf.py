@@ -234,7 +234,7 @@ def convert_gguf(
     gguf_path, out_dir = Path(gguf_path), Path(out_dir).expanduser()
     check_output_dir(out_dir)
     remove_stale_temporaries(out_dir)
-    reader, meta, config = open_gguf(gguf.GGUFReader, gguf_path)
+    reader, meta, config = open_gguf(_fast_reader(gguf), gguf_path)
     arch = meta["general.architecture"]
     tmp = _temporary(out_dir, "tmp")
     tmp.mkdir(parents=True)
@@ -273,6 +273,25 @@ def convert_gguf(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _fast_reader(gguf):
+    """``gguf.GGUFReader`` slicing a plain ndarray view of its memmap: the same arrays, read
+    about 3x faster (a vocabulary of 262k strings is a million small slices, and numpy's memmap
+    subclass adds its bookkeeping to each)."""
+
+    class FastGGUFReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            arr = plain[offset:end].view(dtype=dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return arr.view(arr.dtype.newbyteorder(order))
+
+    return FastGGUFReader
 
 
 def open_gguf(reader_class, path: Path):
