@@ -234,6 +234,7 @@ class ChatSession:
         rest, as it would have fed all of them.
         """
         step, fed, total = MIN_STEP, 0, len(tokens)
+        progress(0, total)
         while total - fed > step:
             tic = time.perf_counter()
             self.model(mx.array(tokens[fed : fed + step])[None], cache=self.cache)
