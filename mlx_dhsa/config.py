@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -7,6 +8,53 @@ BOUNDARY_METHODS = ("shift", "fixed", "learned")
 SUMMARIES = ("sqrt", "mean")
 HEAD_SCORES = ("mean", "max")
 METHODS = ("dhsa", "block_sparse", "streaming", "oracle")  # the planners (planners.PLANNERS)
+
+
+class ConfigError(ValueError):
+    """A bad DHSAConfig value. The message names fields as written (``budget``); ``fields``
+    lists them, so a front end can say them its own way (the CLI: ``--budget``)."""
+
+    def __init__(self, message: str, *fields: str):
+        super().__init__(message)
+        self.fields = fields
+
+
+# Type of every field that is not a plain positive int (checked before the values).
+_OPTIONAL_INTS = ("dense_below", "max_chunk", "decode_dense_below", "decode_groups")
+_OPTIONAL_FLOATS = ("boundary_threshold", "predictor_threshold")
+_BOOLS = ("share_boundaries", "sliding_window", "use_kernel")
+_STRINGS = ("boundaries", "summary", "head_scores", "method")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is not a budget
+
+
+def check_types(config) -> None:
+    """Raise :class:`ConfigError` for a field of the wrong type (before its value is read)."""
+    for f in fields(config):
+        name, value = f.name, getattr(config, f.name)
+        if name in _BOOLS:
+            ok, want = isinstance(value, bool), "True or False"
+        elif name in _STRINGS:
+            ok, want = isinstance(value, str), "a string"
+        elif name in _OPTIONAL_FLOATS:
+            ok = value is None or (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            )
+            want = "a finite number or None"
+        elif name == "predictor_path":
+            ok, want = value is None or isinstance(value, (str, Path)), "a path or None"
+        elif name in _OPTIONAL_INTS:
+            ok, want = value is None or _is_int(value), "an integer or None"
+        elif f.type is int:
+            ok, want = _is_int(value), "an integer"
+        else:
+            continue  # a field this check does not know yet: its value check decides
+        if not ok:
+            raise ConfigError(f"{name} must be {want}, got {value!r}", name)
 
 
 @dataclass(frozen=True)
@@ -47,63 +95,78 @@ class DHSAConfig:
     method: str = "dhsa"  # planner (planners.PLANNERS): dhsa, block_sparse, streaming, oracle
 
     def __post_init__(self):
+        check_types(self)
         for name in ("budget", "block_size", "boundary_window", "min_chunk", "target_chunk"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"DHSAConfig.{name} must be a positive integer, got {value!r}")
+            if value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}", name)
         for name in ("sink", "local", "dense_tail", "nms_window"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"DHSAConfig.{name} must be a non-negative integer, got {value!r}")
+            if value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}", name)
         if self.decode_dense_below is not None and self.decode_dense_below < 0:
-            raise ValueError(
-                f"DHSAConfig.decode_dense_below must be >= 0 or None, got {self.decode_dense_below}"
+            raise ConfigError(
+                f"decode_dense_below must be >= 0 or None, got {self.decode_dense_below}",
+                "decode_dense_below",
             )
         if self.decode_groups is not None and (
             not isinstance(self.decode_groups, int) or self.decode_groups <= 0
         ):
-            raise ValueError(
-                f"DHSAConfig.decode_groups must be a positive integer or None, got "
-                f"{self.decode_groups!r}"
+            raise ConfigError(
+                f"decode_groups must be a positive integer or None, got {self.decode_groups!r}",
+                "decode_groups",
             )
         if self.dense_below is not None and self.dense_below < 0:
-            raise ValueError(f"DHSAConfig.dense_below must be >= 0 or None, got {self.dense_below}")
+            raise ConfigError(
+                f"dense_below must be >= 0 or None, got {self.dense_below}", "dense_below"
+            )
         if self.boundaries not in BOUNDARY_METHODS:
-            raise ValueError(
-                f"DHSAConfig.boundaries must be one of {BOUNDARY_METHODS}, got {self.boundaries!r}"
+            raise ConfigError(
+                f"boundaries must be one of {BOUNDARY_METHODS}, got {self.boundaries!r}",
+                "boundaries",
             )
         if self.head_scores not in HEAD_SCORES:
-            raise ValueError(
-                f"DHSAConfig.head_scores must be one of {HEAD_SCORES}, got {self.head_scores!r}"
+            raise ConfigError(
+                f"head_scores must be one of {HEAD_SCORES}, got {self.head_scores!r}",
+                "head_scores",
             )
         if self.summary not in SUMMARIES:
-            raise ValueError(f"DHSAConfig.summary must be one of {SUMMARIES}, got {self.summary!r}")
+            raise ConfigError(
+                f"summary must be one of {SUMMARIES}, got {self.summary!r}", "summary"
+            )
         if self.boundaries == "learned" and self.predictor_path is None:
-            raise ValueError(
-                'DHSAConfig.boundaries="learned" needs predictor_path (an MLX predictor '
-                ".safetensors; `mlx-dhsa convert-predictor IN OUT` makes one from a state_dict)"
+            raise ConfigError(
+                'boundaries="learned" needs predictor_path (an MLX predictor '
+                ".safetensors; `mlx-dhsa convert-predictor IN OUT` makes one from a state_dict)",
+                "boundaries",
+                "predictor_path",
             )
         if self.predictor_path is not None and not Path(self.predictor_path).expanduser().is_file():
-            raise ValueError(f"DHSAConfig.predictor_path is not a file: {self.predictor_path!r}")
+            raise ConfigError(
+                f"predictor_path is not a file: {str(self.predictor_path)!r}", "predictor_path"
+            )
         if self.method not in METHODS:
-            raise ValueError(f"DHSAConfig.method must be one of {METHODS}, got {self.method!r}")
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}", "method")
         forced = self.sink + self.local + self.block_size
         if self.budget < forced:
-            raise ValueError(
-                f"DHSAConfig.budget ({self.budget}) must be at least sink + local + block_size "
+            raise ConfigError(
+                f"budget ({self.budget}) must be at least sink + local + block_size "
                 f"({self.sink} + {self.local} + {self.block_size} = {forced}): those keys are "
-                "always kept. Raise the budget or lower sink/local/block_size."
+                "always kept. Raise budget or lower sink, local or block_size.",
+                "budget",
+                "sink",
+                "local",
+                "block_size",
             )
         if self.min_chunk < self.boundary_window:
-            raise ValueError(
-                f"DHSAConfig.min_chunk ({self.min_chunk}) must be at least boundary_window "
-                f"({self.boundary_window}) so that segments chunk independently"
+            raise ConfigError(
+                f"min_chunk ({self.min_chunk}) must be at least boundary_window "
+                f"({self.boundary_window}) so that segments chunk independently",
+                "min_chunk",
+                "boundary_window",
             )
         if not self.min_chunk <= self.target_chunk <= self.chunk_limit:
-            raise ValueError(
-                "DHSAConfig needs min_chunk <= target_chunk <= max_chunk, got "
-                f"{self.min_chunk}, {self.target_chunk}, {self.chunk_limit}"
-            )
+            raise _chunk_order_error(self)
 
     @property
     def dense_limit(self) -> int:
@@ -145,3 +208,27 @@ class DHSAConfig:
         if unknown:
             raise TypeError(f"unknown DHSAConfig field(s) {unknown}; valid fields: {sorted(names)}")
         return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **overrides})
+
+
+def _chunk_order_error(c: DHSAConfig) -> ConfigError:
+    """min_chunk <= target_chunk <= max_chunk failed: say which side, and the default's rule."""
+    limit = (
+        f"max_chunk ({c.max_chunk})"
+        if c.max_chunk is not None
+        else f"max_chunk (default 4 x block_size = {c.chunk_limit})"
+    )
+    if c.min_chunk > c.target_chunk:
+        fix = "lower min_chunk or raise target_chunk"
+    elif c.max_chunk is None:
+        least = -(-c.target_chunk // 4)
+        fix = f"raise block_size to at least {least}, or set max_chunk, or lower target_chunk"
+    else:
+        fix = "raise max_chunk or lower target_chunk"
+    return ConfigError(
+        f"chunk lengths need min_chunk <= target_chunk <= max_chunk; got min_chunk {c.min_chunk}, "
+        f"target_chunk {c.target_chunk}, {limit}: {fix}",
+        "min_chunk",
+        "target_chunk",
+        "max_chunk",
+        "block_size",
+    )

@@ -1,5 +1,6 @@
 """load(): resolve a model name, load it with mlx-lm, patch it with DHSA."""
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -7,8 +8,12 @@ from typing import Any
 import mlx.nn as nn
 
 from .config import DHSAConfig
+from .models.gguf import MARKER
+from .models.integrity import SafetensorsError, check_model_dir
 from .models.packaged import PACKAGED_MODELS, ensure_model
 from .patching import patch as patch_model
+
+logger = logging.getLogger("mlx_dhsa")
 
 # Short names -> mlx-community repositories. Paths and other repo ids pass through.
 # 9b/27b point at 4-bit conversions, which fit 8-32 GB Macs.
@@ -27,6 +32,10 @@ MODEL_ALIASES: dict[str, str] = {
 
 class ModelNotFoundError(FileNotFoundError):
     """The model is neither a local directory nor in (or reachable for) the HF cache."""
+
+
+class ModelFileError(ValueError):
+    """A model's weights file is truncated or corrupt; the message names it and the fix."""
 
 
 def resolve(name: str) -> str:
@@ -74,6 +83,7 @@ def load(
     *,
     patch: bool = True,
     tokenizer_config: dict | None = None,
+    float32_on_cpu: bool = True,
     **overrides: Any,
 ) -> tuple[nn.Module, Any]:
     """Load an mlx-lm model and tokenizer and swap its attention for DHSA.
@@ -83,6 +93,10 @@ def load(
         config (DHSAConfig, optional): DHSA settings; ``None`` = ``DHSAConfig()``.
         patch (bool): ``False`` returns the unpatched (dense) model. Default: ``True``.
         tokenizer_config (dict, optional): passed to ``mlx_lm.load``.
+        float32_on_cpu (bool): when MLX's default device is the CPU, cast the floating-point
+            weights to float32 (logged at INFO on the ``mlx_dhsa`` logger): MLX's CPU
+            half-precision matmuls are many times slower. ``False`` keeps the stored dtype.
+            Default: ``True`` (the ``mlx-dhsa`` commands do the same and say so).
         **overrides: DHSAConfig fields, e.g. ``budget=1024``.
 
     Returns:
@@ -90,6 +104,7 @@ def load(
 
     Raises:
         ModelNotFoundError: unknown alias, or a model that is neither cached nor downloadable.
+        ModelFileError: a truncated or corrupt weights file (the message names it).
         ValueError: a model type DHSA does not support.
         TypeError: an override that is not a DHSAConfig field.
     """
@@ -97,15 +112,53 @@ def load(
 
     config = (config or DHSAConfig()).replace(**overrides)
     repo = resolve(path_or_alias)
+    check_weights(repo)
     try:
         model, tokenizer = mlx_lm.load(repo, tokenizer_config=tokenizer_config or {})
+    except RuntimeError as e:
+        if "load_safetensors" not in str(e):
+            raise
+        raise ModelFileError(
+            f"the weights of {repo} are corrupt ({str(e).splitlines()[0]}); download it again"
+        ) from None
     except Exception as e:  # hub errors come in many types; local-path errors pass through
         if Path(repo).expanduser().exists() or not _is_hub_error(e):
             raise
         raise ModelNotFoundError(_missing_model_message(repo, e)) from e
+    if float32_on_cpu:
+        _float32_on_cpu(model)
     if patch:
         patch_model(model, config)
     return model, tokenizer
+
+
+def _float32_on_cpu(model: nn.Module) -> None:
+    import mlx.core as mx
+
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)  # MLX's CPU half-precision matmuls are many times slower
+        logger.info("CPU: weights cast to float32 (load(..., float32_on_cpu=False) keeps them)")
+
+
+def check_weights(repo: str) -> None:
+    """Raise :class:`ModelFileError` if a local model directory has a truncated weights file;
+    the message says how to rebuild it."""
+    path = Path(repo).expanduser()
+    if not path.is_dir():
+        return
+    try:
+        check_model_dir(path)
+    except SafetensorsError as e:
+        raise ModelFileError(f"{e}; {_rebuild_hint(path)}") from None
+
+
+def _rebuild_hint(path: Path) -> str:
+    name = path.name
+    if name in PACKAGED_MODELS:
+        return f"delete {path} and run again: the {name} conversion is rebuilt on first use"
+    if (path / MARKER).is_file():
+        return f"convert it again: mlx-dhsa convert-gguf FILE.gguf --out {path}"
+    return "download or convert the model again"
 
 
 def _is_hub_error(e: Exception) -> bool:

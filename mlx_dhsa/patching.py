@@ -39,7 +39,8 @@ def patch(model: nn.Module, config: DHSAConfig | None = None, **overrides) -> nn
         nn.Module: the same model. Patching again with the same config does nothing.
 
     Raises:
-        ValueError: unsupported model type, or already patched with another config.
+        ValueError: unsupported model type, already patched with another config, or a
+            boundary predictor (``boundaries="learned"``) that is unusable or for another model.
         TypeError: an override that is not a DHSAConfig field.
     """
     config = (config or DHSAConfig()).replace(**overrides)
@@ -56,10 +57,27 @@ def patch(model: nn.Module, config: DHSAConfig | None = None, **overrides) -> nn
             f"model is already patched with {patched[0].config}; call "
             "mlx_dhsa.unpatch(model) first to patch it with other settings"
         )
+    _check_predictor(model, config)
     PATCHERS[model_type](model, config)
     # mlx-lm's make_prompt_cache (used by generate) asks the model instance for its caches.
     model.make_cache = partial(make_prompt_cache, model)
     return model
+
+
+def _check_predictor(model: nn.Module, config: DHSAConfig) -> None:
+    """Load the learned boundary predictor now, so that a bad file fails here, not mid-prefill."""
+    if config.boundaries != "learned":
+        return
+    from .boundaries.predictor import PredictorError, check_fits, load_predictor
+
+    predictor = load_predictor(config.predictor_path)
+    k_proj = model.layers[0].self_attn.k_proj
+    check_fits(predictor, k_proj.weight.shape[0], config.predictor_path)  # H_kv * head_dim
+    if predictor.args.window > config.min_chunk:
+        raise PredictorError(
+            f"the boundary predictor reads {predictor.args.window} keys per side, more than "
+            f"min_chunk ({config.min_chunk}): raise min_chunk"
+        )
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -22,6 +22,7 @@ def test_wheel_contains_kernel_sources(tmp_path):
     expected = {f"mlx_dhsa/metal/{p.name}" for p in (ROOT / "metal").iterdir() if p.is_file()}
     assert {"mlx_dhsa/metal/common.h", "mlx_dhsa/metal/sparse_attention.metal"} <= expected
     assert expected <= names, sorted(expected - names)
+    assert "mlx_dhsa/data/samples/dhsa.md" in names  # the quick start's `--doc sample:dhsa`
     for name in kernels.KERNELS:
         for part in kernels.sources.PARTS.get(name, (name,)):
             assert f"mlx_dhsa/metal/{part}.metal" in names

@@ -16,6 +16,7 @@ from .predictor import (
     DEFAULT_WINDOW,
     BoundaryPredictor,
     PredictorArgs,
+    check_finite,
     save_predictor,
 )
 
@@ -62,9 +63,7 @@ def _read_torch(path: Path) -> dict[str, mx.array]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled code and custom classes
-        raise ValueError(
-            f"{path}: not a plain state_dict that torch.load(weights_only=True) accepts ({e})"
-        ) from None
+        raise ValueError(_torch_load_message(path, e)) from None
     if not isinstance(obj, Mapping):
         raise ValueError(
             f"{path}: expected a state_dict (a flat mapping of names to tensors), "
@@ -77,6 +76,24 @@ def _read_torch(path: Path) -> dict[str, mx.array]:
             f"tensors: {bad[:8]}"
         )
     return {k: mx.array(v.detach().cpu().to(torch.float32).numpy()) for k, v in obj.items()}
+
+
+def _torch_load_message(path: Path, error: Exception) -> str:
+    """One line for a ``.pt`` that ``torch.load(weights_only=True)`` refused or could not read."""
+    if "weights only" in str(error).lower() or "weights_only" in str(error):
+        return (
+            f"{path} holds code or Python objects, not plain tensors, so it was refused "
+            "(torch.load weights_only=True; nothing in it was executed): save a plain "
+            "state_dict of tensors, or .safetensors"
+        )
+    return f"{path} is not a readable PyTorch file ({type(error).__name__}): truncated or corrupt?"
+
+
+def _read_safetensors(path: Path) -> dict[str, mx.array]:
+    try:
+        return dict(mx.load(str(path), format="safetensors"))
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable .safetensors file ({e})") from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, mx.array]:
@@ -93,7 +110,7 @@ def read_state_dict(path: str | Path) -> dict[str, mx.array]:
     if path.suffix in TORCH_SUFFIXES:
         return _read_torch(path)
     if path.suffix == ".safetensors":
-        return dict(mx.load(str(path)))
+        return _read_safetensors(path)
     raise ValueError(
         f"{path}: expected a PyTorch state_dict ({', '.join(TORCH_SUFFIXES)}) or .safetensors"
     )
@@ -168,6 +185,7 @@ def convert_predictor(
     """
     weights = read_state_dict(in_path)
     args = check_state_dict(weights, heads=heads, window=window, residual=residual)
+    check_finite(weights, in_path)
     model = BoundaryPredictor(args)
     model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()], strict=True)
     return save_predictor(model, out_path)

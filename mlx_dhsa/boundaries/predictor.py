@@ -11,7 +11,7 @@ with ``load_weights`` unchanged.
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,6 +22,11 @@ import mlx.nn as nn
 GAP_BLOCK = 2048
 DEFAULT_HEADS = 8  # the released predictor's encoder heads
 DEFAULT_WINDOW = 4  # keys per side of a gap (w)
+
+
+class PredictorError(ValueError):
+    """A predictor file that cannot be used (unreadable, inconsistent, non-finite, or made for
+    another model); the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,8 @@ def load_predictor(path: str | Path) -> BoundaryPredictor:
 
     Raises:
         FileNotFoundError: the weights or their JSON are missing.
+        PredictorError: the files are not a predictor (not safetensors, a JSON without its
+            hyper-parameters, weights that do not fit them) or hold NaN or infinite weights.
     """
     path = Path(path).expanduser().resolve()
     if not path.is_file():
@@ -237,9 +244,43 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> BoundaryPredictor:
             f"{meta} (the predictor's hyper-parameters) is missing; write both files with "
             "`mlx-dhsa convert-predictor`"
         )
-    model = BoundaryPredictor(PredictorArgs(**json.loads(meta.read_text())))
-    model.load_weights(path, strict=True)
+    model = BoundaryPredictor(_read_args(meta))
+    try:
+        model.load_weights(path, strict=True)
+    except (RuntimeError, ValueError) as e:  # not safetensors, or names/shapes off
+        raise PredictorError(f"{path} is not a boundary predictor's weights: {e}") from None
     model.set_dtype(mx.float32)  # weights may be stored in half precision
     model.eval()
     mx.eval(model.parameters())
+    check_finite(model.parameters(), path)
     return model
+
+
+def _read_args(meta: Path) -> PredictorArgs:
+    try:
+        args = json.loads(meta.read_text())
+        return PredictorArgs(**args)
+    except (ValueError, TypeError) as e:  # bad JSON, unknown or missing keys, bad values
+        names = ", ".join(f.name for f in fields(PredictorArgs))
+        raise PredictorError(
+            f"{meta} does not hold a predictor's hyper-parameters ({names}): {e}"
+        ) from None
+
+
+def check_finite(weights, path: str | Path) -> None:
+    """Raise :class:`PredictorError` if any weight (a tree of arrays) is NaN or infinite."""
+    from mlx.utils import tree_flatten
+
+    bad = [k for k, v in tree_flatten(weights) if not mx.all(mx.isfinite(v)).item()]
+    if bad:
+        raise PredictorError(f"{path}: NaN or infinite values in {bad[:4]}; retrain or re-export")
+
+
+def check_fits(predictor: BoundaryPredictor, channels: int, path: str | Path) -> None:
+    """Raise :class:`PredictorError` unless ``predictor`` reads keys of ``channels``
+    (= H_kv * head_dim of the model it is used with)."""
+    if predictor.args.channels != channels:
+        raise PredictorError(
+            f"{path} was trained for keys of {predictor.args.channels} channels, but this "
+            f"model's have {channels} (KV heads x head_dim): use a predictor for this model"
+        )

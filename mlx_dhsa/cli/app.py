@@ -76,8 +76,7 @@ def _load(model: str, config: DHSAConfig, *, patch: bool):
             lm, tokenizer = load(model, config, patch=patch)
     except (ModelNotFoundError, FileNotFoundError, ValueError, NotImplementedError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    if mx.default_device() == mx.cpu:
-        lm.set_dtype(mx.float32)  # MLX's CPU half-precision matmuls are many times slower
+    if mx.default_device() == mx.cpu:  # load() casts to float32 there (it is many times faster)
         ui.note("CPU: running in float32")
     return lm, tokenizer
 
@@ -98,6 +97,8 @@ def chat(
     """Chat about long documents: prefill once, then ask questions (/reset, /stats, /quit)."""
     from mlx_lm.sample_utils import make_sampler
 
+    if STDIN in (doc or []) and not question:
+        _check_tty()  # before the document is read and prefilled
     try:
         document = read_documents(doc) if doc else None
     except DocumentError as e:
@@ -119,6 +120,7 @@ def chat(
         model,
         "dense" if dense else f"DHSA {config.method}",
         len(session.render(None)) if document else None,
+        interactive=not question,
     )
     if document:
         with ui.progress("Prefill") as update:
@@ -134,6 +136,8 @@ def chat(
             ui.note("Conversation reset; the document stays cached.")
         elif text == "/stats":
             ui.session_stats(session.prefill_stats, session.last)
+        elif _is_command(text):
+            ui.note(f"unknown command {text.split()[0]}; commands: {', '.join(CHAT_COMMANDS)}")
         elif text:
             try:
                 for segment in session.ask(text, max_tokens=max_tokens, sampler=sampler):
@@ -144,6 +148,24 @@ def chat(
             ui.turn_stats(session.last)
 
 
+CHAT_COMMANDS = ("/reset", "/stats", "/quit")  # /exit and /q also quit
+TTY = "/dev/tty"  # where questions come from when stdin held the document
+
+
+def _is_command(text: str) -> bool:
+    """A word after a slash (``/bogus``), not a path or a question that starts with one."""
+    word = text.split()[0]
+    return word.startswith("/") and word[1:].isalpha()
+
+
+def _check_tty() -> None:
+    """Questions come from the terminal when stdin holds the document: fail now without one."""
+    try:
+        open(TTY).close()
+    except OSError:
+        _fail("the document came from stdin, so questions cannot: pass them with --question", 2)
+
+
 def _prompts(stdin_used: bool):
     """Questions typed at the terminal (from /dev/tty when stdin held the document)."""
     while not stdin_used:
@@ -152,7 +174,7 @@ def _prompts(stdin_used: bool):
         except (EOFError, KeyboardInterrupt):
             return
     try:
-        tty = open("/dev/tty")
+        tty = open(TTY)
     except OSError:
         _fail("the document came from stdin, so questions cannot: pass them with --question", 2)
     with tty:

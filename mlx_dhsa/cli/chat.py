@@ -21,6 +21,10 @@ from ..loading import resolve
 from ..evaluation.runinfo import PrefillPaths, attention_path
 
 DEFAULT_PREFILL_STEP = 2048  # tokens per prefill call, as mlx-lm
+# On a CPU a 2048-token step takes minutes, and the progress bar and Ctrl-C wait for a step
+# to end: steps there start at MIN_STEP tokens and are sized to take about STEP_SECONDS.
+STEP_SECONDS = 1.0
+MIN_STEP = 16
 QUESTION_RESERVE = 128  # context tokens kept free for the questions and chat markup
 TRUNCATE_MODES = ("start", "middle", "end")  # where an over-long document is cut
 CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "context_length")
@@ -95,7 +99,8 @@ class ChatSession:
         model (nn.Module): an mlx-lm model, patched with DHSA or not.
         tokenizer (TokenizerWrapper): its tokenizer.
         document (str, optional): the text the first user turn starts with.
-        prefill_step_size (int): tokens per prefill call. Default: ``2048``.
+        prefill_step_size (int, optional): tokens per prefill call. Default: ``2048`` on a
+            GPU; on a CPU, steps timed to take about ``STEP_SECONDS`` each.
     """
 
     def __init__(
@@ -104,10 +109,11 @@ class ChatSession:
         tokenizer,
         document: str | None = None,
         *,
-        prefill_step_size: int = DEFAULT_PREFILL_STEP,
+        prefill_step_size: int | None = None,
     ):
         self.model, self.tokenizer, self.document = model, tokenizer, document
-        self.prefill_step_size = prefill_step_size
+        self.timed_steps = prefill_step_size is None and mx.default_device() == mx.cpu
+        self.prefill_step_size = prefill_step_size or DEFAULT_PREFILL_STEP
         self.turns: list[tuple[str, str]] = []
         self.cache = make_prompt_cache(model)
         self.cached: list[int] = []  # the tokens the cache holds, in order
@@ -196,13 +202,14 @@ class ChatSession:
         new = self._sync(tokens)
         paths = PrefillPaths(self.model, progress)
         tic = time.perf_counter()
+        fed, step = self._timed_prefill(new, paths) if self.timed_steps else (0, None)
         for _ in generate_step(
-            mx.array(new),
+            mx.array(new[fed:]),
             self.model,
             max_tokens=0,
             prompt_cache=self.cache,
-            prefill_step_size=self.prefill_step_size,
-            prompt_progress_callback=paths,
+            prefill_step_size=step or self.prefill_step_size,
+            prompt_progress_callback=lambda done, total: paths(fed + done, fed + total),
         ):
             pass
         seconds = time.perf_counter() - tic
@@ -219,6 +226,24 @@ class ChatSession:
             context_tokens=len(tokens),
         )
         return self.prefill_stats
+
+    def _timed_prefill(self, tokens: list[int], progress) -> tuple[int, int]:
+        """Feed ``tokens`` (all but the last step) in steps of about ``STEP_SECONDS``.
+
+        Returns ``(tokens fed, the step size reached)``; mlx-lm's ``generate_step`` feeds the
+        rest, as it would have fed all of them.
+        """
+        step, fed, total = MIN_STEP, 0, len(tokens)
+        progress(0, total)
+        while total - fed > step:
+            tic = time.perf_counter()
+            self.model(mx.array(tokens[fed : fed + step])[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            fed += step
+            progress(fed, total)
+            rate = step / max(time.perf_counter() - tic, 1e-3)
+            step = int(min(max(rate * STEP_SECONDS, MIN_STEP), DEFAULT_PREFILL_STEP))
+        return fed, step
 
     def ask(
         self,

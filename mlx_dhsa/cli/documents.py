@@ -7,6 +7,8 @@ from ..extras import MissingExtraError, require
 
 STDIN = "-"  # the path that means "read standard input"
 PDF_SUFFIXES = (".pdf",)
+SAMPLE = "sample:"  # `--doc sample:NAME` names a document shipped in mlx_dhsa/data/samples
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
 
 
 class DocumentError(ValueError):
@@ -39,12 +41,31 @@ def _read_text(path: Path) -> str:
         raise DocumentError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
+def samples() -> list[str]:
+    """Names of the documents shipped with the package (``--doc sample:NAME``)."""
+    return sorted(p.stem for p in SAMPLES_DIR.glob("*.md"))
+
+
+def sample_path(name: str) -> Path:
+    """The shipped document ``name`` (``sample:NAME`` or ``NAME``).
+
+    Raises:
+        DocumentError: no such sample; the message lists those that ship.
+    """
+    name = name.removeprefix(SAMPLE)
+    path = SAMPLES_DIR / f"{name}.md"
+    if not path.is_file():
+        shipped = ", ".join(SAMPLE + s for s in samples())
+        raise DocumentError(f"no sample document {name!r}; shipped: {shipped}")
+    return path
+
+
 def read_document(path: str | Path) -> str:
     """Return the text of one document.
 
     Args:
-        path (str or Path): a ``.txt``/``.md`` (or other UTF-8 text) file, a ``.pdf``, or ``"-"``
-            for standard input.
+        path (str or Path): a ``.txt``/``.md`` (or other UTF-8 text) file, a ``.pdf``, ``"-"``
+            for standard input, or ``sample:NAME`` for a document shipped with mlx-dhsa.
 
     Returns:
         str: the document's text, stripped of leading and trailing whitespace.
@@ -56,6 +77,8 @@ def read_document(path: str | Path) -> str:
     if str(path) == STDIN:
         text, name = sys.stdin.read(), "standard input"
     else:
+        if str(path).startswith(SAMPLE) and not Path(path).exists():
+            path = sample_path(str(path))
         path = Path(path).expanduser()
         name = str(path)
         if not path.exists():

@@ -2,6 +2,7 @@
 
 import functools
 import inspect
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Literal
@@ -51,7 +52,22 @@ def config_from_options(**options) -> DHSAConfig:
     try:
         return _DEFAULTS.replace(**options)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        raise typer.BadParameter(flag_message(e)) from None
+
+
+def flag(field: str) -> str:
+    """The CLI flag of a DHSAConfig field: ``block_size`` -> ``--block-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def flag_message(error: ValueError) -> str:
+    """``error``'s message with the DHSAConfig fields it names said as the flags typed."""
+    text = re.sub(r"DHSAConfig\.(\w+)", lambda m: flag(m.group(1)), str(error))
+    names = [n for n in getattr(error, "fields", ()) if n in DHSA_OPTIONS]
+    if not names:
+        return text
+    pattern = r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])"
+    return re.sub(pattern, lambda m: flag(m.group(1)), text)
 
 
 def dhsa_options(command):
@@ -114,7 +130,8 @@ _METHOD_NAMES = ", ".join(["dense", *PLANNERS])
 Methods = Annotated[str, typer.Option(help=f"Comma-separated of {_METHOD_NAMES}; name@budget.")]
 Contexts = Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")]
 Docs = Annotated[
-    list[str] | None, typer.Option("--doc", help="Document: .txt, .md, .pdf, - (stdin).")
+    list[str] | None,
+    typer.Option("--doc", help="Document: .txt, .md, .pdf, - (stdin), sample:dhsa (shipped)."),
 ]
 Questions = Annotated[list[str] | None, typer.Option("--question", "-q", help="Ask, then exit.")]
 Temp = Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")]

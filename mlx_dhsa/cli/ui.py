@@ -67,10 +67,13 @@ def progress(description: str, unit: str = "tokens") -> Iterator[Callable[[int, 
 # --- chat -----------------------------------------------------------------------------------
 
 
-def chat_banner(model: str, attention: str, document_tokens: int | None) -> None:
+def chat_banner(
+    model: str, attention: str, document_tokens: int | None, interactive: bool = True
+) -> None:
     doc = f"{document_tokens:,} document tokens" if document_tokens else "no document"
     console.print(f"[bold]mlx-dhsa chat[/] {escape(model)} ({escape(attention)}, {doc})")
-    console.print("[dim]Ask a question; /reset forgets the conversation, /stats, /quit.[/]")
+    if interactive:  # with --question the answers follow; there is nothing to type
+        console.print("[dim]Ask a question; /reset forgets the conversation, /stats, /quit.[/]")
 
 
 def stream(segment: str) -> None:

