@@ -37,6 +37,7 @@ from .options import (
     methods_from,
 )
 from .convert import convert_gguf, convert_predictor
+from .serve import serve
 from .chat import ChatSession, ContextTooLong, model_context
 from ..config import DHSAConfig
 from .documents import STDIN, DocumentError, read_documents
@@ -270,3 +271,4 @@ def info(config: DHSAConfig = None):
 # Converters live in their own module; registered here so `mlx-dhsa --help` lists them.
 app.command("convert-gguf")(convert_gguf)
 app.command("convert-predictor")(convert_predictor)
+app.command("serve")(serve)
