@@ -15,6 +15,8 @@ from .options import (
     Dense,
     Depths,
     Docs,
+    DocCacheGB,
+    DocCacheOn,
     Dtype,
     GenTokens,
     Haystack,
@@ -38,6 +40,8 @@ from .options import (
     methods_from,
 )
 from .convert import convert_gguf, convert_predictor
+from .serve import serve
+from .doc_cache import DEFAULT_MAX_GB, DocCache, namespace, open_document
 from .chat import ChatSession, ContextTooLong, model_context
 from ..config import DHSAConfig
 from .documents import STDIN, DocumentError, read_documents
@@ -92,6 +96,8 @@ def chat(
     dense: Dense = False,
     truncate: Truncate = None,
     max_context: MaxContext = None,
+    doc_cache: DocCacheOn = True,
+    doc_cache_gb: DocCacheGB = DEFAULT_MAX_GB,
     config: DHSAConfig = None,
 ):
     """Chat about long documents: prefill once, then ask questions (/reset, /stats, /quit)."""
@@ -123,8 +129,8 @@ def chat(
         interactive=not question,
     )
     if document:
-        with ui.progress("Prefill") as update:
-            ui.prefill_stats(session.prefill(update))
+        kept = None if dense else config
+        _open_document(session, model, lm, tokenizer, kept, doc_cache_gb, doc_cache)
     asked = iter(question) if question else _prompts(STDIN in (doc or []))
     sampler = make_sampler(temp=temp)
     for text in asked:
@@ -164,6 +170,29 @@ def _check_tty() -> None:
         open(TTY).close()
     except OSError:
         _fail("the document came from stdin, so questions cannot: pass them with --question", 2)
+
+
+def _open_document(session, model, lm, tokenizer, config, cap_gb: float, use_store: bool):
+    """Prefill the document, or load its prefilled cache from disk (kept by doc_cache)."""
+    from ..loading import resolve
+
+    store = DocCache(max_gb=cap_gb) if use_store else None
+    space = namespace(resolve(model), lm, config, tokenizer) if store else None
+    with ui.progress("Prefill") as update:
+        opened = open_document(session, store, space, update)
+    if opened.problem:
+        ui.note(opened.problem + "; prefilling again")
+    ui.prefill_stats(opened.stats)
+    if opened.hit:
+        saved = opened.hit.entry.prefill_s - opened.hit.load_s
+        ui.note(
+            f"Document loaded from the prefill cache in {opened.hit.load_s:.2f} s instead of "
+            f"prefilling it ({opened.hit.entry.prefill_s:.2f} s): {saved:.2f} s saved."
+        )
+    elif opened.saved:
+        ui.note(f"Prefilled document kept in {store.root} for next time (--no-doc-cache: off).")
+    elif store is not None:
+        ui.note(f"Prefilled document not kept: larger than the {cap_gb:g} GB --doc-cache-gb cap.")
 
 
 def _prompts(stdin_used: bool):
@@ -333,3 +362,4 @@ def doctor(
 # Converters live in their own module; registered here so `mlx-dhsa --help` lists them.
 app.command("convert-gguf")(convert_gguf)
 app.command("convert-predictor")(convert_predictor)
+app.command("serve")(serve)

@@ -154,3 +154,7 @@ Template = Annotated[
     bool | None, typer.Option("--template/--no-template", help="Chat template (default: if any).")
 ]
 PlotDir = Annotated[Path | None, typer.Option(help="Write one heatmap PNG per method here.")]
+DocCacheOn = Annotated[
+    bool, typer.Option("--doc-cache/--no-doc-cache", help="Keep prefilled documents on disk.")
+]
+DocCacheGB = Annotated[float, typer.Option(min=0.0, help="Cap on the on-disk prefill cache, GB.")]
