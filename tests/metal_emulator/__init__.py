@@ -223,7 +223,7 @@ class MetalEmulator:
         self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="metal_emu_"))
         self.opt = opt
         self._libs: dict[str, ctypes.CDLL] = {}
-        self.launches = 0
+        self.log: list[str] = []  # the name of every kernel launched
         self.compiles = 0
 
     def metal_kernel(self, name, input_names, output_names, source, header="",
@@ -308,7 +308,7 @@ class MetalEmulator:
         rc = lib.emu_launch((ctypes.c_void_p * n)(*ptr), (ctypes.c_void_p * n)(*lo),
                             (ctypes.c_void_p * n)(*hi), (ctypes.c_int * 3)(*grid),
                             (ctypes.c_int * 3)(*threadgroup), err, 1024)
-        self.launches += 1
+        self.log.append(spec["name"])
         if rc != 0:
             raise EmulatorError(f"{spec['name']}{template_text(template) if template else ''}"
                                 f": {err.value.decode()}")

@@ -20,13 +20,14 @@
 
 #include <ucontext.h>
 
-#include <cmath>
-#include <cstdarg>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <vector>
+// C headers only: they parse in a fraction of the time of <cmath> / <vector>, and every
+// kernel instantiation is a translation unit of its own.
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #ifndef INFINITY
 #define INFINITY __builtin_huge_valf()
@@ -43,12 +44,12 @@ namespace emu {
 // ---- 16-bit floats ---------------------------------------------------------------------
 inline uint32_t f2u(float f) {
   uint32_t u;
-  std::memcpy(&u, &f, 4);
+  memcpy(&u, &f, 4);
   return u;
 }
 inline float u2f(uint32_t u) {
   float f;
-  std::memcpy(&f, &u, 4);
+  memcpy(&f, &u, 4);
   return f;
 }
 
@@ -64,7 +65,7 @@ inline uint16_t float_to_half_bits(float f) {
   }
   if (mag < 0x38800000u) {  // subnormal half (or zero): round |f| / 2^-24 to an integer
     const float a = u2f(mag) * 16777216.0f;  // exact: a power of two
-    return uint16_t(sign | uint32_t(std::nearbyint(a)));
+    return uint16_t(sign | uint32_t(nearbyintf(a)));
   }
   const uint32_t lsb = (mag >> 13) & 1u;
   mag += 0xfffu + lsb;  // round to nearest even on the 13 dropped bits
@@ -158,17 +159,26 @@ struct vec;
 template <typename T>
 struct vec<T, 2> {
   T x, y;
+  vec() = default;
+  vec(T a, T b) : x(a), y(b) {}
+  explicit vec(T a) : x(a), y(a) {}
   T& operator[](int i) { return i ? y : x; }
   const T& operator[](int i) const { return i ? y : x; }
 };
 template <typename T>
 struct vec<T, 3> {
   T x, y, z;
+  vec() = default;
+  vec(T a, T b, T c) : x(a), y(b), z(c) {}
+  explicit vec(T a) : x(a), y(a), z(a) {}
   T& operator[](int i) { return i == 0 ? x : i == 1 ? y : z; }
 };
 template <typename T>
 struct alignas(sizeof(T) * 4) vec<T, 4> {
   T x, y, z, w;
+  vec() = default;
+  vec(T a, T b, T c, T d) : x(a), y(b), z(c), w(d) {}
+  explicit vec(T a) : x(a), y(a), z(a), w(a) {}
   T& operator[](int i) { return i == 0 ? x : i == 1 ? y : i == 2 ? z : w; }
 };
 
@@ -201,7 +211,7 @@ struct Thread {
 };
 
 struct Launch {
-  std::vector<Thread> threads;  // of the current group
+  Thread threads[1024];  // of the current group
   int n = 0;                    // threads in the current group
   int cur = -1;                 // running fiber, -1: scheduler
   ucontext_t sched;
@@ -210,7 +220,9 @@ struct Launch {
   // threadgroup memory
   alignas(64) char arena[64 * 1024];
   size_t arena_used = 0;
-  std::vector<std::pair<const void*, size_t>> vars;
+  const void* var_tag[256];
+  size_t var_off[256];
+  int n_vars = 0;
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
 };
@@ -231,11 +243,11 @@ inline void set_error_v(const char* fmt, va_list ap) {
   int k = 0;
   if (L->cur >= 0) {
     const Thread& t = self();
-    k = std::snprintf(L->error, sizeof(L->error), "group (%u, %u, %u) thread %u: ",
+    k = snprintf(L->error, sizeof(L->error), "group (%u, %u, %u) thread %u: ",
                       t.threadgroup_position_in_grid.x, t.threadgroup_position_in_grid.y,
                       t.threadgroup_position_in_grid.z, t.thread_index_in_threadgroup);
   }
-  std::vsnprintf(L->error + k, sizeof(L->error) - k, fmt, ap);
+  vsnprintf(L->error + k, sizeof(L->error) - k, fmt, ap);
   L->failed = true;
 }
 inline void set_error(const char* fmt, ...) {
@@ -255,21 +267,25 @@ inline void set_error(const char* fmt, ...) {
     self().state = DONE;
     swapcontext(&self().uc, &L->sched);
   }
-  std::abort();  // not reached
+  abort();  // not reached
 }
 
 // One `threadgroup` variable of this group: the first thread to declare it allocates it.
 inline void* tg_var(const void* tag, size_t size, size_t align) {
-  for (auto& v : L->vars) {
-    if (v.first == tag) {
-      return L->arena + v.second;
+  for (int i = 0; i < L->n_vars; ++i) {
+    if (L->var_tag[i] == tag) {
+      return L->arena + L->var_off[i];
     }
   }
   size_t off = (L->arena_used + align - 1) / align * align;
   if (off + size > 32768) {
     fail("threadgroup memory of %zu bytes exceeds Metal's 32768", off + size);
   }
-  L->vars.push_back({tag, off});
+  if (L->n_vars == 256) {
+    fail("more than 256 threadgroup variables");
+  }
+  L->var_tag[L->n_vars] = tag;
+  L->var_off[L->n_vars++] = off;
   L->arena_used = off + size;
   return L->arena + off;
 }
@@ -520,8 +536,7 @@ inline int run_launch(const int* grid, const int* tgs, void (*body)(void*), void
     rc = 0;  // nothing to run
     ng[0] = 0;
   }
-  std::vector<char> stacks(rc == 0 ? size_t(nt) * kStack : 0);
-  launch->threads.resize(nt);
+  char* stacks = rc == 0 ? static_cast<char*>(malloc(size_t(nt) * kStack)) : nullptr;
   for (int gz = 0; gz < ng[2] && rc == 0; ++gz) {
     for (int gy = 0; gy < ng[1] && rc == 0; ++gy) {
       for (int gx = 0; gx < ng[0] && rc == 0; ++gx) {
@@ -532,8 +547,8 @@ inline int run_launch(const int* grid, const int* tgs, void (*body)(void*), void
         }
         const int n = a[0] * a[1] * a[2];
         launch->n = n;
-        std::memset(launch->arena, 0xff, sizeof(launch->arena));
-        launch->vars.clear();
+        memset(launch->arena, 0xff, sizeof(launch->arena));
+        launch->n_vars = 0;
         launch->arena_used = 0;
         for (int i = 0; i < n; ++i) {
           Thread& th = launch->threads[i];
@@ -561,7 +576,7 @@ inline int run_launch(const int* grid, const int* tgs, void (*body)(void*), void
           th.dispatch_quadgroups_per_threadgroup = uint((nt + 3) / 4);
           th.op = OP_NONE;
           getcontext(&th.uc);
-          th.uc.uc_stack.ss_sp = stacks.data() + size_t(i) * kStack;
+          th.uc.uc_stack.ss_sp = stacks + size_t(i) * kStack;
           th.uc.uc_stack.ss_size = kStack;
           th.uc.uc_link = &launch->sched;
           makecontext(&th.uc, fiber_main, 0);
@@ -574,8 +589,9 @@ inline int run_launch(const int* grid, const int* tgs, void (*body)(void*), void
     }
   }
   if (rc) {
-    std::snprintf(err, errlen, "%s", launch->error);
+    snprintf(err, errlen, "%s", launch->error);
   }
+  free(stacks);
   L = nullptr;
   delete launch;
   return rc;
@@ -608,7 +624,7 @@ template <typename To, typename From>
 inline To as_type(From x) {
   static_assert(sizeof(To) == sizeof(From), "as_type: sizes differ");
   To y;
-  std::memcpy(&y, &x, sizeof(To));
+  memcpy(&y, &x, sizeof(To));
   return y;
 }
 
@@ -658,26 +674,26 @@ inline T simd_prefix_inclusive_sum(T v) { return emu_simd(emu::OP_PREFIX_IN, v, 
 inline bool simd_all(bool p) { return emu_simd<int>(emu::OP_ALL, p, 0) != 0; }
 inline bool simd_any(bool p) { return emu_simd<int>(emu::OP_ANY, p, 0) != 0; }
 
-inline float max(float a, float b) { return std::fmax(a, b); }
-inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+inline float min(float a, float b) { return fminf(a, b); }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
-inline float exp2(float x) { return std::exp2(x); }
-inline float exp(float x) { return std::exp(x); }
-inline float log2(float x) { return std::log2(x); }
-inline float log(float x) { return std::log(x); }
-inline float tanh(float x) { return std::tanh(x); }
-inline float sqrt(float x) { return std::sqrt(x); }
-inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
-inline float abs(float x) { return std::fabs(x); }
-inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
+inline float exp2(float x) { return exp2f(x); }
+inline float exp(float x) { return expf(x); }
+inline float log2(float x) { return log2f(x); }
+inline float log(float x) { return logf(x); }
+inline float tanh(float x) { return tanhf(x); }
+inline float sqrt(float x) { return sqrtf(x); }
+inline float rsqrt(float x) { return 1.0f / sqrtf(x); }
+inline float abs(float x) { return fabsf(x); }
+inline float fma(float a, float b, float c) { return fmaf(a, b, c); }
 namespace precise {
-inline float exp2(float x) { return std::exp2(x); }
-inline float exp(float x) { return std::exp(x); }
-inline float log2(float x) { return std::log2(x); }
-inline float tanh(float x) { return std::tanh(x); }
-inline float sqrt(float x) { return std::sqrt(x); }
-inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
+inline float exp2(float x) { return exp2f(x); }
+inline float exp(float x) { return expf(x); }
+inline float log2(float x) { return log2f(x); }
+inline float tanh(float x) { return tanhf(x); }
+inline float sqrt(float x) { return sqrtf(x); }
+inline float rsqrt(float x) { return 1.0f / sqrtf(x); }
 }  // namespace precise
 namespace fast = precise;
 
