@@ -225,6 +225,7 @@ class MetalEmulator:
         self._libs: dict[str, ctypes.CDLL] = {}
         self.log: list[str] = []  # the name of every kernel launched
         self.compiles = 0
+        self._pch: list[str] | None = None
 
     def metal_kernel(self, name, input_names, output_names, source, header="",
                      ensure_row_contiguous=True, atomic_outputs=False):
@@ -241,18 +242,37 @@ class MetalEmulator:
 
         return kernel
 
+    def _flags(self) -> list[str]:
+        """Compiler flags; with clang++, the shim as a precompiled header (built once: it is
+        a good part of each instantiation's compile time)."""
+        flags = ["-std=c++17", self.opt, "-fPIC", "-w", "-I", str(SHIMS / "emu")]
+        if "clang" not in Path(self.cxx).name:
+            return flags
+        if self._pch is None:
+            shim = (SHIMS / "metal_emu.h").read_bytes()
+            pch = self.cache_dir / f"metal_emu_{hashlib.sha1(shim).hexdigest()[:12]}.pch"
+            if not pch.exists():
+                cmd = [self.cxx, *flags, "-x", "c++-header", str(SHIMS / "metal_emu.h"), "-o",
+                       str(pch) + ".tmp"]
+                result = subprocess.run(cmd, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise EmulatorError(f"precompiling the shim failed:\n{result.stderr[-4000:]}")
+                os.replace(str(pch) + ".tmp", pch)
+            self._pch = ["-include-pch", str(pch)]
+        return flags + self._pch
+
     def library(self, metal_text: str, driver: str) -> ctypes.CDLL:
         """The shared library of one instantiation, compiled once."""
         code = "#include <metal_stdlib>\n" + host_source(metal_text) + driver
-        key = hashlib.sha1((self.cxx + self.opt + code).encode()).hexdigest()[:20]
+        shim = (SHIMS / "metal_emu.h").read_text()  # part of what is compiled
+        key = hashlib.sha1((self.cxx + self.opt + shim + code).encode()).hexdigest()[:20]
         if key in self._libs:
             return self._libs[key]
         so = self.cache_dir / f"{key}.so"
         if not so.exists():
             src = self.cache_dir / f"{key}.cpp"
             src.write_text(code)
-            cmd = [self.cxx, "-std=c++17", self.opt, "-shared", "-fPIC", "-w",
-                   "-I", str(SHIMS / "emu"), "-o", str(so) + ".tmp", str(src)]
+            cmd = [self.cxx, *self._flags(), "-shared", "-o", str(so) + ".tmp", str(src)]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 raise EmulatorError(f"host compile of {src} failed:\n{result.stderr[-6000:]}")

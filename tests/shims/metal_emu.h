@@ -1,7 +1,7 @@
 // An executable stand-in for the Metal built-ins that MLX's generated kernel source and
 // metal/prelude_metal.h use, so that the source MLX would compile for a kernel runs on the
 // host CPU (tests/metal_emulator drives it). What it models, because Metal bugs hide there:
-// - threadgroups of N threads as cooperative fibers (ucontext) on one OS thread, groups one
+// - threadgroups of N threads as cooperative fibers on one OS thread, groups one
 //   after another; `threadgroup` variables are one block of memory per group, poisoned
 //   (0xFF bytes: NaN floats, -1 ints) before each group, at most 32 KB;
 // - threadgroup_barrier: every live thread of the group must arrive (an exited thread, or
@@ -18,7 +18,9 @@
 // Nothing here is used on a GPU.
 #pragma once
 
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 // C headers only: they parse in a fraction of the time of <cmath> / <vector>, and every
 // kernel instantiation is a translation unit of its own.
@@ -182,6 +184,75 @@ struct alignas(sizeof(T) * 4) vec<T, 4> {
   T& operator[](int i) { return i == 0 ? x : i == 1 ? y : i == 2 ? z : w; }
 };
 
+
+// ---- fiber contexts ---------------------------------------------------------------------
+// x86-64: a switch that saves the callee-saved registers and the FP control words, no
+// system call (ucontext's swapcontext makes two: a launch switches millions of times).
+// Elsewhere: ucontext.
+#if defined(__x86_64__)
+extern "C" void emu_ctx_switch(void** save_sp, void* next_sp);
+asm(R"(
+.text
+.p2align 4
+.hidden emu_ctx_switch
+.globl emu_ctx_switch
+.type emu_ctx_switch,@function
+emu_ctx_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size emu_ctx_switch, .-emu_ctx_switch
+)");
+struct Context {
+  void* sp = nullptr;
+};
+inline void ctx_switch(Context& from, Context& to) { emu_ctx_switch(&from.sp, to.sp); }
+// A context that starts entry() on [stack, stack + size) at its first switch.
+inline void ctx_make(Context& c, char* stack, size_t size, void (*entry)()) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t(15);
+  uint64_t* slot = reinterpret_cast<uint64_t*>(top - 16);  // entry sees rsp = 8 mod 16
+  slot[0] = reinterpret_cast<uint64_t>(entry);
+  slot[1] = 0;
+  uint64_t* sp = slot - 7;  // r15 r14 r13 r12 rbx rbp, below them the control words
+  for (int i = 1; i < 7; ++i) {
+    sp[i] = 0;
+  }
+  const uint32_t mxcsr = 0x1f80, fpucw = 0x037f;
+  sp[0] = uint64_t(mxcsr) | (uint64_t(fpucw) << 32);
+  c.sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void ctx_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void ctx_make(Context& c, char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
 // ---- the launch: fibers, groups, simd-groups -------------------------------------------
 enum State { RUNNABLE, AT_BARRIER, AT_SIMD, DONE };
 enum SimdOp {
@@ -190,8 +261,7 @@ enum SimdOp {
 };
 
 struct Thread {
-  ucontext_t uc;
-  char* stack = nullptr;
+  Context ctx;
   State state = DONE;
   // Metal's thread attributes
   vec<uint, 3> thread_position_in_grid, thread_position_in_threadgroup,
@@ -214,7 +284,7 @@ struct Launch {
   Thread threads[1024];  // of the current group
   int n = 0;                    // threads in the current group
   int cur = -1;                 // running fiber, -1: scheduler
-  ucontext_t sched;
+  Context sched;
   char error[1024] = {0};
   bool failed = false;
   // threadgroup memory
@@ -233,7 +303,7 @@ inline Thread& self() { return L->threads[L->cur]; }
 
 // Back to the scheduler until it resumes this fiber.
 inline void yield_to_scheduler() {
-  swapcontext(&self().uc, &L->sched);
+  ctx_switch(self().ctx, L->sched);
 }
 
 inline void set_error_v(const char* fmt, va_list ap) {
@@ -265,7 +335,7 @@ inline void set_error(const char* fmt, ...) {
   va_end(ap);
   if (L->cur >= 0) {
     self().state = DONE;
-    swapcontext(&self().uc, &L->sched);
+    ctx_switch(self().ctx, L->sched);
   }
   abort();  // not reached
 }
@@ -441,7 +511,9 @@ inline bool run_collective(int first, int width, int op) {
 
 inline void fiber_main() {
   L->body(L->body_arg);
-  self().state = DONE;  // uc_link returns to the scheduler
+  self().state = DONE;
+  ctx_switch(self().ctx, L->sched);  // never resumed
+  abort();
 }
 
 constexpr size_t kStack = 256 * 1024;
@@ -453,7 +525,7 @@ inline bool run_group() {
     for (int i = 0; i < n; ++i) {
       if (L->threads[i].state == RUNNABLE) {
         L->cur = i;
-        swapcontext(&L->sched, &L->threads[i].uc);
+        ctx_switch(L->sched, L->threads[i].ctx);
         L->cur = -1;
         if (L->failed) {
           return false;
@@ -575,11 +647,7 @@ inline int run_launch(const int* grid, const int* tgs, void (*body)(void*), void
           th.quadgroups_per_threadgroup = uint((n + 3) / 4);
           th.dispatch_quadgroups_per_threadgroup = uint((nt + 3) / 4);
           th.op = OP_NONE;
-          getcontext(&th.uc);
-          th.uc.uc_stack.ss_sp = stacks + size_t(i) * kStack;
-          th.uc.uc_stack.ss_size = kStack;
-          th.uc.uc_link = &launch->sched;
-          makecontext(&th.uc, fiber_main, 0);
+          ctx_make(th.ctx, stacks + size_t(i) * kStack, kStack, fiber_main);
           th.state = RUNNABLE;
         }
         if (!run_group()) {
