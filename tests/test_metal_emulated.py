@@ -234,6 +234,15 @@ def test_missing_barrier_is_caught(emulator):
     assert mx.isnan(bad).any().item()
 
 
+def test_portable_fibers(tmp_path):
+    """The ucontext fibers (used off x86-64 Linux, e.g. on a Mac) give the same answers."""
+    emu = MetalEmulator(tmp_path, defines=("EMU_UCONTEXT",))
+    x = mx.arange(64, dtype=mx.float32)
+    src = _NEIGHBOUR.format(barrier="threadgroup_barrier(mem_flags::mem_threadgroup);")
+    out = _run(emu, src + "out[i] += simd_shuffle_xor(x[i], ushort(1));", [x], (64,))
+    assert mx.array_equal(out, x[::-1] + (mx.arange(64) ^ 1).astype(mx.float32))
+
+
 def test_out_of_bounds_and_limits_are_errors(emulator):
     x = mx.arange(64, dtype=mx.float32)
     with pytest.raises(EmulatorError, match="out-of-bounds access to device buffer 'x'"):

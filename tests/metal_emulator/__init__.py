@@ -216,12 +216,13 @@ class MetalEmulator:
     are cached (in memory and in ``cache_dir``) for the object's life."""
 
     def __init__(self, cache_dir: str | Path | None = None, cxx: str | None = None,
-                 opt: str = "-O1"):
+                 opt: str = "-O1", defines: tuple[str, ...] = ()):
         self.cxx = cxx or compiler()
         if self.cxx is None:
             raise RuntimeError("no host C++ compiler (clang++ or g++) for the Metal emulator")
         self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="metal_emu_"))
         self.opt = opt
+        self.defines = [f"-D{d}" for d in defines]  # e.g. EMU_UCONTEXT: the portable fibers
         self._libs: dict[str, ctypes.CDLL] = {}
         self.log: list[str] = []  # the name of every kernel launched
         self.compiles = 0
@@ -245,12 +246,13 @@ class MetalEmulator:
     def _flags(self) -> list[str]:
         """Compiler flags; with clang++, the shim as a precompiled header (built once: it is
         a good part of each instantiation's compile time)."""
-        flags = ["-std=c++17", self.opt, "-fPIC", "-w", "-I", str(SHIMS / "emu")]
+        flags = ["-std=c++17", self.opt, "-fPIC", "-w", *self.defines, "-I", str(SHIMS / "emu")]
         if "clang" not in Path(self.cxx).name:
             return flags
         if self._pch is None:
             shim = (SHIMS / "metal_emu.h").read_bytes()
-            pch = self.cache_dir / f"metal_emu_{hashlib.sha1(shim).hexdigest()[:12]}.pch"
+            tag = hashlib.sha1(shim + str(flags).encode()).hexdigest()[:12]
+            pch = self.cache_dir / f"metal_emu_{tag}.pch"
             if not pch.exists():
                 cmd = [self.cxx, *flags, "-x", "c++-header", str(SHIMS / "metal_emu.h"), "-o",
                        str(pch) + ".tmp"]
@@ -265,7 +267,7 @@ class MetalEmulator:
         """The shared library of one instantiation, compiled once."""
         code = "#include <metal_stdlib>\n" + host_source(metal_text) + driver
         shim = (SHIMS / "metal_emu.h").read_text()  # part of what is compiled
-        key = hashlib.sha1((self.cxx + self.opt + shim + code).encode()).hexdigest()[:20]
+        key = hashlib.sha1(str([self.cxx, self.opt, self.defines, shim, code]).encode()).hexdigest()[:20]
         if key in self._libs:
             return self._libs[key]
         so = self.cache_dir / f"{key}.so"

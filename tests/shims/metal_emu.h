@@ -18,7 +18,10 @@
 // Nothing here is used on a GPU.
 #pragma once
 
-#if !defined(__x86_64__)
+#if !(defined(__x86_64__) && defined(__ELF__)) || defined(EMU_UCONTEXT)
+#if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
+#define _XOPEN_SOURCE 600  // macOS declares the ucontext calls only with it
+#endif
 #include <ucontext.h>
 #endif
 
@@ -186,10 +189,10 @@ struct alignas(sizeof(T) * 4) vec<T, 4> {
 
 
 // ---- fiber contexts ---------------------------------------------------------------------
-// x86-64: a switch that saves the callee-saved registers and the FP control words, no
+// x86-64 (ELF): a switch that saves the callee-saved registers and the FP control words, no
 // system call (ucontext's swapcontext makes two: a launch switches millions of times).
 // Elsewhere: ucontext.
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__ELF__) && !defined(EMU_UCONTEXT)
 extern "C" void emu_ctx_switch(void** save_sp, void* next_sp);
 asm(R"(
 .text
