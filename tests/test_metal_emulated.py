@@ -8,15 +8,14 @@ C++ compiler."""
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from mlx_dhsa import kernels, reference
-from mlx_dhsa.selection import key_mask, select_chunks
-
 from conftest import assert_within_baseline, make_qkv, small_config
 from kernel_builds import SIGNATURES, instances, metal_source
 from metal_emulator import EmulatorError, MetalEmulator, compiler, generate_source
 from metal_emulator.hook import emulate_metal
 from test_kernels import SCALE, _close, _plan, _table
+
+from mlx_dhsa import kernels, reference
+from mlx_dhsa.selection import key_mask, select_chunks
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no host C++ compiler (clang++, g++)")
 
@@ -59,13 +58,23 @@ def _attention_both(q, k, v, off, window, cap, plan_window=None):
     args = dict(scale=SCALE, softcap=cap)
     out = kernels.sparse_attention(q, k, v, plan, **args)
     assert kernels.last_path == "kernel"
-    _check(out, reference.sparse_attention(q32, k32, v32, plan, **args),
-           reference.sparse_attention(q, k, v, plan, **args), dtype, cap)
+    _check(
+        out,
+        reference.sparse_attention(q32, k32, v32, plan, **args),
+        reference.sparse_attention(q, k, v, plan, **args),
+        dtype,
+        cap,
+    )
     mask = key_mask(off, L, S, window)
     out = kernels.dense_attention(q, k, v, q_offset=off, window=window, **args)
     assert kernels.last_path == "kernel"
-    _check(out, reference.dense_attention(q32, k32, v32, mask=mask, **args),
-           reference.dense_attention(q, k, v, mask=mask, **args), dtype, cap)
+    _check(
+        out,
+        reference.dense_attention(q32, k32, v32, mask=mask, **args),
+        reference.dense_attention(q, k, v, mask=mask, **args),
+        dtype,
+        cap,
+    )
 
 
 F32, F16, BF16 = mx.float32, mx.float16, mx.bfloat16
@@ -86,8 +95,7 @@ ATTENTION_CASES = [
 
 
 @pytest.mark.parametrize("dtype,B,H,H_kv,L,S,D,off,window,cap,split", ATTENTION_CASES)
-def test_attention_kernel(metal, monkeypatch, dtype, B, H, H_kv, L, S, D, off, window, cap,
-                          split):
+def test_attention_kernel(metal, monkeypatch, dtype, B, H, H_kv, L, S, D, off, window, cap, split):
     monkeypatch.setattr(kernels, "_MIN_SPLIT_TILES", 1 if split else 10**6)
     q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype, scale=2.0)
     _attention_both(q, k, v, off, window, cap, plan_window=window)
@@ -191,14 +199,27 @@ def test_chunk_scores_kernel(metal, dtype, S, D):
 def test_generated_source_is_mlx_s(emulator):
     """The emulator compiles the text MLX generates: equal to what MLX itself exported for
     the same kernel, template and inputs (tests/kernel_builds.py), for every kernel."""
-    for name in ("sparse_attention", "decode_attention", "merge_splits", "block_scores",
-                 "select_keys", "chunk_scores"):
+    for name in (
+        "sparse_attention",
+        "decode_attention",
+        "merge_splits",
+        "block_scores",
+        "select_keys",
+        "chunk_scores",
+    ):
         inputs, template, dtypes = instances(name, "metal")[-1]
         header, source = kernels.kernel_source(name, "metal")
         in_names, out_names = SIGNATURES[name]
-        _, text, _ = generate_source("dhsa_check", in_names, out_names, source, header,
-                                     [(x.dtype, x.size, x.ndim) for x in inputs], template,
-                                     dtypes)
+        _, text, _ = generate_source(
+            "dhsa_check",
+            in_names,
+            out_names,
+            source,
+            header,
+            [(x.dtype, x.size, x.ndim) for x in inputs],
+            template,
+            dtypes,
+        )
         assert text == metal_source(name, inputs, template, dtypes) + "\n", name  # (cut there)
 
 
@@ -207,11 +228,24 @@ def test_generated_source_is_mlx_s(emulator):
 _HEADER = "#include <metal_stdlib>\nusing namespace metal;\n"
 
 
-def _run(emu, source, inputs, out_shape, out_dtype=mx.float32, grid=(64, 1, 1),
-         threadgroup=(64, 1, 1), names=("x",)):
+def _run(
+    emu,
+    source,
+    inputs,
+    out_shape,
+    out_dtype=mx.float32,
+    grid=(64, 1, 1),
+    threadgroup=(64, 1, 1),
+    names=("x",),
+):
     kernel = emu.metal_kernel("emu_test", list(names), ["out"], source, header=_HEADER)
-    return kernel(inputs=inputs, grid=grid, threadgroup=threadgroup, output_shapes=[out_shape],
-                  output_dtypes=[out_dtype])[0]
+    return kernel(
+        inputs=inputs,
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[out_shape],
+        output_dtypes=[out_dtype],
+    )[0]
 
 
 _NEIGHBOUR = """
@@ -227,8 +261,12 @@ def test_missing_barrier_is_caught(emulator):
     """Threads run as fibers up to their next barrier: a read of other threads' shared
     memory without one sees the poison (NaN), not their values."""
     x = mx.arange(64, dtype=mx.float32)
-    ok = _run(emulator, _NEIGHBOUR.format(barrier="threadgroup_barrier(mem_flags::mem_threadgroup);"),
-              [x], (64,))
+    ok = _run(
+        emulator,
+        _NEIGHBOUR.format(barrier="threadgroup_barrier(mem_flags::mem_threadgroup);"),
+        [x],
+        (64,),
+    )
     assert mx.array_equal(ok, x[::-1])
     bad = _run(emulator, _NEIGHBOUR.format(barrier=""), [x], (64,))
     assert mx.isnan(bad).any().item()
@@ -252,12 +290,15 @@ def test_out_of_bounds_and_limits_are_errors(emulator):
     with pytest.raises(EmulatorError, match="threadgroup memory of 32772 bytes"):
         _run(emulator, "threadgroup float s[8193]; s[0] = 0; out[0] = x[0];", [x], (64,))
     with pytest.raises(ValueError, match="greater than"):
-        _run(emulator, "out[0] = x[0];", [x], (64,), grid=(2048, 1, 1),
-             threadgroup=(2048, 1, 1))
+        _run(emulator, "out[0] = x[0];", [x], (64,), grid=(2048, 1, 1), threadgroup=(2048, 1, 1))
     with pytest.raises(EmulatorError, match="threadgroup_barrier"):
-        _run(emulator, "if (thread_position_in_grid.x == 0) return;\n"
-                       "threadgroup_barrier(mem_flags::mem_threadgroup); out[0] = x[0];",
-             [x], (64,))
+        _run(
+            emulator,
+            "if (thread_position_in_grid.x == 0) return;\n"
+            "threadgroup_barrier(mem_flags::mem_threadgroup); out[0] = x[0];",
+            [x],
+            (64,),
+        )
 
 
 def test_simd_lane_rules(emulator):
@@ -284,9 +325,13 @@ def test_simd_lane_rules(emulator):
     assert (out[:, 4] == base + 31).all()
     assert (out[:, 5] == base + 7).all()
     with pytest.raises(EmulatorError, match="reads lane 17, which is inactive"):
-        _run(emulator, "const uint i = thread_position_in_grid.x;\n"
-                       "if (i % 32 < 16) { out[i] = simd_shuffle_xor(x[i], ushort(17)); }",
-             [x], (64,))
+        _run(
+            emulator,
+            "const uint i = thread_position_in_grid.x;\n"
+            "if (i % 32 < 16) { out[i] = simd_shuffle_xor(x[i], ushort(17)); }",
+            [x],
+            (64,),
+        )
 
 
 def test_simdgroup_matrix(emulator):
@@ -307,25 +352,63 @@ def test_simdgroup_matrix(emulator):
     out[64 + r * 8 + col + 1] = am.thread_elements()[1];
     """
     ins = [mx.array(a), mx.array(b), mx.array(c)]
-    out = np.array(_run(emulator, src, ins, (128,), grid=(32, 1, 1), threadgroup=(32, 1, 1),
-                        names=("a", "b", "c")))
+    out = np.array(
+        _run(
+            emulator,
+            src,
+            ins,
+            (128,),
+            grid=(32, 1, 1),
+            threadgroup=(32, 1, 1),
+            names=("a", "b", "c"),
+        )
+    )
     np.testing.assert_allclose(out[:64].reshape(8, 8), a @ b.T + c, rtol=1e-5, atol=1e-5)
     assert (out[64:].reshape(8, 8) == a).all()
 
 
 def test_half_and_bfloat_round_to_nearest_even(emulator):
     """float -> half / bfloat conversions (ties, subnormals, overflow, nan) as MLX's."""
-    vals = [0.0, -0.0, 1.0, 1.0 + 2**-11, 1.0 + 3 * 2**-11, 65504.0, 65520.0, 1e6, 2**-24,
-            2**-25, 3 * 2**-26, 6e-8, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.0e38, -7.25, np.inf,
-            np.nan, 0.1, 1 / 3]
+    vals = [
+        0.0,
+        -0.0,
+        1.0,
+        1.0 + 2**-11,
+        1.0 + 3 * 2**-11,
+        65504.0,
+        65520.0,
+        1e6,
+        2**-24,
+        2**-25,
+        3 * 2**-26,
+        6e-8,
+        1.0 + 2**-8,
+        1.0 + 3 * 2**-8,
+        3.0e38,
+        -7.25,
+        np.inf,
+        np.nan,
+        0.1,
+        1 / 3,
+    ]
     x = mx.array(np.array(vals, np.float32))
     n = len(vals)
     for dtype in (mx.float16, mx.bfloat16):
-        kernel = emulator.metal_kernel("emu_round", ["x"], ["out"],
-                                       "out[thread_position_in_grid.x] = "
-                                       "T(x[thread_position_in_grid.x]);", header=_HEADER)
-        out = kernel(inputs=[x], template=[("T", dtype)], grid=(n, 1, 1),
-                     threadgroup=(32, 1, 1), output_shapes=[(n,)], output_dtypes=[dtype])[0]
+        kernel = emulator.metal_kernel(
+            "emu_round",
+            ["x"],
+            ["out"],
+            "out[thread_position_in_grid.x] = " "T(x[thread_position_in_grid.x]);",
+            header=_HEADER,
+        )
+        out = kernel(
+            inputs=[x],
+            template=[("T", dtype)],
+            grid=(n, 1, 1),
+            threadgroup=(32, 1, 1),
+            output_shapes=[(n,)],
+            output_dtypes=[dtype],
+        )[0]
         expect = x.astype(dtype)
         same = (out == expect) | (mx.isnan(out) & mx.isnan(expect))
         assert same.all().item(), (dtype, out, expect)
@@ -337,8 +420,10 @@ _PLANTED = {
     # dhsa_row_sum pairs accumulator lanes differing in bit 3 (8) and bit 0: bit 2 is wrong.
     "wrong shuffle lane": ("return v + dhsa_shfl_xor(v, 8);", "return v + dhsa_shfl_xor(v, 4);"),
     # Threadgroup barriers that do nothing.
-    "missing barrier": ("#define DHSA_BARRIER() metal::threadgroup_barrier("
-                        "metal::mem_flags::mem_threadgroup)", "#define DHSA_BARRIER()"),
+    "missing barrier": (
+        "#define DHSA_BARRIER() metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup)",
+        "#define DHSA_BARRIER()",
+    ),
 }
 
 

@@ -24,9 +24,19 @@ import numpy as np
 SHIMS = Path(__file__).resolve().parent.parent / "shims"
 MAX_CONSTANT_ARRAY_SIZE = 8  # MLX passes smaller inputs in the constant address space
 
-_TYPES = {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t",
-          mx.int32: "int32_t", mx.int64: "int64_t", mx.uint32: "uint32_t", mx.int16: "int16_t",
-          mx.uint16: "uint16_t", mx.int8: "int8_t", mx.uint8: "uint8_t", mx.bool_: "bool"}
+_TYPES = {
+    mx.float32: "float",
+    mx.float16: "float16_t",
+    mx.bfloat16: "bfloat16_t",
+    mx.int32: "int32_t",
+    mx.int64: "int64_t",
+    mx.uint32: "uint32_t",
+    mx.int16: "int16_t",
+    mx.uint16: "uint16_t",
+    mx.int8: "int8_t",
+    mx.uint8: "uint8_t",
+    mx.bool_: "bool",
+}
 # MLX's list of Metal thread attributes: each is added to the signature if the source names it.
 _ATTRIBUTES = [
     ("dispatch_quadgroups_per_threadgroup", "uint"),
@@ -53,12 +63,15 @@ _ATTRIBUTES = [
 
 _ATTRIBUTE_TEXT = re.compile(r"\[\[(?:[^\[\]]|\[[^\]]*\])*?\]\]")
 _TYPE = r"[A-Za-z_][\w:]*(?:<[^<>;()\n]*>)?"
-_DEVICE_CAST = re.compile(rf"\(\s*(const\s+)?(?:device|constant|DHSA_DEVICE)[ \t]+(const\s+)?"
-                          rf"({_TYPE})\s*\*\s*\)")
-_DEVICE_PTR = re.compile(rf"\b(const[ \t]+)?(?:device|constant|DHSA_DEVICE)[ \t]+"
-                         rf"(const[ \t]+)?({_TYPE})[ \t]*\*")
-_TG_DECL = re.compile(r"\bthreadgroup[ \t]+([A-Za-z_][\w:]*)[ \t]+([A-Za-z_]\w*)[ \t]*"
-                      r"((?:\[[^\]\n]*\])+)")
+_DEVICE_CAST = re.compile(
+    rf"\(\s*(const\s+)?(?:device|constant|DHSA_DEVICE)[ \t]+(const\s+)?" rf"({_TYPE})\s*\*\s*\)"
+)
+_DEVICE_PTR = re.compile(
+    rf"\b(const[ \t]+)?(?:device|constant|DHSA_DEVICE)[ \t]+" rf"(const[ \t]+)?({_TYPE})[ \t]*\*"
+)
+_TG_DECL = re.compile(
+    r"\bthreadgroup[ \t]+([A-Za-z_][\w:]*)[ \t]+([A-Za-z_]\w*)[ \t]*" r"((?:\[[^\]\n]*\])+)"
+)
 
 
 def compiler() -> str | None:
@@ -82,8 +95,17 @@ def template_text(template) -> str:
     return "<" + ", ".join(parts) + ">"
 
 
-def generate_source(name, input_names, output_names, source, header, inputs, template,
-                    output_dtypes, atomic_outputs=False) -> tuple[str, str, list]:
+def generate_source(
+    name,
+    input_names,
+    output_names,
+    source,
+    header,
+    inputs,
+    template,
+    output_dtypes,
+    atomic_outputs=False,
+) -> tuple[str, str, list]:
     """(kernel name, full source, params) as MLX's metal_kernel builds them.
 
     ``inputs`` are (dtype, size, ndim) triples. ``params``: the signature's parameters in
@@ -103,8 +125,10 @@ def generate_source(name, input_names, output_names, source, header, inputs, tem
     attributes = [(a, t) for a, t in _ATTRIBUTES if a in source]
     text = header
     if template:
-        kinds = ["bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "typename"
-                 for _, v in template]
+        kinds = [
+            "bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "typename"
+            for _, v in template
+        ]
         text += "template <" + ", ".join(f"{k} {n}" for k, (n, _) in zip(kinds, template))
         text += ">\n"
     text += f"[[kernel]] void {kname}(\n"
@@ -116,9 +140,11 @@ def generate_source(name, input_names, output_names, source, header, inputs, tem
         params.append(("input", i, n))
         index += 1
         if ndim > 0:
-            for suffix, decl in (("shape", "const constant int*"),
-                                 ("strides", "const constant int64_t*"),
-                                 ("ndim", "const constant int&")):
+            for suffix, decl in (
+                ("shape", "const constant int*"),
+                ("strides", "const constant int64_t*"),
+                ("ndim", "const constant int&"),
+            ):
                 if f"{n}_{suffix}" in source:
                     text += f"  {decl} {n}_{suffix} [[buffer({index})]],\n"
                     params.append((suffix, i, f"{n}_{suffix}"))
@@ -136,7 +162,7 @@ def generate_source(name, input_names, output_names, source, header, inputs, tem
     text += source + "\n}\n"
     if template:
         tdef = kname + tdef
-        text += (f'\ntemplate [[host_name("{kname}")]] [[kernel]] decltype({tdef}) {tdef};\n')
+        text += f'\ntemplate [[host_name("{kname}")]] [[kernel]] decltype({tdef}) {tdef};\n'
     return kname, text, params
 
 
@@ -179,8 +205,10 @@ def _driver(kname: str, template, params, inputs, output_dtypes, atomic_outputs)
             continue
         else:
             ctype = "const int" if kind == "shape" else "const int64_t"
-        args.append(f'emu::dptr<{ctype}>(({ctype}*)({ptr}), (const char*)({lo}), '
-                    f'(const char*)({hi}), "{n}")')
+        args.append(
+            f"emu::dptr<{ctype}>(({ctype}*)({ptr}), (const char*)({lo}), "
+            f'(const char*)({hi}), "{n}")'
+        )
     body = ",\n      ".join(args)
     return f"""
 namespace emu_driver {{
@@ -215,8 +243,13 @@ class MetalEmulator:
     """``mx.fast.metal_kernel``'s factory, running kernels on the CPU; compiled instantiations
     are cached (in memory and in ``cache_dir``) for the object's life."""
 
-    def __init__(self, cache_dir: str | Path | None = None, cxx: str | None = None,
-                 opt: str = "-O1", defines: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        cache_dir: str | Path | None = None,
+        cxx: str | None = None,
+        opt: str = "-O1",
+        defines: tuple[str, ...] = (),
+    ):
         self.cxx = cxx or compiler()
         if self.cxx is None:
             raise RuntimeError("no host C++ compiler (clang++ or g++) for the Metal emulator")
@@ -228,18 +261,51 @@ class MetalEmulator:
         self.compiles = 0
         self._pch: list[str] | None = None
 
-    def metal_kernel(self, name, input_names, output_names, source, header="",
-                     ensure_row_contiguous=True, atomic_outputs=False):
+    def metal_kernel(
+        self,
+        name,
+        input_names,
+        output_names,
+        source,
+        header="",
+        ensure_row_contiguous=True,
+        atomic_outputs=False,
+    ):
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
-        spec = dict(name=name, input_names=list(input_names), output_names=list(output_names),
-                    source=source, header=header, contiguous=ensure_row_contiguous,
-                    atomic_outputs=atomic_outputs)
+        spec = dict(
+            name=name,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            source=source,
+            header=header,
+            contiguous=ensure_row_contiguous,
+            atomic_outputs=atomic_outputs,
+        )
 
-        def kernel(*, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
-                   init_value=None, verbose=False, stream=None):
-            return self._launch(spec, inputs, template or [], grid, threadgroup, output_shapes,
-                                output_dtypes, init_value, verbose)
+        def kernel(
+            *,
+            inputs,
+            output_shapes,
+            output_dtypes,
+            grid,
+            threadgroup,
+            template=None,
+            init_value=None,
+            verbose=False,
+            stream=None,
+        ):
+            return self._launch(
+                spec,
+                inputs,
+                template or [],
+                grid,
+                threadgroup,
+                output_shapes,
+                output_dtypes,
+                init_value,
+                verbose,
+            )
 
         return kernel
 
@@ -254,9 +320,16 @@ class MetalEmulator:
             tag = hashlib.sha1(shim + str(flags).encode()).hexdigest()[:12]
             pch = self.cache_dir / f"metal_emu_{tag}.pch"
             if not pch.exists():
-                cmd = [self.cxx, *flags, "-x", "c++-header", str(SHIMS / "metal_emu.h"), "-o",
-                       str(pch) + ".tmp"]
-                result = subprocess.run(cmd, capture_output=True, text=True)
+                cmd = [
+                    self.cxx,
+                    *flags,
+                    "-x",
+                    "c++-header",
+                    str(SHIMS / "metal_emu.h"),
+                    "-o",
+                    str(pch) + ".tmp",
+                ]
+                result = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if result.returncode != 0:
                     raise EmulatorError(f"precompiling the shim failed:\n{result.stderr[-4000:]}")
                 os.replace(str(pch) + ".tmp", pch)
@@ -267,7 +340,9 @@ class MetalEmulator:
         """The shared library of one instantiation, compiled once."""
         code = "#include <metal_stdlib>\n" + host_source(metal_text) + driver
         shim = (SHIMS / "metal_emu.h").read_text()  # part of what is compiled
-        key = hashlib.sha1(str([self.cxx, self.opt, self.defines, shim, code]).encode()).hexdigest()[:20]
+        key = hashlib.sha1(
+            str([self.cxx, self.opt, self.defines, shim, code]).encode()
+        ).hexdigest()[:20]
         if key in self._libs:
             return self._libs[key]
         so = self.cache_dir / f"{key}.so"
@@ -275,7 +350,7 @@ class MetalEmulator:
             src = self.cache_dir / f"{key}.cpp"
             src.write_text(code)
             cmd = [self.cxx, *self._flags(), "-shared", "-o", str(so) + ".tmp", str(src)]
-            result = subprocess.run(cmd, capture_output=True, text=True)
+            result = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise EmulatorError(f"host compile of {src} failed:\n{result.stderr[-6000:]}")
             os.replace(str(so) + ".tmp", so)
@@ -285,26 +360,50 @@ class MetalEmulator:
         self._libs[key] = lib
         return lib
 
-    def _launch(self, spec, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
-                init_value, verbose):
+    def _launch(
+        self,
+        spec,
+        inputs,
+        template,
+        grid,
+        threadgroup,
+        output_shapes,
+        output_dtypes,
+        init_value,
+        verbose,
+    ):
         if len(inputs) != len(spec["input_names"]):
-            raise ValueError(f"[metal_kernel] Expected `inputs` to have size "
-                             f"{len(spec['input_names'])} but got size {len(inputs)}.")
+            raise ValueError(
+                f"[metal_kernel] Expected `inputs` to have size "
+                f"{len(spec['input_names'])} but got size {len(inputs)}."
+            )
         arrays = [_host_view(x, spec["contiguous"]) for x in inputs]
         described = [(x.dtype, x.size, x.ndim) for x in inputs]
         kname, text, params = generate_source(
-            spec["name"], spec["input_names"], spec["output_names"], spec["source"],
-            spec["header"], described, template, output_dtypes, spec["atomic_outputs"])
+            spec["name"],
+            spec["input_names"],
+            spec["output_names"],
+            spec["source"],
+            spec["header"],
+            described,
+            template,
+            output_dtypes,
+            spec["atomic_outputs"],
+        )
         if verbose:
             print(text)
         tsize = threadgroup[0] * threadgroup[1] * threadgroup[2]
         if tsize > 1024:
-            raise ValueError(f"Thread group size ({tsize}) is greater than  the maximum "
-                             "allowed threads per threadgroup (1024).")
-        lib = self.library(text, _driver(kname, template, params, described, output_dtypes,
-                                         spec["atomic_outputs"]))
-        outs = [_output(shape, dtype, init_value) for shape, dtype in zip(output_shapes,
-                                                                          output_dtypes)]
+            raise ValueError(
+                f"Thread group size ({tsize}) is greater than  the maximum "
+                "allowed threads per threadgroup (1024)."
+            )
+        lib = self.library(
+            text, _driver(kname, template, params, described, output_dtypes, spec["atomic_outputs"])
+        )
+        outs = [
+            _output(shape, dtype, init_value) for shape, dtype in zip(output_shapes, output_dtypes)
+        ]
         keep, ptr, lo, hi = [], [], [], []
         for kind, i, _ in params:
             if kind == "attribute":
@@ -317,9 +416,11 @@ class MetalEmulator:
             else:
                 x = arrays[i]
                 itemsize = x.itemsize
-                vals = {"shape": np.array(x.shape, np.int32),
-                        "strides": np.array([s // itemsize for s in x.strides], np.int64),
-                        "ndim": np.array([x.ndim], np.int32)}[kind]
+                vals = {
+                    "shape": np.array(x.shape, np.int32),
+                    "strides": np.array([s // itemsize for s in x.strides], np.int64),
+                    "ndim": np.array([x.ndim], np.int32),
+                }[kind]
                 keep.append(vals)
                 p, lo_, hi_ = _span(vals)
             ptr.append(p)
@@ -327,13 +428,21 @@ class MetalEmulator:
             hi.append(hi_)
         n = len(ptr)
         err = ctypes.create_string_buffer(1024)
-        rc = lib.emu_launch((ctypes.c_void_p * n)(*ptr), (ctypes.c_void_p * n)(*lo),
-                            (ctypes.c_void_p * n)(*hi), (ctypes.c_int * 3)(*grid),
-                            (ctypes.c_int * 3)(*threadgroup), err, 1024)
+        rc = lib.emu_launch(
+            (ctypes.c_void_p * n)(*ptr),
+            (ctypes.c_void_p * n)(*lo),
+            (ctypes.c_void_p * n)(*hi),
+            (ctypes.c_int * 3)(*grid),
+            (ctypes.c_int * 3)(*threadgroup),
+            err,
+            1024,
+        )
         self.log.append(spec["name"])
         if rc != 0:
-            raise EmulatorError(f"{spec['name']}{template_text(template) if template else ''}"
-                                f": {err.value.decode()}")
+            raise EmulatorError(
+                f"{spec['name']}{template_text(template) if template else ''}"
+                f": {err.value.decode()}"
+            )
         return [_to_mx(o, dtype) for o, dtype in zip(outs, output_dtypes)]
 
 
@@ -358,9 +467,19 @@ def _span(a: np.ndarray) -> tuple[int, int, int]:
     return p, p, p + last + a.itemsize
 
 
-_NP = {mx.float32: np.float32, mx.float16: np.uint16, mx.bfloat16: np.uint16,
-       mx.int32: np.int32, mx.int64: np.int64, mx.uint32: np.uint32, mx.int16: np.int16,
-       mx.uint16: np.uint16, mx.int8: np.int8, mx.uint8: np.uint8, mx.bool_: np.bool_}
+_NP = {
+    mx.float32: np.float32,
+    mx.float16: np.uint16,
+    mx.bfloat16: np.uint16,
+    mx.int32: np.int32,
+    mx.int64: np.int64,
+    mx.uint32: np.uint32,
+    mx.int16: np.int16,
+    mx.uint16: np.uint16,
+    mx.int8: np.int8,
+    mx.uint8: np.uint8,
+    mx.bool_: np.bool_,
+}
 
 
 def _output(shape, dtype, init_value) -> np.ndarray:

@@ -28,7 +28,9 @@ def emulate_metal(monkeypatch, factory) -> None:
         "_block_scores_kernel": ("block_scores", False),
         "_select_kernel": ("select_keys", True),
     }
-    from kernel_builds import SIGNATURES  # the kernels' argument names, shared with the checks
+    from kernel_builds import (
+        SIGNATURES,  # the kernels' argument names, shared with the checks
+    )
 
     for attr, (name, contiguous) in built.items():
         ins, outs = SIGNATURES[name]
