@@ -7,6 +7,7 @@ is the CPU."""
 from functools import lru_cache
 
 import mlx.core as mx
+from kernel_builds import SIGNATURES  # the kernels' argument names
 
 from mlx_dhsa import kernels
 
@@ -28,10 +29,6 @@ def emulate_metal(monkeypatch, factory) -> None:
         "_block_scores_kernel": ("block_scores", False),
         "_select_kernel": ("select_keys", True),
     }
-    from kernel_builds import (
-        SIGNATURES,  # the kernels' argument names, shared with the checks
-    )
-
     for attr, (name, contiguous) in built.items():
         ins, outs = SIGNATURES[name]
         monkeypatch.setattr(kernels, attr, kernels._build(name, ins, outs, contiguous=contiguous))
