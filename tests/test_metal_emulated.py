@@ -1,0 +1,447 @@
+"""The Metal kernels' own source, run on the CPU: mlx_dhsa.kernels launches them as on a Mac
+(backend "metal", its tile configs, merge_splits as a second launch, block scores and
+selection as two launches) through tests/metal_emulator, which builds the exact source MLX
+would compile and runs it on an executable Metal shim (tests/shims/metal_emu.h). Results
+are held to the GPU tests' tolerances (tests/test_kernels.py). Skipped only without a host
+C++ compiler."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import assert_within_baseline, make_qkv, small_config
+from kernel_builds import SIGNATURES, instances, metal_source
+from metal_emulator import EmulatorError, MetalEmulator, compiler, generate_source
+from metal_emulator.hook import emulate_metal
+from test_kernels import SCALE, _close, _plan, _table
+
+from mlx_dhsa import kernels, reference
+from mlx_dhsa.selection import key_mask, select_chunks
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no host C++ compiler (clang++, g++)")
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    """One emulator (and one cache of compiled instantiations) for the session."""
+    return MetalEmulator(tmp_path_factory.mktemp("metal_emu"))
+
+
+@pytest.fixture
+def metal(monkeypatch, emulator):
+    emulate_metal(monkeypatch, emulator)
+    emulator.log = []
+    return emulator
+
+
+def _launched(emu) -> list[str]:
+    """Kernel names launched since the fixture started, e.g. ["decode_attention", ...]."""
+    return [name.split("_", 1)[1].rsplit("_", 1)[0] for name in emu.log]
+
+
+def _check(out, ref32, ref_lp, dtype, cap):
+    """test_kernels' rules: fp32 within 1e-4 (relative to the largest output), 16-bit
+    within 2x (4x with a soft cap) the error of MLX's own low-precision reference."""
+    assert out.dtype == dtype
+    if dtype == mx.float32:
+        _close(out, ref32)
+    else:
+        assert_within_baseline(out, ref32, ref_lp, factor=4.0 if cap else 2.0)
+
+
+def _attention_both(q, k, v, off, window, cap, plan_window=None):
+    """Sparse attention over the planner's keys and dense causal attention (in `window`), each
+    through the emulated kernels against the pure-MLX reference."""
+    dtype = q.dtype
+    L, S = q.shape[2], k.shape[2]
+    q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
+    plan = _plan(q32, k32, small_config(), off, plan_window)
+    args = dict(scale=SCALE, softcap=cap)
+    out = kernels.sparse_attention(q, k, v, plan, **args)
+    assert kernels.last_path == "kernel"
+    _check(
+        out,
+        reference.sparse_attention(q32, k32, v32, plan, **args),
+        reference.sparse_attention(q, k, v, plan, **args),
+        dtype,
+        cap,
+    )
+    mask = key_mask(off, L, S, window)
+    out = kernels.dense_attention(q, k, v, q_offset=off, window=window, **args)
+    assert kernels.last_path == "kernel"
+    _check(
+        out,
+        reference.dense_attention(q32, k32, v32, mask=mask, **args),
+        reference.dense_attention(q, k, v, mask=mask, **args),
+        dtype,
+        cap,
+    )
+
+
+F32, F16, BF16 = mx.float32, mx.float16, mx.bfloat16
+
+# (dtype, B, H, H_kv, L, S, D, q_offset, window, softcap, split): every dtype and head dim,
+# GQA 1, 2 and 4 heads a KV head, ragged L and S, windows; split: keys split across groups
+# (forced) and merged by the merge_splits launch.
+ATTENTION_CASES = [
+    (F32, 1, 4, 2, 17, 80, 64, 63, None, None, False),
+    (F32, 2, 4, 2, 48, 150, 64, 102, 40, 50.0, True),
+    (F32, 1, 8, 4, 33, 160, 256, 127, 64, 50.0, False),
+    (F32, 1, 2, 2, 16, 200, 128, 184, 64, None, False),
+    (F16, 1, 8, 4, 40, 120, 128, 80, None, 50.0, False),
+    (F16, 1, 4, 4, 20, 100, 64, 80, 32, None, True),
+    (BF16, 1, 8, 4, 40, 120, 256, 80, 96, None, False),
+    (BF16, 1, 4, 2, 48, 150, 64, 102, None, 50.0, True),
+]
+
+
+@pytest.mark.parametrize("dtype,B,H,H_kv,L,S,D,off,window,cap,split", ATTENTION_CASES)
+def test_attention_kernel(metal, monkeypatch, dtype, B, H, H_kv, L, S, D, off, window, cap, split):
+    monkeypatch.setattr(kernels, "_MIN_SPLIT_TILES", 1 if split else 10**6)
+    q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype, scale=2.0)
+    _attention_both(q, k, v, off, window, cap, plan_window=window)
+    launched = _launched(metal)
+    assert launched.count("sparse_attention") == 2
+    assert launched.count("merge_splits") == (2 if split else 0)
+
+
+# (dtype, B, H, H_kv, S, D, q_offset, window, softcap): one query (decode steps) on
+# decode_attention.metal, its splits merged by merge_splits (Metal's two launches): GQA 1,
+# 2 and 8 heads a KV head, windows, keys past the query.
+DECODE_CASES = [
+    (F32, 1, 4, 2, 97, 64, 96, None, 50.0),
+    (F32, 1, 8, 4, 300, 256, 299, 64, 50.0),
+    (F32, 2, 8, 1, 500, 128, 499, None, None),
+    (F16, 1, 4, 4, 400, 64, 350, 200, None),
+    (BF16, 1, 8, 4, 600, 256, 599, None, 50.0),
+]
+
+
+@pytest.mark.parametrize("dtype,B,H,H_kv,S,D,off,window,cap", DECODE_CASES)
+def test_decode_kernel_and_merge(metal, dtype, B, H, H_kv, S, D, off, window, cap):
+    q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=1, S=S, D=D, dtype=dtype, scale=2.0)
+    _attention_both(q, k, v, off, window, cap, plan_window=window)
+    assert _launched(metal) == ["decode_attention", "merge_splits"] * 2
+
+
+def test_one_query_on_the_query_tile_kernel(metal, monkeypatch):
+    """DECODE_KERNEL off: a decode step on sparse_attention.metal, its splits merged."""
+    monkeypatch.setattr(kernels, "DECODE_KERNEL", False)
+    q, k, v = make_qkv(H=4, H_kv=2, L=1, S=200, D=64)
+    _attention_both(q, k, v, 199, 64, 50.0)
+    assert _launched(metal) == ["sparse_attention", "merge_splits"] * 2
+
+
+def test_strided_inputs(metal):
+    """Views read in place through their strides (ensure_row_contiguous=False): a cache-like
+    slice of a longer buffer, a query slice, a transposed layout; the bounds checks see only
+    each view's span."""
+    q_all, k_all, v_all = make_qkv(B=2, H=4, H_kv=2, L=90, S=170, D=64)
+    q = q_all[:, :, 7:47]
+    k = k_all[:, :, :160]
+    v = mx.contiguous(v_all[:, :, :160].transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    _attention_both(q, k, v, 120, 64, 50.0)
+
+
+# (dtype, B, H, H_kv, L, S, D, q_offset, window, budget): test_kernels' PLAN_CASES, smaller.
+PLAN_CASES = [
+    (F32, 1, 4, 2, 64, 300, 64, 236, None, 48),
+    (F32, 2, 4, 2, 37, 333, 64, 296, 40, 48),
+    (F32, 1, 8, 4, 1, 517, 256, 516, None, 48),
+    (F32, 2, 2, 1, 1, 200, 64, 199, 64, 48),
+    (F32, 1, 4, 2, 20, 40, 64, 20, None, 48),
+    (BF16, 1, 4, 4, 33, 1200, 64, 1167, None, 160),
+    (F16, 1, 2, 1, 16, 129, 128, 113, None, 32),
+]
+
+
+@pytest.mark.parametrize("dtype,B,H,H_kv,L,S,D,off,window,budget", PLAN_CASES)
+def test_plan_kernels(metal, dtype, B, H, H_kv, L, S, D, off, window, budget):
+    """block_scores then select_keys (two launches on Metal): the reference's selection."""
+    q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
+    config = small_config(budget=budget)
+    table = _table(k, config)
+    ref = select_chunks(q, table, config, q_offset=off, window=window)
+    out = kernels.select_chunks(q, table, config, q_offset=off, window=window)
+    assert kernels.last_plan_path == "kernel"
+    assert _launched(metal) == ["block_scores", "select_keys"]
+    assert mx.array_equal(out.n_valid, ref.n_valid)
+    assert mx.array_equal(out.indices, ref.indices)
+
+
+def test_plan_kernels_ties_in_key_order(metal):
+    """Equal scores: chunks are taken in key order (test_kernels' tie case)."""
+    k = mx.ones((1, 2, 300, 64))
+    q = mx.ones((1, 4, 16, 64))
+    config = small_config(summary="mean")
+    out = kernels.select_chunks(q, _table(k, config), config, q_offset=284, window=None)
+    ref = select_chunks(q, _table(k, config), config, q_offset=284, window=None)
+    assert mx.array_equal(out.n_valid, ref.n_valid)
+    assert mx.array_equal(out.indices, ref.indices)
+
+
+@pytest.mark.parametrize("dtype,S,D", [(F32, 37, 64), (BF16, 300, 256)])
+def test_chunk_scores_kernel(metal, dtype, S, D):
+    from mlx_dhsa.chunking import chunk_boundaries, chunk_summaries
+    from mlx_dhsa.selection import block_queries, chunk_scores
+
+    _, k, _ = make_qkv(B=2, H_kv=2, L=8, S=S, D=D)
+    q = mx.random.normal((2, 4, S, D))
+    k = k.astype(dtype)
+    config = small_config()
+    chunks = chunk_boundaries(k, config)
+    qb = block_queries(q, config.block_size)
+    ref_summaries = chunk_summaries(k, chunks)
+    _close(kernels.chunk_summaries(k, chunks), ref_summaries)
+    _close(kernels.chunk_scores(qb, k, chunks), chunk_scores(qb, ref_summaries))
+    assert kernels.last_path == "kernel"
+
+
+def test_generated_source_is_mlx_s(emulator):
+    """The emulator compiles the text MLX generates: equal to what MLX itself exported for
+    the same kernel, template and inputs (tests/kernel_builds.py), for every kernel."""
+    for name in (
+        "sparse_attention",
+        "decode_attention",
+        "merge_splits",
+        "block_scores",
+        "select_keys",
+        "chunk_scores",
+    ):
+        inputs, template, dtypes = instances(name, "metal")[-1]
+        header, source = kernels.kernel_source(name, "metal")
+        in_names, out_names = SIGNATURES[name]
+        _, text, _ = generate_source(
+            "dhsa_check",
+            in_names,
+            out_names,
+            source,
+            header,
+            [(x.dtype, x.size, x.ndim) for x in inputs],
+            template,
+            dtypes,
+        )
+        assert text == metal_source(name, inputs, template, dtypes) + "\n", name  # (cut there)
+
+
+# ---- the emulator itself: what it must catch ----------------------------------------------
+
+_HEADER = "#include <metal_stdlib>\nusing namespace metal;\n"
+
+
+def _run(
+    emu,
+    source,
+    inputs,
+    out_shape,
+    out_dtype=mx.float32,
+    grid=(64, 1, 1),
+    threadgroup=(64, 1, 1),
+    names=("x",),
+):
+    kernel = emu.metal_kernel("emu_test", list(names), ["out"], source, header=_HEADER)
+    return kernel(
+        inputs=inputs,
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[out_shape],
+        output_dtypes=[out_dtype],
+    )[0]
+
+
+_NEIGHBOUR = """
+threadgroup float s[64];
+const uint i = thread_position_in_threadgroup.x;
+s[i] = x[i];
+{barrier}
+out[i] = s[63 - i];
+"""
+
+
+def test_missing_barrier_is_caught(emulator):
+    """Threads run as fibers up to their next barrier: a read of other threads' shared
+    memory without one sees the poison (NaN), not their values."""
+    x = mx.arange(64, dtype=mx.float32)
+    ok = _run(
+        emulator,
+        _NEIGHBOUR.format(barrier="threadgroup_barrier(mem_flags::mem_threadgroup);"),
+        [x],
+        (64,),
+    )
+    assert mx.array_equal(ok, x[::-1])
+    bad = _run(emulator, _NEIGHBOUR.format(barrier=""), [x], (64,))
+    assert mx.isnan(bad).any().item()
+
+
+def test_portable_fibers(tmp_path):
+    """The ucontext fibers (used off x86-64 Linux, e.g. on a Mac) give the same answers."""
+    emu = MetalEmulator(tmp_path, defines=("EMU_UCONTEXT",))
+    x = mx.arange(64, dtype=mx.float32)
+    src = _NEIGHBOUR.format(barrier="threadgroup_barrier(mem_flags::mem_threadgroup);")
+    out = _run(emu, src + "out[i] += simd_shuffle_xor(x[i], ushort(1));", [x], (64,))
+    assert mx.array_equal(out, x[::-1] + (mx.arange(64) ^ 1).astype(mx.float32))
+
+
+def test_out_of_bounds_and_limits_are_errors(emulator):
+    x = mx.arange(64, dtype=mx.float32)
+    with pytest.raises(EmulatorError, match="out-of-bounds access to device buffer 'x'"):
+        _run(emulator, "out[0] = x[thread_position_in_grid.x + 1];", [x], (64,))
+    with pytest.raises(EmulatorError, match="out-of-bounds access to device buffer 'out'"):
+        _run(emulator, "out[thread_position_in_grid.x + 64] = x[0];", [x], (64,))
+    with pytest.raises(EmulatorError, match="threadgroup memory of 32772 bytes"):
+        _run(emulator, "threadgroup float s[8193]; s[0] = 0; out[0] = x[0];", [x], (64,))
+    with pytest.raises(ValueError, match="greater than"):
+        _run(emulator, "out[0] = x[0];", [x], (64,), grid=(2048, 1, 1), threadgroup=(2048, 1, 1))
+    with pytest.raises(EmulatorError, match="threadgroup_barrier"):
+        _run(
+            emulator,
+            "if (thread_position_in_grid.x == 0) return;\n"
+            "threadgroup_barrier(mem_flags::mem_threadgroup); out[0] = x[0];",
+            [x],
+            (64,),
+        )
+
+
+def test_simd_lane_rules(emulator):
+    """shuffles by Metal's lane rules (up/down keep the edge lanes' own values), reductions
+    per simd-group, and a read of an inactive lane is an error."""
+    x = mx.arange(64, dtype=mx.float32)
+    src = """
+    const uint i = thread_position_in_grid.x;
+    const float v = x[i];
+    out[i * 6 + 0] = simd_shuffle_xor(v, ushort(5));
+    out[i * 6 + 1] = simd_shuffle_down(v, ushort(3));
+    out[i * 6 + 2] = simd_shuffle_up(v, ushort(3));
+    out[i * 6 + 3] = simd_sum(v);
+    out[i * 6 + 4] = simd_max(v);
+    out[i * 6 + 5] = simd_broadcast(v, ushort(7));
+    """
+    out = np.array(_run(emulator, src, [x], (64 * 6,))).reshape(64, 6)
+    i = np.arange(64)
+    lane, base = i % 32, i - i % 32
+    assert (out[:, 0] == base + (lane ^ 5)).all()
+    assert (out[:, 1] == np.where(lane + 3 < 32, i + 3, i)).all()
+    assert (out[:, 2] == np.where(lane >= 3, i - 3, i)).all()
+    assert (out[:, 3] == np.where(i < 32, sum(range(32)), sum(range(32, 64)))).all()
+    assert (out[:, 4] == base + 31).all()
+    assert (out[:, 5] == base + 7).all()
+    with pytest.raises(EmulatorError, match="reads lane 17, which is inactive"):
+        _run(
+            emulator,
+            "const uint i = thread_position_in_grid.x;\n"
+            "if (i % 32 < 16) { out[i] = simd_shuffle_xor(x[i], ushort(17)); }",
+            [x],
+            (64,),
+        )
+
+
+def test_simdgroup_matrix(emulator):
+    """8 x 8 simdgroup matrices: load (and transposed load) from device memory, multiply-
+    accumulate, store, against numpy; thread_elements follow MLX's fragment layout."""
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(3))
+    src = """
+    simdgroup_matrix<float, 8, 8> am, bm, cm, dm;
+    simdgroup_load(am, a, 8);
+    simdgroup_load(bm, b, 8, ulong2(0, 0), true);
+    simdgroup_load(cm, c, 8);
+    simdgroup_multiply_accumulate(dm, am, bm, cm);
+    simdgroup_store(dm, out, 8);
+    const uint l = thread_index_in_simdgroup;
+    const uint r = (l / 4 & 4) + (l / 2 % 4), col = (l / 4 & 2) * 2 + (l % 2) * 2;
+    out[64 + r * 8 + col] = am.thread_elements()[0];
+    out[64 + r * 8 + col + 1] = am.thread_elements()[1];
+    """
+    ins = [mx.array(a), mx.array(b), mx.array(c)]
+    out = np.array(
+        _run(
+            emulator,
+            src,
+            ins,
+            (128,),
+            grid=(32, 1, 1),
+            threadgroup=(32, 1, 1),
+            names=("a", "b", "c"),
+        )
+    )
+    np.testing.assert_allclose(out[:64].reshape(8, 8), a @ b.T + c, rtol=1e-5, atol=1e-5)
+    assert (out[64:].reshape(8, 8) == a).all()
+
+
+def test_half_and_bfloat_round_to_nearest_even(emulator):
+    """float -> half / bfloat conversions (ties, subnormals, overflow, nan) as MLX's."""
+    vals = [
+        0.0,
+        -0.0,
+        1.0,
+        1.0 + 2**-11,
+        1.0 + 3 * 2**-11,
+        65504.0,
+        65520.0,
+        1e6,
+        2**-24,
+        2**-25,
+        3 * 2**-26,
+        6e-8,
+        1.0 + 2**-8,
+        1.0 + 3 * 2**-8,
+        3.0e38,
+        -7.25,
+        np.inf,
+        np.nan,
+        0.1,
+        1 / 3,
+    ]
+    x = mx.array(np.array(vals, np.float32))
+    n = len(vals)
+    for dtype in (mx.float16, mx.bfloat16):
+        kernel = emulator.metal_kernel(
+            "emu_round",
+            ["x"],
+            ["out"],
+            "out[thread_position_in_grid.x] = " "T(x[thread_position_in_grid.x]);",
+            header=_HEADER,
+        )
+        out = kernel(
+            inputs=[x],
+            template=[("T", dtype)],
+            grid=(n, 1, 1),
+            threadgroup=(32, 1, 1),
+            output_shapes=[(n,)],
+            output_dtypes=[dtype],
+        )[0]
+        expect = x.astype(dtype)
+        same = (out == expect) | (mx.isnan(out) & mx.isnan(expect))
+        assert same.all().item(), (dtype, out, expect)
+
+
+# ---- planted bugs in the Metal prelude: the tests above must see them ---------------------
+
+_PLANTED = {
+    # dhsa_row_sum pairs accumulator lanes differing in bit 3 (8) and bit 0: bit 2 is wrong.
+    "wrong shuffle lane": ("return v + dhsa_shfl_xor(v, 8);", "return v + dhsa_shfl_xor(v, 4);"),
+    # Threadgroup barriers that do nothing.
+    "missing barrier": (
+        "#define DHSA_BARRIER() metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup)",
+        "#define DHSA_BARRIER()",
+    ),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(_PLANTED))
+def test_a_planted_prelude_bug_is_caught(metal, monkeypatch, bug):
+    """The prelude with one planted bug: the emulated attention no longer matches."""
+    old, new = _PLANTED[bug]
+    source = kernels.kernel_source
+
+    def planted(name, backend):
+        header, body = source(name, backend)
+        assert old in header
+        return header.replace(old, new), body
+
+    monkeypatch.setattr(kernels, "kernel_source", planted)
+    emulate_metal(monkeypatch, metal)  # build again from the planted source
+    q, k, v = make_qkv(H=4, H_kv=2, L=17, S=80, D=64)
+    with pytest.raises(AssertionError, match="max error"):
+        mask = key_mask(63, 17, 80, None)
+        out = kernels.dense_attention(q, k, v, scale=SCALE, softcap=None, q_offset=63)
+        _close(out, reference.dense_attention(q, k, v, scale=SCALE, mask=mask))
