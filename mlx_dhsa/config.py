@@ -4,6 +4,8 @@ from pathlib import Path
 BOUNDARY_METHODS = ("shift", "fixed", "learned")
 SUMMARIES = ("sqrt", "mean")
 HEAD_SCORES = ("mean", "max")
+LOCAL_MODES = ("window", "recent")
+SCORINGS = ("paper", "softmax", "softmax_spread")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,15 @@ class DHSAConfig:
     sliding_window: bool = True  # honour the model's sliding window on its sliding layers
     use_kernel: bool = True  # use the GPU kernels when a GPU backend is present
     method: str = "dhsa"  # planner (planners.PLANNERS): dhsa, block_sparse, streaming, oracle
+    # "window": keep [q0 - local, q1] (local keys before the block, plus the block);
+    # "recent": keep the last max(local, block) keys up to q1 (the paper's code: local counts
+    # the block's own keys). Applies to every planner that scores chunks.
+    local_mode: str = "window"
+    # Chunk ranking of method="dhsa": "paper" = q_b . k_c with `summary` and `head_scores`;
+    # "softmax" = estimated attention mass per key, per head and query group, normalised over
+    # chunks (mlx_dhsa.scoring); "softmax_spread" adds the chunk's key spread to its logit.
+    scoring: str = "paper"
+    query_groups: int = 1  # scoring="softmax*": representatives per query block and head
 
     def __post_init__(self):
         for name in ("budget", "block_size", "boundary_window", "min_chunk", "target_chunk"):
@@ -61,6 +72,19 @@ class DHSAConfig:
             raise ValueError(
                 f"DHSAConfig.head_scores must be one of {HEAD_SCORES}, got {self.head_scores!r}"
             )
+        for name, choices in (("local_mode", LOCAL_MODES), ("scoring", SCORINGS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"DHSAConfig.{name} (--{name.replace('_', '-')}) must be one of {choices}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if not isinstance(self.query_groups, int) or isinstance(self.query_groups, bool) or not (
+            0 < self.query_groups <= self.block_size and self.block_size % self.query_groups == 0
+        ):
+            raise ValueError(
+                "DHSAConfig.query_groups (--query-groups) must be a positive integer dividing "
+                f"block_size ({self.block_size}), got {self.query_groups!r}"
+            )
         if self.summary not in SUMMARIES:
             raise ValueError(f"DHSAConfig.summary must be one of {SUMMARIES}, got {self.summary!r}")
         if self.boundaries == "learned" and self.predictor_path is None:
@@ -77,10 +101,13 @@ class DHSAConfig:
                 f"DHSAConfig.method must be one of {sorted(PLANNERS)}, got {self.method!r}"
             )
         forced = self.sink + self.local + self.block_size
+        if self.local_mode == "recent":
+            forced = self.sink + max(self.local, self.block_size)
         if self.budget < forced:
+            what = "local + block_size" if self.local_mode == "window" else "max(local, block_size)"
             raise ValueError(
-                f"DHSAConfig.budget ({self.budget}) must be at least sink + local + block_size "
-                f"({self.sink} + {self.local} + {self.block_size} = {forced}): those keys are "
+                f"DHSAConfig.budget (--budget {self.budget}) must be at least sink + {what} "
+                f"({self.sink}, {self.local}, {self.block_size}: {forced}): those keys are "
                 "always kept. Raise the budget or lower sink/local/block_size."
             )
         if self.min_chunk < self.boundary_window:
@@ -118,6 +145,22 @@ class DHSAConfig:
     def chunk_limit(self) -> int:
         """The longest chunk allowed (``max_chunk`` or ``4 * block_size``)."""
         return self.max_chunk if self.max_chunk is not None else 4 * self.block_size
+
+    @classmethod
+    def paper(cls, budget: int = 2048, **overrides) -> "DHSAConfig":
+        """The paper's released configuration (design.md section 3), ``overrides`` on top.
+
+        Its local window is the block's own 128 keys (``local_mode="recent"``), inputs of at
+        most ``budget`` keys run dense, decode is dense (the released code has none), chunks
+        are ranked by ``q_b . mean(k) x sqrt(n)``.
+        """
+        return cls(**{**dict(
+            budget=budget, block_size=128, sink=128, local=128, local_mode="recent",
+            dense_tail=64, dense_below=budget, decode_dense_below=None, boundaries="shift",
+            summary="sqrt", head_scores="mean", scoring="paper", query_groups=1,
+            boundary_window=4, nms_window=8, min_chunk=8, target_chunk=32, max_chunk=None,
+            boundary_threshold=None, share_boundaries=True, method="dhsa",
+        ), **overrides})  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> "DHSAConfig":

@@ -512,6 +512,7 @@ def _plan_ok(queries: mx.array, table: ChunkTable, config: DHSAConfig) -> bool:
     D = queries.shape[-1]
     return (
         config.head_scores == "mean"
+        and config.local_mode == "window"  # "recent": the reference plans (not in the kernels)
         and queries.dtype in (mx.float32, mx.float16, mx.bfloat16)
         and queries.dtype == table.keys.dtype
         and D % 32 == 0

@@ -23,6 +23,7 @@ from . import kernels
 from .cache import DHSACache
 from .chunking import Chunks
 from .reference import _logits, _masked_softmax
+from .scoring import mass_scores
 from .selection import (
     Plan,
     _block_ranges,
@@ -54,6 +55,9 @@ def plan_dhsa(attn, queries: mx.array, keys: mx.array, *, offset: int, window, c
         Plan: (B, ceil(L / block_size), budget) key indices.
     """
     table = attn.chunk_view(keys, cache)
+    if attn.config.scoring != "paper":
+        return plan_dhsa_mass(attn.config, table, queries, offset=offset, window=window,
+                              scale=attn.scale)  # fmt: skip
     # A layer's decode steps plan one after another: one set of counters (kernels.select_chunks).
     tickets = None
     if queries.shape[2] == 1 and isinstance(cache, DHSACache):
@@ -62,6 +66,15 @@ def plan_dhsa(attn, queries: mx.array, keys: mx.array, *, offset: int, window, c
         queries, table, attn.config, q_offset=offset, window=window,
         use_kernel=attn.config.use_kernel, tickets=tickets,
     )
+
+
+def plan_dhsa_mass(config, table, queries: mx.array, *, offset: int, window, scale: float) -> Plan:
+    """DHSA with ``scoring="softmax*"``: chunks ranked by estimated attention mass per key
+    (``scoring.mass_scores``), pure MLX (the planning kernels implement ``"paper"`` only)."""
+    chunks, _ = table.materialize()
+    scores = mass_scores(queries, table.keys, chunks, config, q_offset=offset, scale=scale)
+    return select(scores, chunks, config, n_queries=queries.shape[2], q_offset=offset,
+                  window=window)  # fmt: skip
 
 
 def fixed_blocks(S: int, B: int, size: int) -> Chunks:
