@@ -47,8 +47,8 @@ SETTINGS = {
     "sparse": {"decode_dense_below": 0},
 }
 QUICK = dict(models="gemma-3-270m", contexts="2048", budgets="512", task_budgets="512",
-             samples=6, mass_samples=1, n_decode=4, ppl_context=2048, ppl_windows=1,
-             tasks="niah,multikey")  # fmt: skip
+             methods="dhsa,block_sparse", settings="sparse", samples=4, mass_samples=1,
+             n_decode=4, ppl_context=2048, ppl_windows=1, tasks="niah,multikey")  # fmt: skip
 
 
 def ints(text: str, flag: str) -> list[int]:
@@ -86,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=20, help="samples per task and context")
     p.add_argument("--mass-samples", type=int, default=2, help="prompts per context for mass")
     p.add_argument("--n-decode", type=int, default=16, help="decode positions per mass prompt")
+    p.add_argument("--ppl-budgets", default=None, help="budgets of perplexity (default: tasks')")
     p.add_argument("--ppl-context", type=int, default=4096)
     p.add_argument("--ppl-windows", type=int, default=4, help="0 skips perplexity")
     p.add_argument("--seed", type=int, default=0)
@@ -116,6 +117,9 @@ def parse_args(argv=None):
     args.budgets = ints(args.budgets, "--budgets")
     args.task_budgets = (
         ints(args.task_budgets, "--task-budgets") if args.task_budgets else args.budgets
+    )
+    args.ppl_budgets = (
+        ints(args.ppl_budgets, "--ppl-budgets") if args.ppl_budgets else args.task_budgets
     )
     args.settings = [s for s in args.settings.split(",") if s]
     args.tasks = [t for t in args.tasks.split(",") if t]
@@ -192,7 +196,7 @@ def run_model(model_name: str, args, log, deadline: float) -> None:
         unpatch(model)
         run_perplexity(model, windows, method="dense", log=tag)
         for m, config in methods.items():
-            for b in args.task_budgets:
+            for b in args.ppl_budgets:
                 patch(model, config.replace(budget=b))
                 run_perplexity(model, windows, method=f"{m}@{b}", log=tag)
                 unpatch(model)

@@ -161,3 +161,49 @@ def dhsa_layers_of(model):
     layers = dhsa_layers(model)
     unpatch(model)
     return layers
+
+
+def test_report_renders_tables_and_plot_from_rows(tmp_path):
+    from mlx_dhsa.evaluation.report import render
+
+    rows = [dict(kind="meta", environment={"device": "cpu"}),
+            dict(kind="model", model="m", dtype="float32")]  # fmt: skip
+    for method, base in (("dhsa@512", 0.8), ("key_oracle@512", 0.9)):
+        for ctx in (1024, 2048):
+            rows.append(dict(kind="mass", model="m", method=method, budget=512, layer=0,
+                             phase="prefill", context=ctx, prompt=0, setting="sparse",
+                             shares=[base, base + 0.02]))  # fmt: skip
+    for method, setting, scores in (
+        ("dense", "-", [1, 1, 0, 1]),
+        ("dhsa@512", "sparse", [1, 0, 0, 1]),
+    ):
+        for i, s in enumerate(scores):
+            rows.append(dict(kind="task", model="m", method=method, setting=setting, task="niah",
+                             context=1024, index=i, score=s))  # fmt: skip
+    seg = [[2.0, 2.1, 2.2, 2.3]]
+    rows.append(dict(kind="ppl", model="m", method="dense", context=512, segment_nll=seg, ppl=8.0))
+    rows.append(dict(kind="ppl", model="m", method="dhsa@512", context=512,
+                     segment_nll=[[x + 0.01 for x in seg[0]]], ppl=8.1))  # fmt: skip
+    text = render(tmp_path, rows)
+    assert "| m | sparse | prefill | dhsa@512 | 0.810" in text
+    assert "-0.250" in text  # paired difference to dense on the same samples
+    assert "+1.0%" in text  # exp(0.01) - 1
+    assert (tmp_path / "mass.png").stat().st_size > 1000
+    assert (tmp_path / "results.md").read_text() == text
+
+
+def test_driver_rejects_bad_flags():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / "eval_accuracy.py"
+    spec = importlib.util.spec_from_file_location("eval_accuracy", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for argv, words in ((["--contexts", "2k"], "--contexts takes"),
+                        (["--methods", "bogus"], "--methods: unknown"),
+                        (["--settings", "fast"], "--settings: unknown")):  # fmt: skip
+        with pytest.raises(SystemExit, match=words):
+            script.parse_args([*argv, "--out", "x"])
+    args = script.parse_args(["--quick", "--out", "x"])
+    assert args.contexts == [2048] and args.budgets == [512] and args.settings == ["sparse"]
