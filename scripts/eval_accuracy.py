@@ -79,6 +79,14 @@ def parse_args(argv=None):
         "dense always runs",
     )
     p.add_argument("--contexts", default="2048,4096")
+    p.add_argument("--task-methods", default=None, help="methods of tasks (default: --methods)")
+    p.add_argument("--task-contexts", default=None, help="contexts of tasks (default: --contexts)")
+    p.add_argument(
+        "--mass-max-layers",
+        type=int,
+        default=None,
+        help="diagnose at most this many patched layers, evenly spaced (default: all)",
+    )
     p.add_argument("--budgets", default="512,1024", help="budgets of the mass diagnostic")
     p.add_argument("--task-budgets", default=None, help="budgets of the tasks (default: --budgets)")
     p.add_argument("--settings", default="default,sparse", help=f"of {', '.join(SETTINGS)}")
@@ -115,6 +123,10 @@ def parse_args(argv=None):
         args.models = args.model
     args.contexts = ints(args.contexts, "--contexts")
     args.budgets = ints(args.budgets, "--budgets")
+    args.task_contexts = (
+        ints(args.task_contexts, "--task-contexts") if args.task_contexts else args.contexts
+    )
+    args.task_methods = args.task_methods or args.methods
     args.task_budgets = (
         ints(args.task_budgets, "--task-budgets") if args.task_budgets else args.budgets
     )
@@ -127,7 +139,7 @@ def parse_args(argv=None):
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
         raise SystemExit(f"--settings: unknown {unknown}; choose from {', '.join(SETTINGS)}")
-    for name in (m for m in args.methods.split(",") if m):
+    for name in (m for m in f"{args.methods},{args.task_methods}".split(",") if m):
         if name not in METHODS or METHODS[name] is None:
             raise SystemExit(f"--methods: unknown sparse method {name!r}; choose from "
                              f"{', '.join(m for m in METHODS if METHODS[m] is not None)}")  # fmt: skip
@@ -186,6 +198,7 @@ def run_model(model_name: str, args, log, deadline: float) -> None:
     task_ids, held_out = split_tokens(ids)
     base = DHSAConfig(use_kernel=args.use_kernel)
     methods = {m: base.replace(**METHODS[m]) for m in args.methods.split(",") if m}
+    task_methods = {m: base.replace(**METHODS[m]) for m in args.task_methods.split(",") if m}
 
     def tag(row):
         return log({**row, "model": name})
@@ -195,31 +208,36 @@ def run_model(model_name: str, args, log, deadline: float) -> None:
                                    tokenizer.bos_token_id, args.seed)  # fmt: skip
         unpatch(model)
         run_perplexity(model, windows, method="dense", log=tag)
-        for m, config in methods.items():
+        for m, config in task_methods.items():
             for b in args.ppl_budgets:
                 patch(model, config.replace(budget=b))
                 run_perplexity(model, windows, method=f"{m}@{b}", log=tag)
                 unpatch(model)
-    for context in args.contexts:
+    order = args.contexts + [c for c in args.task_contexts if c not in args.contexts]
+    for context in order:
         if time.perf_counter() > deadline:
             print(f"time budget spent: skipping {name} from context {context}", flush=True)
             break
         samples = build_samples(tokenizer, task_ids, tasks=args.tasks, contexts=[context],
                                 n=args.samples, seed=args.seed)  # fmt: skip
-        if "mass" not in args.skip and args.mass_samples:
+        if "mass" not in args.skip and args.mass_samples and context in args.contexts:
             prompts = [s.prompt for s in samples if s.task in ("multikey", "niah")]
             prompts = (prompts or [s.prompt for s in samples])[: args.mass_samples]
             configs = {m: c.replace(decode_dense_below=0) for m, c in methods.items()}
             run_mass(model, prompts, mass_configs(configs, args.budgets),
                      settings={s: SETTINGS[s] for s in args.settings}, n_decode=args.n_decode,
-                     context=context, log=tag)  # fmt: skip
-        if "tasks" in args.skip:
+                     context=context, max_layers=args.mass_max_layers, log=tag)  # fmt: skip
+        if "tasks" in args.skip or context not in args.task_contexts:
             continue
         unpatch(model)
         run_tasks(model, tokenizer, samples, method="dense", setting="-", log=tag)
         for setting in args.settings:
-            for m, config in methods.items():
+            for m, config in task_methods.items():
                 for b in args.task_budgets:
+                    if time.perf_counter() > deadline:
+                        print(f"time budget spent: skipping {name} {setting} {m}@{b} tasks at "
+                              f"{context}", flush=True)  # fmt: skip
+                        continue
                     patch(model, config.replace(budget=b, **SETTINGS[setting]))
                     run_tasks(model, tokenizer, samples, method=f"{m}@{b}", setting=setting,
                               log=tag)  # fmt: skip

@@ -108,7 +108,11 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     from matplotlib.figure import Figure
 
     panels = sorted({(r["model"], r["phase"]) for r in mass})
-    fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
+    names = sorted({r["method"].rsplit("@", 1)[0] for r in mass})
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    budgets = sorted({_budget(r["method"]) for r in mass})
+    styles = {b: ("-", "--", ":", "-.")[i % 4] for i, b in enumerate(budgets)}
+    fig = Figure(figsize=(4.2 * len(panels) + 2.2, 4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (model, phase) in zip(axes, panels):
         sel = [r for r in mass if (r["model"], r["phase"]) == (model, phase)]
@@ -116,13 +120,19 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             ctx = sorted({r["context"] for r in sel if r["method"] == method})
             ys = [bootstrap([s for r in sel if r["method"] == method and r["context"] == c
                              for s in r["shares"]]) for c in ctx]  # fmt: skip
+            name = method.rsplit("@", 1)[0]
             ax.errorbar(ctx, [y.mean for y in ys], yerr=[[y.mean - y.lo for y in ys],
-                        [y.hi - y.mean for y in ys]], marker="o", capsize=3, label=method)  # fmt: skip
+                        [y.hi - y.mean for y in ys]], marker="o", capsize=3,
+                        color=colors[name], linestyle=styles[_budget(method)])  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("share of attention mass kept")
         ax.set_title(f"{model}: {phase}")
-    axes[-1].legend(fontsize=7)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[n], marker="o", label=n) for n in names]
+    handles += [Line2D([], [], color="k", linestyle=styles[b], label=f"budget {b}") for b in budgets]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8)
     fig.savefig(path, dpi=110)
     return path
 

@@ -79,11 +79,13 @@ def run_perplexity(
 def run_mass(
     model: nn.Module, prompts: Sequence[list[int]], configs: dict[str, DHSAConfig | None], *,
     settings: dict[str, dict], n_decode: int, context: int, log: Callable[[dict], None],
+    max_layers: int | None = None,
 ) -> list[dict]:  # fmt: skip
     """Attention mass kept by each config's plans (and the key oracle) on every prompt.
 
     Decode steps are single-query plans at ``n_decode`` evenly spaced positions of the
-    prompt's second half. Plans are made once; each setting (name -> config overrides, e.g.
+    prompt's second half; ``max_layers`` keeps that many patched layers, evenly spaced.
+    Plans are made once; each setting (name -> config overrides, e.g.
     ``decode_dense_below``) then counts a call that it would run dense (``dense_limit``;
     decode: ``sparse_decode_at``) as keeping everything, as the patched model does.
     """
@@ -92,7 +94,11 @@ def run_mass(
         S = len(prompt)
         step = max(1, (S - S // 2) // max(n_decode, 1))
         positions = list(range(S - 1, S // 2, -step))[:n_decode]
-        for layer in capture(model, prompt):
+        layers = capture(model, prompt)
+        if max_layers is not None and len(layers) > max_layers:
+            step = len(layers) / max_layers
+            layers = [layers[int(j * step)] for j in range(max_layers)]
+        for layer in layers:
             for r in layer_mass(layer, configs, decode_positions=positions):
                 for setting, overrides in settings.items():
                     config = configs[r.method]
