@@ -81,9 +81,10 @@ class DHSAConfig:
                     f"DHSAConfig.{name} (--{name.replace('_', '-')}) must be one of {choices}, "
                     f"got {getattr(self, name)!r}"
                 )
-        if not isinstance(self.query_groups, int) or isinstance(self.query_groups, bool) or not (
-            0 < self.query_groups <= self.block_size and self.block_size % self.query_groups == 0
-        ):
+        groups = self.query_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+            groups = None
+        if groups is None or groups > self.block_size or self.block_size % groups:
             raise ValueError(
                 "DHSAConfig.query_groups (--query-groups) must be a positive integer dividing "
                 f"block_size ({self.block_size}), got {self.query_groups!r}"

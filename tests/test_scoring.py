@@ -151,3 +151,29 @@ def test_paper_config_is_the_released_one():
     )
     assert paper.dense_limit == paper.budget and paper.decode_dense_below is None
     assert DHSAConfig.paper(budget=1024).dense_limit == 1024
+
+
+def test_kernels_leave_unimplemented_options_to_the_reference_planner():
+    """The planning kernels implement local_mode="window" and scoring="paper" only: other
+    values must plan with the pure-MLX reference (kernels._plan_ok), and the new defaults
+    (8-key chunks, plain mean, 16 sinks) must stay within the kernels' interval limit."""
+    from mlx_dhsa import kernels
+    from mlx_dhsa.cache import ClosedChunks, ClosedSummaries
+    from mlx_dhsa.selection import _max_chunks_taken
+
+    config = DHSAConfig(budget=512)
+    q, k, _ = make_qkv(H=4, H_kv=1, L=128, S=1024, D=64)
+    closed = ClosedChunks()
+    closed.sync(k, config)
+    table = ClosedSummaries().table(k, closed, config)
+    assert kernels._plan_ok(q, table, config)
+    assert not kernels._plan_ok(q, table, config.replace(local_mode="recent"))
+    for budget in (512, 1024, 2048):
+        assert _max_chunks_taken(DHSAConfig(budget=budget)) + 2 <= kernels._MAX_INTERVALS
+    # scoring="softmax*" plans before the kernel dispatch, with or without use_kernel.
+    attn_k = _attn(small_config(scoring="softmax_spread", use_kernel=True))
+    attn_r = _attn(small_config(scoring="softmax_spread", use_kernel=False))
+    q, k, _ = make_qkv(H=4, H_kv=2, L=40, S=120, D=16)
+    a = PLANNERS["dhsa"](attn_k, q, k, offset=80, window=None)
+    b = PLANNERS["dhsa"](attn_r, q, k, offset=80, window=None)
+    assert mx.array_equal(a.indices, b.indices) and mx.array_equal(a.n_valid, b.n_valid)

@@ -131,7 +131,9 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colors[n], marker="o", label=n) for n in names]
-    handles += [Line2D([], [], color="k", linestyle=styles[b], label=f"budget {b}") for b in budgets]
+    handles += [
+        Line2D([], [], color="k", linestyle=styles[b], label=f"budget {b}") for b in budgets
+    ]
     fig.legend(handles=handles, loc="outside right center", fontsize=8)
     fig.savefig(path, dpi=110)
     return path
