@@ -219,22 +219,23 @@ def capture(model: nn.Module, tokens: Sequence[int]) -> list[LayerQK]:
     The model is patched with a config that keeps every call dense (the attention output is
     dense attention's) and unpatched afterwards. Layer indices count the patched layers.
     """
-    from ..attention import DHSAAttention
-    from ..patching import patch, unpatch
+    from ..patching import dhsa_layers, patch, unpatch
 
     unpatch(model)
     patch(model, DHSAConfig(dense_below=1 << 30, decode_dense_below=None, use_kernel=False))
     recorder = _Recorder(model)
-    original = DHSAAttention.attend
 
-    def attend(self, queries, keys, values, **kwargs):
-        recorder(self, queries, keys)
-        return original(self, queries, keys, values, **kwargs)
+    def recording(attn):
+        def attend(queries, keys, values, **kwargs):
+            recorder(attn, queries, keys)
+            return type(attn).attend(attn, queries, keys, values, **kwargs)
 
-    DHSAAttention.attend = attend
+        return attend
+
     try:
+        for attn in dhsa_layers(model):  # patch the instances, not the class
+            object.__setattr__(attn, "attend", recording(attn))
         mx.eval(model.model(mx.array([int(t) for t in tokens])[None]))
     finally:
-        DHSAAttention.attend = original
         unpatch(model)
     return recorder.seen
