@@ -24,6 +24,7 @@ from .chunking import Chunks
 from .config import DHSAConfig
 from .plan import Plan
 from .reference import logits, masked_softmax
+from .scoring import mass_scores
 from .selection import (
     block_queries,
     block_ranges,
@@ -72,9 +73,20 @@ def plan_dhsa(
     Returns:
         Plan: (B, ceil(L / block_size), budget) key indices.
     """
+    if config.scoring != "paper":
+        return plan_dhsa_mass(config, table(), queries, offset=offset, window=window, scale=scale)
     return kernels.run_plan(
         launch, queries, table(), config, q_offset=offset, window=window, state=state
     )
+
+
+def plan_dhsa_mass(config, table, queries: mx.array, *, offset: int, window, scale: float) -> Plan:
+    """DHSA with ``scoring="softmax*"``: chunks ranked by estimated attention mass per key
+    (``scoring.mass_scores``), pure MLX (the planning kernels implement ``"paper"`` only)."""
+    chunks, _ = table.materialize()
+    scores = mass_scores(queries, table.keys, chunks, config, q_offset=offset, scale=scale)
+    return select(scores, chunks, config, n_queries=queries.shape[2], q_offset=offset,
+                  window=window)  # fmt: skip
 
 
 def fixed_blocks(S: int, B: int, size: int) -> Chunks:

@@ -60,6 +60,8 @@ def block_ranges(config: DHSAConfig, n_queries: int, q_offset: int, window: int 
     lo = mx.maximum(q0 - window + 1, 0) if window is not None else mx.zeros_like(q0)
     sink_end = mx.maximum(lo, mx.minimum(config.sink, q1 + 1))
     local_start = mx.maximum(mx.maximum(q0 - config.local, lo), sink_end)
+    if config.local_mode == "recent":  # the last `local` keys, the block's own included
+        local_start = mx.maximum(mx.maximum(mx.minimum(q0, q1 + 1 - config.local), lo), sink_end)
     return lo, sink_end, local_start, q1
 
 

@@ -3,11 +3,14 @@ import pytest
 from mlx_dhsa import DHSAConfig
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_papers_but_issue_16s_selection():
     c = DHSAConfig()
-    assert (c.budget, c.block_size, c.sink, c.local, c.dense_tail) == (2048, 128, 128, 128, 64)
-    assert (c.boundary_window, c.nms_window, c.min_chunk, c.target_chunk) == (4, 8, 8, 32)
-    assert c.chunk_limit == 4 * c.block_size and c.share_boundaries and c.dense_limit == 2 * c.budget
+    assert (c.budget, c.block_size, c.sink, c.local, c.dense_tail) == (2048, 128, 16, 128, 64)
+    assert (c.boundary_window, c.nms_window, c.min_chunk, c.target_chunk) == (4, 4, 4, 8)
+    assert (c.summary, c.scoring, c.local_mode) == ("mean", "paper", "window")
+    assert (
+        c.chunk_limit == 4 * c.block_size and c.share_boundaries and c.dense_limit == 2 * c.budget
+    )
 
 
 @pytest.mark.parametrize(
@@ -16,9 +19,9 @@ def test_defaults_are_the_papers():
         (dict(budget=0), "budget must be a positive integer, got 0"),
         (dict(block_size=-1), "block_size must be a positive integer"),
         (dict(sink=-3), "sink must be a non-negative integer, got -3"),
-        (dict(budget=256), "budget (256) must be at least sink + local + block_size"),
+        (dict(budget=256), "budget (--budget 256) must be at least sink + local + block_size"),
         (dict(min_chunk=64), "min_chunk <= target_chunk <= max_chunk"),
-        (dict(max_chunk=16), "min_chunk <= target_chunk <= max_chunk"),
+        (dict(max_chunk=4, target_chunk=8), "min_chunk <= target_chunk <= max_chunk"),
         (dict(boundaries="magic"), "boundaries must be one of"),
         (dict(dense_below=-1), "dense_below must be >= 0"),
     ],

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 import typer
 
 from .chat import TRUNCATE_MODES
-from ..config import BOUNDARY_METHODS, HEAD_SCORES, SUMMARIES, DHSAConfig
+from ..config import BOUNDARY_METHODS, HEAD_SCORES, LOCAL_MODES, SCORINGS, SUMMARIES, DHSAConfig
 from ..evaluation.methods import parse_methods
 from ..planners import PLANNERS
 from .profiling import SHAPES
@@ -23,7 +23,9 @@ DHSA_OPTIONS = {
     "budget": "Keys kept per query block (N_b), sinks and local window included.",
     "block_size": "Queries per block; a block shares one key selection.",
     "sink": "First keys always kept.",
-    "local": "Keys right before each query block always kept.",
+    "local": "Recent keys always kept (see --local-mode).",
+    "local_mode": "'window': local keys before the block plus the block; 'recent': the last "
+    "max(local, block size) keys, the block included (the paper's code).",
     "dense_tail": "Last queries of each prefill call that attend to all keys.",
     "dense_below": "Run dense while the key count is at most this (default: 2 x budget).",
     "method": "Planner: dhsa or a baseline.",
@@ -31,6 +33,9 @@ DHSA_OPTIONS = {
     "predictor_path": "Boundary predictor weights (.safetensors) for --boundaries learned.",
     "summary": "Chunk summary: 'sqrt' (mean x sqrt(n), the paper's) or 'mean'.",
     "head_scores": "Chunk score: 'mean' (heads averaged, the paper's) or 'max' (best head).",
+    "scoring": "Chunk ranking: 'paper' (q_b . summary), 'softmax' (estimated attention mass "
+    "per key, per head) or 'softmax_spread' (plus the chunk's key spread; pure-MLX planner).",
+    "query_groups": "Query representatives per block and head for --scoring softmax*.",
     "boundary_window": "Keys averaged on each side of a gap to score it.",
     "target_chunk": "Average chunk length the boundaries aim at.",
     "min_chunk": "Shortest chunk.",
@@ -44,6 +49,8 @@ _CHOICES = {
     "method": tuple(PLANNERS),
     "summary": SUMMARIES,
     "head_scores": HEAD_SCORES,
+    "local_mode": LOCAL_MODES,
+    "scoring": SCORINGS,
 }
 
 

@@ -13,6 +13,14 @@ from ..config import DHSAConfig
 from ..patching import patch, unpatch
 from ..planners import PLANNERS
 
+# The paper's selection fields (DHSAConfig.paper()), without its dense thresholds, so that a
+# comparison changes only what is selected.
+PAPER_SELECTION = {
+    k: getattr(DHSAConfig.paper(), k)
+    for k in ("sink", "local", "local_mode", "summary", "scoring", "head_scores", "target_chunk",
+              "min_chunk", "nms_window", "boundary_window", "boundaries")
+}  # fmt: skip
+
 # name -> DHSAConfig overrides; None = the unpatched model (mlx-lm's own attention).
 METHODS: dict[str, dict | None] = {
     "dense": None,
@@ -20,6 +28,16 @@ METHODS: dict[str, dict | None] = {
     "dhsa_mean": {"method": "dhsa", "summary": "mean"},  # plain-mean chunk summaries
     "dhsa_maxhead": {"method": "dhsa", "head_scores": "max"},  # best head's score per chunk
     "dhsa_mean_maxhead": {"method": "dhsa", "summary": "mean", "head_scores": "max"},
+    # Issue 16: chunks ranked by estimated attention mass (plus key spread), pure-MLX planner.
+    "dhsa_softmax": {"method": "dhsa", "scoring": "softmax"},
+    "dhsa_spread": {"method": "dhsa", "scoring": "softmax_spread"},
+    # The selection of the paper's released code (its local window is the block itself).
+    "dhsa_paper": {"method": "dhsa", **PAPER_SELECTION},
+    # The defaults before issue 16 (32-key chunks, mean x sqrt(n), 128 sinks).
+    "dhsa_prev": {"method": "dhsa", **PAPER_SELECTION, "local_mode": "window"},
+    "oracle_prev": {"method": "oracle", **PAPER_SELECTION, "local_mode": "window"},
+    # Block-sparse as the issue measured it: 32-key blocks, 128 sinks.
+    "block_sparse_32": {"method": "block_sparse", **PAPER_SELECTION, "local_mode": "window"},
 }
 DEFAULT_METHODS = "dense,dhsa"
 
