@@ -26,7 +26,6 @@ from .chunking import (
 )
 from .config import DHSAConfig
 
-
 # Chunk slots are allocated this many at a time, so the compiled planner sees a new shape
 # (and re-traces) only every CAPACITY_STEP chunks, about 32k keys at the defaults.
 CAPACITY_STEP = 1024

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .config import DHSAConfig
 from .boundaries.predictor import load_predictor
+from .config import DHSAConfig
 
 
 @dataclass
@@ -102,7 +102,9 @@ def segment_chunks(keys: mx.array, config: DHSAConfig, *, offset: int = 0) -> Ch
     picks_per_seg = chunks_per_segment(config) - 1
     if config.boundaries == "fixed":
         step = config.target_chunk
-        picks = mx.broadcast_to(pos[None, :, step::step][..., :picks_per_seg], (B, n_seg, picks_per_seg))
+        picks = mx.broadcast_to(
+            pos[None, :, step::step][..., :picks_per_seg], (B, n_seg, picks_per_seg)
+        )
     else:
         p = pos % seg
         ok = (p >= config.min_chunk) & (seg - p >= config.min_chunk)
@@ -122,7 +124,9 @@ def segment_chunks(keys: mx.array, config: DHSAConfig, *, offset: int = 0) -> Ch
         picks = mx.where(good, order, seg) + pos[:, :1]  # unused picks: empty chunks at the end
     starts = mx.concatenate([mx.broadcast_to(pos[None, :, :1], (B, n_seg, 1)), picks], axis=-1)
     starts = mx.sort(starts, axis=-1)
-    ends = mx.concatenate([starts[..., 1:], mx.broadcast_to(pos[None, :, :1] + seg, (B, n_seg, 1))], -1)
+    ends = mx.concatenate(
+        [starts[..., 1:], mx.broadcast_to(pos[None, :, :1] + seg, (B, n_seg, 1))], -1
+    )
     return Chunks(
         starts=(starts + offset).reshape(B, -1).astype(mx.int32),
         lengths=(ends - starts).reshape(B, -1).astype(mx.int32),

@@ -6,7 +6,6 @@ Layers with a sliding window (Gemma3's local layers, Llama ``sliding_attention``
 mlx-lm's attention and cache: their window already bounds the cost.
 """
 
-
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -45,8 +44,11 @@ def patch_layers(layers: list, config: DHSAConfig, cls: type, is_global, window=
     for i, layer in enumerate(layers):
         if is_global(i, layer):
             layer.self_attn = cls.from_base(
-                layer.self_attn, config, window=None if window is None else window(i),
-                shared=shared, owner=owner,
+                layer.self_attn,
+                config,
+                window=None if window is None else window(i),
+                shared=shared,
+                owner=owner,
             )
             owner = False
 
@@ -55,8 +57,13 @@ def patch_gemma2(model: nn.Module, config: DHSAConfig) -> None:
     """DHSA on every Gemma2 layer, the even-index ones (sliding in HF Gemma2) with their
     window: mlx-lm's Gemma2 attends to every key there, which DHSA bounds."""
     size = getattr(model.args, "sliding_window", None) or GEMMA2_SLIDING_WINDOW
-    patch_layers(model.layers, config, DHSAAttention, lambda i, l: True,
-                 window=lambda i: size if i % 2 == 0 else None)
+    patch_layers(
+        model.layers,
+        config,
+        DHSAAttention,
+        lambda i, l: True,
+        window=lambda i: size if i % 2 == 0 else None,
+    )
 
 
 def patch_gemma3_text(model: nn.Module, config: DHSAConfig) -> None:

@@ -46,9 +46,7 @@ def patch(model: nn.Module, config: DHSAConfig | None = None, **overrides) -> nn
     config = (config or DHSAConfig()).replace(**overrides)
     model_type = getattr(model, "model_type", None)
     if model_type not in PATCHERS:
-        raise ValueError(
-            f"DHSA supports model types {sorted(PATCHERS)}, got {model_type!r}"
-        )
+        raise ValueError(f"DHSA supports model types {sorted(PATCHERS)}, got {model_type!r}")
     patched = dhsa_layers(model)
     if patched:
         if all(a.config == config for a in patched):

@@ -115,8 +115,9 @@ def block_means(keys: mx.array, size: int) -> mx.array:
     return kbar.reshape(B, n, size, D).sum(axis=2) / counts[:, None]
 
 
-def plan_block_sparse(queries: mx.array, keys: mx.array, *, config: DHSAConfig, offset: int,
-                      window: int | None, **_) -> Plan:
+def plan_block_sparse(
+    queries: mx.array, keys: mx.array, *, config: DHSAConfig, offset: int, window: int | None, **_
+) -> Plan:
     """Block-sparse baseline: fixed ``target_chunk``-key blocks scored by ``q_b . mean(k)``.
 
     Arguments and result as :func:`plan_dhsa`.
@@ -127,8 +128,9 @@ def plan_block_sparse(queries: mx.array, keys: mx.array, *, config: DHSAConfig, 
     return _select(config, scores, fixed_blocks(S, B, size), queries, offset, window)
 
 
-def plan_streaming(queries: mx.array, keys: mx.array, *, config: DHSAConfig, offset: int,
-                   window: int | None, **_) -> Plan:
+def plan_streaming(
+    queries: mx.array, keys: mx.array, *, config: DHSAConfig, offset: int, window: int | None, **_
+) -> Plan:
     """StreamingLLM baseline: the first ``sink`` keys and the ``budget - sink`` most recent
     keys up to the block's last query; nothing is scored.
 
@@ -198,9 +200,18 @@ def chunk_mass(
     return mx.concatenate(out, axis=1) if len(out) > 1 else out[0]
 
 
-def plan_oracle(queries: mx.array, keys: mx.array, *, config: DHSAConfig,
-                table: Callable[[], ChunkTable], offset: int, window: int | None, scale: float,
-                softcap: float | None, **_) -> Plan:
+def plan_oracle(
+    queries: mx.array,
+    keys: mx.array,
+    *,
+    config: DHSAConfig,
+    table: Callable[[], ChunkTable],
+    offset: int,
+    window: int | None,
+    scale: float,
+    softcap: float | None,
+    **_,
+) -> Plan:
     """Oracle top-k: DHSA's chunks ranked by true attention mass per key, ``m_bc / n_c``
     (builds L x S in groups). Ranking by total mass instead favours long chunks that use up
     the budget, and captured less attention than fixed blocks on gemma-3-270m.

@@ -95,7 +95,9 @@ def select(
     """
     B, NB, N_c = scores.shape
     K = config.budget
-    lo, sink_end, local_start, q1 = (x[:, None] for x in block_ranges(config, n_queries, q_offset, window))
+    lo, sink_end, local_start, q1 = (
+        x[:, None] for x in block_ranges(config, n_queries, q_offset, window)
+    )
     s, n = chunks.starts[:, None, :], chunks.lengths[:, None, :]  # (B, 1, N_c)
     # Chunk keys inside the free middle [sink_end, local_start) of each block.
     c0 = mx.maximum(s, sink_end)
@@ -181,7 +183,9 @@ def _select_fn(config: DHSAConfig, window: int | None, n_queries: int, segment: 
         lengths = mx.where(is_open, S - open_start, mx.where(slot < n_closed, lengths, 0))
         summaries = mx.where(is_open[:, None], open_summary, summaries)
         per_head = config.head_scores == "max"
-        scores = chunk_scores(block_queries(queries, config.block_size, per_head=per_head), summaries)
+        scores = chunk_scores(
+            block_queries(queries, config.block_size, per_head=per_head), summaries
+        )
         plan = select(scores, Chunks(starts, lengths, segment), config, n_queries=n_queries,
                       q_offset=q_offset, window=window)  # fmt: skip
         return plan.indices, plan.n_valid

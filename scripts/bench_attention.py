@@ -35,7 +35,11 @@ def _steps(L: int, step: int):
 
 def _mlx_lm(q, k, v, i, j):
     return reference.dense_attention(
-        q[:, :, i:j], k[:, :, :j], v[:, :, :j], scale=SCALE, softcap=SOFTCAP,
+        q[:, :, i:j],
+        k[:, :, :j],
+        v[:, :, :j],
+        scale=SCALE,
+        softcap=SOFTCAP,
         mask=key_mask(i, j - i, j, None),
     )
 
@@ -55,8 +59,9 @@ def _fused(q, k, v, i, j):
 def _plan(q, k, i, j, config):
     kj = k[:, :, :j]
     chunks = chunk_boundaries(kj, config)
-    scores = chunk_scores(block_queries(q[:, :, i:j], config.block_size),
-                          chunk_summaries(kj, chunks))
+    scores = chunk_scores(
+        block_queries(q[:, :, i:j], config.block_size), chunk_summaries(kj, chunks)
+    )
     return select(scores, chunks, config, n_queries=j - i, q_offset=i)
 
 
@@ -95,7 +100,11 @@ def bench(L: int, budgets, step: int, trials: int, methods) -> dict:
                 if (i, j) not in plans:
                     return _fused(q, k, v, i, j)
                 return kernels.sparse_attention(
-                    q[:, :, i:j], k[:, :, :j], v[:, :, :j], plans[(i, j)], scale=SCALE,
+                    q[:, :, i:j],
+                    k[:, :, :j],
+                    v[:, :, :j],
+                    plans[(i, j)],
+                    scale=SCALE,
                     softcap=SOFTCAP,
                 )
 
@@ -103,10 +112,17 @@ def bench(L: int, budgets, step: int, trials: int, methods) -> dict:
             row[f"dhsa_{K}"] = _timed(attend, steps, trials)
             row[f"dhsa_{K}_peak_gb"] = mx.get_peak_memory() / 1e9
             row[f"plan_{K}"] = _timed(
-                lambda i, j: (lambda p: [p.indices, p.n_valid])(_plan(q, k, i, j, config))
-                if j > K else mx.zeros(1), steps, trials)
-            kernel = kernels.attention_kernel((q.dtype,) * 3, D, H, H_KV, step, L,
-                                              config.block_size)
+                lambda i, j: (
+                    (lambda p: [p.indices, p.n_valid])(_plan(q, k, i, j, config))
+                    if j > K
+                    else mx.zeros(1)
+                ),
+                steps,
+                trials,
+            )
+            kernel = kernels.attention_kernel(
+                (q.dtype,) * 3, D, H, H_KV, step, L, config.block_size
+            )
             row["path"] = "reference" if kernel is None else "kernel"
     return row
 

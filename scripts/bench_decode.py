@@ -36,9 +36,12 @@ from mlx_dhsa.patching import dhsa_layers
 def decode_methods(config: mlx_dhsa.DHSAConfig) -> dict:
     """Method name -> (``set_method`` kind, config): dense, DHSA, DHSA with sparse decode
     forced at every length, and the floor."""
-    return {"dense": ("dense", config), "dhsa": ("dhsa", config),
-            "dhsa_sparse": ("dhsa", replace(config, decode_dense_below=0)),
-            "floor": ("floor", config)}
+    return {
+        "dense": ("dense", config),
+        "dhsa": ("dhsa", config),
+        "dhsa_sparse": ("dhsa", replace(config, decode_dense_below=0)),
+        "floor": ("floor", config),
+    }
 
 
 def fill(model, caches, S, dtype):
@@ -109,21 +112,34 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768, 65536, 131072])
     p.add_argument("--budget", type=int, default=mlx_dhsa.DHSAConfig().budget)
-    p.add_argument("--decode-dense-below", type=int,
-                   default=mlx_dhsa.DHSAConfig().decode_dense_below,
-                   help="keys below which DHSA decodes densely (0: sparse whenever S > 2 x budget)")
+    p.add_argument(
+        "--decode-dense-below",
+        type=int,
+        default=mlx_dhsa.DHSAConfig().decode_dense_below,
+        help="keys below which DHSA decodes densely (0: sparse whenever S > 2 x budget)",
+    )
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--trials", type=int, default=3, help="alternating dense/DHSA runs; medians")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--layers", type=int, default=None, help="fewer layers, for a smoke test")
-    p.add_argument("--model", default="gemma-2-2b", choices=sorted(SHAPES),
-                   help="architecture of the random-weight model (tiny: a smoke test)")
-    p.add_argument("--sparse", action="store_true",
-                   help="also decode with DHSA's sparse decode forced (decode_dense_below=0)")
-    p.add_argument("--floor", action="store_true",
-                   help="also decode with the attention scores skipped (bench_prefill's floor): "
-                        "the speed no attention method can beat")
+    p.add_argument(
+        "--model",
+        default="gemma-2-2b",
+        choices=sorted(SHAPES),
+        help="architecture of the random-weight model (tiny: a smoke test)",
+    )
+    p.add_argument(
+        "--sparse",
+        action="store_true",
+        help="also decode with DHSA's sparse decode forced (decode_dense_below=0)",
+    )
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also decode with the attention scores skipped (bench_prefill's floor): "
+        "the speed no attention method can beat",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dtype = getattr(mx, args.dtype)
@@ -169,8 +185,11 @@ def main():
         print(
             f"context={S:>7} dense={row['dense_tps']:7.1f} tok/s dhsa={row['dhsa_tps']:7.1f} tok/s "
             f"speedup={row['speedup']:.2f}x (paired {row['dhsa_paired']:.2f}x) path={row['path']}"
-            + (f" | sparse={row['dhsa_sparse_tps']:7.1f} tok/s ({row['dhsa_sparse_paired']:.2f}x)"
-               if args.sparse else "")
+            + (
+                f" | sparse={row['dhsa_sparse_tps']:7.1f} tok/s ({row['dhsa_sparse_paired']:.2f}x)"
+                if args.sparse
+                else ""
+            )
             + f" | sync dense="
             f"{row['dense_sync_tps']:.1f} dhsa={row['dhsa_sync_tps']:.1f} tok/s, build dense="
             f"{row['dense_build_ms']:.2f} dhsa={row['dhsa_build_ms']:.2f} ms | "
@@ -180,10 +199,16 @@ def main():
             flush=True,
         )
         if args.json:  # after every length, so a run cut short keeps what it measured
-            env = {"device": str(mx.default_device()), "info": mx.device_info(),
-                   "mlx": mx.__version__, "dtype": args.dtype, "config": asdict(config),
-                   "steps": args.steps, "trials": args.trials,
-                   "loop": "mlx_lm.generate.generate_step"}
+            env = {
+                "device": str(mx.default_device()),
+                "info": mx.device_info(),
+                "mlx": mx.__version__,
+                "dtype": args.dtype,
+                "config": asdict(config),
+                "steps": args.steps,
+                "trials": args.trials,
+                "loop": "mlx_lm.generate.generate_step",
+            }
             with open(args.json, "w") as f:
                 json.dump({"env": env, "rows": rows}, f, indent=2, default=str)
 

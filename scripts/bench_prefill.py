@@ -54,12 +54,18 @@ def prefill(model, make_cache, n: int, vocab: int) -> dict:
 
     tic = time.perf_counter()
     seconds = None
-    for _ in generate_step(prompt, model, prompt_cache=cache, max_tokens=1,
-                           prompt_progress_callback=progress):
+    for _ in generate_step(
+        prompt, model, prompt_cache=cache, max_tokens=1, prompt_progress_callback=progress
+    ):
         seconds = time.perf_counter() - tic
     mx.synchronize()
-    row = {"seconds": seconds, "peak_gb": mx.get_peak_memory() / 1e9, "path": attention_path(model),
-           "base_gb": base / 1e9, "peak_gb_steps": steps}
+    row = {
+        "seconds": seconds,
+        "peak_gb": mx.get_peak_memory() / 1e9,
+        "path": attention_path(model),
+        "base_gb": base / 1e9,
+        "peak_gb_steps": steps,
+    }
     del cache
     mx.clear_cache()
     return row
@@ -70,14 +76,21 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--methods", nargs="+", default=["dense", "dhsa", "streaming", "floor"])
     p.add_argument("--trials", type=int, default=1, help="runs per length (the minimum is kept)")
-    p.add_argument("--trials-up-to", type=int, default=1 << 30,
-                   help="longer prompts run once")
+    p.add_argument("--trials-up-to", type=int, default=1 << 30, help="longer prompts run once")
     p.add_argument("--warmup", type=int, default=8192, help="warm-up prompt length")
-    p.add_argument("--model", default="gemma-2-2b", choices=sorted(SHAPES),
-                   help="architecture of the random-weight model (tiny: a smoke test)")
+    p.add_argument(
+        "--model",
+        default="gemma-2-2b",
+        choices=sorted(SHAPES),
+        help="architecture of the random-weight model (tiny: a smoke test)",
+    )
     p.add_argument("--dtype", default="bfloat16", help="weights and activations (CPU: float32)")
-    p.add_argument("--memory-limit", type=float, default=None,
-                   help="GB: mx.set_memory_limit, bounding the work queued ahead of the GPU")
+    p.add_argument(
+        "--memory-limit",
+        type=float,
+        default=None,
+        help="GB: mx.set_memory_limit, bounding the work queued ahead of the GPU",
+    )
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args()
     if args.memory_limit is not None:
@@ -118,9 +131,13 @@ def main():
             cells.append(f"mem/floor {row['dhsa']['peak_gb'] / row['floor']['peak_gb']:4.2f}")
         print(" | ".join(cells), flush=True)
         if args.json:  # after every length, so a run cut short keeps what it measured
-            report = {"env": environment(model=f"{args.model} (random weights)", dtype=args.dtype),
-                      "bench": "prefill", "prefill_step_size": 2048,
-                      "memory_limit_gb": args.memory_limit, "rows": rows}
+            report = {
+                "env": environment(model=f"{args.model} (random weights)", dtype=args.dtype),
+                "bench": "prefill",
+                "prefill_step_size": 2048,
+                "memory_limit_gb": args.memory_limit,
+                "rows": rows,
+            }
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)
 

@@ -38,18 +38,30 @@ def main():
     args = p.parse_args()
     table = pooled(args.runs)
     rows = []
-    print(f"{'context':>8} {'method':<12} {'trials':>6} {'median':>7} {'q1-q3':>12} "
-          f"{'range':>12}  run medians")
+    print(
+        f"{'context':>8} {'method':<12} {'trials':>6} {'median':>7} {'q1-q3':>12} "
+        f"{'range':>12}  run medians"
+    )
     for (context, method), entry in sorted(table.items()):
         r = sorted(entry["ratios"])
         q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r[0], r[0], r[0])
-        row = {"context": context, "method": method, "trials": len(r),
-               "median": statistics.median(r), "q1": q1, "q3": q3, "min": r[0], "max": r[-1],
-               "run_medians": entry["run_medians"]}
+        row = {
+            "context": context,
+            "method": method,
+            "trials": len(r),
+            "median": statistics.median(r),
+            "q1": q1,
+            "q3": q3,
+            "min": r[0],
+            "max": r[-1],
+            "run_medians": entry["run_medians"],
+        }
         rows.append(row)
-        print(f"{context:>8} {method:<12} {len(r):>6} {row['median']:6.2f}x "
-              f"{q1:5.2f}-{q3:4.2f}x {r[0]:5.2f}-{r[-1]:4.2f}x  "
-              + " ".join(f"{m:.2f}x" for m in entry["run_medians"]))
+        print(
+            f"{context:>8} {method:<12} {len(r):>6} {row['median']:6.2f}x "
+            f"{q1:5.2f}-{q3:4.2f}x {r[0]:5.2f}-{r[-1]:4.2f}x  "
+            + " ".join(f"{m:.2f}x" for m in entry["run_medians"])
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": args.runs, "rows": rows}, f, indent=2)

@@ -27,10 +27,15 @@ from tqdm import tqdm
 
 import mlx_dhsa
 from mlx_dhsa.boundaries.labels import boundary_labels, default_layer
+from mlx_dhsa.boundaries.predictor import (
+    BoundaryPredictor,
+    PredictorArgs,
+    load_predictor,
+    save_predictor,
+)
+from mlx_dhsa.boundaries.train import Trainer, best_f1, gap_metrics, threshold_at_density
 from mlx_dhsa.chunking import gap_scores
 from mlx_dhsa.models.packaged import cache_dir
-from mlx_dhsa.boundaries.predictor import BoundaryPredictor, PredictorArgs, load_predictor, save_predictor
-from mlx_dhsa.boundaries.train import Trainer, best_f1, gap_metrics, threshold_at_density
 
 
 def essay_files(directory: str | None) -> list[Path]:

@@ -9,8 +9,18 @@ from mlx_dhsa import DHSAConfig
 from mlx_dhsa.cli.profiling import random_model
 
 # Small DHSA settings that make tiny inputs exercise every part of the planner.
-SMALL = dict(budget=48, block_size=16, sink=4, local=8, dense_tail=8, target_chunk=8,
-             min_chunk=2, nms_window=2, boundary_window=2, decode_dense_below=0)
+SMALL = dict(
+    budget=48,
+    block_size=16,
+    sink=4,
+    local=8,
+    dense_tail=8,
+    target_chunk=8,
+    min_chunk=2,
+    nms_window=2,
+    boundary_window=2,
+    decode_dense_below=0,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -56,10 +66,20 @@ def clone(model):
 
 def tiny_gemma3(n_layers: int = 4, dtype=mx.float32, **args) -> gemma3_text.Model:
     """Random gemma3_text: every 2nd layer global, window 32, head_dim 32, vocab 1024, fp32."""
-    params = dict(model_type="gemma3_text", hidden_size=128, num_hidden_layers=n_layers,
-                  intermediate_size=256, num_attention_heads=4, head_dim=32, rms_norm_eps=1e-6,
-                  vocab_size=1024, num_key_value_heads=1, query_pre_attn_scalar=32.0,
-                  sliding_window=32, sliding_window_pattern=2)
+    params = dict(
+        model_type="gemma3_text",
+        hidden_size=128,
+        num_hidden_layers=n_layers,
+        intermediate_size=256,
+        num_attention_heads=4,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        vocab_size=1024,
+        num_key_value_heads=1,
+        query_pre_attn_scalar=32.0,
+        sliding_window=32,
+        sliding_window_pattern=2,
+    )
     model = gemma3_text.Model(gemma3_text.ModelArgs(**{**params, **args}))
     # Random norm weights: gemma3 uses 1 + w, so zeros would hide a missing QK norm.
     model.update(tree_map_with_path(
@@ -72,9 +92,17 @@ def tiny_gemma3(n_layers: int = 4, dtype=mx.float32, **args) -> gemma3_text.Mode
 
 def tiny_llama(n_layers: int = 3, dtype=mx.float32, **args) -> llama.Model:
     """Random llama (SmolLM2-like GQA 4/2), head_dim 32, vocab 1024, fp32."""
-    params = dict(model_type="llama", hidden_size=128, num_hidden_layers=n_layers,
-                  intermediate_size=256, num_attention_heads=4, rms_norm_eps=1e-5,
-                  vocab_size=1024, num_key_value_heads=2, rope_theta=10000.0)
+    params = dict(
+        model_type="llama",
+        hidden_size=128,
+        num_hidden_layers=n_layers,
+        intermediate_size=256,
+        num_attention_heads=4,
+        rms_norm_eps=1e-5,
+        vocab_size=1024,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+    )
     model = llama.Model(llama.ModelArgs(**{**params, **args}))
     model.set_dtype(dtype)
     mx.eval(model.parameters())

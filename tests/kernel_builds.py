@@ -27,11 +27,25 @@ SIGNATURES = {
         ["part", "lse", "out"],
     ),
     "merge_splits": (["part", "lse", "iparams"], ["out"]),
-    "block_scores": (["queries", "keys", "summaries", "open_prev", "iparams"],
-                     ["scores", "open_sum"]),
+    "block_scores": (
+        ["queries", "keys", "summaries", "open_prev", "iparams"],
+        ["scores", "open_sum"],
+    ),
     "select_keys": (["scores", "starts", "lengths", "iparams"], ["indices", "n_valid"]),
-    "plan": (["queries", "keys", "summaries", "open_prev", "iparams", "starts", "lengths",
-              "sel_params", "tickets"], ["scores", "open_sum", "indices", "n_valid"]),
+    "plan": (
+        [
+            "queries",
+            "keys",
+            "summaries",
+            "open_prev",
+            "iparams",
+            "starts",
+            "lengths",
+            "sel_params",
+            "tickets",
+        ],
+        ["scores", "open_sum", "indices", "n_valid"],
+    ),
 }
 
 
@@ -39,10 +53,16 @@ def instances(name: str, backend: str):
     """(inputs, template, output dtypes) for every variant the dispatcher can launch."""
     out = []
     if name == "select_keys":
-        ins = [mx.zeros((1, 2, 9)), mx.zeros((1, 8), mx.int32), mx.zeros((1, 8), mx.int32),
-               mx.zeros((11,), mx.int32)]
-        return [(ins, [("MAX_IV", planning.MAX_INTERVALS), ("NT", nt)], [mx.int32, mx.int32])
-                for nt in (256, planning.SELECT_THREADS)]
+        ins = [
+            mx.zeros((1, 2, 9)),
+            mx.zeros((1, 8), mx.int32),
+            mx.zeros((1, 8), mx.int32),
+            mx.zeros((11,), mx.int32),
+        ]
+        return [
+            (ins, [("MAX_IV", planning.MAX_INTERVALS), ("NT", nt)], [mx.int32, mx.int32])
+            for nt in (256, planning.SELECT_THREADS)
+        ]
     for dtype in (mx.float32, mx.float16, mx.bfloat16):
         if name == "merge_splits":
             ins = [mx.zeros((2, 4, 256)), mx.zeros((2, 4)), mx.zeros((2,), mx.int32)]
@@ -50,43 +70,80 @@ def instances(name: str, backend: str):
             continue
         if name == "decode_attention":
             for D, reps in ((256, 2), (128, 8), (64, 1)):  # distinct REPS: nvcc builds each
-                ins = [mx.zeros((1, 4 * reps, 1, D), dtype), mx.zeros((1, 4, 64, D), dtype),
-                       mx.zeros((1, 4, 64, D), dtype), mx.zeros((1, 1, 16), mx.int32),
-                       mx.zeros((1, 1), mx.int32), mx.zeros((4,), mx.int32),
-                       mx.zeros((10,), mx.int32), mx.zeros((2,))]
+                ins = [
+                    mx.zeros((1, 4 * reps, 1, D), dtype),
+                    mx.zeros((1, 4, 64, D), dtype),
+                    mx.zeros((1, 4, 64, D), dtype),
+                    mx.zeros((1, 1, 16), mx.int32),
+                    mx.zeros((1, 1), mx.int32),
+                    mx.zeros((4,), mx.int32),
+                    mx.zeros((10,), mx.int32),
+                    mx.zeros((2,)),
+                ]
                 for all_keys in (False, True):
                     for fold in (False, True):
-                        tmpl = [("T", dtype), ("D", D), ("REPS", reps),
-                                ("NW", attn_launch.DECODE_WARPS),
-                                ("KB", attn_launch.DECODE_KEYS),
-                                ("ALL_KEYS", all_keys), ("FOLD", fold)]
+                        tmpl = [
+                            ("T", dtype),
+                            ("D", D),
+                            ("REPS", reps),
+                            ("NW", attn_launch.DECODE_WARPS),
+                            ("KB", attn_launch.DECODE_KEYS),
+                            ("ALL_KEYS", all_keys),
+                            ("FOLD", fold),
+                        ]
                         out.append((ins, tmpl, [mx.float32, mx.float32, dtype]))
             continue
         if name in ("block_scores", "plan"):
             for D in (64, 256):
-                ins = [mx.zeros((1, 8, 64, D), dtype), mx.zeros((1, 4, 64, D), dtype),
-                       mx.zeros((1, 8, D)), mx.zeros((1, D)), mx.zeros((11,), mx.int32)]
+                ins = [
+                    mx.zeros((1, 8, 64, D), dtype),
+                    mx.zeros((1, 4, 64, D), dtype),
+                    mx.zeros((1, 8, D)),
+                    mx.zeros((1, D)),
+                    mx.zeros((11,), mx.int32),
+                ]
                 if name == "block_scores":
                     tmpl = [("T", dtype), ("D", D), ("NT", planning.SCORE_THREADS)]
                     out.append((ins, tmpl, [mx.float32, mx.float32]))
                     continue
-                ins += [mx.zeros((1, 8), mx.int32), mx.zeros((1, 8), mx.int32),
-                        mx.zeros((11,), mx.int32), mx.zeros((1,), mx.int32)]
-                tmpl = [("T", dtype), ("D", D), ("MAX_IV", planning.MAX_INTERVALS),
-                        ("NT", planning.SCORE_THREADS)]
+                ins += [
+                    mx.zeros((1, 8), mx.int32),
+                    mx.zeros((1, 8), mx.int32),
+                    mx.zeros((11,), mx.int32),
+                    mx.zeros((1,), mx.int32),
+                ]
+                tmpl = [
+                    ("T", dtype),
+                    ("D", D),
+                    ("MAX_IV", planning.MAX_INTERVALS),
+                    ("NT", planning.SCORE_THREADS),
+                ]
                 out.append((ins, tmpl, [mx.float32, mx.float32, mx.int32, mx.int32]))
             continue
         warps, wrows, bk = attn_launch.TILES[(backend, dtype.size)]
         stages = attn_launch.STAGES[backend]
         for D in (64, 256):
-            ins = [mx.zeros((1, 8, 64, D), dtype), mx.zeros((1, 4, 64, D), dtype),
-                   mx.zeros((1, 4, 64, D), dtype), mx.zeros((1, 1, 16), mx.int32),
-                   mx.zeros((1, 1), mx.int32), mx.zeros((12,), mx.int32), mx.zeros((2,))]
+            ins = [
+                mx.zeros((1, 8, 64, D), dtype),
+                mx.zeros((1, 4, 64, D), dtype),
+                mx.zeros((1, 4, 64, D), dtype),
+                mx.zeros((1, 1, 16), mx.int32),
+                mx.zeros((1, 1), mx.int32),
+                mx.zeros((12,), mx.int32),
+                mx.zeros((2,)),
+            ]
             for all_keys in (False, True):
                 for split in (False, True):
-                    tmpl = [("T", dtype), ("D", D), ("BK", bk), ("WARPS", warps),
-                            ("WROWS", wrows), ("ALL_KEYS", all_keys), ("SPLIT", split),
-                            ("STAGES", 1 if all_keys else stages)]
+                    tmpl = [
+                        ("T", dtype),
+                        ("D", D),
+                        ("BK", bk),
+                        ("WARPS", warps),
+                        ("WROWS", wrows),
+                        ("ALL_KEYS", all_keys),
+                        ("SPLIT", split),
+                        ("STAGES", 1 if all_keys else stages),
+                    ]
                     out.append((ins, tmpl, [dtype, mx.float32, mx.float32]))
     return out
 
@@ -96,13 +153,22 @@ def metal_source(name: str, inputs, template, output_dtypes) -> str:
     header, source = kernels.kernel_source(name, "metal")
     in_names, out_names = SIGNATURES[name]
     kernel = mx.fast.metal_kernel(
-        name="dhsa_check", input_names=in_names, output_names=out_names, source=source,
-        header=header)
+        name="dhsa_check",
+        input_names=in_names,
+        output_names=out_names,
+        source=source,
+        header=header,
+    )
 
     def fn(*xs):
-        return kernel(inputs=list(xs), template=template, grid=(32, 1, 1),
-                      threadgroup=(32, 1, 1), output_shapes=[(1,)] * len(out_names),
-                      output_dtypes=output_dtypes)
+        return kernel(
+            inputs=list(xs),
+            template=template,
+            grid=(32, 1, 1),
+            threadgroup=(32, 1, 1),
+            output_shapes=[(1,)] * len(out_names),
+            output_dtypes=output_dtypes,
+        )
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.mlxfn"
@@ -113,8 +179,12 @@ def metal_source(name: str, inputs, template, output_dtypes) -> str:
     return blob[start:end]
 
 
-_CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
-               mx.int32: "int32_t"}
+_CUDA_TYPES = {
+    mx.float32: "float",
+    mx.float16: "__half",
+    mx.bfloat16: "__nv_bfloat16",
+    mx.int32: "int32_t",
+}
 
 
 def cuda_source(name: str, inputs, template, output_dtypes) -> str:
@@ -140,6 +210,11 @@ def cuda_source(name: str, inputs, template, output_dtypes) -> str:
         '#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
         "#define inf cuda::std::numeric_limits<float>::infinity()\n\n"
         f"{header}namespace mlx::core::cu {{\n\nnamespace cg = cooperative_groups;\n\n"
-        f"__global__ void custom_kernel_dhsa_check(\n" + ",\n".join(params) + ") {\n"
-        + "\n".join(consts) + "\n\n" + source + "\n}\n\n} // namespace mlx::core::cu\n"
+        f"__global__ void custom_kernel_dhsa_check(\n"
+        + ",\n".join(params)
+        + ") {\n"
+        + "\n".join(consts)
+        + "\n\n"
+        + source
+        + "\n}\n\n} // namespace mlx::core::cu\n"
     )

@@ -29,10 +29,12 @@ def _record_plans(model) -> list:
     """Wrap each layer's plan() (instance attribute only); plans go to ``records[-1]``."""
     records = [[]]
     for a in dhsa_layers(model):
+
         def plan(*args, _orig=a.plan, **kwargs):
             p = _orig(*args, **kwargs)
             records[-1].append((p.indices, p.n_valid))
             return p
+
         object.__setattr__(a, "plan", plan)
     return records
 
@@ -89,10 +91,17 @@ def test_trimmed_dhsa_cache_continues_like_a_trimmed_plain_cache(tiny_model):
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=st.lists(st.one_of(st.tuples(st.just("add"), st.integers(1, 90)),
-                              st.tuples(st.just("trim"), st.integers(1, 120))),
-                    min_size=1, max_size=12),
-       seed=st.integers(0, 1000))
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), st.integers(1, 90)),
+            st.tuples(st.just("trim"), st.integers(1, 120)),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    seed=st.integers(0, 1000),
+)
 def test_incremental_state_equals_recomputed(ops, seed):
     mx.random.seed(seed)
     cfg = small_config()

@@ -34,7 +34,7 @@ def test_shift_boundaries_find_content_changes_and_hit_the_target_average():
     cfg = DHSAConfig(block_size=64, budget=512, sink=32, local=32, target_chunk=24, min_chunk=8)
     S, D, period = 768, 32, 24
     centres = mx.random.normal((S // period, 1, D)) * 4
-    keys = (mx.repeat(centres, period, axis=1).reshape(S, D) + mx.random.normal((S, D)) * 0.3)
+    keys = mx.repeat(centres, period, axis=1).reshape(S, D) + mx.random.normal((S, D)) * 0.3
     s, n = _chunks_np(chunk_boundaries(keys[None, None], cfg))
     cuts = set(s[0][n[0] > 0].tolist()) - {0}
     true_edges = set(range(period, S, period))

@@ -12,10 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mlx_dhsa import patch
-
-from mlx_dhsa.evaluation import niah
-from mlx_dhsa.cli.chat import ChatSession
 from mlx_dhsa.cli.app import app
+from mlx_dhsa.cli.chat import ChatSession
+from mlx_dhsa.evaluation import niah
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>"

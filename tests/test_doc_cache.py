@@ -79,7 +79,9 @@ def test_every_key_part_misses(loaded, model_dir, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no sidecar", "bad sidecar"])
-def test_corrupt_entry_is_reported_deleted_and_rebuilt(loaded, model_dir, tmp_path, damage):  # noqa: F811
+def test_corrupt_entry_is_reported_deleted_and_rebuilt(  # noqa: F811
+    loaded, model_dir, tmp_path, damage  # noqa: F811
+):
     store = DocCache(tmp_path)
     space = namespace(model_dir, loaded[0], CONFIG, loaded[1])
     session, opened = _open(loaded, store, space)

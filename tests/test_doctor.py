@@ -31,11 +31,12 @@ def test_doctor_fails_when_the_kernel_path_disagrees(monkeypatch, tmp_path):
     )
     checks = doctor.kernel_checks(dtypes=("float32",))
     assert [(c.name, c.status) for c in checks] == [
-        ("prefill float32", "fail"), ("decode float32", "fail")
+        ("prefill float32", "fail"),
+        ("decode float32", "fail"),
     ]
     assert all(abs(c.max_error - 0.5) < 1e-6 for c in checks)
     monkeypatch.setattr(doctor, "_run", lambda m, t, p: 1 / 0)
-    (check, _) = doctor.kernel_checks(dtypes=("float32",))
+    check, _ = doctor.kernel_checks(dtypes=("float32",))
     assert check.status == "error" and "ZeroDivisionError" in check.detail
     result = CliRunner().invoke(app, ["doctor", "--no-timing"])
     assert result.exit_code == 1 and "PROBLEMS FOUND" in result.output

@@ -92,6 +92,7 @@ def test_fused_decode_only_where_mlx_lm_has_no_fused_attention(monkeypatch, fami
     """With a GPU kernel present, a dense decode step leaves soft-cap-free models to mlx-lm's
     module (MLX's fused SDPA); Gemma2's hand-written soft-capped attention moves to the kernel."""
     from conftest import tiny_gemma2
+
     from mlx_dhsa import kernels
     from mlx_dhsa.attention import Path
 

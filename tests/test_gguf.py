@@ -1,6 +1,6 @@
 import importlib.util
-import sys
 import os
+import sys
 
 import mlx.core as mx
 import mlx_lm
@@ -9,9 +9,9 @@ import pytest
 from conftest import tiny_gemma3, tiny_llama
 from mlx.utils import tree_flatten
 
+from mlx_dhsa.loading import ModelNotFoundError, resolve
 from mlx_dhsa.models import packaged as offline
 from mlx_dhsa.models.gguf import convert_gguf, hf_name, unpermute_rope
-from mlx_dhsa.loading import ModelNotFoundError, resolve
 
 gguf = pytest.importorskip("gguf")
 

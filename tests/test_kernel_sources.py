@@ -7,10 +7,9 @@ import shutil
 import subprocess
 
 import pytest
+from kernel_builds import SHIMS, SIGNATURES, cuda_source, instances, metal_source
 
 from mlx_dhsa import kernels
-
-from kernel_builds import SHIMS, SIGNATURES, cuda_source, instances, metal_source
 
 ATTRIBUTES = re.compile(r"\[\[(?:[^\[\]]|\[[^\]]*\])*?\]\]")  # MLX's [[buffer(0)]] etc.
 
@@ -24,10 +23,12 @@ def test_source_assembles(name, backend):
     assert source.startswith(f'#line 1 "ids_{backend}.h"')
     for part in kernels.sources.PARTS.get(name, (name,)):
         assert f'#line 1 "{part}.metal"' in source
-    strided = {"sparse_attention": {"queries", "keys", "values"},
-               "decode_attention": {"queries", "keys", "values"},
-               "block_scores": {"queries", "keys"},
-               "plan": {"queries", "keys"}}.get(name, set())
+    strided = {
+        "sparse_attention": {"queries", "keys", "values"},
+        "decode_attention": {"queries", "keys", "values"},
+        "block_scores": {"queries", "keys"},
+        "plan": {"queries", "keys"},
+    }.get(name, set())
     for arg in SIGNATURES[name][0]:  # MLX adds shape arguments for these substrings
         assert arg + "_shape" not in source and arg + "_ndim" not in source
         assert (arg + "_strides" in source) == (arg in strided), arg
@@ -49,9 +50,22 @@ def _run(cmd, path):
 @pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed (apt clang)")
 @pytest.mark.parametrize("name", kernels.KERNELS)
 def test_metal_source_type_checks(name, tmp_path):
-    cmd = ["clang++", "-std=c++17", "-fsyntax-only", "-target", "aarch64-linux-gnu",
-           "-nostdinc", "-Werror", "-Wno-unknown-attributes", "-I", str(SHIMS),
-           "-include", str(SHIMS / "metal_shim.h"), "-x", "c++"]
+    cmd = [
+        "clang++",
+        "-std=c++17",
+        "-fsyntax-only",
+        "-target",
+        "aarch64-linux-gnu",
+        "-nostdinc",
+        "-Werror",
+        "-Wno-unknown-attributes",
+        "-I",
+        str(SHIMS),
+        "-include",
+        str(SHIMS / "metal_shim.h"),
+        "-x",
+        "c++",
+    ]
     for i, (inputs, template, dtypes) in enumerate(instances(name, "metal")):
         path = tmp_path / f"{name}_{i}.metal"
         path.write_text(ATTRIBUTES.sub("", metal_source(name, inputs, template, dtypes)))

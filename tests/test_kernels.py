@@ -6,17 +6,15 @@ GPU run: ``python3 -m pytest tests -m gpu -q -x``."""
 
 import mlx.core as mx
 import pytest
+from conftest import assert_within_baseline, make_qkv, small_config
 
 from mlx_dhsa import kernels, reference
 from mlx_dhsa.attention import DHSAAttention, Path
 from mlx_dhsa.cache import DHSACache
 from mlx_dhsa.chunking import chunk_boundaries, chunk_summaries
-from mlx_dhsa.kernels import KernelState, PlanLaunch, attention_kernel, plan_launch
+from mlx_dhsa.kernels import KernelState, PlanLaunch, attention_kernel, plan_launch, planning
 from mlx_dhsa.kernels import attention as launches
-from mlx_dhsa.kernels import planning
 from mlx_dhsa.selection import block_queries, chunk_scores, key_mask, select, select_chunks
-
-from conftest import assert_within_baseline, make_qkv, small_config
 
 BACKEND = kernels.backend().name
 gpu = pytest.mark.skipif(BACKEND is None, reason="no GPU backend (Metal or CUDA)")
@@ -42,9 +40,16 @@ def _kernel(q, k, v, block_size=None, use_kernel=True):
     """The attention launch the kernels choose for these arrays on the GPU, where there is one
     (None: the reference)."""
     with mx.stream(mx.gpu if mx.is_available(mx.gpu) else mx.cpu):
-        return attention_kernel((q.dtype, k.dtype, v.dtype), q.shape[-1], q.shape[1],
-                                k.shape[1], q.shape[2], k.shape[2], block_size,
-                                use_kernel=use_kernel)
+        return attention_kernel(
+            (q.dtype, k.dtype, v.dtype),
+            q.shape[-1],
+            q.shape[1],
+            k.shape[1],
+            q.shape[2],
+            k.shape[2],
+            block_size,
+            use_kernel=use_kernel,
+        )
 
 
 def _close(out, ref, tol=1e-4):
@@ -59,10 +64,19 @@ def _both_kernels_match_reference(q, k, v, q_offset, dense_window=None):
     plan = _plan(q, k, small_config(), q_offset, None)
     ref = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=50.0)
     _close(_on_gpu(kernels.sparse_attention, q, k, v, plan, scale=SCALE, softcap=50.0), ref)
-    ref = reference.dense_attention(q, k, v, scale=SCALE, softcap=50.0,
-                                    mask=key_mask(q_offset, L, S, dense_window))
-    out = _on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=50.0,
-                  q_offset=q_offset, window=dense_window)
+    ref = reference.dense_attention(
+        q, k, v, scale=SCALE, softcap=50.0, mask=key_mask(q_offset, L, S, dense_window)
+    )
+    out = _on_gpu(
+        kernels.dense_attention,
+        q,
+        k,
+        v,
+        scale=SCALE,
+        softcap=50.0,
+        q_offset=q_offset,
+        window=dense_window,
+    )
     _close(out, ref)
 
 
@@ -100,8 +114,9 @@ def test_dense_kernel_fp32(B, H, H_kv, L, S, D, off, window, cap):
     q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D)
     mask = key_mask(off, L, S, window)
     ref = reference.dense_attention(q, k, v, scale=SCALE, softcap=cap, mask=mask)
-    out = _on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=cap, q_offset=off,
-                  window=window)
+    out = _on_gpu(
+        kernels.dense_attention, q, k, v, scale=SCALE, softcap=cap, q_offset=off, window=window
+    )
     assert _kernel(q, k, v) is not None
     _close(out, ref)
 
@@ -129,13 +144,19 @@ def test_strided_inputs(dtype):
     v = mx.contiguous(v_all[:, :, :160].transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3).astype(dtype)
     plan = _plan(q, k, small_config(), 120, None)
     tol = 1e-4 if dtype == mx.float32 else 3e-2
-    ref = reference.sparse_attention(*(x.astype(mx.float32) for x in (q, k, v)), plan,
-                                     scale=SCALE, softcap=50.0)
+    ref = reference.sparse_attention(
+        *(x.astype(mx.float32) for x in (q, k, v)), plan, scale=SCALE, softcap=50.0
+    )
     _close(_on_gpu(kernels.sparse_attention, q, k, v, plan, scale=SCALE, softcap=50.0), ref, tol)
-    ref = reference.dense_attention(*(x.astype(mx.float32) for x in (q, k, v)), scale=SCALE,
-                                    softcap=50.0, mask=key_mask(120, 40, 160, 64))
-    out = _on_gpu(kernels.dense_attention, q, k, v, scale=SCALE, softcap=50.0, q_offset=120,
-                  window=64)
+    ref = reference.dense_attention(
+        *(x.astype(mx.float32) for x in (q, k, v)),
+        scale=SCALE,
+        softcap=50.0,
+        mask=key_mask(120, 40, 160, 64),
+    )
+    out = _on_gpu(
+        kernels.dense_attention, q, k, v, scale=SCALE, softcap=50.0, q_offset=120, window=64
+    )
     _close(out, ref, tol)
 
 
@@ -157,8 +178,10 @@ def test_one_query_on_either_kernel(decode, fold):
         # answer.
         qs = [q * (1 + i) for i in range(6)]
         with mx.stream(mx.gpu):
-            outs = [kernels.dense_attention(x, k, v, scale=SCALE, softcap=50.0, q_offset=1999)
-                    for x in qs]
+            outs = [
+                kernels.dense_attention(x, k, v, scale=SCALE, softcap=50.0, q_offset=1999)
+                for x in qs
+            ]
             mx.eval(outs)
     for x, out in zip(qs, outs):
         mask = key_mask(1999, 1, 2000, None)
@@ -182,14 +205,18 @@ def test_one_ticket_buffer_serves_consecutive_launches():
             outs = []
             x = q
             for _ in range(3):
-                outs.append(kernels.dense_attention(x, k, v, scale=SCALE, softcap=50.0,
-                                                    q_offset=2999, state=state))
+                outs.append(
+                    kernels.dense_attention(
+                        x, k, v, scale=SCALE, softcap=50.0, q_offset=2999, state=state
+                    )
+                )
                 x = q + 0.5 * outs[-1]  # the next launch needs this one's output
             mx.eval(outs)
             x = q
             for out in outs:
-                _close(out, reference.dense_attention(x, k, v, scale=SCALE, softcap=50.0,
-                                                      mask=mask))
+                _close(
+                    out, reference.dense_attention(x, k, v, scale=SCALE, softcap=50.0, mask=mask)
+                )
                 x = q + 0.5 * out
         assert state.tickets("attention", 4) is tickets
         assert tickets.tolist() == [0, 0, 0, 0]
@@ -223,8 +250,9 @@ def test_kernels_low_precision(dtype, cap, mode, L, S):
 
 def _table(k, config):
     """The chunk table a DHSA layer with a DHSACache holds for keys k (built on the CPU)."""
-    attn = DHSAAttention(config, n_heads=1, n_kv_heads=1, head_dim=k.shape[-1], scale=SCALE,
-                         softcap=None)
+    attn = DHSAAttention(
+        config, n_heads=1, n_kv_heads=1, head_dim=k.shape[-1], scale=SCALE, softcap=None
+    )
     table = attn.chunk_view(k, DHSACache())
     mx.eval(table.starts, table.lengths, table.summaries)
     return table
@@ -283,8 +311,7 @@ def test_fused_plans_share_one_ticket_buffer():
         with mx.stream(mx.gpu):
             plans, x = [], q
             for i in range(3):
-                plans.append(kernels.select_chunks(x, table, config, q_offset=5999,
-                                                   state=state))
+                plans.append(kernels.select_chunks(x, table, config, q_offset=5999, state=state))
                 x = q + shift * (1 + i + plans[-1].n_valid[0, 0] % 2).astype(q.dtype)
             mx.eval([p.indices for p in plans])
         for i, plan in enumerate(plans):
@@ -301,8 +328,7 @@ def test_block_scores_carry_the_open_chunk_sum():
     keys): over prefill steps, decode steps, a segment closing and a trim, the scores equal
     those of the chunk table rebuilt from scratch."""
     config = small_config()
-    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE,
-                         softcap=None)
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
     cache = DHSACache()
     carried = 0
     for step in [100, 37, 1, 1, 1, "trim", 1, 1, 40, 1, 1]:
@@ -357,9 +383,9 @@ def test_plan_kernels_fall_back_for_max_head_scores():
 def test_patched_model_on_kernels_generates_like_the_reference():
     """End to end on the GPU: sparse prefill steps and sparse decode through the kernels give
     the greedy tokens of the pure-MLX path (use_kernel=False)."""
+    from conftest import tiny_gemma2
     from mlx_lm.generate import generate_step
 
-    from conftest import tiny_gemma2
     import mlx_dhsa
 
     model = tiny_gemma2()
@@ -369,12 +395,18 @@ def test_patched_model_on_kernels_generates_like_the_reference():
         mlx_dhsa.unpatch(model)
         mlx_dhsa.patch(model, small_config(use_kernel=use_kernel))
         with mx.stream(mx.gpu):
-            gen = generate_step(prompt, model, max_tokens=24, prefill_step_size=64,
-                                prompt_cache=mlx_dhsa.make_prompt_cache(model))
+            gen = generate_step(
+                prompt,
+                model,
+                max_tokens=24,
+                prefill_step_size=64,
+                prompt_cache=mlx_dhsa.make_prompt_cache(model),
+            )
             tokens[use_kernel] = [int(t) for t, _ in gen]
         routes = [a.last_route for a in mlx_dhsa.patching.dhsa_layers(model)]
         assert {r.path for r in routes} == {
-            Path.SPARSE_KERNEL if use_kernel else Path.SPARSE_REFERENCE}
+            Path.SPARSE_KERNEL if use_kernel else Path.SPARSE_REFERENCE
+        }
         assert {r.plan is not None for r in routes} == {use_kernel}
     assert tokens[True] == tokens[False]
 
@@ -384,8 +416,9 @@ def test_patched_model_on_kernels_generates_like_the_reference():
 def test_dense_decode_steps_on_the_fused_kernel():
     """Dense decode steps (a global layer over every key, a sliding layer over its window) on
     the fused kernel give the logits of mlx-lm's ops (the reference path, on the CPU)."""
-    import mlx_dhsa
     from conftest import tiny_gemma2
+
+    import mlx_dhsa
 
     model = mlx_dhsa.patch(tiny_gemma2(), small_config(decode_dense_below=None))
     for a in mlx_dhsa.patching.dhsa_layers(model):
@@ -428,8 +461,10 @@ def test_use_kernel_false_forces_reference():
     q, k, v = make_qkv(L=20, S=40, D=64)
     assert _kernel(q, k, v) is not None and _kernel(q, k, v, use_kernel=False) is None
     with mx.stream(mx.gpu):
-        assert plan_launch(q.dtype, k.dtype, 64, 20, small_config(use_kernel=False),
-                           use_kernel=False) is None
+        assert (
+            plan_launch(q.dtype, k.dtype, 64, 20, small_config(use_kernel=False), use_kernel=False)
+            is None
+        )
 
 
 @pytest.mark.parametrize("backend", kernels.BACKENDS)

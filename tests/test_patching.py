@@ -4,9 +4,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from conftest import small_config, tiny_gemma2
+from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
-from mlx.utils import tree_flatten
 
 from mlx_dhsa import DHSAConfig, patch, unpatch
 from mlx_dhsa.attention import DHSAAttention
@@ -18,8 +18,9 @@ FULL = dict(budget=4096, dense_below=0)
 
 def _greedy(model, prompt, steps=16, prefill_step_size=64):
     cache = make_prompt_cache(model)
-    gen = generate_step(prompt, model, max_tokens=steps, prompt_cache=cache,
-                        prefill_step_size=prefill_step_size)
+    gen = generate_step(
+        prompt, model, max_tokens=steps, prompt_cache=cache, prefill_step_size=prefill_step_size
+    )
     return [int(t) for t, _ in gen]
 
 
@@ -125,8 +126,9 @@ def test_override_typo_is_a_clear_error(tiny_model):
 
 
 def test_padded_batch_mask_is_refused_on_the_sparse_path():
-    attn = DHSAAttention(small_config(), n_heads=2, n_kv_heads=1, head_dim=8, scale=1.0,
-                         softcap=50.0)
+    attn = DHSAAttention(
+        small_config(), n_heads=2, n_kv_heads=1, head_dim=8, scale=1.0, softcap=50.0
+    )
     q, k = mx.random.normal((2, 2, 100, 8)), mx.random.normal((2, 1, 100, 8))
     mask = mx.ones((2, 1, 100, 100), mx.bool_)
     with pytest.raises(NotImplementedError, match="padded batch"):

@@ -19,8 +19,16 @@ def _attn(config):
 def _run(method, config, q, k, *, offset, window=None):
     """PLANNERS[method] as a layer calls it (a chunk table of ``k`` on demand)."""
     attn = _attn(config)
-    return PLANNERS[method](q, k, config=config, table=lambda: attn.chunk_view(k), offset=offset,
-                            window=window, scale=attn.scale, softcap=None)
+    return PLANNERS[method](
+        q,
+        k,
+        config=config,
+        table=lambda: attn.chunk_view(k),
+        offset=offset,
+        window=window,
+        scale=attn.scale,
+        softcap=None,
+    )
 
 
 def _plan(method, S, n_queries, window=None, seed=0, **overrides):

@@ -7,8 +7,8 @@ from conftest import small_config, tiny_gemma2, tiny_gemma3, tiny_llama
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_dhsa import DHSAConfig, patch
+from mlx_dhsa.boundaries.convert import STATE_DICT_KEYS, convert_predictor, expected_shapes
 from mlx_dhsa.boundaries.labels import boundary_labels, default_layer, layer_queries_keys
-from mlx_dhsa.chunking import chunk_boundaries, segment_chunks
 from mlx_dhsa.boundaries.predictor import (
     BoundaryPredictor,
     PredictorArgs,
@@ -17,8 +17,8 @@ from mlx_dhsa.boundaries.predictor import (
     packaged_predictor,
     save_predictor,
 )
-from mlx_dhsa.boundaries.convert import STATE_DICT_KEYS, convert_predictor, expected_shapes
 from mlx_dhsa.boundaries.train import Trainer, best_f1, focal_bce, gap_metrics
+from mlx_dhsa.chunking import chunk_boundaries, segment_chunks
 
 
 def _state_dict(args: PredictorArgs, seed: int = 0) -> dict[str, np.ndarray]:

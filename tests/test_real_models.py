@@ -15,8 +15,8 @@ import pytest
 
 from mlx_dhsa import DHSAConfig, load, patch, unpatch
 from mlx_dhsa.evaluation.niah import read_haystack
-from mlx_dhsa.patching import dhsa_layers
 from mlx_dhsa.evaluation.perplexity import next_token_stats
+from mlx_dhsa.patching import dhsa_layers
 
 pytestmark = [
     pytest.mark.slow,

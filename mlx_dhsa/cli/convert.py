@@ -5,8 +5,8 @@ from typing import Annotated, Literal
 
 import typer
 
-from . import ui
 from ..boundaries.predictor import DEFAULT_HEADS, DEFAULT_WINDOW
+from . import ui
 
 
 def convert_gguf(

@@ -9,10 +9,10 @@ from typing import Annotated, Literal
 
 import typer
 
-from .chat import TRUNCATE_MODES
 from ..config import BOUNDARY_METHODS, HEAD_SCORES, LOCAL_MODES, SCORINGS, SUMMARIES, DHSAConfig
 from ..evaluation.methods import parse_methods
 from ..planners import PLANNERS
+from .chat import TRUNCATE_MODES
 from .profiling import SHAPES
 
 DTYPES = ("float32", "float16", "bfloat16")

@@ -17,10 +17,10 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models import gemma2
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
-from ..extras import require
-from ..patching import make_prompt_cache
 from ..evaluation.methods import Method
 from ..evaluation.runinfo import PrefillPaths, attention_path, environment, model_dtype
+from ..extras import require
+from ..patching import make_prompt_cache
 
 DEFAULT_CONTEXTS = (4096, 8192, 16384, 32768)
 DEFAULT_TRIALS = 3

@@ -22,7 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import DHSAConfig
-from ..reference import logits as _logits, masked_softmax as _masked_softmax
+from ..reference import logits as _logits
+from ..reference import masked_softmax as _masked_softmax
 from ..selection import Plan, key_mask
 
 MAX_PROBS = 1 << 24  # probabilities held at once while summing block x key mass
