@@ -55,7 +55,7 @@ def _usage_error(result) -> str:
         (dict(predictor_threshold=float("nan")), "predictor_threshold must be a finite number"),
         (dict(dense_below=False), "dense_below must be an integer or None, got False"),
         (dict(method=["dhsa"]), "method must be a string"),
-        (dict(block_size=3), "raise block_size to at least 8"),
+        (dict(block_size=1), "raise block_size to at least 2"),
     ],
 )
 def test_config_rejects_wrong_types_by_field_name(kwargs, words):
@@ -68,7 +68,7 @@ def test_config_rejects_wrong_types_by_field_name(kwargs, words):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--block-size", "3"], "raise --block-size to at least 8"),
+        (["--block-size", "1"], "raise --block-size to at least 2"),
         (["--budget", "100"], "--budget (100) must be at least --sink + --local + --block-size"),
         (["--min-chunk", "2"], "--min-chunk (2) must be at least --boundary-window (4)"),
     ],

@@ -19,7 +19,7 @@ def test_defaults_are_the_papers_but_issue_16s_selection():
         (dict(budget=0), "budget must be a positive integer, got 0"),
         (dict(block_size=-1), "block_size must be a positive integer"),
         (dict(sink=-3), "sink must be a non-negative integer, got -3"),
-        (dict(budget=256), "budget (--budget 256) must be at least sink + local + block_size"),
+        (dict(budget=256), "budget (256) must be at least sink + local + block_size"),
         (dict(min_chunk=64), "min_chunk <= target_chunk <= max_chunk"),
         (dict(max_chunk=4, target_chunk=8), "min_chunk <= target_chunk <= max_chunk"),
         (dict(boundaries="magic"), "boundaries must be one of"),

@@ -9,8 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import stream_generate
 
-from ..cache import make_prompt_cache
 from ..config import DHSAConfig
+from ..patching import make_prompt_cache
 from .mass import KEY_ORACLE, capture, layer_mass
 from .perplexity import next_token_stats
 from .runinfo import PrefillPaths
