@@ -17,21 +17,10 @@ from ..config import DHSAConfig
 from ..evaluation.methods import Method
 from ..evaluation.runinfo import environment
 from ..patching import patch, unpatch
+from .profiling import TINY_SPARSE
 
-# Sparse everywhere on a tiny model: every kernel family runs (planning, sparse attention,
-# the dense tail, decode).
-CHECK_CONFIG = dict(
-    budget=48,
-    block_size=16,
-    sink=4,
-    local=8,
-    dense_tail=8,
-    target_chunk=8,
-    min_chunk=2,
-    nms_window=2,
-    boundary_window=2,
-    decode_dense_below=0,
-)
+# profiling's tiny sparse config, decoding sparsely too.
+CHECK_CONFIG = dict(TINY_SPARSE, decode_dense_below=0)
 # Logits of the kernel path against the reference path, per dtype (as the GPU tests allow).
 CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
 GPU_CONTEXTS = (8192, 32768)

@@ -278,23 +278,27 @@ def plot(report: ProfileReport, path: str | Path) -> Path:
     return path
 
 
+# Sparse on a tiny model at 128 tokens: every kernel family runs (planning, sparse attention,
+# the dense tail). Used by probe_path and doctor's kernel checks.
+TINY_SPARSE = dict(
+    budget=48,
+    block_size=16,
+    sink=4,
+    local=8,
+    dense_tail=8,
+    target_chunk=8,
+    min_chunk=2,
+    nms_window=2,
+    boundary_window=2,
+)
+
+
 def probe_path(use_kernel: bool = True) -> str:
     """The attention path a sparse DHSA prefill takes here (a tiny random Gemma2, 128 tokens)."""
     from ..config import DHSAConfig
     from ..patching import patch
 
-    config = DHSAConfig(
-        budget=48,
-        block_size=16,
-        sink=4,
-        local=8,
-        dense_tail=8,
-        target_chunk=8,
-        min_chunk=2,
-        nms_window=2,
-        boundary_window=2,
-        use_kernel=use_kernel,
-    )
+    config = DHSAConfig(**TINY_SPARSE, use_kernel=use_kernel)
     model = patch(random_model("tiny"), config)
     mx.eval(model(mx.arange(128)[None]))
     return attention_path(model)
