@@ -34,7 +34,8 @@ def test_doctor_fails_when_the_kernel_path_disagrees(monkeypatch, tmp_path):
         ("prefill float32", "fail"),
         ("decode float32", "fail"),
     ]
-    assert all(abs(c.max_error - 0.5) < 1e-6 for c in checks)
+    assert all(c.max_error > c.tolerance for c in checks)
+    assert all("greedy tokens agree" in c.detail for c in checks)
     monkeypatch.setattr(doctor, "_run", lambda m, t, p: 1 / 0)
     check, _ = doctor.kernel_checks(dtypes=("float32",))
     assert check.status == "error" and "ZeroDivisionError" in check.detail
@@ -47,3 +48,21 @@ def test_doctor_times_dense_and_dhsa():
     rows = doctor.timings([256], DHSAConfig(**doctor.CHECK_CONFIG))
     assert len(rows) == 1 and rows[0].context == 256
     assert rows[0].attention == "dhsa(reference)" and rows[0].dense_s > 0 and rows[0].dhsa_s > 0
+
+
+def test_doctor_passes_rounding_sized_differences(monkeypatch):
+    # Differences of the size summation order and TF32-like rounding make (1e-3 of the logits'
+    # scale) pass; the check is relative to the logits' size.
+    used = []
+    real_patch, real_run = doctor.patch, doctor._run
+    monkeypatch.setattr(doctor, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(doctor, "patch", lambda m, c: used.append(c.use_kernel) or real_patch(m, c))
+
+    def run(m, t, p):
+        out = real_run(m, t, p)
+        return out * (1 + 1e-3) if used[-1] else out
+
+    monkeypatch.setattr(doctor, "_run", run)
+    checks = doctor.kernel_checks(dtypes=("float32",))
+    assert [c.status for c in checks] == ["pass", "pass"]
+    assert all(abs(c.max_error - 1e-3) < 1e-5 for c in checks)

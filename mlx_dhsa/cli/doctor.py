@@ -21,8 +21,12 @@ from .profiling import TINY_SPARSE
 
 # profiling's tiny sparse config, decoding sparsely too.
 CHECK_CONFIG = dict(TINY_SPARSE, decode_dense_below=0)
-# Logits of the kernel path against the reference path, per dtype (as the GPU tests allow).
-CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
+# Whole-model logits of the kernel path against the reference path: max |difference| over
+# max |reference logit|. Not zero: the two paths sum in different orders, a GPU's fp32 matmuls
+# may round like TF32, and a near-tie between two chunk scores can then select different keys
+# (each kernel alone is held to the GPU tests' tolerances by its self-check, same plan).
+# A broken kernel is off by the size of the logits themselves.
+CHECK_TOLERANCE = {"float32": 1e-2, "bfloat16": 5e-2}
 GPU_CONTEXTS = (8192, 32768)
 CPU_CONTEXTS = (1024,)
 CPU_BUDGET = 384  # the least the default sink/local/block allow: sparse at 1k tokens
@@ -34,7 +38,7 @@ class Check:
 
     name: str
     status: str  # "pass", "fail", "error" or "reference only"
-    max_error: float | None = None
+    max_error: float | None = None  # max |kernel - reference| / max |reference|
     tolerance: float | None = None
     detail: str = ""
 
@@ -131,10 +135,13 @@ def kernel_checks(dtypes: Sequence[str] = ("float32", "bfloat16")) -> list[Check
                     patch(model, DHSAConfig(**CHECK_CONFIG, use_kernel=use_kernel))
                     logits[use_kernel] = _run(model, tokens, phase)
                     unpatch(model)
-                err = mx.abs(logits[True] - logits[False]).max().item()
+                ref, out = logits[False], logits[True]
+                err = (mx.abs(out - ref).max() / mx.abs(ref).max()).item()
+                same = (out.argmax(-1) == ref.argmax(-1)).mean().item()
                 tol = CHECK_TOLERANCE[dtype]
                 ok = err <= tol  # NaN fails too
-                checks.append(Check(name, "pass" if ok else "fail", err, tol))
+                detail = f"relative error; greedy tokens agree at {same:.0%} of positions"
+                checks.append(Check(name, "pass" if ok else "fail", err, tol, detail))
             except Exception as e:  # noqa: BLE001 - a report, not a crash
                 unpatch(model)
                 last = traceback.format_exception_only(type(e), e)[-1].strip()

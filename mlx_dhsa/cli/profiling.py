@@ -193,16 +193,16 @@ def compare(
     contexts: Sequence[int],
     methods: Sequence[Method],
     trials: int = DEFAULT_TRIALS,
-    warmup: int = 1,
+    warmup: int | None = None,
     decode_tokens: int = DEFAULT_DECODE_TOKENS,
     on_trial: Callable[[int, ProfileRow], Any] | None = None,
     info: dict | None = None,
 ) -> ProfileReport:
     """Prefill latency, decode tokens/s and peak memory of each method at each context length.
 
-    Every method sees the same random prompt at a given length. Each method gets ``warmup``
-    untimed runs (at the shortest context past its dense threshold) before the timed trials,
-    and the MLX cache is cleared between methods. The model is left unpatched.
+    Every method sees the same random prompt at a given length. Each (context, method) gets
+    ``warmup`` untimed runs before its timed trials (they compile the kernels that length
+    launches), and the MLX cache is cleared between methods. The model is left unpatched.
 
     Args:
         model (nn.Module): an mlx-lm model (patched or not; it is re-patched per method).
@@ -210,7 +210,8 @@ def compare(
         contexts (Sequence[int]): prompt lengths in tokens.
         methods (Sequence[Method]): from :func:`mlx_dhsa.evaluation.methods.parse_methods`.
         trials (int): timed runs per (context, method). Default: ``3``.
-        warmup (int): untimed runs per method (they compile kernels). Default: ``1``.
+        warmup (int, optional): untimed runs per (context, method). Default: ``1`` on a GPU
+            (kernels compile on first use), ``0`` on a CPU (nothing to compile).
         decode_tokens (int): tokens generated per run. Default: ``32``.
         on_trial (callable, optional): called as ``on_trial(i, row)`` after every trial.
         info (dict, optional): extra fields for the environment record (model name, ...).
@@ -222,18 +223,17 @@ def compare(
     vocab = model.args.vocab_size
     key = mx.random.key(0)
     prompts = {n: mx.random.randint(0, vocab, (n,), key=key) for n in sorted(contexts)}
+    if warmup is None:
+        warmup = 0 if mx.default_device() == mx.cpu else 1
     all_trials: list[ProfileRow] = []
     rows: list[ProfileRow] = []
-    for m in methods:
-        m.apply(model)
-        # Warm up on the sparse path where there is one: it compiles the DHSA kernels.
-        limit = m.config.dense_limit if m.config is not None else 0
-        n = min((n for n in prompts if n > limit), default=min(prompts))
-        for _ in range(warmup):
-            _trial(model, tokenizer, prompts[n], m.label, decode_tokens)
     for n, prompt in prompts.items():
         for m in methods:
             m.apply(model)
+            # Untimed runs at this very length: a kernel's template parameters (split or
+            # whole-key launches, tile sizes) depend on the length, and each new set compiles.
+            for _ in range(warmup):
+                _trial(model, tokenizer, prompt, m.label, decode_tokens)
             mx.clear_cache()
             done = []
             for i in range(trials):

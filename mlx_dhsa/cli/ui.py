@@ -199,7 +199,7 @@ def doctor(report: dict) -> None:
             table.add_row(str(key), escape(str(value)))
         console.print(table)
     table = Table(title="kernels vs reference", title_justify="left")
-    for col in ("check", "status", "max error", "tolerance", "detail"):
+    for col in ("check", "status", "rel. error", "tolerance", "detail"):
         table.add_column(col)
     colors = {"pass": "green", "reference only": "yellow", "fail": "red", "error": "red"}
     for c in report["checks"]:
