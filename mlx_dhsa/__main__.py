@@ -1,4 +1,5 @@
+"""``python -m mlx_dhsa``: the ``mlx-dhsa`` command, for environments without the script."""
+
 from .cli import app
 
-if __name__ == "__main__":
-    app(prog_name="mlx-dhsa")
+app(prog_name="mlx-dhsa")
