@@ -6,21 +6,11 @@ from mlx.utils import tree_map_with_path
 from mlx_lm.models import gemma2, gemma3_text, llama
 
 from mlx_dhsa import DHSAConfig
-from mlx_dhsa.cli.profiling import random_model
+from mlx_dhsa.cli.profiling import TINY_SPARSE, random_model
 
-# Small DHSA settings that make tiny inputs exercise every part of the planner.
-SMALL = dict(
-    budget=48,
-    block_size=16,
-    sink=4,
-    local=8,
-    dense_tail=8,
-    target_chunk=8,
-    min_chunk=2,
-    nms_window=2,
-    boundary_window=2,
-    decode_dense_below=0,
-)
+# Small DHSA settings that make tiny inputs exercise every part of the planner: profiling's tiny
+# sparse config, decoding sparsely too.
+SMALL = dict(TINY_SPARSE, decode_dense_below=0)
 
 
 @pytest.fixture(autouse=True)
