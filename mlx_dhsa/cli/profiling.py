@@ -17,13 +17,14 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models import gemma2
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
+from ..device import GPU_SIZES
 from ..evaluation.methods import Method
 from ..evaluation.runinfo import PrefillPaths, attention_path, environment, model_dtype
 from ..extras import require
 from ..patching import make_prompt_cache
 
-DEFAULT_CONTEXTS = (4096, 8192, 16384, 32768)
-DEFAULT_TRIALS = 3
+DEFAULT_CONTEXTS = GPU_SIZES.profile_contexts  # the CLI's defaults depend on the device
+DEFAULT_TRIALS = GPU_SIZES.profile_trials
 DEFAULT_DECODE_TOKENS = 32
 GEMMA2_2B = dict(
     hidden_size=2304,
@@ -108,13 +109,18 @@ def random_model(shape: str, dtype: mx.Dtype = mx.float32, **overrides) -> nn.Mo
     Raises:
         ValueError: ``shape`` is not in ``SHAPES``.
     """
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
-    args = {**SHAPES[shape], **overrides}
-    model = gemma2.Model(gemma2.ModelArgs(model_type="gemma2", **args))
+    model = unbuilt(shape, **overrides)
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
+
+
+def unbuilt(shape: str, **overrides) -> nn.Module:
+    """The Gemma2 of ``SHAPES[shape]`` with its weights not yet computed: it takes no memory
+    until evaluated, and tells its sizes (``estimate.ModelSize.of``)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    return gemma2.Model(gemma2.ModelArgs(model_type="gemma2", **{**SHAPES[shape], **overrides}))
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,7 @@ def compare(
     warmup: int = 1,
     decode_tokens: int = DEFAULT_DECODE_TOKENS,
     on_trial: Callable[[int, ProfileRow], Any] | None = None,
+    on_run: Callable[[int, int, str], Any] | None = None,
     info: dict | None = None,
 ) -> ProfileReport:
     """Prefill latency, decode tokens/s and peak memory of each method at each context length.
@@ -213,6 +220,8 @@ def compare(
         warmup (int): untimed runs per method (they compile kernels). Default: ``1``.
         decode_tokens (int): tokens generated per run. Default: ``32``.
         on_trial (callable, optional): called as ``on_trial(i, row)`` after every trial.
+        on_run (callable, optional): called as ``on_run(runs done, runs in all, what runs
+            now)`` before every run (warm-ups and trials), and once at the end.
         info (dict, optional): extra fields for the environment record (model name, ...).
 
     Returns:
@@ -224,12 +233,21 @@ def compare(
     prompts = {n: mx.random.randint(0, vocab, (n,), key=key) for n in sorted(contexts)}
     all_trials: list[ProfileRow] = []
     rows: list[ProfileRow] = []
+    runs, total = 0, len(methods) * (warmup + len(prompts) * trials)
+
+    def starting(now: str) -> None:
+        nonlocal runs
+        if on_run is not None:
+            on_run(runs, total, now)
+        runs += 1
+
     for m in methods:
         m.apply(model)
         # Warm up on the sparse path where there is one: it compiles the DHSA kernels.
         limit = m.config.dense_limit if m.config is not None else 0
         n = min((n for n in prompts if n > limit), default=min(prompts))
         for _ in range(warmup):
+            starting(f"{m.label} at {n} tokens, warm-up")
             _trial(model, tokenizer, prompts[n], m.label, decode_tokens)
     for n, prompt in prompts.items():
         for m in methods:
@@ -237,11 +255,14 @@ def compare(
             mx.clear_cache()
             done = []
             for i in range(trials):
+                starting(f"{m.label} at {n} tokens, trial {i + 1}/{trials}")
                 done.append(_trial(model, tokenizer, prompt, m.label, decode_tokens))
                 if on_trial is not None:
                     on_trial(i, done[-1])
             all_trials += done
             rows.append(_mean(done))
+    if on_run is not None:
+        on_run(total, total, "done")
     Method("dense", None).apply(model)
     env = environment(dtype=model_dtype(model), **(info or {}))
     env["configs"] = {m.label: m.as_dict()["config"] for m in methods}

@@ -37,6 +37,11 @@ def note(message: str) -> None:
     console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    """A line that must be seen before a long run starts."""
+    console.print(f"[bold yellow]Note:[/] {escape(message)}", soft_wrap=True)
+
+
 def line(text: str) -> None:
     """A plain line, never wrapped (stats and key=value lines stay greppable)."""
     console.print(escape(text), soft_wrap=True)
@@ -49,8 +54,9 @@ def status(message: str) -> Iterator[None]:
 
 
 @contextmanager
-def progress(description: str, unit: str = "tokens") -> Iterator[Callable[[int, int], None]]:
-    """A bar updated by ``update(done, total)`` (mlx-lm's ``prompt_progress_callback``)."""
+def progress(description: str, unit: str = "tokens") -> Iterator[Callable[..., None]]:
+    """A bar updated by ``update(done, total)`` (mlx-lm's ``prompt_progress_callback``), or
+    ``update(done, total, now)`` to also say what runs now."""
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -61,7 +67,12 @@ def progress(description: str, unit: str = "tokens") -> Iterator[Callable[[int, 
     ]
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(escape(description), total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+        def update(done: int, total: int, now: str | None = None) -> None:
+            text = description if now is None else f"{description}: {now}"
+            bar.update(task, completed=done, total=total, description=escape(text))
+
+        yield update
 
 
 # --- chat -----------------------------------------------------------------------------------
