@@ -186,29 +186,26 @@ def niah_report(report) -> None:
 # --- info -----------------------------------------------------------------------------------
 
 
+def key_values(title: str, rows: dict) -> None:
+    """A two-column table of ``rows`` under ``title``."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows.items():
+        table.add_row(str(key), escape(str(value)))
+    console.print(table)
+
+
 def info(versions: dict, config: dict, aliases: dict) -> None:
-    for title, rows in (
-        ("environment", versions),
-        ("DHSA config", config),
-        ("model aliases", aliases),
-    ):
-        table = Table(title=title, show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
-        for key, value in rows.items():
-            table.add_row(str(key), escape(str(value)))
-        console.print(table)
+    key_values("environment", versions)
+    key_values("DHSA config", config)
+    key_values("model aliases", aliases)
 
 
 def doctor(report: dict) -> None:
     """The doctor's report: environment and device, kernel checks, timings, verdict."""
-    for title, rows in (("environment", report["environment"]), ("device", report["device"])):
-        table = Table(title=title, show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
-        for key, value in rows.items():
-            table.add_row(str(key), escape(str(value)))
-        console.print(table)
+    key_values("environment", report["environment"])
+    key_values("device", report["device"])
     table = Table(title="kernels vs reference", title_justify="left")
     for col in ("check", "status", "max error", "tolerance", "detail"):
         table.add_column(col)
