@@ -1,4 +1,4 @@
-"""Settings that depend on the GPU: measured where they were tuned, estimated elsewhere.
+"""Settings that depend on the device: measured where they were tuned, estimated elsewhere.
 
 MLX reports a device's name and architecture (``mx.device_info``) but not its core count or
 memory bandwidth, so those come from the name. Two settings depend on them:
@@ -9,9 +9,14 @@ memory bandwidth, so those come from the name. Two settings depend on them:
   more launches (planning), a dense one reads every key: the crossover grows with memory
   bandwidth. Measured on the H200 (docs/benchmarks.md, decode); elsewhere scaled from it by
   bandwidth, an estimate (Metal: never measured).
+
+The commands' default run sizes (:func:`run_sizes`: a GPU grid, or one a CPU finishes quickly)
+and the rate their run times are estimated at (:func:`device_rate`) also live here.
 """
 
 import math
+import statistics
+import time
 from functools import cache
 from typing import NamedTuple
 
@@ -82,3 +87,83 @@ def device_tuning() -> Tuning:
     if mx.cuda.is_available():
         return tuning_for("cuda", mx.device_info(mx.gpu))
     return tuning_for(None, {})
+
+
+class RunSizes(NamedTuple):
+    """What ``profile``, ``niah`` and ``doctor`` run when their sizes are not given."""
+
+    device: str  # "GPU" or "CPU"
+    profile_shape: str  # a key of cli.profiling.SHAPES
+    profile_contexts: tuple[int, ...]
+    profile_trials: int
+    niah_contexts: tuple[int, ...]
+    niah_depths: tuple[float, ...]  # percent
+    doctor_contexts: tuple[int, ...]
+    budget: int | None  # DHSA budget that makes these contexts sparse (None: DHSAConfig's)
+
+
+GPU_SIZES = RunSizes(
+    "GPU",
+    "gemma-2-2b",
+    (4096, 8192, 16384, 32768),
+    3,
+    (1024, 2048, 4096, 8192),
+    (0.0, 25.0, 50.0, 75.0, 100.0),
+    (8192, 32768),
+    None,
+)
+# Sized for a CPU: 1-2k tokens on a 4-layer model. Budget 384 is the least the default sink,
+# local window and block allow, so that 1k tokens (past 2 x 384) already run sparse.
+CPU_SIZES = RunSizes("CPU", "tiny", (1024, 2048), 2, (1024,), (0.0, 50.0, 100.0), (1024,), 384)
+
+
+def run_sizes() -> RunSizes:
+    """:data:`GPU_SIZES` when MLX runs on a GPU, else :data:`CPU_SIZES`."""
+    return CPU_SIZES if mx.default_device() == mx.cpu else GPU_SIZES
+
+
+class Rate(NamedTuple):
+    flops: float  # floating-point operations per second a model's forward pass is assumed to reach
+    basis: str  # where the figure comes from, said with every estimate
+
+
+# The H200's effective rate in gemma-2-2b's dense 32k prefill (bf16): that prefill's FLOPs
+# divided by its time in docs/benchmarks.md. Other GPUs: scaled by SMs or memory bandwidth.
+H200_FLOPS = 1.3e14
+CALIBRATION_SIZE = 256  # a CPU's rate: the median of 5 fp32 matmuls of this size
+
+
+def rate_for(backend: str | None, info: dict) -> Rate | None:
+    """The assumed rate of a GPU (``backend`` ``"metal"`` or ``"cuda"``); None for a CPU."""
+    name = str(info.get("device_name", ""))
+    if backend == "cuda":
+        key = next((k for k in CUDA_SMS if k in name), None)
+        sms = CUDA_SMS.get(key, 132)
+        return Rate(H200_FLOPS * sms / 132, f"the H200's prefill rate scaled to {sms} SMs")
+    if backend == "metal":
+        tier = next((t for t in ("Ultra", "Max", "Pro") if t in name), "")
+        bandwidth = APPLE_TIERS[tier][1]
+        return Rate(
+            H200_FLOPS * bandwidth / H200_BANDWIDTH,
+            f"the H200's prefill rate scaled to {bandwidth} GB/s, a guess",
+        )
+    return None
+
+
+@cache
+def device_rate() -> Rate:
+    """The rate run times are estimated at: assumed for a GPU (:func:`rate_for`), measured on
+    a CPU (a few small fp32 matmuls, which tracks the BLAS MLX's CPU build uses)."""
+    if mx.default_device() != mx.cpu:
+        backend = "metal" if mx.metal.is_available() else "cuda"
+        return rate_for(backend, mx.device_info(mx.gpu))
+    n = CALIBRATION_SIZE
+    a = mx.random.normal((n, n), key=mx.random.key(0))
+    mx.eval(a @ a)
+    seconds = []
+    for _ in range(5):
+        tic = time.perf_counter()
+        mx.eval(a @ a)
+        seconds.append(time.perf_counter() - tic)
+    flops = 2 * n**3 / max(statistics.median(seconds), 1e-9)
+    return Rate(flops, f"{flops / 1e9:.1f} GFLOP/s, this CPU's fp32 matmul rate measured now")

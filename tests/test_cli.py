@@ -1,6 +1,7 @@
 """The mlx-dhsa commands on a tiny random Gemma2 saved with a small BPE tokenizer (offline)."""
 
 import json
+import os
 import re
 
 import mlx.core as mx
@@ -12,8 +13,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mlx_dhsa import patch
+from mlx_dhsa.cli import estimate
 from mlx_dhsa.cli.app import app
 from mlx_dhsa.cli.chat import ChatSession
+from mlx_dhsa.device import CPU_SIZES, run_sizes
 from mlx_dhsa.evaluation import niah
 
 TEMPLATE = (
@@ -315,3 +318,74 @@ def test_info():
     assert result.exit_code == 0, result.output
     for text in ("mlx_lm", "backends", "attention path", "dhsa(", "1024", "gemma-2-2b"):
         assert text in result.output
+
+
+def test_profile_tiny_defaults_finish(tmp_path):
+    """`mlx-dhsa profile --shape tiny` as typed: device-sized defaults (CPU: 1-2k tokens)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_dhsa",
+            "profile",
+            "--shape",
+            "tiny",
+            "--json",
+            tmp_path / "p.json",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "prefill / decode / memory" in done.stdout and "Traceback" not in done.stderr
+    sizes = run_sizes()
+    rows = json.loads((tmp_path / "p.json").read_text())["results"]
+    assert sorted({r["context"] for r in rows}) == list(sizes.profile_contexts)
+    if sizes is CPU_SIZES:
+        assert "The GPU-sized grid: --shape gemma-2-2b --contexts 4096" in done.stdout
+        assert {r["attention"] for r in rows if r["method"] == "dhsa"} == {"dhsa(reference)"}
+
+
+def test_niah_defaults_fit_the_device(model_dir, tmp_path):
+    """niah with only a model and a haystack: the device's grid (a random tiny model: the
+    shipped gemma-3-270m prefills 1k tokens far too slowly for a test on a plain CPU)."""
+    hay = tmp_path / "hay"
+    hay.mkdir()
+    (hay / "essay.txt").write_text(_text(200))
+    out = tmp_path / "n.json"
+    result = _run("niah", "--model", model_dir, "--haystack", hay, "--json", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    sizes = run_sizes()
+    assert report["contexts"] == list(sizes.niah_contexts)
+    assert report["depths"] == list(sizes.niah_depths)
+    if sizes is CPU_SIZES:
+        assert "The GPU-sized grid: --contexts 1024,2048,4096,8192" in result.output
+        assert {r["attention"] for r in report["results"] if r["method"] == "dhsa"} == {
+            "dhsa(reference)"
+        }
+
+
+def test_long_runs_say_so_first(monkeypatch):
+    assert "Note:" not in _run("profile", "--shape", "tiny", "--contexts", "64", "-n", "1").output
+    monkeypatch.setattr(estimate, "LONG_S", 0.0)
+    result = _run("profile", "--shape", "tiny", "--contexts", "64", "-n", "1", "-g", "1")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert re.search(r"^Note: This profile is estimated at about .+ here \(", out, re.M), out
+    assert out.index("Note: This profile") < out.index("Trial 1:")
+
+
+def test_typed_budget_is_kept_on_a_cpu(tmp_path):
+    out = tmp_path / "p.json"
+    args = ["profile", "--shape", "tiny", "--contexts", "64", "-n", "1", "-g", "1", "--json", out]
+    assert _run(*args, "--budget", "2048").exit_code == 0
+    budget = json.loads(out.read_text())["environment"]["configs"]["dhsa"]["budget"]
+    assert budget == 2048
+    assert _run(*args).exit_code == 0
+    budget = json.loads(out.read_text())["environment"]["configs"]["dhsa"]["budget"]
+    assert budget == (run_sizes().budget or 2048)

@@ -7,7 +7,7 @@ import importlib
 import inspect
 import typing
 from types import UnionType
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 from unittest import mock
 
 import typer
@@ -31,6 +31,8 @@ def _options(command: str) -> dict[str, list[str]]:
     flags = {p.name: max(p.opts, key=len) for p in group.commands[command].params}
     found = {}
     for name, param in inspect.signature(getattr(app_module, command)).parameters.items():
+        if typing.get_origin(param.annotation) is not Annotated:
+            continue  # typer.Context
         kind = typing.get_args(param.annotation)[0]  # Annotated[kind, typer.Option(...)]
         kinds = typing.get_args(kind) if typing.get_origin(kind) in (Union, UnionType) else [kind]
         kinds = [k for k in kinds if k is not type(None)]

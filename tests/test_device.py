@@ -51,3 +51,28 @@ def test_config_decode_groups_reach_the_decode_launch():
             (mx.float16,) * 3, 128, 8, 4, 1, 5000, None, decode_groups=128
         )
     assert (default.groups, chosen.groups) == (512, 128)
+
+
+def test_run_sizes_and_estimates():
+    from mlx_dhsa.cli.estimate import ModelSize, long_run_warning, profile_flops
+    from mlx_dhsa.cli.profiling import unbuilt
+    from mlx_dhsa.device import CPU_SIZES, GPU_SIZES, device_rate, rate_for, run_sizes
+
+    assert run_sizes() is CPU_SIZES  # the tests run on MLX's CPU build
+    assert DHSAConfig(budget=CPU_SIZES.budget).dense_limit < min(CPU_SIZES.profile_contexts)
+    assert GPU_SIZES.budget is None and GPU_SIZES.profile_contexts[-1] == 32768
+    size = ModelSize.of(unbuilt("tiny"))  # hidden 128, 4 layers, 4 x 32 query, 2 x 32 KV
+    assert size.layer_weights == 128 * (128 + 64 + 64) + 128 * 128 + 3 * 128 * 256
+    assert (size.layers, size.heads, size.head_dim, size.vocab) == (4, 4, 32, 1024)
+    one = size.forward_flops(8, logits=0)
+    assert one == 4 * (2 * size.layer_weights * 8 + 4 * 4 * 32 * 8 * 8)
+    assert profile_flops(size, [8], methods=2, trials=3, decode_tokens=0) == 2 * 4 * (
+        one + 2 * 1024 * 128
+    )
+    assert device_rate().flops > 0 and "CPU" in device_rate().basis
+    assert (
+        rate_for("cuda", {"device_name": "NVIDIA H200"}).flops
+        > rate_for("metal", {"device_name": "Apple M2 Max"}).flops
+    )
+    assert long_run_warning(1.0, "x") is None
+    assert long_run_warning(1e18, "This run").startswith("This run is estimated at about")

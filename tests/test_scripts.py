@@ -112,3 +112,10 @@ def test_scripts_use_only_public_names_and_not_each_other():
             elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
                 private = node.attr.startswith("_") and not node.attr.startswith("__")
                 assert not private, f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}"
+
+
+def test_bench_doc_cache_random_shape_offline(monkeypatch, capsys):
+    """--shape needs no tokenizer, haystack or network (the GPU figures at 8k and 32k)."""
+    _run("bench_doc_cache", ["--shape", "tiny", "--tokens", "96"], monkeypatch)
+    out = capsys.readouterr().out
+    assert "model=random tiny" in out and "tokens=" in out and "second_open_s=" in out

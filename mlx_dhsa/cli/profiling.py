@@ -17,13 +17,14 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models import gemma2
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
+from ..device import GPU_SIZES
 from ..evaluation.methods import Method
 from ..evaluation.runinfo import PrefillPaths, attention_path, environment, model_dtype
 from ..extras import require
 from ..patching import make_prompt_cache
 
-DEFAULT_CONTEXTS = (4096, 8192, 16384, 32768)
-DEFAULT_TRIALS = 3
+DEFAULT_CONTEXTS = GPU_SIZES.profile_contexts  # the CLI's defaults depend on the device
+DEFAULT_TRIALS = GPU_SIZES.profile_trials
 DEFAULT_DECODE_TOKENS = 32
 GEMMA2_2B = dict(
     hidden_size=2304,
@@ -108,13 +109,18 @@ def random_model(shape: str, dtype: mx.Dtype = mx.float32, **overrides) -> nn.Mo
     Raises:
         ValueError: ``shape`` is not in ``SHAPES``.
     """
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
-    args = {**SHAPES[shape], **overrides}
-    model = gemma2.Model(gemma2.ModelArgs(model_type="gemma2", **args))
+    model = unbuilt(shape, **overrides)
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
+
+
+def unbuilt(shape: str, **overrides) -> nn.Module:
+    """The Gemma2 of ``SHAPES[shape]`` with its weights not yet computed: it takes no memory
+    until evaluated, and tells its sizes (``estimate.ModelSize.of``)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    return gemma2.Model(gemma2.ModelArgs(model_type="gemma2", **{**SHAPES[shape], **overrides}))
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,7 @@ def compare(
     warmup: int | None = None,
     decode_tokens: int = DEFAULT_DECODE_TOKENS,
     on_trial: Callable[[int, ProfileRow], Any] | None = None,
+    on_run: Callable[[int, int, str], Any] | None = None,
     info: dict | None = None,
 ) -> ProfileReport:
     """Prefill latency, decode tokens/s and peak memory of each method at each context length.
@@ -214,6 +221,8 @@ def compare(
             (kernels compile on first use), ``0`` on a CPU (nothing to compile).
         decode_tokens (int): tokens generated per run. Default: ``32``.
         on_trial (callable, optional): called as ``on_trial(i, row)`` after every trial.
+        on_run (callable, optional): called as ``on_run(runs done, runs in all, what runs
+            now)`` before every run (warm-ups and trials), and once at the end.
         info (dict, optional): extra fields for the environment record (model name, ...).
 
     Returns:
@@ -227,21 +236,33 @@ def compare(
         warmup = 0 if mx.default_device() == mx.cpu else 1
     all_trials: list[ProfileRow] = []
     rows: list[ProfileRow] = []
+    runs, total = 0, len(methods) * len(prompts) * (warmup + trials)
+
+    def starting(now: str) -> None:
+        nonlocal runs
+        if on_run is not None:
+            on_run(runs, total, now)
+        runs += 1
+
     for n, prompt in prompts.items():
         for m in methods:
             m.apply(model)
             # Untimed runs at this very length: a kernel's template parameters (split or
             # whole-key launches, tile sizes) depend on the length, and each new set compiles.
             for _ in range(warmup):
+                starting(f"{m.label} at {n} tokens, warm-up")
                 _trial(model, tokenizer, prompt, m.label, decode_tokens)
             mx.clear_cache()
             done = []
             for i in range(trials):
+                starting(f"{m.label} at {n} tokens, trial {i + 1}/{trials}")
                 done.append(_trial(model, tokenizer, prompt, m.label, decode_tokens))
                 if on_trial is not None:
                     on_trial(i, done[-1])
             all_trials += done
             rows.append(_mean(done))
+    if on_run is not None:
+        on_run(total, total, "done")
     Method("dense", None).apply(model)
     env = environment(dtype=model_dtype(model), **(info or {}))
     env["configs"] = {m.label: m.as_dict()["config"] for m in methods}

@@ -25,10 +25,9 @@ import time
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import mlx.core as mx
-import typer
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.server import (
@@ -46,7 +45,19 @@ from ..loading import load, resolve
 from . import ui
 from .chat import model_context
 from .doc_cache import DEFAULT_MAX_GB, CorruptEntry, DocCache, namespace
-from .options import Dense, DocCacheGB, DocCacheOn, MaxTokens, Model, Temp, dhsa_options
+from .options import (
+    AllowedOrigin,
+    Dense,
+    DocCacheGB,
+    DocCacheOn,
+    Host,
+    LogLevel,
+    MaxTokens,
+    Model,
+    Port,
+    Temp,
+    dhsa_options,
+)
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_TOKENS = 512  # as mlx_lm.server
@@ -437,23 +448,15 @@ DEFAULT_MODEL = "gemma-3-270m"
 @dhsa_options
 def serve(
     model: Model = DEFAULT_MODEL,
-    host: Annotated[str, typer.Option(help="Address to bind; other machines need 0.0.0.0.")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = (
-        DEFAULT_PORT
-    ),
+    host: Host = "127.0.0.1",
+    port: Port = DEFAULT_PORT,
     max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
     temp: Temp = 0.0,
     dense: Dense = False,
     doc_cache: DocCacheOn = True,
     doc_cache_gb: DocCacheGB = DEFAULT_MAX_GB,
-    allowed_origin: Annotated[
-        list[str] | None, typer.Option(help="Origin allowed by CORS (repeatable; '*': any).")
-    ] = None,
-    log_level: Annotated[
-        Literal["DEBUG", "INFO", "WARNING", "ERROR"], typer.Option(help="Server log level.")
-    ] = "INFO",
+    allowed_origin: AllowedOrigin = None,
+    log_level: LogLevel = "INFO",
     config: DHSAConfig = None,
 ):
     """OpenAI-compatible server (mlx-lm's) for a DHSA model: /v1/chat/completions, /v1/completions,

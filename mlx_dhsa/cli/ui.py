@@ -37,6 +37,11 @@ def note(message: str) -> None:
     console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    """A line that must be seen before a long run starts."""
+    console.print(f"[bold yellow]Note:[/] {escape(message)}", soft_wrap=True)
+
+
 def line(text: str) -> None:
     """A plain line, never wrapped (stats and key=value lines stay greppable)."""
     console.print(escape(text), soft_wrap=True)
@@ -49,8 +54,9 @@ def status(message: str) -> Iterator[None]:
 
 
 @contextmanager
-def progress(description: str, unit: str = "tokens") -> Iterator[Callable[[int, int], None]]:
-    """A bar updated by ``update(done, total)`` (mlx-lm's ``prompt_progress_callback``)."""
+def progress(description: str, unit: str = "tokens") -> Iterator[Callable[..., None]]:
+    """A bar updated by ``update(done, total)`` (mlx-lm's ``prompt_progress_callback``), or
+    ``update(done, total, now)`` to also say what runs now."""
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -61,7 +67,12 @@ def progress(description: str, unit: str = "tokens") -> Iterator[Callable[[int, 
     ]
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(escape(description), total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+        def update(done: int, total: int, now: str | None = None) -> None:
+            text = description if now is None else f"{description}: {now}"
+            bar.update(task, completed=done, total=total, description=escape(text))
+
+        yield update
 
 
 # --- chat -----------------------------------------------------------------------------------
@@ -175,29 +186,26 @@ def niah_report(report) -> None:
 # --- info -----------------------------------------------------------------------------------
 
 
+def key_values(title: str, rows: dict) -> None:
+    """A two-column table of ``rows`` under ``title``."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows.items():
+        table.add_row(str(key), escape(str(value)))
+    console.print(table)
+
+
 def info(versions: dict, config: dict, aliases: dict) -> None:
-    for title, rows in (
-        ("environment", versions),
-        ("DHSA config", config),
-        ("model aliases", aliases),
-    ):
-        table = Table(title=title, show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
-        for key, value in rows.items():
-            table.add_row(str(key), escape(str(value)))
-        console.print(table)
+    key_values("environment", versions)
+    key_values("DHSA config", config)
+    key_values("model aliases", aliases)
 
 
 def doctor(report: dict) -> None:
     """The doctor's report: environment and device, kernel checks, timings, verdict."""
-    for title, rows in (("environment", report["environment"]), ("device", report["device"])):
-        table = Table(title=title, show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
-        for key, value in rows.items():
-            table.add_row(str(key), escape(str(value)))
-        console.print(table)
+    key_values("environment", report["environment"])
+    key_values("device", report["device"])
     table = Table(title="kernels vs reference", title_justify="left")
     for col in ("check", "status", "rel. error", "tolerance", "detail"):
         table.add_column(col)

