@@ -10,6 +10,9 @@ to ``OUT/rank<r>.json`` for the test to check:
 - ``sparse``: greedy tokens of a sparse DHSA run (prompt past the dense limit, sparse decode),
   whether its logits stayed finite, and the paths its layers took.
 
+Models: ``llama`` and ``gemma2`` split by tensor parallelism, ``qwen2-pipeline`` by mlx-lm's
+pipeline parallelism (2 of its 4 layers per rank).
+
 Usage: mlx.launch -n 2 --backend ring python tests/distributed_worker.py llama OUT
 """
 
@@ -27,7 +30,32 @@ from mlx_dhsa import make_prompt_cache, patch, unpatch  # noqa: E402
 from mlx_dhsa.distributed import shard, world  # noqa: E402
 from mlx_dhsa.patching import dhsa_layers  # noqa: E402
 
-MODELS = {"llama": tiny_llama, "gemma2": tiny_gemma2}
+
+def tiny_qwen2():
+    """Random qwen2 (mlx-lm gives it pipeline parallelism), 4 layers, GQA 4/2, fp32."""
+    from mlx_lm.models import qwen2
+
+    args = qwen2.ModelArgs(
+        model_type="qwen2", hidden_size=128, num_hidden_layers=4, intermediate_size=256,
+        num_attention_heads=4, rms_norm_eps=1e-6, vocab_size=1024, num_key_value_heads=2,
+    )  # fmt: skip
+    model = qwen2.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def pipelined(model, group):
+    """mlx-lm's pipeline parallelism: this rank keeps a contiguous range of layers."""
+    model.model.pipeline(group)
+    return model
+
+
+# name -> (model, how to split it across the group)
+MODELS = {
+    "llama": (tiny_llama, shard),
+    "gemma2": (tiny_gemma2, shard),
+    "qwen2-pipeline": (tiny_qwen2, pipelined),
+}
 PROMPT = 160  # past small_config's dense limit (2 x 48 keys)
 NEW_TOKENS = 6
 FULL = small_config(budget=512, dense_below=0)  # every key kept, on the sparse path
@@ -60,18 +88,19 @@ def main(name: str, out: Path) -> None:
     group = world()
     mx.random.seed(0)
     with mx.stream(mx.cpu):
-        model = MODELS[name]()
+        make, split = MODELS[name]
+        model = make()
         tokens = mx.random.randint(0, 1024, (PROMPT,), key=mx.random.key(1)).tolist()
         dense_ref = logits(model, tokens)
         one = patch(clone(model), FULL)
         dhsa_ref = logits(one, tokens)
         ref_tokens, _ = greedy(patch(unpatch(one), SPARSE), tokens, NEW_TOKENS)
 
-        after = shard(clone(model), group)
+        after = split(clone(model), group)
         dense = logits(after, tokens)
         dhsa_after = logits(patch(after, FULL), tokens)
         full_paths = sorted({a.last_path for a in dhsa_layers(after)})
-        before = shard(patch(clone(model), FULL), group)
+        before = split(patch(clone(model), FULL), group)
         dhsa_before = logits(before, tokens)
         sparse_tokens, finite = greedy(patch(unpatch(after), SPARSE), tokens, NEW_TOKENS)
         sparse_paths = sorted({a.last_path for a in dhsa_layers(after)})
@@ -81,6 +110,7 @@ def main(name: str, out: Path) -> None:
         rank=group.rank(),
         size=group.size(),
         heads=heads,
+        layers=len(after.layers),
         dense=max_diff(dense, dense_ref),
         dhsa_full=max_diff(dhsa_after, dhsa_ref),
         dhsa_full_vs_dense=max_diff(dhsa_after, dense_ref),

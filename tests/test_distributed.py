@@ -117,14 +117,14 @@ def launcher() -> list[str]:
     return [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
 
 
-def launch(model: str, out: Path) -> list[dict]:
-    """Run the worker on two local ranks; returns what each rank wrote, rank order."""
+def run_launched(*command: str) -> str:
+    """``mlx.launch -n 2 --backend ring`` on 127.0.0.1 with a time limit; returns stdout."""
     cmd = [
         *launcher(),
         "-n", "2",
         "--backend", "ring",
         "--starting-port", str(_free_port_pair()),
-        sys.executable, str(WORKER), model, str(out),
+        sys.executable, *command,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     proc = subprocess.Popen(
@@ -138,6 +138,12 @@ def launch(model: str, out: Path) -> list[dict]:
         proc.communicate()
         pytest.fail(f"mlx.launch did not finish in {LAUNCH_TIMEOUT} s")
     assert proc.returncode == 0, f"mlx.launch failed ({proc.returncode}):\n{stdout}\n{stderr}"
+    return stdout
+
+
+def launch(model: str, out: Path) -> list[dict]:
+    """Run the worker on two local ranks; returns what each rank wrote, rank order."""
+    run_launched(str(WORKER), model, str(out))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -147,14 +153,68 @@ ring = pytest.mark.skipif(
 
 
 @ring
-@pytest.mark.parametrize("model", ["llama", "gemma2"])
-def test_two_ranks_match_one_process(model, tmp_path):
+@pytest.mark.parametrize(
+    "model, heads, layers",
+    [("llama", [2, 1], 3), ("gemma2", [2, 1], 4), ("qwen2-pipeline", [4, 2], 2)],
+)
+def test_two_ranks_match_one_process(model, heads, layers, tmp_path):
+    """Tensor parallel: each rank holds 2 of 4 query and 1 of 2 KV heads of every layer.
+    Pipeline (qwen2): each rank holds 2 of the 4 layers, with all their heads."""
     ranks = launch(model, tmp_path)
     for r in ranks:
-        assert r["size"] == 2 and r["heads"] == [2, 1]  # 4 query / 2 KV heads, split 2 ways
+        assert r["size"] == 2 and r["heads"] == heads and r["layers"] == layers
         assert r["dense"] <= LOGIT_TOL  # sharded dense = one-process dense
         assert r["full_paths"] == ["dhsa(reference)"]  # the sparse path, every key kept
         assert r["dhsa_full"] <= LOGIT_TOL  # = one-process DHSA
         assert r["patch_order"] == 0.0  # patch -> shard is shard -> patch, bit for bit
         assert r["sparse_finite"] and r["sparse_paths"] == ["dhsa(reference)"]
     assert ranks[0]["sparse_tokens"] == ranks[1]["sparse_tokens"]
+
+
+# Small settings that put a few hundred tokens on the sparse path (prefill and decode).
+CLI_SPARSE = ["--budget", "64", "--block-size", "16", "--local", "16", "--dense-tail", "8"]
+SMOLLM2 = Path.home() / ".cache" / "mlx_dhsa" / "models" / "smollm2-135m"
+
+
+def tiny_llama_dir(path: Path) -> Path:
+    """A tiny random llama (4 query / 2 KV heads: splits 2 ways) with SmolLM2's tokenizer."""
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    model = tiny_llama(vocab_size=49152)
+    path.mkdir()
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    args = {k: v for k, v in vars(model.args).items() if isinstance(v, (int, float, str))}
+    config = dict(args, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
+    (path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(SMOLLM2 / name, path / name)
+    return path
+
+
+@ring
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="needs the smollm2-135m tokenizer (demo extra)")
+def test_chat_under_mlx_launch(tmp_path):
+    """Rank 0 prints one answer per question; the follower prints nothing."""
+    model = tiny_llama_dir(tmp_path / "tiny")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog near the river bank.\n" * 30)
+    out = run_launched(
+        "-m", "mlx_dhsa", "chat", "--model", str(model), "--doc", str(doc),
+        "--question", "What jumps?", "--question", "Where?", "--max-tokens", "3",
+        "--decode-dense-below", "0", *CLI_SPARSE,
+    )  # fmt: skip
+    assert out.count("mlx-dhsa chat") == 1 and "tensor parallel over 2 ranks" in out
+    assert out.count("Generation: 3 tokens") == 2
+    assert "Attention: dhsa(reference) (prefill), dhsa(reference) (decode)" in out
+
+
+@ring
+def test_profile_under_mlx_launch():
+    out = run_launched(
+        "-m", "mlx_dhsa", "profile", "--shape", "tiny", "--contexts", "256", "--trials", "1",
+        "--generation-tokens", "2", "--methods", "dense,dhsa", *CLI_SPARSE,
+    )  # fmt: skip
+    assert out.count("method=dhsa context=256") == 2  # the trial and the average, rank 0 only
+    assert "attention=dhsa(reference)" in out and "tensor parallel over 2 ranks" in out
