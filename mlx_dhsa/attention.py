@@ -244,6 +244,16 @@ class DHSAAttention(nn.Module):
         object.__setattr__(attn, "_base", base)  # kept out of the parameter tree, for unpatch
         return attn
 
+    # What mlx-lm's shard() (and mlx_dhsa.distributed.shard) replace on an attention module:
+    # passed on to the wrapped module, so that patching before or after sharding is the same.
+    _MIRRORED = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "n_heads", "n_kv_heads"})
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        super().__setattr__(key, value)
+        base = self.__dict__.get("_base")
+        if base is not None and key in self._MIRRORED:
+            setattr(base, key, value)
+
     @property
     def last_path(self) -> str:
         """What ran the last call: ``"dense"``, ``"dhsa(kernel)"``, ``"dhsa(reference)"``

@@ -8,6 +8,7 @@ mlx-lm's attention and cache: their window already bounds the cost.
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 
 from .attention import DHSAAttention, SharedChunks
 from .config import DHSAConfig
@@ -77,3 +78,29 @@ def patch_llama(model: nn.Module, config: DHSAConfig) -> None:
     patch_layers(
         model.layers, config, LlamaAttention, lambda i, l: not getattr(l, "use_sliding", False)
     )
+
+
+def shard_attention_and_mlp(layers: list, group: mx.distributed.Group) -> None:
+    """Tensor parallelism as mlx-lm's ``llama.Model.shard`` writes it: Q/K/V and the MLP's
+    gate/up projections keep this rank's output rows (its heads), O and down its input
+    columns and sum over the group; each rank keeps ``1/N`` of the heads. Works on mlx-lm's
+    attention and on a patched ``DHSAAttention`` (which passes the change to its base)."""
+    N = group.size()
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.q_proj = shard_linear(attn.q_proj, "all-to-sharded", group=group)
+        attn.k_proj = shard_linear(attn.k_proj, "all-to-sharded", group=group)
+        attn.v_proj = shard_linear(attn.v_proj, "all-to-sharded", group=group)
+        attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
+        attn.n_heads //= N
+        attn.n_kv_heads //= N
+        mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+        mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+        mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+
+
+def shard_gemma(model: nn.Module, group: mx.distributed.Group) -> None:
+    """``shard()`` for gemma2 and gemma3_text, which mlx-lm gives none: their attention and
+    MLP use llama's names, and embeddings, norms and the tied head stay whole on every rank
+    (as llama's)."""
+    shard_attention_and_mlp(model.layers, group)

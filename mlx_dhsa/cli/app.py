@@ -11,7 +11,8 @@ from ..evaluation import niah as needle
 from ..evaluation import runinfo
 from ..evaluation.methods import DEFAULT_METHODS
 from ..extras import MissingExtraError, require
-from ..loading import MODEL_ALIASES, ModelNotFoundError, load
+from ..loading import MODEL_ALIASES, ModelNotFoundError
+from . import distributed as dist
 from . import profiling, ui
 from .chat import ChatSession, ContextTooLong, model_context
 from .convert import convert_gguf, convert_predictor
@@ -80,7 +81,7 @@ def _load(model: str, config: DHSAConfig, *, patch: bool):
 
     try:
         with ui.status(f"Loading {model}"):
-            lm, tokenizer = load(model, config, patch=patch)
+            lm, tokenizer = dist.load(model, config, patch=patch)  # sharded under mlx.launch
     except (ModelNotFoundError, FileNotFoundError, ValueError, NotImplementedError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if mx.default_device() == mx.cpu:  # load() casts to float32 there (it is many times faster)
@@ -106,12 +107,14 @@ def chat(
     """Chat about long documents: prefill once, then ask questions (/reset, /stats, /quit)."""
     from mlx_lm.sample_utils import make_sampler
 
-    if STDIN in (doc or []) and not question:
+    dist.start()  # under mlx.launch: rank 0 reads and prints, the other ranks follow
+    if STDIN in (doc or []) and not question and dist.leader():
         _check_tty()  # before the document is read and prefilled
     try:
-        document = read_documents(doc) if doc else None
+        document = read_documents(doc) if doc and dist.leader() else None
     except DocumentError as e:
         _fail(str(e))
+    document = dist.share(document)
     lm, tokenizer = _load(model, config, patch=not dense)
     session = ChatSession(lm, tokenizer, document)
     context = max_context or model_context(model)
@@ -131,12 +134,16 @@ def chat(
         len(session.render(None)) if document else None,
         interactive=not question,
     )
+    if launched := dist.launched():  # each rank's prompt cache holds its shard: none kept
+        ui.note(f"{dist.describe()}; the document prefill cache is off")
     if document:
         tokens = len(session.render(None))
         _warn_if_long(ModelSize.of(lm).forward_flops(tokens), f"Prefilling {tokens:,} tokens")
         kept = None if dense else config
-        _open_document(session, model, lm, tokenizer, kept, doc_cache_gb, doc_cache)
-    asked = iter(question) if question else _prompts(STDIN in (doc or []))
+        _open_document(
+            session, model, lm, tokenizer, kept, doc_cache_gb, doc_cache and not launched
+        )
+    asked = dist.follow(iter(question) if question else _prompts(STDIN in (doc or [])))
     sampler = make_sampler(temp=temp)
     for text in asked:
         text = text.strip()
@@ -270,6 +277,7 @@ def profile(
     Defaults fit the device: a GPU grid on a GPU, a CPU-sized one on a CPU."""
     import mlx.core as mx
 
+    dist.start()
     sizes = run_sizes()
     budget_given = sizes.budget is None or "budget" in _typed(ctx)
     config, chosen, sizes_run = _grid_setup(
@@ -313,7 +321,7 @@ def profile(
         cpu = mx.default_device() == mx.cpu
         weights = getattr(mx, dtype or ("float32" if cpu else "bfloat16"))
         with ui.status(f"Building a random {shape}"):
-            lm, tokenizer = profiling.random_model(shape, weights), None
+            lm, tokenizer = dist.shard_random(profiling.random_model(shape, weights)), None
     with ui.progress("Profile", unit="runs") as update:
         report = profiling.compare(
             lm,
@@ -327,8 +335,11 @@ def profile(
             info={"model": model or f"random {shape}"},
         )
     ui.profile_report(report)
-    _write_json(json_out, report)
-    if plot:
+    if dist.launched():
+        ui.note(dist.describe())
+    if dist.leader():
+        _write_json(json_out, report)
+    if plot and dist.leader():
         ui.note(f"plot: {profiling.plot(report, plot)}")
 
 

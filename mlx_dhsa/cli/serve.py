@@ -41,7 +41,8 @@ from mlx_lm.server import (
 
 from ..config import DHSAConfig
 from ..evaluation.runinfo import PrefillPaths, attention_path
-from ..loading import load, resolve
+from ..loading import resolve
+from . import distributed as dist
 from . import ui
 from .chat import model_context
 from .doc_cache import DEFAULT_MAX_GB, CorruptEntry, DocCache, namespace
@@ -131,7 +132,7 @@ class DHSAModelProvider(ModelProvider):
         gc.collect()
         mx.clear_cache()
         try:
-            model, tokenizer = load(self.name, self.config, patch=self.patch)
+            model, tokenizer = dist.load(self.name, self.config, patch=self.patch)
             if mx.default_device() == mx.cpu:
                 model.set_dtype(mx.float32)  # MLX's CPU half-precision matmuls are slow
             mx.eval(model.parameters())
@@ -461,8 +462,15 @@ def serve(
 ):
     """OpenAI-compatible server (mlx-lm's) for a DHSA model: /v1/chat/completions, /v1/completions,
     /v1/models; long prompts stay prefilled on disk."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(message)s")
-    store = DocCache(max_gb=doc_cache_gb) if doc_cache else None
+    level = log_level if dist.leader() else "WARNING"  # followers: only what went wrong
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    dist.start()  # under mlx.launch rank 0 answers HTTP; mlx-lm shares each request
+    store = DocCache(max_gb=doc_cache_gb) if doc_cache and not dist.launched() else None
+    if not dist.leader():
+        args = server_args(model, max_tokens=max_tokens, temp=temp)
+        provider = DHSAModelProvider(args, config, patch=not dense)
+        DHSAResponseGenerator(provider, DiskPromptCache(provider, None, 0)).join()
+        return
     try:
         with ui.status(f"Loading {model}"):
             server = start(

@@ -1,0 +1,220 @@
+"""DHSA under MLX's distributed inference: mlx-lm's tensor parallelism, mlx.launch ranks.
+
+In-process tests check the sharding itself (with a stand-in group: shapes, heads, errors).
+The launched tests start two ranks on localhost with ``mlx.launch`` (ring backend, loopback
+only), each running tests/distributed_worker.py on a tiny random llama or Gemma2 split two
+ways, and check what the ranks wrote.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from conftest import small_config, tiny_gemma2, tiny_gemma3, tiny_llama
+
+from mlx_dhsa import patch, unpatch
+from mlx_dhsa.distributed import ShardingError, is_sharded, shard
+from mlx_dhsa.patching import dhsa_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("distributed_worker.py")
+LAUNCH_TIMEOUT = 120  # seconds; a launch takes well under this, the guard ends a hung one
+# fp32 logits: a sharded o_proj / down_proj sums partial products in another order.
+LOGIT_TOL = 1e-4
+
+
+class FakeGroup:
+    """A stand-in for mx.distributed.Group: enough for building sharded layers, not running."""
+
+    def __init__(self, size: int, rank: int = 0):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma2, tiny_gemma3], ids=lambda f: f.__name__)
+def test_shard_splits_heads_and_mlp(make):
+    model = make()
+    attn = model.layers[0].self_attn
+    H, H_kv, rows = attn.n_heads, attn.n_kv_heads, attn.q_proj.weight.shape[0]
+    if H_kv % 2:
+        model = make(num_key_value_heads=2)
+        attn = model.layers[0].self_attn
+        H, H_kv, rows = attn.n_heads, attn.n_kv_heads, attn.q_proj.weight.shape[0]
+    shard(model, FakeGroup(2, 1))
+    assert is_sharded(model)
+    for layer in model.layers:
+        a = layer.self_attn
+        assert (a.n_heads, a.n_kv_heads) == (H // 2, H_kv // 2)
+        assert a.q_proj.weight.shape[0] == rows // 2
+        assert type(layer.mlp.down_proj).__name__ == "ShardedToAllLinear"
+
+
+def test_patch_then_shard_reaches_the_wrapped_module():
+    """shard() on a patched model also splits the mlx-lm module DHSA wraps (used by unpatch
+    and by dense decode steps), so patch -> shard is the model shard -> patch gives."""
+    model = patch(tiny_gemma2(), small_config())
+    shard(model, FakeGroup(2, 0))
+    for attn in dhsa_layers(model):
+        base = attn._base
+        assert base.q_proj is attn.q_proj and base.o_proj is attn.o_proj
+        assert (base.n_heads, base.n_kv_heads) == (attn.n_heads, attn.n_kv_heads) == (2, 1)
+    unpatch(model)
+    assert is_sharded(model) and model.layers[0].self_attn.n_heads == 2
+
+
+def test_group_of_one_changes_nothing():
+    model = tiny_llama()
+    before = model.layers[0].self_attn.q_proj
+    assert shard(model, FakeGroup(1)) is model
+    assert model.layers[0].self_attn.q_proj is before
+
+
+def test_refusals_say_why():
+    with pytest.raises(ShardingError, match="cannot be split 2 ways"):
+        shard(tiny_gemma3(), FakeGroup(2))  # one KV head
+    model = tiny_llama()
+    shard(model, FakeGroup(2))
+    with pytest.raises(ShardingError, match="sharded already"):
+        shard(model, FakeGroup(2))
+    odd = tiny_llama()
+    odd.model_type = "mamba"
+    object.__setattr__(odd, "shard", None)
+    with pytest.raises(ShardingError, match="no tensor-parallel shard"):
+        shard(odd, FakeGroup(2))
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 free on 127.0.0.1 (the ring backend listens on both)."""
+    for _ in range(20):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+
+
+def launcher() -> list[str]:
+    """The ``mlx.launch`` of this interpreter's environment."""
+    script = Path(sys.executable).with_name("mlx.launch")
+    if script.exists():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
+
+
+def run_launched(*command: str) -> str:
+    """``mlx.launch -n 2 --backend ring`` on 127.0.0.1 with a time limit; returns stdout."""
+    cmd = [
+        *launcher(),
+        "-n", "2",
+        "--backend", "ring",
+        "--starting-port", str(_free_port_pair()),
+        sys.executable, *command,
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher, its shells and both ranks
+        proc.communicate()
+        pytest.fail(f"mlx.launch did not finish in {LAUNCH_TIMEOUT} s")
+    assert proc.returncode == 0, f"mlx.launch failed ({proc.returncode}):\n{stdout}\n{stderr}"
+    return stdout
+
+
+def launch(model: str, out: Path) -> list[dict]:
+    """Run the worker on two local ranks; returns what each rank wrote, rank order."""
+    run_launched(str(WORKER), model, str(out))
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+ring = pytest.mark.skipif(
+    not mx.distributed.is_available("ring"), reason="this MLX build has no ring backend"
+)
+
+
+@ring
+@pytest.mark.parametrize(
+    "model, heads, layers",
+    [("llama", [2, 1], 3), ("gemma2", [2, 1], 4), ("qwen2-pipeline", [4, 2], 2)],
+)
+def test_two_ranks_match_one_process(model, heads, layers, tmp_path):
+    """Tensor parallel: each rank holds 2 of 4 query and 1 of 2 KV heads of every layer.
+    Pipeline (qwen2): each rank holds 2 of the 4 layers, with all their heads."""
+    ranks = launch(model, tmp_path)
+    for r in ranks:
+        assert r["size"] == 2 and r["heads"] == heads and r["layers"] == layers
+        assert r["dense"] <= LOGIT_TOL  # sharded dense = one-process dense
+        assert r["full_paths"] == ["dhsa(reference)"]  # the sparse path, every key kept
+        assert r["dhsa_full"] <= LOGIT_TOL  # = one-process DHSA
+        assert r["patch_order"] == 0.0  # patch -> shard is shard -> patch, bit for bit
+        assert r["sparse_finite"] and r["sparse_paths"] == ["dhsa(reference)"]
+    assert ranks[0]["sparse_tokens"] == ranks[1]["sparse_tokens"]
+
+
+# Small settings that put a few hundred tokens on the sparse path (prefill and decode).
+CLI_SPARSE = ["--budget", "64", "--block-size", "16", "--local", "16", "--dense-tail", "8"]
+SMOLLM2 = Path.home() / ".cache" / "mlx_dhsa" / "models" / "smollm2-135m"
+
+
+def tiny_llama_dir(path: Path) -> Path:
+    """A tiny random llama (4 query / 2 KV heads: splits 2 ways) with SmolLM2's tokenizer."""
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    model = tiny_llama(vocab_size=49152)
+    path.mkdir()
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    args = {k: v for k, v in vars(model.args).items() if isinstance(v, (int, float, str))}
+    config = dict(args, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
+    (path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(SMOLLM2 / name, path / name)
+    return path
+
+
+@ring
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="needs the smollm2-135m tokenizer (demo extra)")
+def test_chat_under_mlx_launch(tmp_path):
+    """Rank 0 prints one answer per question; the follower prints nothing."""
+    model = tiny_llama_dir(tmp_path / "tiny")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog near the river bank.\n" * 30)
+    out = run_launched(
+        "-m", "mlx_dhsa", "chat", "--model", str(model), "--doc", str(doc),
+        "--question", "What jumps?", "--question", "Where?", "--max-tokens", "3",
+        "--decode-dense-below", "0", *CLI_SPARSE,
+    )  # fmt: skip
+    assert out.count("mlx-dhsa chat") == 1 and "tensor parallel over 2 ranks" in out
+    assert out.count("Generation: 3 tokens") == 2
+    assert "Attention: dhsa(reference) (prefill), dhsa(reference) (decode)" in out
+
+
+@ring
+def test_profile_under_mlx_launch():
+    out = run_launched(
+        "-m", "mlx_dhsa", "profile", "--shape", "tiny", "--contexts", "256", "--trials", "1",
+        "--generation-tokens", "2", "--methods", "dense,dhsa", *CLI_SPARSE,
+    )  # fmt: skip
+    assert out.count("method=dhsa context=256") == 2  # the trial and the average, rank 0 only
+    assert "attention=dhsa(reference)" in out and "tensor parallel over 2 ranks" in out
