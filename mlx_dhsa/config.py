@@ -67,6 +67,7 @@ class DHSAConfig:
     window w -> ``boundary_window``. Defaults follow the paper's released configuration
     (design.md section 3) except where issue 16's attention-mass diagnostic measured better
     selection at the same budget (docs/accuracy/README.md): 8-key chunks (the paper: 32),
+    longer chunks cut into pieces of at most 8 keys (``chunk_cap``; the paper: none),
     plain-mean chunk summaries (the paper: mean x sqrt(n)) and 16 sinks (the paper: 128).
     ``DHSAConfig.paper()`` is the released configuration exactly.
     """
@@ -86,8 +87,8 @@ class DHSAConfig:
     target_chunk: int = 8  # average chunk length the boundary count aims at (the paper: 32)
     max_chunk: int | None = None  # longest chunk (forced cuts); None = 4 * block_size
     # Closed chunks longer than this are cut into equal pieces of at most this many keys
-    # (None: not cut): dynamic boundaries, block-sparse granularity (docs/accuracy).
-    chunk_cap: int | None = None
+    # (None: not cut; the paper does not): dynamic boundaries at block-sparse granularity.
+    chunk_cap: int | None = 8
     # Score the open chunk (keys after the last whole segment) as fixed target_chunk-key
     # pieces instead of one chunk. Pure-MLX planner only (the planning kernels fall back).
     open_pieces: bool = False
