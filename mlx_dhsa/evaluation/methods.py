@@ -40,6 +40,10 @@ METHODS: dict[str, dict | None] = {
     "dhsa_nocap": {"method": "dhsa", "chunk_cap": None},
     "dhsa_cap": {"method": "dhsa", "chunk_cap": 8},
     "dhsa_spread_cap": {"method": "dhsa", "scoring": "softmax_spread", "chunk_cap": 8},
+    # The open chunk scored as fixed 8-key pieces (pure-MLX planner: the kernels fall back).
+    "dhsa_open": {"method": "dhsa", "chunk_cap": 8, "open_pieces": True},
+    "dhsa_spread_open": {"method": "dhsa", "scoring": "softmax_spread", "chunk_cap": 8,
+                         "open_pieces": True},  # fmt: skip
     # Block-sparse as the issue measured it: 32-key blocks, 128 sinks.
     "block_sparse_32": {"method": "block_sparse", **PAPER_SELECTION, "local_mode": "window"},
 }
