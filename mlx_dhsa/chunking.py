@@ -99,7 +99,7 @@ def segment_chunks(keys: mx.array, config: DHSAConfig, *, offset: int = 0) -> Ch
     seg = config.chunk_limit
     n_seg = S // seg
     pos = mx.arange(S).reshape(n_seg, seg)
-    picks_per_seg = chunks_per_segment(config) - 1
+    picks_per_seg = _chunks_cut(config) - 1
     if config.boundaries == "fixed":
         step = config.target_chunk
         picks = mx.broadcast_to(
@@ -124,9 +124,13 @@ def segment_chunks(keys: mx.array, config: DHSAConfig, *, offset: int = 0) -> Ch
         picks = mx.where(good, order, seg) + pos[:, :1]  # unused picks: empty chunks at the end
     starts = mx.concatenate([mx.broadcast_to(pos[None, :, :1], (B, n_seg, 1)), picks], axis=-1)
     starts = mx.sort(starts, axis=-1)
-    ends = mx.concatenate(
-        [starts[..., 1:], mx.broadcast_to(pos[None, :, :1] + seg, (B, n_seg, 1))], -1
-    )
+    seg_end = mx.broadcast_to(pos[None, :, :1] + seg, (B, n_seg, 1))
+    ends = mx.concatenate([starts[..., 1:], seg_end], -1)
+    if config.chunk_cap is not None:
+        starts = _split_long(
+            starts, ends, seg_end, seg, config.chunk_cap, chunks_per_segment(config)
+        )
+        ends = mx.concatenate([starts[..., 1:], seg_end], -1)
     return Chunks(
         starts=(starts + offset).reshape(B, -1).astype(mx.int32),
         lengths=(ends - starts).reshape(B, -1).astype(mx.int32),
@@ -134,9 +138,40 @@ def segment_chunks(keys: mx.array, config: DHSAConfig, *, offset: int = 0) -> Ch
     )
 
 
-def chunks_per_segment(config: DHSAConfig) -> int:
-    """Chunk slots per closed segment: the segment start plus ``seg // target - 1`` cuts."""
+def _split_long(starts, ends, seg_end, seg: int, cap: int, slots: int) -> mx.array:
+    """Starts of the pieces when every chunk ``[starts, ends)`` (B, n_seg, K) longer than
+    ``cap`` keys is cut into ``ceil(n / cap)`` pieces of equal length (within one key).
+
+    Returns (B, n_seg, slots) ascending starts; unused slots hold the segment end (empty
+    pieces at the end, as unused cuts are).
+    """
+    n = ends - starts  # (B, n_seg, K), 0 for unused slots
+    m = (n + cap - 1) // cap  # pieces per chunk
+    j = mx.arange(-(-seg // cap))  # a chunk has at most seg keys
+    cand = starts[..., None] + (n[..., None] * j) // mx.maximum(m[..., None], 1)
+    cand = mx.where(j < m[..., None], cand, seg_end[..., None])
+    B, n_seg = starts.shape[:2]
+    cand = mx.sort(cand.reshape(B, n_seg, -1), axis=-1)
+    if cand.shape[-1] < slots:
+        pad = mx.broadcast_to(seg_end, (B, n_seg, slots - cand.shape[-1]))
+        cand = mx.concatenate([cand, pad], axis=-1)
+    return cand[..., :slots]
+
+
+def _chunks_cut(config: DHSAConfig) -> int:
+    """Chunks per closed segment before ``chunk_cap`` splits them: ``seg // target``."""
     return max(config.chunk_limit // config.target_chunk, 1)
+
+
+def chunks_per_segment(config: DHSAConfig) -> int:
+    """Chunk slots per closed segment: the segment start plus ``seg // target - 1`` cuts, and
+    with ``chunk_cap`` room for the pieces: K chunks of n_c keys give at most
+    ``sum ceil(n_c / cap) <= (seg + K (cap - 1)) / cap`` pieces."""
+    k = _chunks_cut(config)
+    if config.chunk_cap is None:
+        return k
+    cap = config.chunk_cap
+    return max(k, (config.chunk_limit + k * (cap - 1)) // cap)
 
 
 def open_chunk(n_closed: int, S: int, B: int, segment: int) -> Chunks:
@@ -146,6 +181,16 @@ def open_chunk(n_closed: int, S: int, B: int, segment: int) -> Chunks:
         lengths=mx.full((B, 1), S - n_closed, mx.int32),
         segment=segment,
     )
+
+
+def split_open(chunks: Chunks, S: int, size: int) -> Chunks:
+    """``chunks`` with its last (open) chunk ``[start, S)`` replaced by fixed pieces of
+    ``size`` keys (``DHSAConfig.open_pieces``); ceil(segment / size) slots, unused ones empty."""
+    start = chunks.starts[:, -1:]  # (B, 1)
+    piece = start + size * mx.arange(-(-chunks.segment // size), dtype=mx.int32)
+    lengths = mx.clip(S - piece, 0, size).astype(mx.int32)
+    head = Chunks(chunks.starts[:, :-1], chunks.lengths[:, :-1], chunks.segment)
+    return concat_chunks(head, Chunks(piece.astype(mx.int32), lengths, chunks.segment))
 
 
 def concat_chunks(a: Chunks, b: Chunks) -> Chunks:

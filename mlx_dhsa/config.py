@@ -22,9 +22,9 @@ class ConfigError(ValueError):
 
 
 # Type of every field that is not a plain positive int (checked before the values).
-_OPTIONAL_INTS = ("dense_below", "max_chunk", "decode_dense_below", "decode_groups")
+_OPTIONAL_INTS = ("dense_below", "max_chunk", "chunk_cap", "decode_dense_below", "decode_groups")
 _OPTIONAL_FLOATS = ("boundary_threshold", "predictor_threshold")
-_BOOLS = ("share_boundaries", "sliding_window", "use_kernel")
+_BOOLS = ("share_boundaries", "sliding_window", "use_kernel", "open_pieces")
 _STRINGS = ("boundaries", "summary", "head_scores", "method", "local_mode", "scoring")
 
 
@@ -67,6 +67,7 @@ class DHSAConfig:
     window w -> ``boundary_window``. Defaults follow the paper's released configuration
     (design.md section 3) except where issue 16's attention-mass diagnostic measured better
     selection at the same budget (docs/accuracy/README.md): 8-key chunks (the paper: 32),
+    longer chunks cut into pieces of at most 8 keys (``chunk_cap``; the paper: none),
     plain-mean chunk summaries (the paper: mean x sqrt(n)) and 16 sinks (the paper: 128).
     ``DHSAConfig.paper()`` is the released configuration exactly.
     """
@@ -85,6 +86,12 @@ class DHSAConfig:
     min_chunk: int = 4  # shortest chunk (the paper: 8)
     target_chunk: int = 8  # average chunk length the boundary count aims at (the paper: 32)
     max_chunk: int | None = None  # longest chunk (forced cuts); None = 4 * block_size
+    # Closed chunks longer than this are cut into equal pieces of at most this many keys
+    # (None: not cut; the paper does not): dynamic boundaries at block-sparse granularity.
+    chunk_cap: int | None = 8
+    # Score the open chunk (keys after the last whole segment) as fixed target_chunk-key
+    # pieces instead of one chunk. Pure-MLX planner only (the planning kernels fall back).
+    open_pieces: bool = False
     boundary_threshold: float | None = None  # None = top-count by target_chunk; else min shift
     predictor_path: str | None = None  # boundaries="learned": MLX predictor .safetensors
     predictor_threshold: float | None = None  # "learned": least logit; None = the predictor's own
@@ -129,6 +136,10 @@ class DHSAConfig:
             raise ConfigError(
                 f"decode_groups must be a positive integer or None, got {self.decode_groups!r}",
                 "decode_groups",
+            )
+        if self.chunk_cap is not None and self.chunk_cap <= 0:
+            raise ConfigError(
+                f"chunk_cap must be a positive integer or None, got {self.chunk_cap}", "chunk_cap"
             )
         if self.dense_below is not None and self.dense_below < 0:
             raise ConfigError(
@@ -239,7 +250,7 @@ class DHSAConfig:
             budget=budget, block_size=128, sink=128, local=128, local_mode="recent",
             dense_tail=64, dense_below=budget, decode_dense_below=None, boundaries="shift",
             summary="sqrt", head_scores="mean", scoring="paper", query_groups=1,
-            boundary_window=4, nms_window=8, min_chunk=8, target_chunk=32, max_chunk=None,
+            boundary_window=4, nms_window=8, min_chunk=8, target_chunk=32, max_chunk=None, chunk_cap=None, open_pieces=False,
             boundary_threshold=None, share_boundaries=True, method="dhsa",
         ), **overrides})  # fmt: skip
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from . import kernels
 from .cache import ChunkTable
-from .chunking import Chunks
+from .chunking import Chunks, chunk_summaries, split_open
 from .config import DHSAConfig
 from .plan import Plan
 from .reference import logits, masked_softmax
@@ -75,6 +75,14 @@ def plan_dhsa(
     """
     if config.scoring != "paper":
         return plan_dhsa_mass(config, table(), queries, offset=offset, window=window, scale=scale)
+    if config.open_pieces:
+        chunks, _ = table().materialize()
+        chunks = split_open(chunks, keys.shape[2], config.target_chunk)
+        summaries = chunk_summaries(keys, chunks, summary=config.summary)
+        per_head = config.head_scores == "max"
+        scores = chunk_scores(block_queries(queries, config.block_size, per_head=per_head),
+                              summaries)  # fmt: skip
+        return _select(config, scores, chunks, queries, offset, window)
     return kernels.run_plan(
         launch, queries, table(), config, q_offset=offset, window=window, state=state
     )
@@ -84,6 +92,8 @@ def plan_dhsa_mass(config, table, queries: mx.array, *, offset: int, window, sca
     """DHSA with ``scoring="softmax*"``: chunks ranked by estimated attention mass per key
     (``scoring.mass_scores``), pure MLX (the planning kernels implement ``"paper"`` only)."""
     chunks, _ = table.materialize()
+    if config.open_pieces:
+        chunks = split_open(chunks, table.n_keys, config.target_chunk)
     scores = mass_scores(queries, table.keys, chunks, config, q_offset=offset, scale=scale)
     return select(scores, chunks, config, n_queries=queries.shape[2], q_offset=offset,
                   window=window)  # fmt: skip

@@ -203,9 +203,12 @@ def max_chunks_taken(config: DHSAConfig) -> int:
 
     Closed chunks are at least ``min(min_chunk, nms_window + 1)`` keys long (cuts keep
     min_chunk from segment edges and NMS keeps cuts nms_window + 1 apart); at most two chunks
-    are clipped by the sink and local ranges, and the open chunk may be shorter.
+    are clipped by the sink and local ranges, and the open chunk may be shorter. ``chunk_cap``
+    cuts a chunk of n > cap keys into ceil(n / cap) pieces of at least ceil(cap / 2) keys.
     """
     shortest = 1 if config.boundaries == "fixed" else min(config.min_chunk, config.nms_window + 1)
+    if config.chunk_cap is not None:
+        shortest = min(shortest, -(-config.chunk_cap // 2))
     return config.budget // max(shortest, 1) + 3
 
 

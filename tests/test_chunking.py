@@ -31,7 +31,9 @@ def test_chunks_tile_the_keys(S, method):
 
 def test_shift_boundaries_find_content_changes_and_hit_the_target_average():
     # Keys drawn around a new random direction every 24 tokens: cuts should land on those edges.
-    cfg = DHSAConfig(block_size=64, budget=512, sink=32, local=32, target_chunk=24, min_chunk=8)
+    cfg = DHSAConfig(
+        block_size=64, budget=512, sink=32, local=32, target_chunk=24, min_chunk=8, chunk_cap=None
+    )
     S, D, period = 768, 32, 24
     centres = mx.random.normal((S // period, 1, D)) * 4
     keys = mx.repeat(centres, period, axis=1).reshape(S, D) + mx.random.normal((S, D)) * 0.3
@@ -79,3 +81,26 @@ def test_mean_summaries_are_plain_means():
     for c in range(s.shape[1]):
         if n[0, c]:
             np.testing.assert_allclose(got[c], kbar[s[0, c] : s[0, c] + n[0, c]].mean(0), atol=1e-5)
+
+
+def test_chunk_cap_cuts_long_chunks_into_equal_pieces():
+    # Every closed chunk of n > cap keys becomes ceil(n / cap) pieces of floor/ceil(n / m) keys,
+    # starting where the uncut chunk starts; the open chunk is left whole.
+    cfg = DHSAConfig(budget=512, target_chunk=16, min_chunk=4, nms_window=4, chunk_cap=None)
+    keys = mx.random.normal((1, 1, 1100, 32), key=mx.random.key(3))
+    whole = chunk_boundaries(keys, cfg)
+    cut = chunk_boundaries(keys, cfg.replace(chunk_cap=6))
+    want = []
+    s, n = _chunks_np(whole)
+    for start, length in zip(s[0][:-1].tolist(), n[0][:-1].tolist()):
+        if length > 0:
+            m = -(-length // 6)
+            edges = [start + length * j // m for j in range(m + 1)]
+            want += list(zip(edges[:-1], np.diff(edges).tolist()))
+    want.append((int(s[0][-1]), int(n[0][-1])))
+    cs, cn = _chunks_np(cut)
+    got = [(a, b) for a, b in zip(cs[0].tolist(), cn[0].tolist()) if b > 0]
+    assert got == want
+    assert max(b for _, b in got[:-1]) <= 6 and min(b for _, b in got[:-1]) >= 3
+    per_segment = cut.starts.shape[1] // (1100 // cfg.chunk_limit)
+    assert per_segment >= len([b for _, b in got[:-1]]) // (1100 // cfg.chunk_limit)

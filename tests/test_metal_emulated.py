@@ -166,7 +166,11 @@ def test_plan_kernels_ties_in_key_order(metal):
     out = kernels.select_chunks(q, _table(k, config), config, q_offset=284, window=None)
     ref = select_chunks(q, _table(k, config), config, q_offset=284, window=None)
     assert mx.array_equal(out.n_valid, ref.n_valid)
-    assert mx.array_equal(out.indices, ref.indices)
+    # The reference ranks ties in no set order (argpartition over chunk_cap's pieces).
+    n = out.n_valid[0, 0].item()
+    keys = out.indices[0, 0, :n].tolist()
+    free = config.budget - config.sink - (config.local + 16)
+    assert keys == list(range(config.sink)) + list(range(4, 4 + free)) + list(range(276, 300))
 
 
 def test_generated_source_is_mlx_s(emulator):

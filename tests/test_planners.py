@@ -164,3 +164,23 @@ def test_oracle_finds_the_planted_chunk_that_dhsa_scores_cannot_miss():
     plan = _run("oracle", config, q, k, offset=S - 16)
     keys = set(np.array(plan.indices)[0, 0, : np.array(plan.n_valid)[0, 0]].tolist())
     assert set(range(64, 72)) <= keys
+
+
+def test_open_pieces_split_the_open_chunk_and_plan_on_the_reference():
+    """open_pieces: the open chunk becomes fixed target_chunk-key pieces tiling it; the plan
+    keeps the budget, and the planning kernels decline the config (pure-MLX planner)."""
+    from mlx_dhsa.chunking import chunk_boundaries, split_open
+    from mlx_dhsa.kernels.planning import _config_ok
+
+    config = small_config(open_pieces=True)
+    q, k, _ = make_qkv(B=1, H=4, H_kv=2, L=1, S=2 * config.chunk_limit + 45, D=16)
+    S = k.shape[2]
+    chunks = split_open(chunk_boundaries(k, config), S, config.target_chunk)
+    s, n = np.array(chunks.starts[0]), np.array(chunks.lengths[0])
+    s, n = s[n > 0], n[n > 0]
+    assert (s[1:] == (s + n)[:-1]).all() and s[0] == 0 and (s + n)[-1] == S
+    open_part = s >= 2 * config.chunk_limit
+    assert (n[open_part] <= config.target_chunk).all() and open_part.sum() == -(-45 // 8)
+    assert not _config_ok(config) and _config_ok(config.replace(open_pieces=False))
+    plan = _run("dhsa", config, q, k, offset=S - 1)
+    assert plan.n_valid.item() == config.budget

@@ -261,7 +261,9 @@ def predictor_file(tmp_path):
 
 def test_learned_boundaries_chunk_segments_independently(predictor_file):
     learned = dict(boundaries="learned", predictor_path=predictor_file, predictor_threshold=-1e9)
-    cfg = DHSAConfig(budget=512, block_size=32, sink=16, local=16, target_chunk=16, **learned)
+    cfg = DHSAConfig(
+        budget=512, block_size=32, sink=16, local=16, target_chunk=16, chunk_cap=None, **learned
+    )
     seg = cfg.chunk_limit
     keys = mx.random.normal((2, 2, 3 * seg, 16))
     whole = segment_chunks(keys, cfg)

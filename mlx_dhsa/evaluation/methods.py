@@ -18,7 +18,7 @@ from ..planners import PLANNERS
 PAPER_SELECTION = {
     k: getattr(DHSAConfig.paper(), k)
     for k in ("sink", "local", "local_mode", "summary", "scoring", "head_scores", "target_chunk",
-              "min_chunk", "nms_window", "boundary_window", "boundaries")
+              "min_chunk", "nms_window", "boundary_window", "boundaries", "chunk_cap")
 }  # fmt: skip
 
 # name -> DHSAConfig overrides; None = the unpatched model (mlx-lm's own attention).
@@ -36,6 +36,14 @@ METHODS: dict[str, dict | None] = {
     # The defaults before issue 16 (32-key chunks, mean x sqrt(n), 128 sinks).
     "dhsa_prev": {"method": "dhsa", **PAPER_SELECTION, "local_mode": "window"},
     "oracle_prev": {"method": "oracle", **PAPER_SELECTION, "local_mode": "window"},
+    # Dynamic chunks without the cap on their length (the defaults before chunk_cap=8).
+    "dhsa_nocap": {"method": "dhsa", "chunk_cap": None},
+    "dhsa_cap": {"method": "dhsa", "chunk_cap": 8},
+    "dhsa_spread_cap": {"method": "dhsa", "scoring": "softmax_spread", "chunk_cap": 8},
+    # The open chunk scored as fixed 8-key pieces (pure-MLX planner: the kernels fall back).
+    "dhsa_open": {"method": "dhsa", "chunk_cap": 8, "open_pieces": True},
+    "dhsa_spread_open": {"method": "dhsa", "scoring": "softmax_spread", "chunk_cap": 8,
+                         "open_pieces": True},  # fmt: skip
     # Block-sparse as the issue measured it: 32-key blocks, 128 sinks.
     "block_sparse_32": {"method": "block_sparse", **PAPER_SELECTION, "local_mode": "window"},
 }

@@ -80,11 +80,12 @@ def _self_check(launch: PlanLaunch, dtype, D: int, config: DHSAConfig) -> str | 
 @lru_cache(maxsize=64)
 def _config_ok(config: DHSAConfig) -> bool:
     """Whether the kernels plan with these settings: the paper's scoring with mean head scores,
-    the "window" local range, and at most MAX_INTERVALS key intervals a block."""
+    the "window" local range, one open chunk, and at most MAX_INTERVALS key intervals a block."""
     return (
         config.head_scores == "mean"
         and config.scoring == "paper"
         and config.local_mode == "window"
+        and not config.open_pieces
         and selection.max_chunks_taken(config) + 2 <= MAX_INTERVALS
     )
 
