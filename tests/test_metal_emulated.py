@@ -296,6 +296,7 @@ def test_quantized_inputs_choose_the_quantized_variant(metal):
         assert kernels.accepts_quantized(bits, group, D)
     for bits, group, D in ((3, 64, 64), (4, 128, 64), (4, 64, 96), (8, 64, 512), (2, 32, 64)):
         assert not kernels.accepts_quantized(bits, group, D)
+    assert kernels.accepts_quantized(4, 128) and not kernels.accepts_quantized(4, 256)
     q, k, v = make_qkv(H=4, H_kv=2, L=1, S=80, D=64)
     kq, vq = _quantized(k, v, 4, 64)
     args = dict(scale=SCALE, q_offset=79)

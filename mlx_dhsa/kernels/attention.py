@@ -84,20 +84,15 @@ class AttentionKernel(NamedTuple):
     quant: tuple[int, int] | None = None  # (bits, group_size) of quantized K/V, else None
 
 
-def accepts_quantized(bits: int, group_size: int, D: int) -> bool:
+def accepts_quantized(bits: int, group_size: int, D: int | None = None) -> bool:
     """Whether the attention kernels of the current backend read keys and values quantized
-    with ``bits`` and ``group_size`` at head dim ``D`` (:class:`~mlx_dhsa.quantized.QuantizedKV`)
-    directly. Shapes and dtypes are checked per call as for plain arrays
-    (:func:`attention_kernel`); None is returned there too if the variant fails its
-    self-check."""
-    return (
-        backend().name is not None
-        and bits in QUANT_BITS
-        and group_size in QUANT_GROUPS
-        and D % group_size == 0
-        and D % 32 == 0
-        and D <= 256
-    )
+    with ``bits`` and ``group_size`` at head dim ``D`` (None: at some head dim)
+    (:class:`~mlx_dhsa.quantized.QuantizedKV`) directly. Shapes and dtypes are checked per
+    call as for plain arrays (:func:`attention_kernel` with ``quantized=``, which returns None
+    for a case this rejects, or if the variant fails its self-check)."""
+    if backend().name is None or bits not in QUANT_BITS or group_size not in QUANT_GROUPS:
+        return False
+    return D is None or (D % group_size == 0 and D % 32 == 0 and D <= 256)
 
 
 @cache
