@@ -49,3 +49,50 @@ DHSA_INLINE int dhsa_block_scan(int v, DHSA_SMEM int* red, int nw, int warp, int
   }
   return before + x - v;
 }
+
+// ---- quantized keys and values (mlx-lm's QuantizedKVCache, mx.quantize's layout) ------------
+// A row of D values is D * BITS / 32 uint32 words, value i at bits [BITS (i % (32 / BITS)),
+// + BITS) of word i / (32 / BITS); group g = i / GROUP_SIZE has one scale and one bias (the
+// model's dtype): x_i = scale_g q_i + bias_g, here in fp32.
+
+// N values of a row from value `first` (a multiple of N, all in one group) into floats.
+template <int N, int BITS, typename P>
+DHSA_INLINE void dhsa_dequant(DHSA_THREAD float* dst, P words, int first, float scale,
+                              float bias) {
+  constexpr int PER = 32 / BITS;  // values per word
+  constexpr unsigned MASK = (1u << BITS) - 1u;
+  if (N >= PER) {  // whole words
+    DHSA_UNROLL
+    for (int w = 0; w < N / PER; ++w) {
+      const unsigned x = words[first / PER + w];
+      DHSA_UNROLL
+      for (int i = 0; i < PER; ++i) {
+        dst[w * PER + i] = scale * float((x >> (BITS * i)) & MASK) + bias;
+      }
+    }
+  } else {  // part of one word
+    const unsigned x = unsigned(words[first / PER]) >> (BITS * (first % PER));
+    DHSA_UNROLL
+    for (int i = 0; i < N; ++i) {
+      dst[i] = scale * float((x >> (BITS * i)) & MASK) + bias;
+    }
+  }
+}
+
+// 16 bytes of T (16 / sizeof(T) values of a row from value `col`) dequantized into shared
+// memory, zeros when !valid (nothing read): the quantized twin of dhsa_cp16, synchronous.
+template <typename T, int BITS, int GROUP, typename W, typename S, typename B>
+DHSA_INLINE void dhsa_dq16(DHSA_SMEM T* dst, W words, S scales, B biases, int col, bool valid) {
+  constexpr int N = int(16 / sizeof(T));
+  float x[N];
+  if (valid) {
+    const int g = col / GROUP;
+    dhsa_dequant<N, BITS>(x, words, col, dhsa_to_float<T>(scales[g]), dhsa_to_float<T>(biases[g]));
+  } else {
+    DHSA_UNROLL
+    for (int i = 0; i < N; ++i) {
+      x[i] = 0.0f;
+    }
+  }
+  dhsa_st16<T>(dst, x);
+}

@@ -6,6 +6,10 @@
 // D / 32 elements of every row, a key's logit is a warp sum, and the softmax runs online.
 // inputs : queries [B, H, 1, D] T | keys, values [B, H_kv, S, D] T; any strides with the last
 //          dim contiguous, rows 16-byte aligned
+//          with DHSA_QUANTIZED_KV (kernels.sources prepends the define): keys, values
+//          [B, H_kv, S, D * BITS / 32] uint32 (mx.quantize's words), key_scales, key_biases,
+//          value_scales, value_biases [B, H_kv, S, D / GROUP] T; a lane dequantizes its
+//          D / 32 values of each row in registers (common.h, dhsa_dequant)
 //          kv_index [B, NB, K] int32 (ascending key positions of block 0; unused when ALL_KEYS)
 //          kv_count [B, NB] int32 (valid slots; unused when ALL_KEYS)
 //          tickets [B * H_kv] int32, zeros (FOLD: each group of a KV head takes a ticket; the
@@ -21,7 +25,8 @@
 //          merge_splits.metal joins them, by the last group of each KV head to finish
 // template: T, D (a multiple of 32, <= 256), REPS (query heads per KV head), NW (warps per
 //          group), KB (keys a warp loads per step: K and V rows in flight together), ALL_KEYS (keys [0, S) instead of a plan), FOLD (merge here; needs
-//          device-scope fences and atomics: without FOLD merge_splits.metal runs after)
+//          device-scope fences and atomics: without FOLD merge_splits.metal runs after); with
+//          DHSA_QUANTIZED_KV also BITS (4 or 8) and GROUP (values per scale, a multiple of D / 32)
 // launch : grid (n_splits * NW * 32, B * H_kv, 1), threadgroup (NW * 32, 1, 1). Group (z, b,
 //          kv head) takes slots [z * per_split, (z + 1) * per_split); warp w of it the runs of
 //          KB slots w, w + NW, ... of those; all REPS query heads share each K/V row read.
@@ -82,8 +87,24 @@ if (ALL_KEYS) {
   n_slots = kv_count[b * n_blocks];
 }
 const int s_end = dhsa_min((split + 1) * per_split, n_slots);
+#ifdef DHSA_QUANTIZED_KV
+// A lane's values of a row are in one group: one scale and one bias each for K and V.
+const dhsa_long k_base = b * keys_strides[0] + (dhsa_long)hk * keys_strides[1];
+const dhsa_long v_base = b * values_strides[0] + (dhsa_long)hk * values_strides[1];
+const dhsa_long ks_base =
+    b * key_scales_strides[0] + (dhsa_long)hk * key_scales_strides[1] + col0 / GROUP;
+const dhsa_long kb_base =
+    b * key_biases_strides[0] + (dhsa_long)hk * key_biases_strides[1] + col0 / GROUP;
+const dhsa_long vs_base =
+    b * value_scales_strides[0] + (dhsa_long)hk * value_scales_strides[1] + col0 / GROUP;
+const dhsa_long vb_base =
+    b * value_biases_strides[0] + (dhsa_long)hk * value_biases_strides[1] + col0 / GROUP;
+const dhsa_long ks_row = key_scales_strides[2], kb_row = key_biases_strides[2];
+const dhsa_long vs_row = value_scales_strides[2], vb_row = value_biases_strides[2];
+#else
 const dhsa_long k_base = b * keys_strides[0] + (dhsa_long)hk * keys_strides[1] + col0;
 const dhsa_long v_base = b * values_strides[0] + (dhsa_long)hk * values_strides[1] + col0;
+#endif
 const dhsa_long k_row = keys_strides[2];
 const dhsa_long v_row = values_strides[2];
 
@@ -111,8 +132,18 @@ for (int j0 = split * per_split + dhsa_warp * KB; j0 < s_end; j0 += NW * KB) {
     kp[u] = j >= s_end ? -1 : ALL_KEYS ? key_lo + j : int(kv_index[idx_base + j]);
     ok[u] = kp[u] >= 0 && kp[u] < n_k && kp[u] <= q_pos && (window <= 0 || kp[u] > q_pos - window);
     if (ok[u]) {  // the same for the whole warp
+#ifdef DHSA_QUANTIZED_KV
+      const dhsa_long p = kp[u];
+      dhsa_dequant<EPL, BITS>(kr[u], keys + k_base + p * k_row, col0,
+                              dhsa_to_float<T>(key_scales[ks_base + p * ks_row]),
+                              dhsa_to_float<T>(key_biases[kb_base + p * kb_row]));
+      dhsa_dequant<EPL, BITS>(vr[u], values + v_base + p * v_row, col0,
+                              dhsa_to_float<T>(value_scales[vs_base + p * vs_row]),
+                              dhsa_to_float<T>(value_biases[vb_base + p * vb_row]));
+#else
       dhsa_load_row<EPL>(kr[u], keys + k_base + kp[u] * k_row);
       dhsa_load_row<EPL>(vr[u], values + v_base + kp[u] * v_row);
+#endif
     } else {
       DHSA_UNROLL
       for (int e = 0; e < EPL; ++e) {

@@ -13,7 +13,8 @@
 //                dhsa_atomic_add, dhsa_atomic_store, dhsa_atomic_load
 //   data         dhsa_load_row<N> (N elements of a global row -> floats, vector loads on
 //                CUDA), dhsa_cp16 (16 bytes global -> shared, zero-filled when invalid; async
-//                on CUDA), dhsa_cp_commit, dhsa_cp_wait<N> (all but the N newest groups landed),
+//                on CUDA), dhsa_st16 (16 bytes of T from floats into shared), dhsa_cp_commit,
+//                dhsa_cp_wait<N> (all but the N newest groups landed),
 //                dhsa_load_l2, dhsa_load_row_l2<N> (floats written by other groups of the launch)
 //   groups       dhsa_fence_device, dhsa_take_ticket, dhsa_reset_ticket (last-group-done)
 //   matrix unit  one warp computes D(M x N, fp32) += A(M x K) B(K x N): dhsa_afrag<T>,
@@ -164,6 +165,17 @@ template <typename T>
 DHSA_INLINE void dhsa_cp16(T* dst, const T* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dhsa_smem_addr(dst)),
                "l"(src), "r"(valid ? 16 : 0));
+}
+// 16 bytes of T into shared memory from floats, one vector store (dhsa_dq16's).
+template <typename T>
+DHSA_INLINE void dhsa_st16(T* dst, const float* src) {
+  constexpr int N = int(16 / sizeof(T));
+  alignas(16) T tmp[N];
+  DHSA_UNROLL
+  for (int i = 0; i < N; ++i) {
+    tmp[i] = dhsa_from_float<T>(src[i]);
+  }
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
 }
 DHSA_INLINE void dhsa_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

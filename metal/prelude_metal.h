@@ -114,6 +114,14 @@ DHSA_INLINE void dhsa_cp16(threadgroup T* dst, P src, bool valid) {
     dst[i] = valid ? src[i] : T(0);
   }
 }
+// 16 bytes of T into shared memory from floats (dhsa_dq16's store).
+template <typename T>
+DHSA_INLINE void dhsa_st16(threadgroup T* dst, thread const float* src) {
+  DHSA_UNROLL
+  for (int i = 0; i < int(16 / sizeof(T)); ++i) {
+    dst[i] = static_cast<T>(src[i]);
+  }
+}
 DHSA_INLINE void dhsa_cp_commit() {}
 template <int N>
 DHSA_INLINE void dhsa_cp_wait() {}

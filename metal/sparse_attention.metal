@@ -3,6 +3,10 @@
 // the header).
 // inputs : queries [B, H, L, D] T | keys, values [B, H_kv, S, D] T; any strides with the last
 //          dim contiguous, rows 16-byte aligned (cache slices pass without a copy)
+//          with DHSA_QUANTIZED_KV (kernels.sources prepends the define): keys, values
+//          [B, H_kv, S, D * BITS / 32] uint32 (mx.quantize's words), key_scales, key_biases,
+//          value_scales, value_biases [B, H_kv, S, D / GROUP] T; each tile is dequantized
+//          into shared memory as it is loaded (common.h, dhsa_dq16)
 //          kv_index [B, NB, K] int32 (ascending key positions; unused when ALL_KEYS)
 //          kv_count [B, NB] int32 (valid slots per block; unused when ALL_KEYS)
 //          iparams int32: kernels.sources.SparseParams (iparams[SA_<FIELD>]): L, S,
@@ -17,7 +21,8 @@
 // template: T, D (head dim, a multiple of 16, <= 256), BK (keys per tile), WARPS, WROWS
 //          (rows per warp), ALL_KEYS (dense causal attention over keys [0, S) instead of a
 //          plan), SPLIT (write per-split partial results), STAGES (K/V tiles in shared
-//          memory: 2 loads the next tile while this one is multiplied)
+//          memory: 2 loads the next tile while this one is multiplied); with
+//          DHSA_QUANTIZED_KV also BITS (4 or 8) and GROUP (values per scale)
 // launch : grid (n_qtiles * WARPS * 32, B * H_kv, n_splits), threadgroup (WARPS * 32, 1, 1).
 //          A group owns qt consecutive queries of one plan block (ALL_KEYS: any qt queries)
 //          and every query head of one KV head: row r = head (r / qt) of the GQA group, query
@@ -152,6 +157,28 @@ while (window > 0 && t_lo < t_hi &&
 DHSA_SMEM T* kv_s = qs;  // stage st: K tile at kv_s + 2 st BK LDK, its V tile after it
 const dhsa_long k_base = b * k_st0 + hk * k_st1;
 const dhsa_long v_base = b * v_st0 + hk * v_st1;
+// Row kp_'s 16 bytes from value col_ into shared dst_ (zeros unless ok_).
+#ifdef DHSA_QUANTIZED_KV
+const dhsa_long ks_st2 = key_scales_strides[2], kb_st2 = key_biases_strides[2];
+const dhsa_long vs_st2 = value_scales_strides[2], vb_st2 = value_biases_strides[2];
+const dhsa_long ks_base = b * key_scales_strides[0] + hk * key_scales_strides[1];
+const dhsa_long kb_base = b * key_biases_strides[0] + hk * key_biases_strides[1];
+const dhsa_long vs_base = b * value_scales_strides[0] + hk * value_scales_strides[1];
+const dhsa_long vb_base = b * value_biases_strides[0] + hk * value_biases_strides[1];
+#define DHSA_COPY_K(dst_, kp_, col_, ok_)                                                     \
+  dhsa_dq16<T, BITS, GROUP>(dst_, keys + k_base + (kp_) * k_st2,                              \
+                            key_scales + ks_base + (kp_) * ks_st2,                            \
+                            key_biases + kb_base + (kp_) * kb_st2, col_, ok_)
+#define DHSA_COPY_V(dst_, kp_, col_, ok_)                                                     \
+  dhsa_dq16<T, BITS, GROUP>(dst_, values + v_base + (kp_) * v_st2,                            \
+                            value_scales + vs_base + (kp_) * vs_st2,                          \
+                            value_biases + vb_base + (kp_) * vb_st2, col_, ok_)
+#else
+#define DHSA_COPY_K(dst_, kp_, col_, ok_)                                                     \
+  dhsa_cp16(dst_, keys + k_base + (kp_) * k_st2 + (col_), ok_)
+#define DHSA_COPY_V(dst_, kp_, col_, ok_)                                                     \
+  dhsa_cp16(dst_, values + v_base + (kp_) * v_st2 + (col_), ok_)
+#endif
 // Tile t_ into stage st_: key positions (-1 past the end), then K and V as two copy groups
 // (S = Q K^T starts once K has landed).
 #define DHSA_ISSUE(t_, st_)                                                               \
@@ -169,7 +196,7 @@ const dhsa_long v_base = b * v_st0 + hk * v_st1;
       if (c < BK * DV) {                                                                  \
         const int j = c / DV, col = (c % DV) * VEC;                                       \
         const int kp = j < jn_ ? DHSA_SLOT(j0_ + j) : 0;                                  \
-        dhsa_cp16(ks_ + j * LDK + col, keys + k_base + kp * k_st2 + col, j < jn_);        \
+        DHSA_COPY_K(ks_ + j * LDK + col, kp, col, j < jn_);                              \
       }                                                                                   \
     }                                                                                     \
     dhsa_cp_commit();                                                                     \
@@ -179,7 +206,7 @@ const dhsa_long v_base = b * v_st0 + hk * v_st1;
       if (c < BK * DV) {                                                                  \
         const int j = c / DV, col = (c % DV) * VEC;                                       \
         const int kp = j < jn_ ? DHSA_SLOT(j0_ + j) : 0;                                  \
-        dhsa_cp16(vs_ + j * LDK + col, values + v_base + kp * v_st2 + col, j < jn_);      \
+        DHSA_COPY_V(vs_ + j * LDK + col, kp, col, j < jn_);                              \
       }                                                                                   \
     }                                                                                     \
     dhsa_cp_commit();                                                                     \
@@ -352,6 +379,8 @@ for (int t = t_lo; t < t_hi; ++t) {
 }
 
 #undef DHSA_ISSUE
+#undef DHSA_COPY_K
+#undef DHSA_COPY_V
 #undef DHSA_SLOT
 
 // Normalise and write this lane's rows.

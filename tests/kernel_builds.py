@@ -148,10 +148,84 @@ def instances(name: str, backend: str):
     return out
 
 
-def metal_source(name: str, inputs, template, output_dtypes) -> str:
-    """The Metal source MLX would compile for one instantiation (read from an export)."""
-    header, source = kernels.kernel_source(name, "metal")
+def signature(name: str, quantized: bool = False) -> tuple[list[str], list[str]]:
+    """Input and output names of kernel ``name`` (its variant over quantized K/V)."""
     in_names, out_names = SIGNATURES[name]
+    if quantized:
+        in_names = ["queries", *kernels.sources.QUANTIZED_KV_INPUTS, *in_names[3:]]
+    return in_names, out_names
+
+
+def quantized_instances(name: str, backend: str):
+    """(inputs, template, output dtypes) of the quantized variants: every dtype, both bit
+    widths, group sizes 64 and 128 (32 once), plan and all-keys (and split) launches."""
+    out = []
+    cases = [
+        (mx.float32, 4, 64, 64),
+        (mx.float32, 8, 32, 128),
+        (mx.float16, 8, 128, 256),
+        (mx.bfloat16, 4, 128, 128),
+        (mx.bfloat16, 8, 64, 256),
+    ]
+    for dtype, bits, group, D in cases:
+
+        def kv(dtype=dtype, bits=bits, group=group, D=D):
+            words = mx.zeros((1, 4, 64, D * bits // 32), mx.uint32)
+            scales = mx.zeros((1, 4, 64, D // group), dtype)
+            return [words, scales, scales]
+
+        quant = [("BITS", bits), ("GROUP", group)]
+        if name == "decode_attention":
+            reps = 2
+            ins = [mx.zeros((1, 4 * reps, 1, D), dtype), *kv(), *kv()]
+            ins += [
+                mx.zeros((1, 1, 16), mx.int32),
+                mx.zeros((1, 1), mx.int32),
+                mx.zeros((4,), mx.int32),
+                mx.zeros((10,), mx.int32),
+                mx.zeros((2,)),
+            ]
+            for all_keys, fold in ((False, backend == "cuda"), (True, False)):
+                tmpl = [
+                    ("T", dtype),
+                    ("D", D),
+                    ("REPS", reps),
+                    ("NW", attn_launch.DECODE_WARPS),
+                    ("KB", attn_launch.DECODE_KEYS),
+                    ("ALL_KEYS", all_keys),
+                    ("FOLD", fold),
+                    *quant,
+                ]
+                out.append((ins, tmpl, [mx.float32, mx.float32, dtype]))
+            continue
+        warps, wrows, bk = attn_launch.TILES[(backend, dtype.size)]
+        ins = [mx.zeros((1, 8, 64, D), dtype), *kv(), *kv()]
+        ins += [
+            mx.zeros((1, 1, 16), mx.int32),
+            mx.zeros((1, 1), mx.int32),
+            mx.zeros((12,), mx.int32),
+            mx.zeros((2,)),
+        ]
+        for all_keys, split in ((False, False), (True, True)):
+            tmpl = [
+                ("T", dtype),
+                ("D", D),
+                ("BK", bk),
+                ("WARPS", warps),
+                ("WROWS", wrows),
+                ("ALL_KEYS", all_keys),
+                ("SPLIT", split),
+                ("STAGES", 1),
+                *quant,
+            ]
+            out.append((ins, tmpl, [dtype, mx.float32, mx.float32]))
+    return out
+
+
+def metal_source(name: str, inputs, template, output_dtypes, quantized: bool = False) -> str:
+    """The Metal source MLX would compile for one instantiation (read from an export)."""
+    header, source = kernels.kernel_source(name, "metal", quantized)
+    in_names, out_names = signature(name, quantized)
     kernel = mx.fast.metal_kernel(
         name="dhsa_check",
         input_names=in_names,
@@ -184,13 +258,14 @@ _CUDA_TYPES = {
     mx.float16: "__half",
     mx.bfloat16: "__nv_bfloat16",
     mx.int32: "int32_t",
+    mx.uint32: "uint32_t",
 }
 
 
-def cuda_source(name: str, inputs, template, output_dtypes) -> str:
+def cuda_source(name: str, inputs, template, output_dtypes, quantized: bool = False) -> str:
     """The CUDA source MLX's cuda_kernel would hand to NVRTC for one instantiation."""
-    header, source = kernels.kernel_source(name, "cuda")
-    in_names, out_names = SIGNATURES[name]
+    header, source = kernels.kernel_source(name, "cuda", quantized)
+    in_names, out_names = signature(name, quantized)
     params = []
     for n, x in zip(in_names, inputs):  # shape arguments appear only if the body names them
         params.append(f"    const {_CUDA_TYPES[x.dtype]}* {n}")

@@ -7,7 +7,15 @@ import shutil
 import subprocess
 
 import pytest
-from kernel_builds import SHIMS, SIGNATURES, cuda_source, instances, metal_source
+from kernel_builds import (
+    SHIMS,
+    SIGNATURES,
+    cuda_source,
+    instances,
+    metal_source,
+    quantized_instances,
+    signature,
+)
 
 from mlx_dhsa import kernels
 
@@ -34,6 +42,22 @@ def test_source_assembles(name, backend):
         assert (arg + "_strides" in source) == (arg in strided), arg
     code = re.sub(r"//[^\n]*", "", header + source)
     assert "inf" not in re.findall(r"\b\w+\b", code)  # CUDA's default header defines `inf`
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+@pytest.mark.parametrize("name", kernels.sources.QUANTIZED_KERNELS)
+def test_quantized_variant_assembles(name, backend):
+    """The variant over quantized K/V is the same body with DHSA_QUANTIZED_KV defined; each
+    of its K/V inputs is read through its strides (cache slices)."""
+    header, source = kernels.kernel_source(name, backend, quantized=True)
+    plain = kernels.kernel_source(name, backend)
+    assert header == plain[0] and "#define DHSA_QUANTIZED_KV\n" in source
+    assert source.replace("#define DHSA_QUANTIZED_KV\n", "") == plain[1]
+    assert "DHSA_QUANTIZED_KV" in plain[1]  # the body has both paths
+    for arg in signature(name, quantized=True)[0][:7]:
+        assert arg + "_strides" in source, arg
+    with pytest.raises(ValueError, match="no quantized variant"):
+        kernels.kernel_source("merge_splits", backend, quantized=True)
 
 
 def test_locator_and_unknown_kernel():
@@ -69,6 +93,41 @@ def test_metal_source_type_checks(name, tmp_path):
     for i, (inputs, template, dtypes) in enumerate(instances(name, "metal")):
         path = tmp_path / f"{name}_{i}.metal"
         path.write_text(ATTRIBUTES.sub("", metal_source(name, inputs, template, dtypes)))
+        _run(cmd, path)
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed (apt clang)")
+@pytest.mark.parametrize("name", kernels.sources.QUANTIZED_KERNELS)
+def test_quantized_metal_source_type_checks(name, tmp_path):
+    cmd = [
+        "clang++",
+        "-std=c++17",
+        "-fsyntax-only",
+        "-target",
+        "aarch64-linux-gnu",
+        "-nostdinc",
+        "-Werror",
+        "-Wno-unknown-attributes",
+        "-I",
+        str(SHIMS),
+        "-include",
+        str(SHIMS / "metal_shim.h"),
+        "-x",
+        "c++",
+    ]
+    for i, (inputs, template, dtypes) in enumerate(quantized_instances(name, "metal")):
+        path = tmp_path / f"{name}_q{i}.metal"
+        path.write_text(ATTRIBUTES.sub("", metal_source(name, inputs, template, dtypes, True)))
+        _run(cmd, path)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("name", kernels.sources.QUANTIZED_KERNELS)
+def test_quantized_cuda_source_compiles(name, tmp_path):
+    cmd = ["nvcc", "-std=c++17", "-arch=sm_90", "-ptx", "-I", str(SHIMS), "-o", "/dev/null"]
+    for i, (inputs, template, dtypes) in enumerate(quantized_instances(name, "cuda")):
+        path = tmp_path / f"{name}_q{i}.cu"
+        path.write_text(cuda_source(name, inputs, template, dtypes, True))
         _run(cmd, path)
 
 

@@ -248,6 +248,95 @@ def test_kernels_low_precision(dtype, cap, mode, L, S):
     assert_within_baseline(out, ref32, ref_lp, factor=factor)
 
 
+# ---- quantized keys and values (mlx-lm's QuantizedKVCache; issue 18) ----------------------
+
+# (bits, group_size, head dim): every case mlx-lm's quantized cache makes at groups 64 and 128.
+QUANT_GRID = [
+    (bits, group, D)
+    for bits in (4, 8)
+    for group in (64, 128)
+    for D in (64, 128, 256)
+    if D % group == 0
+]
+
+
+def _quantize_cache_like(x, bits, group, pad=40):
+    """x (B, H_kv, S, D) quantized as QuantizedKVCache holds it: slices of a longer buffer."""
+    from mlx_dhsa.quantized import QuantizedKV
+
+    B, H_kv, S, D = x.shape
+    full = mx.concatenate([x, mx.random.normal((B, H_kv, pad, D)).astype(x.dtype)], axis=2)
+    packed, scales, biases = mx.quantize(full, group_size=group, bits=bits)
+    return QuantizedKV(*(a[..., :S, :] for a in (packed, scales, biases)), bits, group)
+
+
+def _quantized_matches_oracle(dtype, bits, group, D, H, H_kv, L, S, cap, window=None):
+    """Sparse (the planner's keys) and dense attention over quantized K/V on the GPU against
+    the oracle: mx.dequantize everything, then the reference (fp32: within 1e-4; 16-bit:
+    within 2x, 4x with a soft cap, the error of the reference in that dtype)."""
+    q, k, v = make_qkv(H=H, H_kv=H_kv, L=L, S=S, D=D, scale=2.0)
+    q = q.astype(dtype)
+    kq, vq = (_quantize_cache_like(x.astype(dtype), bits, group) for x in (k, v))
+    kd, vd = kq.dequantize(), vq.dequantize()
+    q32, k32, v32 = (x.astype(mx.float32) for x in (q, kd, vd))
+    plan = _plan(q32, k32, small_config(), S - L, window)
+    mask = key_mask(S - L, L, S, window)
+    args = dict(scale=SCALE, softcap=cap)
+    calls = [
+        (
+            lambda *x: kernels.sparse_attention(*x, plan, **args),
+            lambda *x: reference.sparse_attention(*x, plan, **args),
+            plan.block_size,
+        ),
+        (
+            lambda *x: kernels.dense_attention(*x, q_offset=S - L, window=window, **args),
+            lambda *x: reference.dense_attention(*x, mask=mask, **args),
+            None,
+        ),
+    ]
+    for kernel, ref, block_size in calls:
+        with mx.stream(mx.gpu if mx.is_available(mx.gpu) else mx.cpu):
+            chosen = attention_kernel(
+                (dtype,) * 3, D, H, H_kv, L, S, block_size, quantized=(bits, group)
+            )
+        assert chosen is not None and chosen.quant == (bits, group)
+        out = _on_gpu(kernel, q, kq, vq)
+        assert out.dtype == dtype
+        ref32 = ref(q32, k32, v32)
+        if dtype == mx.float32:
+            _close(out, ref32)
+        else:
+            assert_within_baseline(out, ref32, ref(q, kd, vd), factor=4.0 if cap else 2.0)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group,D", QUANT_GRID)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize(
+    "H,H_kv,L,S,cap",
+    [(8, 4, 80, 600, 50.0), (8, 4, 1, 3000, 50.0), (8, 1, 1, 2000, None), (4, 4, 33, 300, None)],
+)
+def test_quantized_kernels_match_the_oracle(bits, group, D, dtype, H, H_kv, L, S, cap):
+    """Prefill-like query tiles and decode steps (GQA 2, 8 and none) over every bit width,
+    group size and head dim."""
+    _quantized_matches_oracle(dtype, bits, group, D, H, H_kv, L, S, cap)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("window", [None, 256])
+def test_quantized_decode_merge_and_window(fold, window):
+    """Decode over quantized K/V with the splits merged by a second launch or by the last group
+    (CUDA), inside a sliding window; and group 32 (mx.quantize's smallest)."""
+    if fold and BACKEND != "cuda":
+        pytest.skip("the folded merge runs on CUDA only")
+    with kernels.use_backend(BACKEND, fold_decode=fold):
+        _quantized_matches_oracle(mx.bfloat16, 4, 64, 256, 8, 4, 1, 5000, 50.0, window)
+        _quantized_matches_oracle(mx.float16, 8, 32, 128, 8, 2, 1, 1200, None, window)
+
+
 def _table(k, config):
     """The chunk table a DHSA layer with a DHSACache holds for keys k (built on the CPU)."""
     attn = DHSAAttention(

@@ -104,6 +104,23 @@ def _attention_calls():
     return []
 
 
+def _quantized_calls():
+    """Attention over quantized K/V (QuantizedKV, as QuantizedKVCache holds it)."""
+    from mlx_dhsa.quantized import QuantizedKV
+
+    for dtype, bits, group, D in ((mx.bfloat16, 4, 64, 128), (mx.float16, 8, 128, 256)):
+        q, k, v = make_qkv(B=1, H=8, H_kv=4, L=64, S=1024, D=D, dtype=dtype)
+        kq, vq = (QuantizedKV.quantize(x, bits, group) for x in (k, v))
+        idx = mx.broadcast_to(mx.arange(48, dtype=mx.int32), (1, 4, 48))
+        nv = mx.full((1, 4), 48, mx.int32)
+        kernels.sparse_attention(q, kq, vq, Plan(idx, nv, 960, 16, None), scale=SCALE, softcap=50.0)
+        plan1 = Plan(idx[:, :1], nv[:, :1], q_offset=1023, block_size=16, window=None)
+        kernels.sparse_attention(q[:, :, :1], kq, vq, plan1, scale=SCALE, softcap=50.0)
+        kernels.dense_attention(q, kq, vq, scale=SCALE, softcap=30.0, q_offset=960, window=512)
+        kernels.dense_attention(q[:, :, :1], kq, vq, scale=SCALE, q_offset=1023)
+    return []
+
+
 def _plan_calls():
     config = small_config(budget=64, block_size=16)
     for dtype in (mx.float16, mx.float32):
@@ -136,6 +153,7 @@ def _model_calls(family, prompt_len, steps, **overrides):
 SECTIONS = {
     "attention": _attention_calls,
     "plan": _plan_calls,
+    "quantized": _quantized_calls,
     "gemma2_sparse_decode": _model_calls("gemma2", 300, 3),
     "gemma2_dense_decode": _model_calls("gemma2", 300, 3, decode_dense_below=1000),
     "llama_dense_decode": _model_calls("llama", 300, 2, decode_dense_below=1000),
@@ -151,7 +169,7 @@ def _record(backend: str) -> dict:
         with kernels.use_backend(backend, recorder, any_device=True, self_check=False):
             paths = fn()
         launches = recorder.launches
-        if name in ("attention", "plan"):
+        if name in ("attention", "plan", "quantized"):
             out[name] = launches
         else:  # long: kept as a digest and the first launches of each kernel
             digest = hashlib.sha256("\n".join(launches).encode()).hexdigest()

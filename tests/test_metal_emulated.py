@@ -9,13 +9,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import assert_within_baseline, make_qkv, small_config
-from kernel_builds import SIGNATURES, instances, metal_source
+from kernel_builds import SIGNATURES, instances, metal_source, quantized_instances, signature
 from metal_emulator import EmulatorError, MetalEmulator, compiler, generate_source
 from metal_emulator.hook import emulate_metal
 from test_kernels import SCALE, _close, _plan, _table
 
 from mlx_dhsa import kernels, reference
 from mlx_dhsa.kernels import sources
+from mlx_dhsa.quantized import QuantizedKV
 from mlx_dhsa.selection import key_mask, select_chunks
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no host C++ compiler (clang++, g++)")
@@ -197,6 +198,187 @@ def test_generated_source_is_mlx_s(emulator):
             dtypes,
         )
         assert text == metal_source(name, inputs, template, dtypes) + "\n", name  # (cut there)
+
+
+# ---- quantized keys and values (mlx-lm's QuantizedKVCache) --------------------------------
+
+
+def _quantized(k, v, bits, group, pad=24):
+    """k and v quantized as QuantizedKVCache holds them: rows of a longer buffer, sliced (the
+    kernels read the slices through their strides)."""
+    B, H_kv, S, D = k.shape
+
+    def q(x):
+        full = mx.concatenate([x, mx.random.normal((B, H_kv, pad, D)).astype(x.dtype)], axis=2)
+        packed, scales, biases = mx.quantize(full, group_size=group, bits=bits)
+        return QuantizedKV(*(a[..., :S, :] for a in (packed, scales, biases)), bits, group)
+
+    return q(k), q(v)
+
+
+def _quantized_both(q, kq, vq, off, window, cap, plan_window=None):
+    """_attention_both over quantized K/V: the oracle dequantizes everything (mx.dequantize)
+    and runs the reference, in fp32 and in the model's dtype."""
+    dtype = q.dtype
+    L, S = q.shape[2], kq.shape[2]
+    k, v = kq.dequantize(), vq.dequantize()
+    assert k.dtype == dtype
+    q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
+    plan = _plan(q32, k32, small_config(), off, plan_window)
+    args = dict(scale=SCALE, softcap=cap)
+    out = kernels.sparse_attention(q, kq, vq, plan, **args)
+    _check(
+        out,
+        reference.sparse_attention(q32, k32, v32, plan, **args),
+        reference.sparse_attention(q, k, v, plan, **args),
+        dtype,
+        cap,
+    )
+    mask = key_mask(off, L, S, window)
+    out = kernels.dense_attention(q, kq, vq, q_offset=off, window=window, **args)
+    _check(
+        out,
+        reference.dense_attention(q32, k32, v32, mask=mask, **args),
+        reference.dense_attention(q, k, v, mask=mask, **args),
+        dtype,
+        cap,
+    )
+
+
+# (dtype, B, H, H_kv, L, S, D, q_offset, window, softcap, split, bits, group): with
+# QUANT_DECODE_CASES every (bits, group, head dim) mlx-lm's cache makes (4 and 8 bits, groups
+# 64 and 128, head dims 64, 128, 256) once, each kernel both bit widths, both group sizes and
+# every head dim; GQA 1, 2, 4 and 8 heads a KV head; every dtype.
+QUANT_ATTENTION_CASES = [
+    (F32, 1, 4, 2, 17, 80, 64, 63, None, 50.0, False, 4, 64),
+    (BF16, 1, 8, 4, 40, 120, 128, 80, 96, None, False, 8, 128),
+    (F16, 1, 4, 4, 20, 100, 256, 80, 32, 50.0, True, 4, 128),
+    (F32, 2, 4, 2, 48, 150, 256, 102, 40, None, True, 8, 64),
+    (BF16, 1, 4, 2, 33, 90, 128, 57, None, 50.0, False, 4, 64),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype,B,H,H_kv,L,S,D,off,window,cap,split,bits,group", QUANT_ATTENTION_CASES
+)
+def test_quantized_attention_kernel(
+    metal, monkeypatch, dtype, B, H, H_kv, L, S, D, off, window, cap, split, bits, group
+):
+    monkeypatch.setattr(kernels.attention, "MIN_SPLIT_TILES", 1 if split else 10**6)
+    q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype, scale=2.0)
+    kq, vq = _quantized(k, v, bits, group)
+    _quantized_both(q, kq, vq, off, window, cap, plan_window=window)
+    launched = _launched(metal)
+    assert launched.count("sparse_attention_q") == 2
+    assert launched.count("merge_splits") == (2 if split else 0)
+
+
+# (dtype, B, H, H_kv, S, D, q_offset, window, softcap, bits, group): decode steps.
+QUANT_DECODE_CASES = [
+    (F32, 1, 4, 2, 97, 64, 96, None, 50.0, 8, 64),
+    (BF16, 1, 8, 1, 300, 128, 299, 64, 50.0, 8, 64),
+    (F16, 2, 4, 4, 200, 128, 150, None, None, 4, 128),
+    (F32, 1, 8, 4, 400, 256, 399, None, 50.0, 8, 128),
+    (BF16, 1, 8, 4, 250, 256, 249, 100, None, 4, 64),
+    (F32, 1, 2, 1, 120, 64, 119, None, None, 4, 32),  # group 32 (mx.quantize's smallest)
+]
+
+
+@pytest.mark.parametrize("dtype,B,H,H_kv,S,D,off,window,cap,bits,group", QUANT_DECODE_CASES)
+def test_quantized_decode_kernel(metal, dtype, B, H, H_kv, S, D, off, window, cap, bits, group):
+    q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=1, S=S, D=D, dtype=dtype, scale=2.0)
+    kq, vq = _quantized(k, v, bits, group)
+    _quantized_both(q, kq, vq, off, window, cap, plan_window=window)
+    assert _launched(metal) == ["decode_attention_q", "merge_splits"] * 2
+
+
+def test_quantized_inputs_choose_the_quantized_variant(metal):
+    """accepts_quantized names the cases; a mix of quantized and plain K/V, or K and V
+    quantized differently, is one clear error; a kernel chosen for arrays refuses
+    QuantizedKV."""
+    for bits, group, D in ((4, 64, 64), (8, 128, 128), (4, 32, 256), (8, 64, 256)):
+        assert kernels.accepts_quantized(bits, group, D)
+    for bits, group, D in ((3, 64, 64), (4, 128, 64), (4, 64, 96), (8, 64, 512), (2, 32, 64)):
+        assert not kernels.accepts_quantized(bits, group, D)
+    assert kernels.accepts_quantized(4, 128) and not kernels.accepts_quantized(4, 256)
+    q, k, v = make_qkv(H=4, H_kv=2, L=1, S=80, D=64)
+    kq, vq = _quantized(k, v, 4, 64)
+    args = dict(scale=SCALE, q_offset=79)
+    with pytest.raises(ValueError, match="both be QuantizedKV"):
+        kernels.dense_attention(q, kq, v, **args)
+    with pytest.raises(ValueError, match="both be QuantizedKV"):
+        kernels.dense_attention(q, kq, QuantizedKV.quantize(v, 8, 64), **args)
+    plain = kernels.attention.attention_kernel((q.dtype,) * 3, 64, 4, 2, 1, 80, None)
+    assert plain.quant is None
+    with pytest.raises(ValueError, match="chosen for keys quantized as None"):
+        kernels.run_dense(plain, q, kq, vq, **args)
+    quant = kernels.attention.attention_kernel(
+        (q.dtype,) * 3, 64, 4, 2, 1, 80, None, quantized=(4, 64)
+    )
+    assert quant.quant == (4, 64) and quant.tiles.stages == 1
+    assert (
+        kernels.attention.attention_kernel(
+            (q.dtype,) * 3, 64, 4, 2, 1, 80, None, quantized=(4, 128)
+        )
+        is None
+    )  # group larger than the head dim
+
+
+def test_quantized_generated_source_is_mlx_s(emulator):
+    """The emulator compiles MLX's text for the quantized variants too (uint32 inputs, the
+    scales' and biases' strides)."""
+    for name in kernels.sources.QUANTIZED_KERNELS:
+        inputs, template, dtypes = quantized_instances(name, "metal")[-1]
+        header, source = kernels.kernel_source(name, "metal", quantized=True)
+        in_names, out_names = signature(name, quantized=True)
+        _, text, _ = generate_source(
+            "dhsa_check",
+            in_names,
+            out_names,
+            source,
+            header,
+            [(x.dtype, x.size, x.ndim) for x in inputs],
+            template,
+            dtypes,
+        )
+        assert text == metal_source(name, inputs, template, dtypes, True) + "\n", name
+
+
+# Planted bugs in the dequantizing load (common.h): the quantized tests must see them.
+_PLANTED_DEQUANT = {
+    # The values of a word read in reverse order (nibble i from the top instead of the bottom).
+    "nibble order": (
+        "float((x >> (BITS * i)) & MASK)",
+        "float((x >> (BITS * (PER - 1 - i))) & MASK)",
+    ),
+    # Scale and bias swapped in the query-tile kernel's load.
+    "scale and bias swapped": (
+        "dhsa_to_float<T>(scales[g]), dhsa_to_float<T>(biases[g])",
+        "dhsa_to_float<T>(biases[g]), dhsa_to_float<T>(scales[g])",
+    ),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(_PLANTED_DEQUANT))
+def test_a_planted_dequantize_bug_is_caught(metal, monkeypatch, bug):
+    old, new = _PLANTED_DEQUANT[bug]
+    source = kernels.kernel_source
+
+    def planted(name, backend, quantized=False):
+        header, body = source(name, backend, quantized)
+        assert old in header
+        return header.replace(old, new), body
+
+    monkeypatch.setattr(sources, "kernel_source", planted)
+    emulate_metal(monkeypatch, metal)  # build again from the planted source
+    q, k, v = make_qkv(H=4, H_kv=2, L=17, S=80, D=64)
+    kq, vq = _quantized(k, v, 4, 64)
+    with pytest.raises(AssertionError, match="max error"):
+        _quantized_both(q, kq, vq, 63, None, None)
+    if bug == "nibble order":  # the decode kernel's load too
+        q1 = q[:, :, :1]
+        with pytest.raises(AssertionError, match="max error"):
+            _quantized_both(q1, kq, vq, 79, None, None)
 
 
 # ---- the emulator itself: what it must catch ----------------------------------------------

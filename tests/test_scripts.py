@@ -119,3 +119,15 @@ def test_bench_doc_cache_random_shape_offline(monkeypatch, capsys):
     _run("bench_doc_cache", ["--shape", "tiny", "--tokens", "96"], monkeypatch)
     out = capsys.readouterr().out
     assert "model=random tiny" in out and "tokens=" in out and "second_open_s=" in out
+
+
+def test_bench_quantized_runs_every_method(tmp_path, monkeypatch):
+    out = tmp_path / "quantized.json"
+    argv = "--lengths 1024 --bits 4 --layers 1 --budget 384 --chunk 200 --steps 1"
+    argv += " --prefill-steps 1 --warmup 0 --trials 1 --dtype float32 --json"
+    _run("bench_quantized", [*argv.split(), str(out)], monkeypatch)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["cache_gb"]["quantized"] < row["cache_gb"]["bf16"]
+    for phase in ("decode", "prefill"):
+        assert set(row[phase]) == {"dense_q", "dense_q_kernel", "dhsa_q", "dhsa_bf16"}
+        assert row[phase]["dhsa_q"]["speedup_vs_dense_q"] > 0

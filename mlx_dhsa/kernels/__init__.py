@@ -3,7 +3,8 @@
 - ``sources``: the kernel sources in ``metal/``, their parameter layouts, and the
   :class:`Backend` that builds every kernel through one factory (replaceable with
   :func:`use_backend`, e.g. by an emulator on the CPU).
-- ``attention``: sparse and dense attention launches (query tiles, one-query decode, merge).
+- ``attention``: sparse and dense attention launches (query tiles, one-query decode, merge),
+  over plain or quantized keys and values (:func:`accepts_quantized`).
 - ``planning``: block x chunk scores and key selection, in two launches or one.
 - ``state``: :class:`KernelState`, what a layer's kernels keep between calls.
 - ``checks``: each kernel's self-check on first use; :func:`kernel_status`.
@@ -12,6 +13,7 @@
 from .attention import (
     AttentionKernel,
     Tiles,
+    accepts_quantized,
     attention_kernel,
     dense_attention,
     run_dense,
@@ -40,6 +42,7 @@ __all__ = [
     "KernelState",
     "PlanLaunch",
     "Tiles",
+    "accepts_quantized",
     "attention_kernel",
     "backend",
     "dense_attention",

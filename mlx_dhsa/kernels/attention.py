@@ -4,6 +4,10 @@ all keys), decode_attention.metal (one query, warps walking keys) and merge_spli
 :func:`attention_kernel` says whether and how a call runs on them; ``run_*`` launch what it
 chose (None: the pure-MLX reference); :func:`sparse_attention` / :func:`dense_attention` do
 both.
+
+Keys and values may be :class:`mlx_dhsa.quantized.QuantizedKV` (mlx-lm's quantized cache): the
+same kernels, built with ``DHSA_QUANTIZED_KV``, read the packed words, scales and biases and
+dequantize each key as it is gathered (:func:`accepts_quantized` says which cases they take).
 """
 
 from functools import cache
@@ -14,9 +18,11 @@ import mlx.core as mx
 from .. import reference
 from ..device import device_tuning
 from ..plan import Plan
+from ..quantized import QuantizedKV
 from ..selection import key_mask
 from . import checks
 from .sources import (
+    QUANTIZED_KV_INPUTS,
     AttentionScalars,
     DecodeParams,
     MergeParams,
@@ -53,6 +59,8 @@ DECODE_MIN_SPLIT = 64  # but give each split at least this many key slots
 DECODE_MAX_REPS = 8  # query heads per KV head that the kernel holds in registers
 MERGE_WARPS = 8  # NW of merge_splits.metal
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+QUANT_BITS = (4, 8)  # mx.quantize's bit widths the kernels read (mlx-lm's quantized KV cache)
+QUANT_GROUPS = (32, 64, 128)
 
 
 class Tiles(NamedTuple):
@@ -73,12 +81,34 @@ class AttentionKernel(NamedTuple):
     tiles: Tiles
     decode: bool
     groups: int = 0  # decode: split the keys until about this many groups run
+    quant: tuple[int, int] | None = None  # (bits, group_size) of quantized K/V, else None
+
+
+def accepts_quantized(bits: int, group_size: int, D: int | None = None) -> bool:
+    """Whether the attention kernels of the current backend read keys and values quantized
+    with ``bits`` and ``group_size`` at head dim ``D`` (None: at some head dim)
+    (:class:`~mlx_dhsa.quantized.QuantizedKV`) directly. Shapes and dtypes are checked per
+    call as for plain arrays (:func:`attention_kernel` with ``quantized=``, which returns None
+    for a case this rejects, or if the variant fails its self-check)."""
+    if backend().name is None or bits not in QUANT_BITS or group_size not in QUANT_GROUPS:
+        return False
+    return D is None or (D % group_size == 0 and D % 32 == 0 and D <= 256)
 
 
 @cache
-def tile_config(backend_name: str, dtype, D: int, H: int, H_kv: int, block_size: int | None):
+def tile_config(
+    backend_name: str,
+    dtype,
+    D: int,
+    H: int,
+    H_kv: int,
+    block_size: int | None,
+    quantized: bool = False,
+):
     """Tiles for a plan with ``block_size`` (None: all keys, one K/V stage), or None when
-    sparse_attention.metal cannot take these shapes."""
+    sparse_attention.metal cannot take these shapes. Quantized keys and values keep one
+    stage: their tiles are dequantized through registers, so a second stage would not
+    overlap loads with the matrix unit and would only cost shared memory."""
     if dtype not in DTYPES or D % 16 or D > 256 or H % H_kv:
         return None
     warps, wrows, bk = TILES[(backend_name, dtype.size)]
@@ -88,7 +118,8 @@ def tile_config(backend_name: str, dtype, D: int, H: int, H_kv: int, block_size:
         qt //= 2
     if qt == 0:
         return None
-    for stages in range(STAGES[backend_name] if block_size is not None else 1, 0, -1):
+    most = STAGES[backend_name] if block_size is not None and not quantized else 1
+    for stages in range(most, 0, -1):
         smem = max(rows, 2 * bk * stages) * (D + 16 // dtype.size) * dtype.size
         if smem <= SMEM_LIMIT[backend_name]:  # (+ the stages x bk key positions, declared apart)
             return Tiles(warps, wrows, bk, qt, stages, smem)
@@ -118,22 +149,27 @@ def attention_kernel(
     *,
     use_kernel: bool = True,
     decode_groups: int | None = None,
+    quantized: tuple[int, int] | None = None,
 ) -> AttentionKernel | None:
     """The kernel launch for queries (B, H, L, D) over keys and values (B, H_kv, S, D) of
     ``dtypes`` (q, k, v), with a plan of ``block_size`` (None: all keys), one-query calls
     split into about ``decode_groups`` groups (None: the device's), or None for the
     reference: no backend active, shapes the kernels do not take, or a kernel that failed
-    its self-check in this process (:mod:`.checks`)."""
+    its self-check in this process (:mod:`.checks`). ``quantized``: ``(bits, group_size)``
+    when keys and values are :class:`~mlx_dhsa.quantized.QuantizedKV` (their dtype: that of
+    the scales), None for plain arrays."""
     be = backend()
     if not be.active(use_kernel) or L == 0 or S == 0 or not dtypes[0] == dtypes[1] == dtypes[2]:
         return None
+    if quantized is not None and not accepts_quantized(*quantized, D):
+        return None
     dtype = dtypes[0]
-    tiles = tile_config(be.name, dtype, D, H, H_kv, block_size)
+    tiles = tile_config(be.name, dtype, D, H, H_kv, block_size, quantized is not None)
     if tiles is None:
         return None
     decode = L == 1 and decode_ok(dtype, D, H, H_kv)
     groups = (decode_groups or device_tuning().decode_groups) if decode else 0
-    kernel = AttentionKernel(tiles, decode, groups)
+    kernel = AttentionKernel(tiles, decode, groups, quantized)
     if be.self_check:
         names = ("decode_attention",) if kernel.decode else ("sparse_attention",)
         if not (kernel.decode and be.fold_decode):
@@ -156,7 +192,11 @@ def _self_check(kernel: AttentionKernel, dtype, D: int, reps: int, block_size: i
             mx.random.normal(shape, key=mx.random.key(3 * i + j)).astype(dtype)
             for j, shape in enumerate(((1, reps, L, D), (1, 1, S, D), (1, 1, S, D)))
         )
-        ref_in = [x.astype(mx.float32) for x in (q, k, v)]
+        if kernel.quant is not None:  # the reference sees what the kernel dequantizes
+            k, v = (QuantizedKV.quantize(x, *kernel.quant) for x in (k, v))
+            ref_in = [q.astype(mx.float32), *(x.dequantize().astype(mx.float32) for x in (k, v))]
+        else:
+            ref_in = [x.astype(mx.float32) for x in (q, k, v)]
         args = dict(q_offset=S - L, window=None, scale=D**-0.5, softcap=30.0, state=None)
         if block_size is None:
             none = _no_plan()
@@ -178,7 +218,21 @@ def _self_check(kernel: AttentionKernel, dtype, D: int, reps: int, block_size: i
     return None
 
 
-def _kernel_for(q: mx.array, k: mx.array, v: mx.array, block_size: int | None, use_kernel):
+def quantization(k, v) -> tuple[int, int] | None:
+    """``(bits, group_size)`` when keys and values are both :class:`QuantizedKV` with the same
+    quantization, None when both are arrays; an error for a mix."""
+    qk, qv = isinstance(k, QuantizedKV), isinstance(v, QuantizedKV)
+    if not qk and not qv:
+        return None
+    if not (qk and qv) or (k.bits, k.group_size) != (v.bits, v.group_size):
+        raise ValueError(
+            "keys and values must both be QuantizedKV with the same bits and group size, "
+            "or both arrays"
+        )
+    return (k.bits, k.group_size)
+
+
+def _kernel_for(q: mx.array, k, v, block_size: int | None, use_kernel):
     return attention_kernel(
         (q.dtype, k.dtype, v.dtype),
         q.shape[-1],
@@ -188,7 +242,32 @@ def _kernel_for(q: mx.array, k: mx.array, v: mx.array, block_size: int | None, u
         k.shape[2],
         block_size,
         use_kernel=use_kernel,
+        quantized=quantization(k, v),
     )
+
+
+def _kv_inputs(kernel: AttentionKernel, k, v) -> tuple[list[str], list, list]:
+    """The K/V input names, arrays and extra template parameters of ``kernel``'s launch."""
+    quant = quantization(k, v)
+    if quant != kernel.quant:
+        raise ValueError(
+            f"the attention kernel was chosen for keys quantized as {kernel.quant} "
+            f"(None: arrays), got {quant}"
+        )
+    if quant is None:
+        return ["keys", "values"], [k, v], []
+    return (
+        QUANTIZED_KV_INPUTS,
+        [*k.triple(), *v.triple()],
+        [("BITS", quant[0]), ("GROUP", quant[1])],
+    )
+
+
+def _dequantized(k, v) -> tuple[mx.array, mx.array]:
+    """Plain keys and values for the reference (QuantizedKV dequantized whole)."""
+    if quantization(k, v) is None:
+        return k, v
+    return k.dequantize(), v.dequantize()
 
 
 @cache
@@ -209,8 +288,9 @@ def decode_splits(n_slots: int, heads: int, groups: int) -> tuple[int, int]:
     return -(-n_slots // per_split), per_split
 
 
-def _decode(q, k, v, index, count, *, groups, all_keys, q_offset, window, fparams, state):
+def _decode(kernel, q, k, v, index, count, *, all_keys, q_offset, window, fparams, state):
     """One query per head over many keys (decode_attention.metal), splits merged."""
+    groups = kernel.groups
     B, H, _, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     if all_keys:
@@ -234,6 +314,7 @@ def _decode(q, k, v, index, count, *, groups, all_keys, q_offset, window, fparam
         )
     )
     be = backend()
+    kv_names, kv, kv_template = _kv_inputs(kernel, k, v)
     fold = be.fold_decode
     if not fold:
         tickets = _no_plan()
@@ -241,14 +322,15 @@ def _decode(q, k, v, index, count, *, groups, all_keys, q_offset, window, fparam
         tickets = state.tickets("attention", B * H_kv)
     else:  # launches that MLX may run side by side must share nothing
         tickets = mx.zeros((B * H_kv,), mx.int32)
-    kernel = be.kernel(
+    launch = be.kernel(
         "decode_attention",
-        ["queries", "keys", "values", "kv_index", "kv_count", "tickets", "iparams", "fparams"],
+        ["queries", *kv_names, "kv_index", "kv_count", "tickets", "iparams", "fparams"],
         ["part", "lse", "out"],
         contiguous=False,  # q, k, v are read through their strides: cache slices need no copy
+        quantized=kernel.quant is not None,
     )
-    part, lse, out = kernel(
-        inputs=[q, k, v, index, count, tickets, iparams, fparams],
+    part, lse, out = launch(
+        inputs=[q, *kv, index, count, tickets, iparams, fparams],
         template=[
             ("T", q.dtype),
             ("D", D),
@@ -257,6 +339,7 @@ def _decode(q, k, v, index, count, *, groups, all_keys, q_offset, window, fparam
             ("KB", DECODE_KEYS),
             ("ALL_KEYS", all_keys),
             ("FOLD", fold),
+            *kv_template,
         ],
         grid=(n_splits * DECODE_WARPS * 32, B * H_kv, 1),
         threadgroup=(DECODE_WARPS * 32, 1, 1),
@@ -302,12 +385,12 @@ def _attention(
     fparams = params(AttentionScalars(scale=scale, cap=softcap or 0.0), mx.float32)
     if kernel.decode:
         return _decode(
+            kernel,
             q,
             k,
             v,
             index,
             count,
-            groups=kernel.groups,
             all_keys=all_keys,
             q_offset=q_offset,
             window=window,
@@ -344,15 +427,17 @@ def _attention(
         [(1,), (n_splits, B, H, L, D), (n_splits, B, H, L)] if split else [(B, H, L, D), (1,), (1,)]
     )
     be = backend()
+    kv_names, kv, kv_template = _kv_inputs(kernel, k, v)
     launch = be.kernel(
         "sparse_attention",
-        ["queries", "keys", "values", "kv_index", "kv_count", "iparams", "fparams"],
+        ["queries", *kv_names, "kv_index", "kv_count", "iparams", "fparams"],
         ["out", "part", "lse"],
         contiguous=False,  # q, k, v are read through their strides: cache slices need no copy
         shared_memory=tiles.smem if be.name == "cuda" else 0,
+        quantized=kernel.quant is not None,
     )
     out, part, lse = launch(
-        inputs=[q, k, v, index, count, iparams, fparams],
+        inputs=[q, *kv, index, count, iparams, fparams],
         template=[
             ("T", q.dtype),
             ("D", D),
@@ -362,6 +447,7 @@ def _attention(
             ("ALL_KEYS", all_keys),
             ("SPLIT", split),
             ("STAGES", tiles.stages),
+            *kv_template,
         ],
         grid=(n_qtiles * warps * 32, B * H_kv, n_splits),
         threadgroup=(warps * 32, 1, 1),
@@ -376,8 +462,8 @@ def _attention(
 def run_sparse(
     kernel: AttentionKernel | None,
     q: mx.array,
-    k: mx.array,
-    v: mx.array,
+    k: mx.array | QuantizedKV,
+    v: mx.array | QuantizedKV,
     plan: Plan,
     *,
     scale: float,
@@ -385,8 +471,10 @@ def run_sparse(
     state: KernelState | None = None,
 ) -> mx.array:
     """Sparse attention over ``plan`` on ``kernel`` (from :func:`attention_kernel` with the
-    plan's block size), or on the reference when it is None."""
+    plan's block size), or on the reference when it is None. ``k`` and ``v`` may be
+    :class:`QuantizedKV` (the kernel chosen for them)."""
     if kernel is None:
+        k, v = _dequantized(k, v)
         return reference.sparse_attention(q, k, v, plan, scale=scale, softcap=softcap)
     index, count = plan.indices, plan.n_valid
     if state is None or not state.take_planned(index):  # the kernels read both as int32 rows
@@ -411,8 +499,8 @@ def run_sparse(
 def run_dense(
     kernel: AttentionKernel | None,
     q: mx.array,
-    k: mx.array,
-    v: mx.array,
+    k: mx.array | QuantizedKV,
+    v: mx.array | QuantizedKV,
     *,
     scale: float,
     softcap: float | None = None,
@@ -421,8 +509,10 @@ def run_dense(
     state: KernelState | None = None,
 ) -> mx.array:
     """Causal (and sliding-window) dense attention on ``kernel`` (from
-    :func:`attention_kernel` without a block size), or on the reference when it is None."""
+    :func:`attention_kernel` without a block size), or on the reference when it is None.
+    ``k`` and ``v`` may be :class:`QuantizedKV` (the kernel chosen for them)."""
     if kernel is None:
+        k, v = _dequantized(k, v)
         mask = key_mask(q_offset, q.shape[2], k.shape[2], window)
         return reference.dense_attention(q, k, v, scale=scale, softcap=softcap, mask=mask)
     none = _no_plan()
@@ -445,8 +535,8 @@ def run_dense(
 
 def sparse_attention(
     q: mx.array,
-    k: mx.array,
-    v: mx.array,
+    k: mx.array | QuantizedKV,
+    v: mx.array | QuantizedKV,
     plan: Plan,
     *,
     scale: float,
@@ -458,6 +548,8 @@ def sparse_attention(
 
     Args and returns as the reference; ``use_kernel=False`` forces the reference. ``state``:
     the layer's :class:`KernelState` (ticket buffers, the plan it made), if it has one.
+    ``k`` and ``v`` may be :class:`~mlx_dhsa.quantized.QuantizedKV`: the kernels dequantize
+    each gathered key (the fallback dequantizes them whole).
     """
     kernel = _kernel_for(q, k, v, plan.block_size, use_kernel)
     return run_sparse(kernel, q, k, v, plan, scale=scale, softcap=softcap, state=state)
@@ -465,8 +557,8 @@ def sparse_attention(
 
 def dense_attention(
     q: mx.array,
-    k: mx.array,
-    v: mx.array,
+    k: mx.array | QuantizedKV,
+    v: mx.array | QuantizedKV,
     *,
     scale: float,
     softcap: float | None = None,
@@ -483,8 +575,8 @@ def dense_attention(
 
     Args:
         q (mx.array): queries, (B, H, L, D).
-        k (mx.array): keys, (B, H_kv, S, D).
-        v (mx.array): values, (B, H_kv, S, D).
+        k (mx.array | QuantizedKV): keys, (B, H_kv, S, D).
+        v (mx.array | QuantizedKV): values, (B, H_kv, S, D).
         scale (float): query scale.
         softcap (float, optional): logit soft cap. Default: ``None``.
         q_offset (int): position of the first query. Default: ``0``.

@@ -29,6 +29,11 @@ KERNELS = (
     "select_keys",
     "plan",
 )
+# Kernels with a variant over quantized keys and values (mlx_dhsa.quantized.QuantizedKV): the
+# same body with DHSA_QUANTIZED_KV defined, its K/V inputs the packed words, scales and biases
+# (QUANTIZED_KV_INPUTS), and template parameters BITS and GROUP.
+QUANTIZED_KERNELS = ("sparse_attention", "decode_attention")
+QUANTIZED_KV_INPUTS = ["keys", "key_scales", "key_biases", "values", "value_scales", "value_biases"]
 # Kernels assembled from several bodies, each in a scope of its own: the fused planning kernel
 # runs block_scores, hands each query block to the group that finishes it last, and selects.
 PARTS = {"plan": ("block_scores", "plan_handoff", "select_keys")}
@@ -172,12 +177,14 @@ def _read(name: str) -> str:
     return f'#line 1 "{name}"\n{text}'
 
 
-def kernel_source(name: str, backend: str) -> tuple[str, str]:
+def kernel_source(name: str, backend: str, quantized: bool = False) -> tuple[str, str]:
     """The ``(header, source)`` pair that builds kernel ``name`` on ``backend``.
 
     Args:
         name (str): one of ``KERNELS``.
         backend (str): ``"metal"`` or ``"cuda"``.
+        quantized (bool): the variant over quantized keys and values (``QUANTIZED_KERNELS``
+            only): the body with ``DHSA_QUANTIZED_KV`` defined. Default: ``False``.
 
     Returns:
         tuple[str, str]: header (prelude + common.h) and body (thread ids, parameter offsets,
@@ -185,6 +192,8 @@ def kernel_source(name: str, backend: str) -> tuple[str, str]:
     """
     if backend not in BACKENDS or name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r} or backend {backend!r}")
+    if quantized and name not in QUANTIZED_KERNELS:
+        raise ValueError(f"kernel {name!r} has no quantized variant")
     header = _read(f"prelude_{backend}.h") + "\n" + _read("common.h")
     parts = PARTS.get(name)
     if parts is None:
@@ -197,6 +206,8 @@ def kernel_source(name: str, backend: str) -> tuple[str, str]:
             f"const DHSA_DEVICE int* iparams = sel_params;\n{last}\n}}"
         )
     offsets = "".join(layout_constants(layout) for layout in KERNEL_LAYOUTS[name])
+    if quantized:
+        offsets += "#define DHSA_QUANTIZED_KV\n"
     return header, _read(f"ids_{backend}.h") + "\n" + offsets + body
 
 
@@ -257,16 +268,20 @@ class Backend:
         *,
         contiguous: bool = True,
         shared_memory: int = 0,
+        quantized: bool = False,
     ):
         """Kernel ``name`` for this backend, built on first use (one build per shared-memory
-        size on CUDA, which sizes it at launch)."""
-        key = (name, shared_memory)
+        size on CUDA, which sizes it at launch); ``quantized``: its variant over quantized
+        keys and values (:func:`kernel_source`)."""
+        key = (name, shared_memory, quantized)
         built = self._builds.get(key)
         if built is None:
-            header, source = kernel_source(name, self.name)
+            # (the plain call as before: tests replace kernel_source with two-argument fakes)
+            args = dict(quantized=True) if quantized else {}
+            header, source = kernel_source(name, self.name, **args)
             tag = hashlib.sha1((header + source).encode()).hexdigest()[:8]  # no stale JIT cache
             kwargs = dict(
-                name=f"dhsa_{name}_{tag}",
+                name=f"dhsa_{name}{'_q' if quantized else ''}_{tag}",
                 input_names=inputs,
                 output_names=outputs,
                 source=source,
