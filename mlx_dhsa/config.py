@@ -181,7 +181,9 @@ class DHSAConfig:
                 f"predictor_path is not a file: {str(self.predictor_path)!r}", "predictor_path"
             )
         if self.kv_bits is not None and self.kv_bits not in KV_BITS:
-            raise ConfigError(f"kv_bits must be one of {KV_BITS} or None, got {self.kv_bits}", "kv_bits")
+            raise ConfigError(
+                f"kv_bits must be one of {KV_BITS} or None, got {self.kv_bits}", "kv_bits"
+            )
         if self.kv_group_size not in KV_GROUP_SIZES:
             raise ConfigError(
                 f"kv_group_size must be one of {KV_GROUP_SIZES}, got {self.kv_group_size}",

@@ -48,7 +48,9 @@ class QuantizedDHSACache(QuantizedKVCache):
         super().__init__(group_size=group_size, bits=bits)
         if chunk_source is not None:
             if chunk_source not in CHUNK_SOURCES:
-                raise ValueError(f"chunk_source must be one of {CHUNK_SOURCES}, got {chunk_source!r}")
+                raise ValueError(
+                    f"chunk_source must be one of {CHUNK_SOURCES}, got {chunk_source!r}"
+                )
             self.chunk_source = chunk_source
 
     @classmethod
@@ -81,11 +83,13 @@ class QuantizedDHSACache(QuantizedKVCache):
             self._fp, self._fp_start, self._fp_n = None, self.offset, 0
         cap = 0 if self._fp is None else self._fp.shape[2]
         if self._fp_n + n > cap:
-            grown = -(-max(2 * cap, self._fp_n + n) // self.step) * self.step
+            grown = max(2 * cap, self._fp_n + n)
             B, H, _, D = keys.shape
             pad = mx.zeros((B, H, grown - self._fp_n, D), keys.dtype)
-            self._fp = pad if self._fp is None else mx.concatenate(
-                [self._fp[:, :, : self._fp_n], pad], axis=2
+            self._fp = (
+                pad
+                if self._fp is None
+                else mx.concatenate([self._fp[:, :, : self._fp_n], pad], axis=2)
             )
         self._fp[:, :, self._fp_n : self._fp_n + n] = keys
         self._fp_n += n

@@ -146,7 +146,7 @@ def test_generate_with_kv_bits_runs_dhsa_on_a_quantized_cache(make, bits):
 def test_unpatched_gemma2_cannot_use_kv_bits_and_patched_can():
     model = tiny_gemma2()
     prompt = mx.random.randint(0, 1024, (40,))
-    with pytest.raises(Exception):  # mlx-lm's Gemma2 on QuantizedKVCache's tuples
+    with pytest.raises(TypeError, match="expand_dims"):  # mlx-lm's Gemma2 on the tuples
         _greedy(model, prompt, make_prompt_cache(model), 4, kv_bits=4, kv_group_size=GROUP,
                 quantized_kv_start=0)  # fmt: skip
     patch(model, small_config())
@@ -277,3 +277,44 @@ def test_eight_bit_tokens_follow_fp_on_a_tiny_model():
     q8 = _greedy(model, prompt, mlx_dhsa.make_prompt_cache(model), 10, kv_bits=8,
                  kv_group_size=GROUP, quantized_kv_start=0)  # fmt: skip
     assert sum(a == b for a, b in zip(fp, q8)) >= 8
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from mlx_dhsa.cli.app import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.mark.parametrize("command", ["chat", "profile", "niah", "serve"])
+@pytest.mark.parametrize("bad", [["--kv-bits", "3"], ["--kv-group-size", "48"]])
+def test_bad_kv_flags_are_one_line_usage_errors(command, bad):
+    result = _cli(command, *bad)
+    assert result.exit_code == 2
+    flag = bad[0]
+    errors = [ln for ln in result.output.splitlines() if flag in ln and "must be one of" in ln]
+    assert len(errors) == 1, result.output
+
+
+def test_profile_reports_kv_bytes_with_and_without_quantization(tmp_path):
+    out = tmp_path / "p.json"
+    result = _cli("profile", "--shape", "tiny", "--contexts", "200", "--methods", "dense,dhsa",
+                  "--trials", "1", "-g", "2", "--budget", "48", "--block-size", "16", "--sink",
+                  "4", "--local", "8", "--dense-tail", "8", "--kv-bits", "4", "--kv-group-size",
+                  "32", "--json", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"dense", "dhsa", "dense+kv4", "dhsa+kv4"}
+    assert rows["dhsa+kv4"]["attention"] == "dhsa(reference)"
+    # 4-bit packed words plus a scale and bias per 32 elements: under a quarter of fp32's
+    # bytes, plus the open segment's fp32 keys that the DHSA cache keeps for chunking.
+    for m in ("dense", "dhsa"):
+        assert 0 < rows[f"{m}+kv4"]["kv_gb"] < 0.5 * rows[m]["kv_gb"]

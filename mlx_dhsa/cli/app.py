@@ -9,7 +9,7 @@ import typer
 from ..config import DHSAConfig
 from ..evaluation import niah as needle
 from ..evaluation import runinfo
-from ..evaluation.methods import DEFAULT_METHODS
+from ..evaluation.methods import DEFAULT_METHODS, with_quantized_kv
 from ..extras import MissingExtraError, require
 from ..loading import MODEL_ALIASES, ModelNotFoundError, load
 from . import profiling, ui
@@ -109,6 +109,8 @@ def chat(
     except DocumentError as e:
         _fail(str(e))
     lm, tokenizer = _load(model, config, patch=not dense)
+    if dense and config.kv_bits is not None:
+        ui.note("--kv-bits quantizes the DHSA layers' cache: --dense keeps mlx-lm's own cache.")
     session = ChatSession(lm, tokenizer, document)
     context = max_context or model_context(model)
     if document and not context:
@@ -234,7 +236,10 @@ def profile(
     if plot:
         _require("matplotlib", "--plot")
     sizes = ints(contexts, "--contexts")
-    chosen = methods_from(methods, config)
+    chosen = methods_from(methods, config.replace(kv_bits=None))
+    if config.kv_bits is not None:  # every method with and without the quantized cache
+        base = config.replace(kv_bits=None)
+        chosen = with_quantized_kv(chosen, base, config.kv_bits, config.kv_group_size)
     if model is not None:
         lm, tokenizer = _load(model, config, patch=False)
     else:
