@@ -169,7 +169,7 @@ def _rows(x, start: int):
 
 def _kernel_state(cache: Any) -> kernels.KernelState | None:
     """The kernel state a DHSACache holds for its layer (made on first use); None without."""
-    if not isinstance(cache, DHSACache):
+    if not isinstance(cache, (DHSACache, QuantizedDHSACache)):
         return None
     if cache.kernel_state is None:
         cache.kernel_state = kernels.KernelState()

@@ -318,3 +318,19 @@ def test_profile_reports_kv_bytes_with_and_without_quantization(tmp_path):
     # bytes, plus the open segment's fp32 keys that the DHSA cache keeps for chunking.
     for m in ("dense", "dhsa"):
         assert 0 < rows[f"{m}+kv4"]["kv_gb"] < 0.5 * rows[m]["kv_gb"]
+
+
+@pytest.mark.parametrize("L, dense_limit", [(1, 10**6), (1, 0), (40, 10**6), (40, 0)])
+def test_windowed_layer_on_quantized_keys_equals_dequantized(L, dense_limit):
+    # A Gemma2 sliding layer (window 32): dense decode reads the last `window` quantized rows,
+    # sparse and multi-token calls mask the window; all as over the dequantized keys.
+    cfg = small_config(dense_below=dense_limit, decode_dense_below=dense_limit)
+    attn = DHSAAttention(cfg, n_heads=4, n_kv_heads=2, head_dim=64, scale=0.125, softcap=50.0,
+                         window=32)  # fmt: skip
+    q, k, v = make_qkv(H=4, H_kv=2, L=L, S=180, D=64)
+    qk, qv = QuantizedKV.quantize(k, 4, GROUP), QuantizedKV.quantize(v, 4, GROUP)
+    got = attn.attend(q, qk, qv, offset=180 - L)
+    path = attn.last_path
+    want = attn.attend(q, qk.dequantize(), qv.dequantize(), offset=180 - L)
+    assert path == attn.last_path == ("dense" if dense_limit else "dhsa(reference)")
+    assert mx.allclose(got, want, atol=1e-5, rtol=1e-5)
