@@ -165,10 +165,14 @@ def test_dequantized_chunk_source_matches_fake_quantized_fp_cache(make, bits):
     fake = [FakeQuantCache(bits) for _ in model.layers]
     got, want = _logits(model, prompt, quant, 70), _logits(model, prompt, fake, 70)
     assert dhsa_layers(model)[0].last_path == "dhsa(reference)"
-    assert mx.allclose(got, want, atol=2e-4, rtol=1e-4)
+    # fp32 rounding of mx.quantized_matmul vs dequantize + BLAS matmul (OpenBLAS, when
+    # preloaded, sums in another order), through 3-4 random layers to logits of size ~5:
+    # at most 2e-3 measured with OpenBLAS, 2e-4 without. A changed plan moves logits by O(1).
+    tol = dict(atol=5e-3, rtol=1e-3)
+    assert mx.allclose(got, want, **tol), mx.abs(got - want).max().item()
     for _ in range(6):  # decode steps, sparse (decode_dense_below=0)
         nxt = mx.random.randint(0, 1024, (1, 1))
-        assert mx.allclose(model(nxt, cache=quant), model(nxt, cache=fake), atol=2e-4, rtol=1e-4)
+        assert mx.allclose(model(nxt, cache=quant), model(nxt, cache=fake), **tol)
 
 
 def test_chunk_state_from_pre_quantization_keys_equals_dhsa_cache_state():
