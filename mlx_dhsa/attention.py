@@ -15,6 +15,8 @@ from . import kernels, planners, reference
 from .cache import ChunkTable, ClosedChunks, ClosedSummaries, DHSACache
 from .config import DHSAConfig
 from .plan import Plan
+from .quantized import QuantizedKV
+from .quantized_cache import QuantizedDHSACache
 from .selection import key_mask
 
 
@@ -62,6 +64,7 @@ def route(
     window: int | None,
     base: bool = False,
     per_sequence_mask: bool = False,
+    quantized: tuple[int, int] | None = None,
 ) -> Route:
     """What runs an attention call of ``n_queries`` queries at ``offset`` over ``n_keys`` keys.
 
@@ -85,6 +88,11 @@ def route(
             ``config.sliding_window``).
         base (bool): a decode step may run on the wrapped mlx-lm module. Default: ``False``.
         per_sequence_mask (bool): the mask differs across the batch (padded batches).
+        quantized (tuple, optional): ``(bits, group_size)`` of quantized keys and values
+            (mlx-lm's QuantizedKVCache). They run the kernels only where
+            :func:`kernels_take_quantized` says so, else the reference (dense: MLX's
+            quantized matmuls); planning is pure MLX; mlx-lm's module (``BASE``) runs them
+            only without a soft cap (mlx-lm's Gemma2 cannot attend over a quantized cache).
 
     Returns:
         Route: the decision; kernel launches are None where the reference runs.
@@ -95,9 +103,12 @@ def route(
     L, S = n_queries, n_keys
     window = window if config.sliding_window else None
     use_kernel, groups = config.use_kernel, config.decode_groups
+    if quantized is not None and not kernels_take_quantized(*quantized):
+        use_kernel = False
     fused_decode = softcap is not None and kernels.backend().active(use_kernel)
     visible = min(S, window) if L == 1 and window is not None else S
     dense = visible <= config.dense_limit or (L == 1 and not config.sparse_decode_at(visible))
+    base = base and not (quantized is not None and softcap is not None)
     if L == 1 and base and dense and not fused_decode and visible == S:
         return Route(Path.BASE)
     shape = (dtypes, head_dim, n_heads, n_kv_heads)
@@ -129,7 +140,7 @@ def route(
         *shape, n_sparse, S, config.block_size, use_kernel=use_kernel, decode_groups=groups
     )
     plan = tail = None
-    if config.method == "dhsa":
+    if config.method == "dhsa" and quantized is None:
         plan = kernels.plan_launch(
             dtypes[0], dtypes[1], head_dim, n_sparse, config, use_kernel=use_kernel
         )
@@ -139,9 +150,26 @@ def route(
     return Route(path, kernel, plan, n_sparse, tail)
 
 
+def kernels_take_quantized(bits: int, group_size: int) -> bool:
+    """Whether the attention kernels take :class:`QuantizedKV` keys and values of ``bits``
+    and ``group_size`` (``kernels.accepts_quantized``, where the kernels define it)."""
+    accepts = getattr(kernels, "accepts_quantized", None)
+    return bool(accepts is not None and accepts(bits, group_size))
+
+
+def _quantization(cache: Any) -> tuple[int, int] | None:
+    """``(bits, group_size)`` of a quantized cache (mlx-lm's test: a ``bits`` attribute)."""
+    return (cache.bits, cache.group_size) if hasattr(cache, "bits") else None
+
+
+def _rows(x, start: int):
+    """Key positions ``start..`` of keys or values, quantized or not."""
+    return x.rows(start) if isinstance(x, QuantizedKV) else x[:, :, start:]
+
+
 def _kernel_state(cache: Any) -> kernels.KernelState | None:
     """The kernel state a DHSACache holds for its layer (made on first use); None without."""
-    if not isinstance(cache, DHSACache):
+    if not isinstance(cache, (DHSACache, QuantizedDHSACache)):
         return None
     if cache.kernel_state is None:
         cache.kernel_state = kernels.KernelState()
@@ -169,11 +197,11 @@ class SharedChunks:
         self._key = None
         self._closed: ClosedChunks | None = None
 
-    def publish(self, keys: mx.array, closed: ClosedChunks) -> None:
-        self._key, self._closed = (keys.shape[0], keys.shape[2]), closed
+    def publish(self, batch: int, n_keys: int, closed: ClosedChunks) -> None:
+        self._key, self._closed = (batch, n_keys), closed
 
-    def get(self, keys: mx.array) -> ClosedChunks | None:
-        return self._closed if self._key == (keys.shape[0], keys.shape[2]) else None
+    def get(self, batch: int, n_keys: int) -> ClosedChunks | None:
+        return self._closed if self._key == (batch, n_keys) else None
 
 
 class DHSAAttention(nn.Module):
@@ -274,6 +302,7 @@ class DHSAAttention(nn.Module):
         *,
         base: bool = False,
         mask: Any = None,
+        quantized: tuple[int, int] | None = None,
     ) -> Route:
         """:func:`route` for a call of this layer."""
         return route(
@@ -289,6 +318,7 @@ class DHSAAttention(nn.Module):
             window=self.window,
             base=base,
             per_sequence_mask=_per_sequence(mask),
+            quantized=quantized,
         )
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any = None) -> mx.array:
@@ -297,10 +327,15 @@ class DHSAAttention(nn.Module):
         # Decided before the projections (mlx-lm's module makes its own); queries, keys and
         # values take x's dtype, which attend checks.
         base = L == 1 and cache is not None and self.__dict__.get("_base") is not None
-        r = self.route(L, offset + L, offset, (x.dtype,) * 3, base=base, mask=mask)
+        quantized = _quantization(cache)
+        r = self.route(
+            L, offset + L, offset, (x.dtype,) * 3, base=base, mask=mask, quantized=quantized
+        )
         if r.path is Path.BASE:
             self._set_route(r)
-            return self._base(x, mask=mask, cache=cache)
+            out = self._base(x, mask=mask, cache=cache)
+            self.sync_chunks(cache)
+            return out
         queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -311,6 +346,8 @@ class DHSAAttention(nn.Module):
             queries = self.rope(queries, offset=offset)
             keys = self.rope(keys, offset=offset)
             keys, values = cache.update_and_fetch(keys, values)
+            if quantized is not None:
+                keys, values = (QuantizedKV.of(x, *quantized) for x in (keys, values))
         else:
             queries = self.rope(queries)
             keys = self.rope(keys)
@@ -320,8 +357,19 @@ class DHSAAttention(nn.Module):
         ):
             r = None  # not what the route assumed: attend decides again
         output = self.attend(queries, keys, values, mask=mask, offset=offset, cache=cache, route=r)
+        self.sync_chunks(cache)
         output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(output)
+
+    def sync_chunks(self, cache: Any) -> None:
+        """Chunk the segments of a :class:`QuantizedDHSACache` that closed in this call, so
+        that it can drop their model-dtype keys (dense calls included; a no-op otherwise)."""
+        if not isinstance(cache, QuantizedDHSACache) or cache.keys is None:
+            return
+        closed, summaries = cache.chunk_state(self.config)
+        seg = self.config.chunk_limit
+        if cache.offset // seg * seg > summaries.n_keys:
+            self.chunk_view(cache.quantized()[0], cache)
 
     def qk_norm(self, queries: mx.array, keys: mx.array) -> tuple[mx.array, mx.array]:
         """Per-head query/key normalisation before RoPE: none for Gemma2 (Gemma3 has one)."""
@@ -344,7 +392,8 @@ class DHSAAttention(nn.Module):
         L, S = queries.shape[2], keys.shape[2]
         if route is None:
             dtypes = (queries.dtype, keys.dtype, values.dtype)
-            route = self.route(L, S, offset, dtypes, mask=mask)
+            quantized = (keys.bits, keys.group_size) if isinstance(keys, QuantizedKV) else None
+            route = self.route(L, S, offset, dtypes, mask=mask, quantized=quantized)
         self._set_route(route)
         config = self.config
         window = self.window if config.sliding_window else None
@@ -369,7 +418,7 @@ class DHSAAttention(nn.Module):
             if L == 1 and window is not None and S > window:
                 # A dense decode step on a sliding layer reads only the last `window` keys:
                 # drop the rest instead of masking them.
-                keys, values = keys[:, :, S - window :], values[:, :, S - window :]
+                keys, values = _rows(keys, S - window), _rows(values, S - window)
                 mask = mask[..., S - window :] if isinstance(mask, mx.array) else mask
                 offset, S = offset - (S - window), window
             return reference.dense_attention(
@@ -422,28 +471,43 @@ class DHSAAttention(nn.Module):
             state=state,
         )
 
-    def chunk_view(self, keys: mx.array, cache: Any = None) -> ChunkTable:
+    def chunk_view(self, keys, cache: Any = None) -> ChunkTable:
         """The chunks of ``keys`` (B, H_kv, S, D) and their summaries, as a ChunkTable.
 
-        A DHSACache keeps closed chunks and summaries between calls; any other cache (or none)
-        rebuilds them from the keys, with the same result. Shared boundaries come from the
-        first DHSA layer of the model.
+        A DHSACache (or QuantizedDHSACache) keeps closed chunks and summaries between calls;
+        any other cache (or none) rebuilds them from the keys, with the same result. Shared
+        boundaries come from the first DHSA layer of the model. Quantized keys are chunked
+        from the model-dtype keys a QuantizedDHSACache keeps (or its dequantized keys: see
+        ``chunk_source``); the table then holds only the keys from the first unchunked one.
         """
         config = self.config
-        if isinstance(cache, DHSACache):
+        B, S = keys.shape[0], keys.shape[2]
+        if isinstance(cache, (DHSACache, QuantizedDHSACache)):
             closed, summaries = cache.chunk_state(config)
         else:
             closed, summaries = ClosedChunks(), ClosedSummaries()
         borrowed = None
         if config.share_boundaries and not self._owner:
-            borrowed = self._shared.get(keys)
+            borrowed = self._shared.get(B, S)
+        start = 0
+        if isinstance(keys, QuantizedKV):
+            if isinstance(cache, QuantizedDHSACache):
+                start = min(summaries.n_keys, S // config.chunk_limit * config.chunk_limit)
+                if borrowed is None:
+                    start = min(start, closed.n_keys)
+                keys = cache.fp_keys(start)
+            else:  # a plain QuantizedKVCache: fresh state from every dequantized key
+                keys = keys.dequantize()
         if borrowed is not None:
             closed = borrowed
         else:
-            closed.sync(keys, config)
+            closed.sync(keys, config, start)
             if config.share_boundaries and self._owner:
-                self._shared.publish(keys, closed)
-        return summaries.table(keys, closed, config)
+                self._shared.publish(B, S, closed)
+        table = summaries.table(keys, closed, config, start)
+        if isinstance(cache, QuantizedDHSACache):
+            cache.release(table.open_start)
+        return table
 
     @staticmethod
     def _dense_mask(mask, offset: int, L: int, S: int, window: int | None):

@@ -53,17 +53,18 @@ class ChunkTable:
     starts: mx.array  # (B, cap) int32
     lengths: mx.array  # (B, cap) int32
     summaries: mx.array  # (B, cap, D) float32
-    keys: mx.array  # (B, H_kv, n_keys, D): all keys
+    keys: mx.array  # (B, H_kv, n_keys - keys_start, D): the keys from keys_start on
     n_closed: int  # closed chunks
     open_start: int  # first key of the open chunk
     n_keys: int  # S
     segment: int
     summary: str = "sqrt"  # DHSAConfig.summary
+    keys_start: int = 0  # position of keys[:, :, 0]: 0, or at most open_start (quantized caches)
 
     @cached_property
     def open_summary(self) -> mx.array:
         """The open chunk's summary, (B, 1, D) float32 (built on first use)."""
-        return open_summary(self.keys[:, :, self.open_start :], self.summary)
+        return open_summary(self.keys[:, :, self.open_start - self.keys_start :], self.summary)
 
     def materialize(self) -> tuple[Chunks, mx.array]:
         """The (B, N_c) chunks, open chunk last, and their (B, N_c, D) summaries."""
@@ -82,16 +83,22 @@ class ClosedChunks:
         self.starts: mx.array | None = None  # (B, cap) int32
         self.lengths: mx.array | None = None
 
-    def sync(self, keys: mx.array, config: DHSAConfig) -> "ClosedChunks":
-        """Cover the whole segments of ``keys`` (B, H_kv, S, D): trim, then chunk new ones."""
-        B, S = keys.shape[0], keys.shape[2]
+    def sync(self, keys: mx.array, config: DHSAConfig, start: int = 0) -> "ClosedChunks":
+        """Cover the whole segments of ``keys`` (B, H_kv, S - start, D), the keys from
+        position ``start`` on: trim, then chunk new ones. ``start`` is at most the keys
+        covered already (after the trim), so the new segments are all in ``keys``."""
+        B, S = keys.shape[0], start + keys.shape[2]
         seg, per = config.chunk_limit, chunks_per_segment(config)
         if self.starts is not None and self.starts.shape[0] != B:
             self.__init__()  # another batch: start over
         n_closed = S // seg * seg
         self.trim(n_closed, config)
         if n_closed > self.n_keys:
-            new = segment_chunks(keys[:, :, self.n_keys : n_closed], config, offset=self.n_keys)
+            if self.n_keys < start:
+                raise ValueError(f"keys from {start} on cannot extend chunks of {self.n_keys}")
+            new = segment_chunks(
+                keys[:, :, self.n_keys - start : n_closed - start], config, offset=self.n_keys
+            )
             a, b = self.n_chunks, n_closed // seg * per
             self.starts = _reserve(self.starts, (B,), b + 1, mx.int32)  # + 1: the open chunk
             self.lengths = _reserve(self.lengths, (B,), b + 1, mx.int32)
@@ -121,17 +128,23 @@ class ClosedSummaries:
         self.n_keys = 0
         self.summaries: mx.array | None = None
 
-    def table(self, keys: mx.array, closed: ClosedChunks, config: DHSAConfig) -> ChunkTable:
-        """Summarise new closed chunks of ``keys`` (B, H_kv, S, D) and the open chunk."""
+    def table(
+        self, keys: mx.array, closed: ClosedChunks, config: DHSAConfig, start: int = 0
+    ) -> ChunkTable:
+        """Summarise new closed chunks of ``keys`` (B, H_kv, S - start, D), the keys from
+        position ``start`` on (at most the keys summarised already), and the open chunk."""
         B, _, S, D = keys.shape
+        S += start
         seg, per = config.chunk_limit, chunks_per_segment(config)
         if self.summaries is not None and self.summaries.shape[0] != B:
             self.__init__()
         self.trim(closed.n_keys, config)
         if closed.n_keys > self.n_keys:
             a, b = self.n_keys // seg * per, closed.n_chunks
+            if self.n_keys < start:
+                raise ValueError(f"keys from {start} on cannot extend summaries of {self.n_keys}")
             new = _compiled_summaries(seg, config.summary)(
-                keys[:, :, self.n_keys : closed.n_keys],
+                keys[:, :, self.n_keys - start : closed.n_keys - start],
                 closed.starts[:, a:b],
                 closed.lengths[:, a:b],
                 mx.array(self.n_keys, mx.int32),
@@ -151,6 +164,7 @@ class ClosedSummaries:
             n_keys=S,
             segment=seg,
             summary=config.summary,
+            keys_start=start,
         )
 
     def trim(self, n_keys: int, config: DHSAConfig) -> None:
@@ -226,6 +240,13 @@ class DHSACache(KVCache):
             self._config = config
             self._closed, self._summaries = ClosedChunks(), ClosedSummaries()
         return self._closed, self._summaries
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        """This cache quantized as mlx-lm's ``generate(..., kv_bits=)`` asks: a
+        :class:`~mlx_dhsa.quantized_cache.QuantizedDHSACache` with the chunk state carried."""
+        from .quantized_cache import QuantizedDHSACache
+
+        return QuantizedDHSACache.from_cache(self, group_size=group_size, bits=bits)
 
     def trim(self, n: int) -> int:
         n = super().trim(n)

@@ -3,6 +3,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .device import device_tuning
+from .quantized import BITS as KV_BITS
+from .quantized import GROUP_SIZES as KV_GROUP_SIZES
 
 BOUNDARY_METHODS = ("shift", "fixed", "learned")
 SUMMARIES = ("sqrt", "mean")
@@ -22,7 +24,14 @@ class ConfigError(ValueError):
 
 
 # Type of every field that is not a plain positive int (checked before the values).
-_OPTIONAL_INTS = ("dense_below", "max_chunk", "chunk_cap", "decode_dense_below", "decode_groups")
+_OPTIONAL_INTS = (
+    "dense_below",
+    "max_chunk",
+    "chunk_cap",
+    "decode_dense_below",
+    "decode_groups",
+    "kv_bits",
+)
 _OPTIONAL_FLOATS = ("boundary_threshold", "predictor_threshold")
 _BOOLS = ("share_boundaries", "sliding_window", "use_kernel", "open_pieces")
 _STRINGS = ("boundaries", "summary", "head_scores", "method", "local_mode", "scoring")
@@ -114,6 +123,10 @@ class DHSAConfig:
     # chunks (mlx_dhsa.scoring); "softmax_spread" adds the chunk's key spread to its logit.
     scoring: str = "paper"
     query_groups: int = 1  # scoring="softmax*": representatives per query block and head
+    # Quantized KV cache of the DHSA layers (mlx-lm's QuantizedKVCache storage): bits per
+    # element (4 or 8; None: the model's dtype) and elements per scale/bias group.
+    kv_bits: int | None = None
+    kv_group_size: int = 64
 
     def __post_init__(self):
         check_types(self)
@@ -184,6 +197,15 @@ class DHSAConfig:
         if self.predictor_path is not None and not Path(self.predictor_path).expanduser().is_file():
             raise ConfigError(
                 f"predictor_path is not a file: {str(self.predictor_path)!r}", "predictor_path"
+            )
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise ConfigError(
+                f"kv_bits must be one of {KV_BITS} or None, got {self.kv_bits}", "kv_bits"
+            )
+        if self.kv_group_size not in KV_GROUP_SIZES:
+            raise ConfigError(
+                f"kv_group_size must be one of {KV_GROUP_SIZES}, got {self.kv_group_size}",
+                "kv_group_size",
             )
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}", "method")

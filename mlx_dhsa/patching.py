@@ -5,12 +5,13 @@ from functools import partial
 from typing import Any
 
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .attention import DHSAAttention
 from .cache import DHSACache
 from .config import DHSAConfig
 from .families import patch_gemma2, patch_gemma3_text, patch_llama
+from .quantized_cache import QuantizedDHSACache, WindowKVCache
 
 PATCHERS: dict[str, Callable[[nn.Module, DHSAConfig], None]] = {
     "gemma2": patch_gemma2,
@@ -90,7 +91,10 @@ def unpatch(model: nn.Module) -> nn.Module:
 def make_prompt_cache(model: nn.Module, max_kv_size: int | None = None) -> list[Any]:
     """The model's prompt cache with a DHSACache for every DHSA layer.
 
-    Other layers (e.g. Gemma3's sliding layers) keep the cache the model makes for them.
+    Other layers (e.g. Gemma3's sliding layers) keep the cache the model makes for them; a
+    rotating one becomes a :class:`WindowKVCache`, which ``kv_bits`` leaves unquantized
+    (mlx-lm cannot quantize it). With ``kv_bits`` in the layers' config the DHSA layers get
+    a :class:`QuantizedDHSACache` from the first token.
 
     Args:
         model (nn.Module): a model patched with :func:`mlx_dhsa.patch`.
@@ -106,7 +110,18 @@ def make_prompt_cache(model: nn.Module, max_kv_size: int | None = None) -> list[
         )
     make = getattr(type(model), "make_cache", None)
     caches = make(model) if make is not None else [KVCache() for _ in model.layers]
-    return [
-        DHSACache() if isinstance(getattr(layer, "self_attn", None), DHSAAttention) else c
-        for layer, c in zip(model.layers, caches)
-    ]
+    out = []
+    for layer, c in zip(model.layers, caches):
+        attn = getattr(layer, "self_attn", None)
+        if not isinstance(attn, DHSAAttention):
+            out.append(WindowKVCache.of(c) if type(c) is RotatingKVCache else c)
+        elif attn.config.kv_bits is not None:
+            group = attn.config.kv_group_size
+            if attn.head_dim % group:
+                raise ValueError(
+                    f"kv_group_size ({group}) must divide the head dimension ({attn.head_dim})"
+                )
+            out.append(QuantizedDHSACache(group, attn.config.kv_bits))
+        else:
+            out.append(DHSACache())
+    return out

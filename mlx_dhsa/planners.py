@@ -23,6 +23,7 @@ from .cache import ChunkTable
 from .chunking import Chunks, chunk_summaries, split_open
 from .config import DHSAConfig
 from .plan import Plan
+from .quantized import QuantizedKV
 from .reference import logits, masked_softmax
 from .scoring import mass_scores
 from .selection import (
@@ -74,7 +75,9 @@ def plan_dhsa(
         Plan: (B, ceil(L / block_size), budget) key indices.
     """
     if config.scoring != "paper":
-        return plan_dhsa_mass(config, table(), queries, offset=offset, window=window, scale=scale)
+        return plan_dhsa_mass(
+            config, table(), queries, keys=keys, offset=offset, window=window, scale=scale
+        )
     if config.open_pieces:
         chunks, _ = table().materialize()
         chunks = split_open(chunks, keys.shape[2], config.target_chunk)
@@ -88,13 +91,16 @@ def plan_dhsa(
     )
 
 
-def plan_dhsa_mass(config, table, queries: mx.array, *, offset: int, window, scale: float) -> Plan:
+def plan_dhsa_mass(
+    config, table, queries: mx.array, *, keys: mx.array, offset: int, window, scale: float
+) -> Plan:
     """DHSA with ``scoring="softmax*"``: chunks ranked by estimated attention mass per key
-    (``scoring.mass_scores``), pure MLX (the planning kernels implement ``"paper"`` only)."""
+    (``scoring.mass_scores``) over all ``keys``, pure MLX (the planning kernels implement
+    ``"paper"`` only)."""
     chunks, _ = table.materialize()
     if config.open_pieces:
-        chunks = split_open(chunks, table.n_keys, config.target_chunk)
-    scores = mass_scores(queries, table.keys, chunks, config, q_offset=offset, scale=scale)
+        chunks = split_open(chunks, keys.shape[2], config.target_chunk)
+    scores = mass_scores(queries, keys, chunks, config, q_offset=offset, scale=scale)
     return select(scores, chunks, config, n_queries=queries.shape[2], q_offset=offset,
                   window=window)  # fmt: skip
 
@@ -257,6 +263,12 @@ PLANNERS: dict[str, Planner] = {
 }
 
 
-def plan(queries: mx.array, keys: mx.array, *, config: DHSAConfig, **kwargs) -> Plan:
-    """Dispatch to ``PLANNERS[config.method]``; arguments as :func:`plan_dhsa`."""
+def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
+    """Dispatch to ``PLANNERS[config.method]``; arguments as :func:`plan_dhsa`.
+
+    Quantized keys (:class:`QuantizedKV`) reach the planners that read every key
+    (baselines, ``scoring="softmax*"``) dequantized; DHSA's paper scoring reads only the
+    chunk table."""
+    if isinstance(keys, QuantizedKV) and (config.method != "dhsa" or config.scoring != "paper"):
+        keys = keys.dequantize()
     return PLANNERS[config.method](queries, keys, config=config, **kwargs)

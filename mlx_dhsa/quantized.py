@@ -52,3 +52,27 @@ class QuantizedKV(NamedTuple):
 
     def triple(self) -> tuple[mx.array, mx.array, mx.array]:
         return self.packed, self.scales, self.biases
+
+    def rows(self, start: int, stop: int | None = None) -> "QuantizedKV":
+        """Key positions ``[start, stop)`` (axis 2), still quantized."""
+        cut = lambda x: x[:, :, start:stop]
+        return self._replace(packed=cut(self.packed), scales=cut(self.scales),
+                             biases=cut(self.biases))  # fmt: skip
+
+    def map(self, fn) -> "QuantizedKV":
+        """``fn`` applied to each of packed, scales and biases (same row indexing for all)."""
+        return self._replace(packed=fn(self.packed), scales=fn(self.scales), biases=fn(self.biases))
+
+
+def is_quantized(x) -> bool:
+    """Whether ``x`` is a :class:`QuantizedKV` (keys or values of a quantized cache)."""
+    return isinstance(x, QuantizedKV)
+
+
+def check_kv_bits(bits, group_size) -> None:
+    """Raise ``ValueError`` (one line) unless ``bits`` is in BITS (or None) and ``group_size``
+    in GROUP_SIZES."""
+    if bits is not None and (isinstance(bits, bool) or bits not in BITS):
+        raise ValueError(f"kv_bits must be one of {BITS} (or None: no quantization), got {bits!r}")
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ValueError(f"kv_group_size must be one of {GROUP_SIZES}, got {group_size!r}")

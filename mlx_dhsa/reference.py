@@ -3,11 +3,17 @@
 The math is mlx-lm's Gemma2 attention, written once: queries scaled by ``scale``
 (query_pre_attn_scalar^-0.5), logits soft-capped as ``c * tanh(s / c)``, a precise softmax,
 GQA through the ``(B, H_kv, repeats, L, D)`` reshape (K/V are never repeated).
+
+Keys and values may come quantized (:class:`~mlx_dhsa.quantized.QuantizedKV`, mlx-lm's
+``QuantizedKVCache``): dense attention then multiplies with ``mx.quantized_matmul`` as mlx-lm's
+``quantized_scaled_dot_product_attention`` does (plus the soft cap), and sparse attention gathers
+the planned rows of packed words, scales and biases and dequantizes only that block.
 """
 
 import mlx.core as mx
 
 from .plan import Plan
+from .quantized import QuantizedKV
 
 # Scores per group of query blocks in sparse_attention; bounds its working memory.
 MAX_GROUP_SCORES = 1 << 24
@@ -19,6 +25,30 @@ def logits(q: mx.array, k: mx.array, scale: float, softcap: float | None) -> mx.
     if softcap is not None:
         scores = mx.tanh(scores / softcap) * softcap
     return scores
+
+
+def _qk(q: mx.array, k, scale: float, softcap: float | None) -> mx.array:
+    """:func:`logits` of q (B, H_kv, R, L, D) over k (B, H_kv, S, D), which may be quantized;
+    k gains the repeats axis here."""
+    if not isinstance(k, QuantizedKV):
+        return logits(q, mx.expand_dims(k, 2), scale, softcap)
+    k = k.map(lambda x: mx.expand_dims(x, 2))
+    scores = mx.quantized_matmul(
+        q * scale, *k.triple(), transpose=True, group_size=k.group_size, bits=k.bits
+    )
+    if softcap is not None:
+        scores = mx.tanh(scores / softcap) * softcap
+    return scores
+
+
+def _pv(probs: mx.array, v) -> mx.array:
+    """``probs @ v`` for values (B, H_kv, S, D) that may be quantized (as in :func:`_qk`)."""
+    if not isinstance(v, QuantizedKV):
+        return probs @ mx.expand_dims(v, 2)
+    v = v.map(lambda x: mx.expand_dims(x, 2))
+    return mx.quantized_matmul(
+        probs, *v.triple(), transpose=False, group_size=v.group_size, bits=v.bits
+    )
 
 
 def masked_softmax(scores: mx.array, mask: mx.array | None) -> mx.array:
@@ -41,8 +71,8 @@ def dense_attention(
 
     Args:
         q (mx.array): queries, (B, H, L, D).
-        k (mx.array): keys, (B, H_kv, S, D); H must be a multiple of H_kv.
-        v (mx.array): values, (B, H_kv, S, D).
+        k (mx.array or QuantizedKV): keys, (B, H_kv, S, D); H must be a multiple of H_kv.
+        v (mx.array or QuantizedKV): values, (B, H_kv, S, D).
         scale (float): query scale.
         softcap (float, optional): logit soft cap c; ``None`` = no cap. Default: ``None``.
         mask (mx.array, optional): bool, broadcastable to (B, H, L, S) or given as (L, S) /
@@ -56,13 +86,16 @@ def dense_attention(
     q = q.reshape(B, H_kv, H // H_kv, L, D)
     if mask is not None and mask.ndim == 4:
         mask = mx.expand_dims(mask, 2)  # (B, 1, 1, L, S) against (B, H_kv, R, L, S)
-    scores = logits(q, mx.expand_dims(k, 2), scale, softcap)
-    out = masked_softmax(scores, mask) @ mx.expand_dims(v, 2)
+    scores = _qk(q, k, scale, softcap)
+    out = _pv(masked_softmax(scores, mask), v)
     return out.reshape(B, H, L, D)
 
 
-def _gather(x: mx.array, idx: mx.array) -> mx.array:
-    """Rows of x (B, H_kv, S, D) at idx (B, G, K) -> (B, H_kv, G, K, D)."""
+def _gather(x, idx: mx.array) -> mx.array:
+    """Rows of x (B, H_kv, S, D) at idx (B, G, K) -> (B, H_kv, G, K, D); quantized rows are
+    gathered packed and dequantized here, one group of blocks at a time."""
+    if isinstance(x, QuantizedKV):
+        return x.map(lambda a: _gather(a, idx)).dequantize()
     B, H_kv, S, D = x.shape
     _, G, K = idx.shape
     if B == 1:  # a plain take is much faster than take_along_axis on CPU
@@ -89,8 +122,8 @@ def sparse_attention(
 
     Args:
         q (mx.array): queries, (B, H, L, D).
-        k (mx.array): keys, (B, H_kv, S, D).
-        v (mx.array): values, (B, H_kv, S, D).
+        k (mx.array or QuantizedKV): keys, (B, H_kv, S, D).
+        v (mx.array or QuantizedKV): values, (B, H_kv, S, D).
         plan (Plan): key indices per query block, (B, ceil(L / block_size), K).
         scale (float): query scale.
         softcap (float, optional): logit soft cap. Default: ``None``.

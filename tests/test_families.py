@@ -60,7 +60,8 @@ def test_gemma3_patches_only_global_layers():
     assert [model.layers[i].self_attn for i in (0, 2)] == sliding
     assert layers[0].window is None and layers[0].attn_logit_softcapping is None
     cache = model.make_cache()
-    assert type(cache[0]).__name__ == "RotatingKVCache" and type(cache[1]).__name__ == "DHSACache"
+    # The sliding layers' RotatingKVCache, as a WindowKVCache (kept unquantized by kv_bits).
+    assert type(cache[0]).__name__ == "WindowKVCache" and type(cache[1]).__name__ == "DHSACache"
     unpatch(model)
     assert not dhsa_layers(model)
 

@@ -9,7 +9,7 @@ from ..config import DHSAConfig
 from ..device import CPU_SIZES, GPU_SIZES, RunSizes, run_sizes
 from ..evaluation import niah as needle
 from ..evaluation import runinfo
-from ..evaluation.methods import DEFAULT_METHODS
+from ..evaluation.methods import DEFAULT_METHODS, with_quantized_kv
 from ..extras import MissingExtraError, require
 from ..loading import MODEL_ALIASES, ModelNotFoundError
 from . import distributed as dist
@@ -116,6 +116,8 @@ def chat(
         _fail(str(e))
     document = dist.share(document)
     lm, tokenizer = _load(model, config, patch=not dense)
+    if dense and config.kv_bits is not None:
+        ui.note("--kv-bits quantizes the DHSA layers' cache: --dense keeps mlx-lm's own cache.")
     session = ChatSession(lm, tokenizer, document)
     context = max_context or model_context(model)
     if document and not context:
@@ -283,6 +285,10 @@ def profile(
     config, chosen, sizes_run = _grid_setup(
         ctx, config, sizes, methods, contexts, "profile_contexts", plot, "--plot"
     )
+    if config.kv_bits is not None:  # every method with and without the quantized cache
+        base = config.replace(kv_bits=None)
+        chosen = methods_from(methods, base)
+        chosen = with_quantized_kv(chosen, base, config.kv_bits, config.kv_group_size)
     shape = shape or sizes.profile_shape
     if model is None and shape not in profiling.SHAPES:
         raise typer.BadParameter(f"choose from {', '.join(profiling.SHAPES)}", param_hint="--shape")

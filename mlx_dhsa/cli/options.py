@@ -44,6 +44,9 @@ DHSA_OPTIONS = {
     "decode_dense_below": "Decode stays dense up to this many keys (0: always sparse; default: "
     "the device's, 98304 on an H200).",
     "use_kernel": "Use the GPU kernels when a GPU is present (else the pure-MLX reference).",
+    "kv_bits": "Quantize the DHSA layers' KV cache to 4 or 8 bits (mlx-lm's quantized cache; "
+    "default: the model's dtype). profile runs every method with and without it.",
+    "kv_group_size": "Elements per scale and bias of --kv-bits: 32, 64 or 128.",
 }
 _CHOICES = {
     "boundaries": BOUNDARY_METHODS,

@@ -134,6 +134,7 @@ class ProfileRow:
     generation_tps: float
     peak_gb: float
     attention: str  # path the prefill ran
+    kv_gb: float = 0.0  # what the prompt cache holds after the run, GB (kept keys included)
 
 
 @dataclass
@@ -166,12 +167,13 @@ class ProfileReport:
 def _trial(model, tokenizer, prompt: mx.array, method: str, decode_tokens: int) -> ProfileRow:
     paths = PrefillPaths(model)
     mx.reset_peak_memory()
+    cache = make_prompt_cache(model)
     for response in stream_generate(
         model,
         tokenizer,
         prompt,
         max_tokens=decode_tokens,
-        prompt_cache=make_prompt_cache(model),
+        prompt_cache=cache,
         prompt_progress_callback=paths,
     ):
         pass
@@ -183,11 +185,18 @@ def _trial(model, tokenizer, prompt: mx.array, method: str, decode_tokens: int) 
         generation_tps=response.generation_tps,
         peak_gb=response.peak_memory,
         attention=paths.path,
+        kv_gb=kv_bytes(cache) / 1e9,
     )
 
 
+def kv_bytes(cache: list) -> int:
+    """Bytes a prompt cache holds: keys and values (quantized: packed words, scales and
+    biases; spare capacity included), plus the model-dtype keys a QuantizedDHSACache keeps."""
+    return sum((c.nbytes if not c.empty() else 0) + getattr(c, "pending_nbytes", 0) for c in cache)
+
+
 def _mean(rows: list[ProfileRow]) -> ProfileRow:
-    keys = ("prefill_s", "prompt_tps", "generation_tps", "peak_gb")
+    keys = ("prefill_s", "prompt_tps", "generation_tps", "peak_gb", "kv_gb")
     means = {k: statistics.fmean(getattr(r, k) for r in rows) for k in keys}
     return ProfileRow(rows[0].method, rows[0].context, attention=rows[0].attention, **means)
 

@@ -129,7 +129,7 @@ def _kv(row) -> str:
     return (
         f"method={row.method} context={row.context} prefill_s={row.prefill_s:.4f} "
         f"prompt_tps={row.prompt_tps:.3f} generation_tps={row.generation_tps:.3f} "
-        f"peak_memory={row.peak_gb:.3f} attention={row.attention}"
+        f"peak_memory={row.peak_gb:.3f} kv_gb={row.kv_gb:.4f} attention={row.attention}"
     )
 
 
@@ -144,7 +144,7 @@ def profile_report(report) -> None:
         line(_kv(row))
     dense = {r.context: r.prefill_s for r in report.rows if r.method == "dense"}
     table = Table(title="prefill / decode / memory")
-    for name in ("method", "context", "prefill s", "vs dense", "decode tok/s", "peak GB"):
+    for name in ("method", "context", "prefill s", "vs dense", "decode tok/s", "peak GB", "KV GB"):
         table.add_column(name, justify="left" if name == "method" else "right", no_wrap=True)
     table.add_column("attention", no_wrap=True)
     for r in report.rows:
@@ -156,6 +156,7 @@ def profile_report(report) -> None:
             speedup,
             f"{r.generation_tps:.1f}",
             f"{r.peak_gb:.3f}",
+            f"{r.kv_gb:.3f}",
             r.attention,
         )
     console.print(table)

@@ -72,6 +72,25 @@ class Method:
         return {"label": self.label, "config": None if self.config is None else asdict(self.config)}
 
 
+# A dense row over a quantized cache: DHSA's dense path (mlx-lm's Gemma2 cannot attend over
+# QuantizedKVCache; without a soft cap decode steps run mlx-lm's own module).
+DENSE_ALWAYS = {"dense_below": 1 << 30, "decode_dense_below": 1 << 30}
+
+
+def with_quantized_kv(methods: list[Method], base: DHSAConfig, bits: int, group_size: int):
+    """``methods`` followed by each of them over a ``bits``-bit KV cache (label ``+kv{bits}``).
+
+    ``dense`` becomes the model patched to stay dense (``DENSE_ALWAYS``), so that every model
+    type runs on the quantized cache.
+    """
+    kv = dict(kv_bits=bits, kv_group_size=group_size)
+    out = list(methods)
+    for m in methods:
+        config = base.replace(**DENSE_ALWAYS) if m.config is None else m.config
+        out.append(Method(f"{m.label}+kv{bits}", config.replace(**kv)))
+    return out
+
+
 def parse_methods(specs: str, base: DHSAConfig) -> list[Method]:
     """Parse ``"dense,dhsa,dhsa@512"`` into methods built on ``base``.
 
