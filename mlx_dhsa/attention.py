@@ -116,7 +116,7 @@ def route(
         own = (L > 1 or fused_decode) and not per_sequence_mask and offset + L == S
         kernel = (
             kernels.attention_kernel(
-                *shape, L, S, None, use_kernel=use_kernel, decode_groups=groups
+                *shape, L, S, None, use_kernel=use_kernel, decode_groups=groups, quantized=quantized
             )
             if own
             else None
@@ -132,12 +132,18 @@ def route(
     n_sparse = L - min(config.dense_tail, L) if L > 1 else 1
     if n_sparse == 0:  # all of them: causal dense attention
         kernel = kernels.attention_kernel(
-            *shape, L, S, None, use_kernel=use_kernel, decode_groups=groups
+            *shape, L, S, None, use_kernel=use_kernel, decode_groups=groups, quantized=quantized
         )
         path = Path.DENSE_KERNEL if kernel is not None else Path.DENSE_REFERENCE
         return Route(path, kernel, own_mask=True)
     kernel = kernels.attention_kernel(
-        *shape, n_sparse, S, config.block_size, use_kernel=use_kernel, decode_groups=groups
+        *shape,
+        n_sparse,
+        S,
+        config.block_size,
+        use_kernel=use_kernel,
+        decode_groups=groups,
+        quantized=quantized,
     )
     plan = tail = None
     if config.method == "dhsa" and quantized is None:
@@ -145,7 +151,9 @@ def route(
             dtypes[0], dtypes[1], head_dim, n_sparse, config, use_kernel=use_kernel
         )
     if n_sparse < L:
-        tail = kernels.attention_kernel(*shape, L - n_sparse, S, None, use_kernel=use_kernel)
+        tail = kernels.attention_kernel(
+            *shape, L - n_sparse, S, None, use_kernel=use_kernel, quantized=quantized
+        )
     path = Path.SPARSE_KERNEL if kernel is not None else Path.SPARSE_REFERENCE
     return Route(path, kernel, plan, n_sparse, tail)
 
