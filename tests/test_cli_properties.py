@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from mlx_dhsa.loading import ModelNotFoundError
 
 app_module = importlib.import_module("mlx_dhsa.cli.app")
+dist_module = importlib.import_module("mlx_dhsa.cli.distributed")
 COMMANDS = ("chat", "profile", "niah")
 # String options that hold numbers or names: fed like the typed ones.
 LIST_OPTIONS = ("--contexts", "--depths", "--methods", "--shape")
@@ -79,7 +80,7 @@ def _built(*args, **kwargs):
 def _check(command: str, args: list[str]) -> None:
     extra = ["-q", "hi"] if command == "chat" else []
     with (
-        mock.patch.object(app_module, "load", _stop),
+        mock.patch.object(dist_module, "load", _stop),
         mock.patch.object(app_module.profiling, "random_model", _built),
         mock.patch.object(app_module.needle, "read_haystack", lambda *a: "hay " * 50),
     ):
