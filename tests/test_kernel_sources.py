@@ -71,10 +71,9 @@ def _run(cmd, path):
     assert result.returncode == 0, f"{path.name}:\n{result.stderr[-4000:]}"
 
 
-@pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed (apt clang)")
-@pytest.mark.parametrize("name", kernels.KERNELS)
-def test_metal_source_type_checks(name, tmp_path):
-    cmd = [
+def metal_type_check_command() -> list[str]:
+    """clang++ type-checking Metal source against tests/shims/metal_shim.h (path appended)."""
+    return [
         "clang++",
         "-std=c++17",
         "-fsyntax-only",
@@ -90,6 +89,12 @@ def test_metal_source_type_checks(name, tmp_path):
         "-x",
         "c++",
     ]
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed (apt clang)")
+@pytest.mark.parametrize("name", kernels.KERNELS)
+def test_metal_source_type_checks(name, tmp_path):
+    cmd = metal_type_check_command()
     for i, (inputs, template, dtypes) in enumerate(instances(name, "metal")):
         path = tmp_path / f"{name}_{i}.metal"
         path.write_text(ATTRIBUTES.sub("", metal_source(name, inputs, template, dtypes)))
@@ -99,22 +104,7 @@ def test_metal_source_type_checks(name, tmp_path):
 @pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed (apt clang)")
 @pytest.mark.parametrize("name", kernels.sources.QUANTIZED_KERNELS)
 def test_quantized_metal_source_type_checks(name, tmp_path):
-    cmd = [
-        "clang++",
-        "-std=c++17",
-        "-fsyntax-only",
-        "-target",
-        "aarch64-linux-gnu",
-        "-nostdinc",
-        "-Werror",
-        "-Wno-unknown-attributes",
-        "-I",
-        str(SHIMS),
-        "-include",
-        str(SHIMS / "metal_shim.h"),
-        "-x",
-        "c++",
-    ]
+    cmd = metal_type_check_command()
     for i, (inputs, template, dtypes) in enumerate(quantized_instances(name, "metal")):
         path = tmp_path / f"{name}_q{i}.metal"
         path.write_text(ATTRIBUTES.sub("", metal_source(name, inputs, template, dtypes, True)))
