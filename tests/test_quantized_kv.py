@@ -3,6 +3,7 @@
 import copy
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from conftest import make_qkv, small_config, tiny_gemma2, tiny_gemma3, tiny_llama
 from mlx_lm.generate import generate_step
@@ -207,10 +208,11 @@ def test_config_kv_bits_makes_quantized_caches_from_the_first_token():
     assert isinstance(cache[0].keys, tuple)
 
 
-def test_kv_group_size_that_does_not_divide_head_dim_is_one_line_error():
-    model = patch(tiny_gemma2(), small_config(kv_bits=4, kv_group_size=64))
-    with pytest.raises(ValueError, match="kv_group_size"):
-        mlx_dhsa.make_prompt_cache(model)
+def test_kv_group_size_that_does_not_divide_head_dim_is_refused_at_patch():
+    model = tiny_gemma2()
+    with pytest.raises(ValueError, match="kv_group_size 64 does not divide"):
+        patch(model, small_config(kv_bits=4, kv_group_size=64))
+    assert not dhsa_layers(model)  # left as it was
 
 
 @pytest.mark.parametrize("bad", [dict(kv_bits=3), dict(kv_bits=16), dict(kv_group_size=48)])
@@ -309,6 +311,24 @@ def test_bad_kv_flags_are_one_line_usage_errors(command, bad):
     flag = bad[0]
     errors = [ln for ln in result.output.splitlines() if flag in ln and "must be one of" in ln]
     assert len(errors) == 1, result.output
+
+
+def test_a_group_size_that_does_not_divide_the_head_dim_is_one_line():
+    # tiny's head dimension is 32; 64 is a valid flag value that this model cannot use.
+    result = _cli("profile", "--shape", "tiny", "--contexts", "200", "--kv-bits", "4",
+                  "--kv-group-size", "64", "--trials", "1", "-g", "2")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "does not divide the model's head dimension (32): use --kv-group-size 32" in (
+        result.output
+    )
+
+
+def test_random_profile_model_with_quantized_weights():
+    from mlx_dhsa.cli.profiling import random_model
+
+    model = random_model("tiny", weight_bits=4)
+    assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert model.layers[0].self_attn.q_proj.bits == 4
 
 
 def test_profile_reports_kv_bytes_with_and_without_quantization(tmp_path):

@@ -46,6 +46,7 @@ from .options import (
     Timing,
     Trials,
     Truncate,
+    WeightBits,
     csv,
     dhsa_options,
     ints,
@@ -260,6 +261,18 @@ def _write_json(path, report) -> None:
         path.write_text(json.dumps(report.as_dict(), indent=2))
 
 
+def _check_patchable(model, methods) -> None:
+    """Fail now, in one line, where a method's settings cannot patch ``model``."""
+    from ..patching import patch, unpatch
+
+    for m in methods:
+        if m.config is not None:
+            try:
+                unpatch(patch(model, m.config))
+            except ValueError as e:
+                _fail(f"{m.label}: {e}")
+
+
 @app.command()
 @dhsa_options
 def profile(
@@ -271,6 +284,7 @@ def profile(
     trials: Trials = None,
     generation_tokens: GenTokens = profiling.DEFAULT_DECODE_TOKENS,
     dtype: Dtype = None,
+    weight_bits: WeightBits = None,
     json_out: JsonOut = None,
     plot: Plot = None,
     config: DHSAConfig = None,
@@ -327,7 +341,9 @@ def profile(
         cpu = mx.default_device() == mx.cpu
         weights = getattr(mx, dtype or ("float32" if cpu else "bfloat16"))
         with ui.status(f"Building a random {shape}"):
-            lm, tokenizer = dist.shard_random(profiling.random_model(shape, weights)), None
+            built = profiling.random_model(shape, weights, weight_bits=weight_bits)
+            lm, tokenizer = dist.shard_random(built), None
+    _check_patchable(lm, chosen)
     with ui.progress("Profile", unit="runs") as update:
         report = profiling.compare(
             lm,
