@@ -475,8 +475,8 @@ def doctor(contexts: DoctorContexts = None, timing: Timing = True, json_out: Jso
     from . import doctor as checkup
 
     lengths = ints(contexts, "--contexts") if contexts else None
-    with ui.status("Checking kernels and timing prefill"):
-        report = checkup.diagnose(lengths, timing=timing).as_dict()
+    with ui.status("Checking kernels and timing prefill") as say:
+        report = checkup.diagnose(lengths, timing=timing, on_step=say).as_dict()
     ui.doctor(report)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2))

@@ -8,7 +8,7 @@ resolved defaults. ``as_dict`` gives the JSON form.
 
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
@@ -28,6 +28,10 @@ CHECK_CONFIG = dict(TINY_SPARSE, decode_dense_below=0)
 # (each kernel alone is held to the GPU tests' tolerances by its self-check, same plan).
 # A broken kernel is off by the size of the logits themselves.
 CHECK_TOLERANCE = {"float32": 1e-2, "bfloat16": 5e-2}
+
+
+def _quiet(what: str) -> None:
+    pass
 
 
 @dataclass
@@ -117,8 +121,11 @@ def _tiny_model(dtype):
     return random_model("tiny", dtype, num_hidden_layers=2)
 
 
-def kernel_checks(dtypes: Sequence[str] = ("float32", "bfloat16")) -> list[Check]:
-    """Sparse prefill and sparse decode of a tiny random Gemma2, kernels vs reference."""
+def kernel_checks(
+    dtypes: Sequence[str] = ("float32", "bfloat16"), on_step: Callable[[str], None] = _quiet
+) -> list[Check]:
+    """Sparse prefill and sparse decode of a tiny random Gemma2, kernels vs reference
+    (``on_step(what)`` before each)."""
     if gpu_backend() is None:
         return [Check("kernels", "reference only", detail="no GPU backend: the pure-MLX path runs")]
     checks = []
@@ -127,6 +134,7 @@ def kernel_checks(dtypes: Sequence[str] = ("float32", "bfloat16")) -> list[Check
         model = _tiny_model(getattr(mx, dtype))
         for phase in ("prefill", "decode"):
             name = f"{phase} {dtype}"
+            on_step(f"kernels vs reference, {name}")
             try:
                 logits = {}
                 for use_kernel in (False, True):
@@ -162,7 +170,11 @@ def _run(model, tokens: mx.array, phase: str) -> mx.array:
     return out
 
 
-def timings(contexts: Sequence[int], config: DHSAConfig | None = None) -> list[Timing]:
+def timings(
+    contexts: Sequence[int],
+    config: DHSAConfig | None = None,
+    on_step: Callable[[str], None] = _quiet,
+) -> list[Timing]:
     """Prefill time of dense attention and of DHSA (``config``, default: defaults) per context, on a
     random Gemma2 with gemma-2-2b's attention (8 heads, 4 KV heads, head dim 256): two layers
     (a sliding and a global one) on a GPU, after a warm-up that compiles the kernels; the
@@ -176,7 +188,14 @@ def timings(contexts: Sequence[int], config: DHSAConfig | None = None) -> list[T
     config = config or DHSAConfig()
     methods = [Method("dense", None), Method("dhsa", config)]
     report = compare(
-        model, None, contexts=contexts, methods=methods, trials=1, warmup=int(gpu), decode_tokens=1
+        model,
+        None,
+        contexts=contexts,
+        methods=methods,
+        trials=1,
+        warmup=int(gpu),
+        decode_tokens=1,
+        on_run=lambda done, total, now="done": on_step(f"timing {now}"),
     )
     by = {(r.method, r.context): r for r in report.rows}
     return [
@@ -185,10 +204,18 @@ def timings(contexts: Sequence[int], config: DHSAConfig | None = None) -> list[T
     ]
 
 
-def diagnose(contexts: Sequence[int] | None = None, *, timing: bool = True) -> Report:
+def diagnose(
+    contexts: Sequence[int] | None = None,
+    *,
+    timing: bool = True,
+    on_step: Callable[[str], None] = _quiet,
+) -> Report:
     """Everything ``mlx-dhsa doctor`` reports. ``contexts`` defaults by device: 8k and 32k on
-    a GPU, 1k on a CPU (with a CPU-sized budget, said in ``timing_note``)."""
-    checks = kernel_checks()  # runs the kernels first: their self-checks fill kernel_status
+    a GPU, 1k on a CPU (with a CPU-sized budget, said in ``timing_note``). ``on_step(what)``
+    is called as each check or timed run starts."""
+    checks = kernel_checks(
+        on_step=on_step
+    )  # runs the kernels first: their self-checks fill kernel_status
     device = {**device_facts(), **kernel_report()}
     report = Report(environment(), device, checks, config=asdict(DHSAConfig()))
     if timing:
@@ -197,7 +224,8 @@ def diagnose(contexts: Sequence[int] | None = None, *, timing: bool = True) -> R
         contexts = tuple(contexts or sizes.doctor_contexts)
         budget = sizes.budget
         tic = time.perf_counter()
-        report.timings = timings(contexts, DHSAConfig(budget=budget) if budget else None)
+        config = DHSAConfig(budget=budget) if budget else None
+        report.timings = timings(contexts, config, on_step)
         report.timing_note = (
             f"prefill of a {2 if gpu else 1}-layer random Gemma2 with gemma-2-2b's attention, "
             f"{'bfloat16' if gpu else 'float32'}, DHSA "
