@@ -95,6 +95,12 @@ def accepts_quantized(bits: int, group_size: int, D: int | None = None) -> bool:
     return D is None or (D % group_size == 0 and D % 32 == 0 and D <= 256)
 
 
+def attention_active(use_kernel: bool = True, quantized: tuple[int, int] | None = None) -> bool:
+    """Whether the attention kernels run now (:meth:`Backend.active`) for keys and values
+    quantized as ``quantized``, ``(bits, group_size)`` (None: arrays), at some head dim."""
+    return backend().active(use_kernel) and (quantized is None or accepts_quantized(*quantized))
+
+
 @cache
 def tile_config(
     backend_name: str,
