@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import assert_within_baseline, make_qkv, small_config
-from kernel_builds import SIGNATURES, instances, metal_source, quantized_instances, signature
+from kernel_builds import instances, metal_source, signature
 from metal_emulator import EmulatorError, MetalEmulator, compiler, generate_source
 from metal_emulator.hook import emulate_metal
 from test_kernels import SCALE, _close, _plan, _table
@@ -52,13 +52,19 @@ def _check(out, ref32, ref_lp, dtype, cap):
 
 def _attention_both(q, k, v, off, window, cap, plan_window=None):
     """Sparse attention over the planner's keys and dense causal attention (in `window`), each
-    through the emulated kernels against the pure-MLX reference."""
+    through the emulated kernels against the pure-MLX reference. Quantized k and v
+    (QuantizedKV): the reference runs over their dequantization (mx.dequantize), in fp32 and
+    in the model's dtype."""
     dtype = q.dtype
+    kq, vq = k, v  # what the kernels read
+    if isinstance(k, QuantizedKV):
+        k, v = k.dequantize(), v.dequantize()
+        assert k.dtype == dtype
     L, S = q.shape[2], k.shape[2]
     q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
     plan = _plan(q32, k32, small_config(), off, plan_window)
     args = dict(scale=SCALE, softcap=cap)
-    out = kernels.sparse_attention(q, k, v, plan, **args)
+    out = kernels.sparse_attention(q, kq, vq, plan, **args)
     _check(
         out,
         reference.sparse_attention(q32, k32, v32, plan, **args),
@@ -67,7 +73,7 @@ def _attention_both(q, k, v, off, window, cap, plan_window=None):
         cap,
     )
     mask = key_mask(off, L, S, window)
-    out = kernels.dense_attention(q, k, v, q_offset=off, window=window, **args)
+    out = kernels.dense_attention(q, kq, vq, q_offset=off, window=window, **args)
     _check(
         out,
         reference.dense_attention(q32, k32, v32, mask=mask, **args),
@@ -174,19 +180,18 @@ def test_plan_kernels_ties_in_key_order(metal):
     assert keys == list(range(config.sink)) + list(range(4, 4 + free)) + list(range(276, 300))
 
 
-def test_generated_source_is_mlx_s(emulator):
+@pytest.mark.parametrize("quantized", [False, True])
+def test_generated_source_is_mlx_s(emulator, quantized):
     """The emulator compiles the text MLX generates: equal to what MLX itself exported for
-    the same kernel, template and inputs (tests/kernel_builds.py), for every kernel."""
-    for name in (
-        "sparse_attention",
-        "decode_attention",
-        "merge_splits",
-        "block_scores",
-        "select_keys",
-    ):
-        inputs, template, dtypes = instances(name, "metal")[-1]
-        header, source = kernels.kernel_source(name, "metal")
-        in_names, out_names = SIGNATURES[name]
+    the same kernel, template and inputs (tests/kernel_builds.py), for every kernel and
+    every variant over quantized K/V (uint32 inputs, the scales' and biases' strides)."""
+    names = ("sparse_attention", "decode_attention", "merge_splits", "block_scores", "select_keys")
+    if quantized:
+        names = kernels.sources.QUANTIZED_KERNELS
+    for name in names:
+        inputs, template, dtypes = instances(name, "metal", quantized)[-1]
+        header, source = kernels.kernel_source(name, "metal", quantized)
+        in_names, out_names = signature(name, quantized)
         _, text, _ = generate_source(
             "dhsa_check",
             in_names,
@@ -197,7 +202,8 @@ def test_generated_source_is_mlx_s(emulator):
             template,
             dtypes,
         )
-        assert text == metal_source(name, inputs, template, dtypes) + "\n", name  # (cut there)
+        want = metal_source(name, inputs, template, dtypes, quantized)
+        assert text == want + "\n", name  # (cut there)
 
 
 # ---- quantized keys and values (mlx-lm's QuantizedKVCache) --------------------------------
@@ -214,35 +220,6 @@ def _quantized(k, v, bits, group, pad=24):
         return QuantizedKV(*(a[..., :S, :] for a in (packed, scales, biases)), bits, group)
 
     return q(k), q(v)
-
-
-def _quantized_both(q, kq, vq, off, window, cap, plan_window=None):
-    """_attention_both over quantized K/V: the oracle dequantizes everything (mx.dequantize)
-    and runs the reference, in fp32 and in the model's dtype."""
-    dtype = q.dtype
-    L, S = q.shape[2], kq.shape[2]
-    k, v = kq.dequantize(), vq.dequantize()
-    assert k.dtype == dtype
-    q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
-    plan = _plan(q32, k32, small_config(), off, plan_window)
-    args = dict(scale=SCALE, softcap=cap)
-    out = kernels.sparse_attention(q, kq, vq, plan, **args)
-    _check(
-        out,
-        reference.sparse_attention(q32, k32, v32, plan, **args),
-        reference.sparse_attention(q, k, v, plan, **args),
-        dtype,
-        cap,
-    )
-    mask = key_mask(off, L, S, window)
-    out = kernels.dense_attention(q, kq, vq, q_offset=off, window=window, **args)
-    _check(
-        out,
-        reference.dense_attention(q32, k32, v32, mask=mask, **args),
-        reference.dense_attention(q, k, v, mask=mask, **args),
-        dtype,
-        cap,
-    )
 
 
 # (dtype, B, H, H_kv, L, S, D, q_offset, window, softcap, split, bits, group): with
@@ -267,7 +244,7 @@ def test_quantized_attention_kernel(
     monkeypatch.setattr(kernels.attention, "MIN_SPLIT_TILES", 1 if split else 10**6)
     q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype, scale=2.0)
     kq, vq = _quantized(k, v, bits, group)
-    _quantized_both(q, kq, vq, off, window, cap, plan_window=window)
+    _attention_both(q, kq, vq, off, window, cap, plan_window=window)
     launched = _launched(metal)
     assert launched.count("sparse_attention_q") == 2
     assert launched.count("merge_splits") == (2 if split else 0)
@@ -288,7 +265,7 @@ QUANT_DECODE_CASES = [
 def test_quantized_decode_kernel(metal, dtype, B, H, H_kv, S, D, off, window, cap, bits, group):
     q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=1, S=S, D=D, dtype=dtype, scale=2.0)
     kq, vq = _quantized(k, v, bits, group)
-    _quantized_both(q, kq, vq, off, window, cap, plan_window=window)
+    _attention_both(q, kq, vq, off, window, cap, plan_window=window)
     assert _launched(metal) == ["decode_attention_q", "merge_splits"] * 2
 
 
@@ -324,26 +301,6 @@ def test_quantized_inputs_choose_the_quantized_variant(metal):
     )  # group larger than the head dim
 
 
-def test_quantized_generated_source_is_mlx_s(emulator):
-    """The emulator compiles MLX's text for the quantized variants too (uint32 inputs, the
-    scales' and biases' strides)."""
-    for name in kernels.sources.QUANTIZED_KERNELS:
-        inputs, template, dtypes = quantized_instances(name, "metal")[-1]
-        header, source = kernels.kernel_source(name, "metal", quantized=True)
-        in_names, out_names = signature(name, quantized=True)
-        _, text, _ = generate_source(
-            "dhsa_check",
-            in_names,
-            out_names,
-            source,
-            header,
-            [(x.dtype, x.size, x.ndim) for x in inputs],
-            template,
-            dtypes,
-        )
-        assert text == metal_source(name, inputs, template, dtypes, True) + "\n", name
-
-
 # Planted bugs in the dequantizing load (common.h): the quantized tests must see them.
 _PLANTED_DEQUANT = {
     # The values of a word read in reverse order (nibble i from the top instead of the bottom).
@@ -374,11 +331,11 @@ def test_a_planted_dequantize_bug_is_caught(metal, monkeypatch, bug):
     q, k, v = make_qkv(H=4, H_kv=2, L=17, S=80, D=64)
     kq, vq = _quantized(k, v, 4, 64)
     with pytest.raises(AssertionError, match="max error"):
-        _quantized_both(q, kq, vq, 63, None, None)
+        _attention_both(q, kq, vq, 63, None, None)
     if bug == "nibble order":  # the decode kernel's load too
         q1 = q[:, :, :1]
         with pytest.raises(AssertionError, match="max error"):
-            _quantized_both(q1, kq, vq, 79, None, None)
+            _attention_both(q1, kq, vq, 79, None, None)
 
 
 # ---- the emulator itself: what it must catch ----------------------------------------------

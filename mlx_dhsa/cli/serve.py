@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import typer
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.server import (
@@ -241,6 +242,15 @@ class _Tap:
 class DHSAResponseGenerator(ResponseGenerator):
     """mlx-lm's generator, one request at a time, with the context check and path records."""
 
+    def _run_generate(self):
+        try:
+            super()._run_generate()
+        finally:
+            # MLX keeps this thread's streams in C++ thread-locals whose destructors take the
+            # GIL; run late, while the main thread finalizes, they abort the process
+            # ("terminate called without an active exception", issue 22). Free them here.
+            mx.clear_streams()
+
     def _tokenize(self, tokenizer, request, args):
         out = super()._tokenize(tokenizer, request, args)
         context, n = self.model_provider.context, len(out[0])
@@ -429,17 +439,20 @@ def start(
     provider = DHSAModelProvider(server_args(model, **cli_overrides), config, patch=patch)
     httpd = ThreadingHTTPServer((host, port), lambda *a, **k: None)  # bind before loading
     generator = DHSAResponseGenerator(provider, DiskPromptCache(provider, store, disk_min_tokens))
-    provider.loaded.wait(load_timeout)
-    if provider.load_error is not None or provider.model is None:
+    try:  # on any failure, Ctrl-C included, leave no thread behind
+        provider.loaded.wait(load_timeout)
+        if provider.load_error is not None or provider.model is None:
+            raise provider.load_error or TimeoutError(f"{model} did not load in {load_timeout} s")
+        fingerprint = get_system_fingerprint()
+        httpd.RequestHandlerClass = lambda *a, **k: DHSAHandler(
+            generator, *a, system_fingerprint=fingerprint, **k
+        )
+        thread = threading.Thread(target=httpd.serve_forever, name="mlx-dhsa-serve", daemon=True)
+        thread.start()
+    except BaseException:
         httpd.server_close()
         generator.stop_and_join()
-        raise provider.load_error or TimeoutError(f"{model} did not load in {load_timeout} s")
-    fingerprint = get_system_fingerprint()
-    httpd.RequestHandlerClass = lambda *a, **k: DHSAHandler(
-        generator, *a, system_fingerprint=fingerprint, **k
-    )
-    thread = threading.Thread(target=httpd.serve_forever, name="mlx-dhsa-serve", daemon=True)
-    thread.start()
+        raise
     return Server(httpd, generator, provider, thread)
 
 
@@ -484,23 +497,27 @@ def serve(
                 temp=temp,
                 allowed_origins=allowed_origin or [],
             )
+    except KeyboardInterrupt:
+        ui.note("stopped")
+        raise typer.Exit(130) from None
     except OSError as e:
         ui.fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
     except Exception as e:
         ui.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    attention = "dense" if dense else f"DHSA {config.method}"
-    ui.line(f"mlx-dhsa serve: {model} ({attention}) at {server.url}")
-    ui.note(
-        f"Try: curl {server.url}/chat/completions -H 'Content-Type: application/json' "
-        """-d '{"messages": [{"role": "user", "content": "Hello"}]}'"""
-    )
-    if store is not None:
-        ui.note(f"Long prompts are kept in {store.root} (--no-doc-cache to turn off).")
-    ui.note("Ctrl-C stops the server.")
-    try:
+    try:  # from here on, Ctrl-C (even during the banner) stops the server
+        attention = "dense" if dense else f"DHSA {config.method}"
+        ui.line(f"mlx-dhsa serve: {model} ({attention}) at {server.url}")
+        ui.note(
+            f"Try: curl {server.url}/chat/completions -H 'Content-Type: application/json' "
+            """-d '{"messages": [{"role": "user", "content": "Hello"}]}'"""
+        )
+        if store is not None:
+            ui.note(f"Long prompts are kept in {store.root} (--no-doc-cache to turn off).")
+        ui.note("Ctrl-C stops the server.")
         while server.thread.is_alive():
             server.thread.join(0.5)
     except KeyboardInterrupt:
-        ui.note("stopping")
+        pass
     finally:
         server.close()
+    ui.note("stopped")

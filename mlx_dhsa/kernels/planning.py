@@ -36,13 +36,23 @@ class PlanLaunch(Enum):
 
 
 def plan_launch(
-    dtype, keys_dtype, D: int, L: int, config: DHSAConfig, *, use_kernel: bool = True
+    dtype,
+    keys_dtype,
+    D: int,
+    L: int,
+    config: DHSAConfig,
+    *,
+    use_kernel: bool = True,
+    quantized: tuple[int, int] | None = None,
 ) -> PlanLaunch | None:
     """How queries (B, H, L, D) of ``dtype`` over keys of ``keys_dtype`` plan on the kernels,
     or None for the pure-MLX planner (no backend active, inputs the kernels do not take, or
-    a kernel that failed its self-check in this process)."""
+    a kernel that failed its self-check in this process). ``quantized``: the cache's keys are
+    quantized, ``(bits, group_size)``; the kernels then do not plan (they read model-dtype
+    keys from position 0; such a cache's chunk table holds them from its first unchunked
+    key on, ``ChunkTable.keys_start``)."""
     be = backend()
-    if not be.active(use_kernel):
+    if not be.active(use_kernel) or quantized is not None:
         return None
     if not (
         dtype in DTYPES and dtype == keys_dtype and D % 32 == 0 and D <= 256 and L > 0
