@@ -15,7 +15,9 @@ from metal_emulator.hook import emulate_metal
 from test_kernels import SCALE, _close, _plan, _table
 
 from mlx_dhsa import kernels, reference
-from mlx_dhsa.kernels import sources
+from mlx_dhsa.attention import DHSAAttention
+from mlx_dhsa.cache import DHSACache
+from mlx_dhsa.kernels import KernelState, planning, sources
 from mlx_dhsa.quantized import QuantizedKV
 from mlx_dhsa.selection import key_mask, select_chunks
 
@@ -157,6 +159,95 @@ def test_plan_kernels(metal, dtype, B, H, H_kv, L, S, D, off, window, budget):
     assert _launched(metal) == ["block_scores", "select_keys"]
     assert mx.array_equal(out.n_valid, ref.n_valid)
     assert mx.array_equal(out.indices, ref.indices)
+
+
+# PLAN_CASES and two decode steps: an empty open part (S a whole number of segments), and
+# open pieces that straddle two groups' chunk tiles.
+OPEN_PIECE_CASES = PLAN_CASES + [
+    (F32, 1, 4, 2, 1, 256, 64, 255, None, 48),
+    (BF16, 1, 4, 4, 1, 1230, 64, 1229, None, 160),
+]
+FUSED_CASES = [c for c in OPEN_PIECE_CASES if c[4] <= small_config().block_size]
+
+
+def _plan_case(metal, config, dtype, B, H, H_kv, L, S, D, off, window):
+    """The kernels' plan (as the backend launches it) and the reference's, for one case."""
+    q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
+    table = _table(k, config)
+    ref = select_chunks(q, table, config, q_offset=off, window=window)
+    out = kernels.select_chunks(q, table, config, q_offset=off, window=window)
+    assert mx.array_equal(out.n_valid, ref.n_valid)
+    assert mx.array_equal(out.indices, ref.indices)
+    return ref
+
+
+@pytest.mark.parametrize("dtype,B,H,H_kv,L,S,D,off,window,budget", OPEN_PIECE_CASES)
+def test_plan_kernels_open_pieces(metal, dtype, B, H, H_kv, L, S, D, off, window, budget):
+    """open_pieces (the open chunk as target_chunk-key pieces) on the two launches: the
+    reference's selection; where the open part has keys, the pieces change the plan of
+    some case (so the test sees them)."""
+    config = small_config(budget=budget, open_pieces=True)
+    ref = _plan_case(metal, config, dtype, B, H, H_kv, L, S, D, off, window)
+    assert _launched(metal) == ["block_scores", "select_keys"]
+    assert planning.open_layout(config) == (8, 8)  # chunk_limit 64, target_chunk 8
+
+
+def test_open_pieces_change_plans():
+    """The open_pieces reference plans differ from one open chunk's (the cases above test
+    something): decode steps whose open part holds many keys."""
+    config = small_config(budget=48)
+    differ = 0
+    for S in (300, 360, 700):
+        mx.random.seed(0)
+        q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=64)
+        table = _table(k, config)
+        one = select_chunks(q, table, config, q_offset=S - 1)
+        pieces = select_chunks(q, table, config.replace(open_pieces=True), q_offset=S - 1)
+        differ += not mx.array_equal(one.indices, pieces.indices).item()
+    assert differ >= 2
+
+
+@pytest.mark.parametrize("open_pieces", [False, True])
+@pytest.mark.parametrize("dtype,B,H,H_kv,L,S,D,off,window,budget", FUSED_CASES)
+def test_fused_plan_kernel(
+    metal, monkeypatch, open_pieces, dtype, B, H, H_kv, L, S, D, off, window, budget
+):
+    """The fused ``plan`` kernel (block_scores, hand-off, select_keys in one launch; CUDA's
+    choice for one query block) on the emulator's groups, one after another: the reference's
+    selection, with one open chunk and with open pieces."""
+    monkeypatch.setattr(kernels.backend(), "fused_plan", True)
+    config = small_config(budget=budget, open_pieces=open_pieces)
+    _plan_case(metal, config, dtype, B, H, H_kv, L, S, D, off, window)
+    assert _launched(metal) == ["plan"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_open_pieces_over_decode_steps(metal, monkeypatch, fused):
+    """A DHSACache's layer planning with open_pieces over prefill and decode steps, a
+    segment closing and a trim: every plan equals the reference's over the table rebuilt
+    from scratch, and no open-chunk running sum is carried (the pieces are summed whole)."""
+    monkeypatch.setattr(kernels.backend(), "fused_plan", fused)
+    config = small_config(open_pieces=True)
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
+    cache = DHSACache()
+    for step in [100, 27, 1, 1, "trim", 1, 40, 1, 1]:
+        if step == "trim":
+            cache.trim(3)
+            continue
+        new = mx.random.normal((1, 2, step, 64))
+        keys, _ = cache.update_and_fetch(new, new)
+        S = keys.shape[2]
+        q = mx.random.normal((1, 4, step, 64))
+        if cache.kernel_state is None:
+            cache.kernel_state = KernelState()
+        state = cache.kernel_state
+        table = attn.chunk_view(keys, cache)
+        out = kernels.select_chunks(q, table, config, q_offset=S - step, state=state)
+        ref = select_chunks(q, attn.chunk_view(keys), config, q_offset=S - step)
+        assert mx.array_equal(out.n_valid, ref.n_valid)
+        assert mx.array_equal(out.indices, ref.indices)
+        assert state.open_total is None
+    assert ("plan" in _launched(metal)) == fused  # (prefill steps take two launches)
 
 
 def test_plan_kernels_ties_in_key_order(metal):
