@@ -19,7 +19,7 @@ from mlx_dhsa.attention import DHSAAttention
 from mlx_dhsa.cache import DHSACache
 from mlx_dhsa.kernels import KernelState, planning, sources
 from mlx_dhsa.quantized import QuantizedKV
-from mlx_dhsa.selection import key_mask, select_chunks
+from mlx_dhsa.selection import block_queries, chunk_scores, key_mask, select_chunks
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no host C++ compiler (clang++, g++)")
 
@@ -171,40 +171,41 @@ FUSED_CASES = [c for c in OPEN_PIECE_CASES if c[4] <= small_config().block_size]
 
 
 def _plan_case(metal, config, dtype, B, H, H_kv, L, S, D, off, window):
-    """The kernels' plan (as the backend launches it) and the reference's, for one case."""
+    """The kernels' plan (as the backend launches it) equals the reference's, for one case."""
     q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
     table = _table(k, config)
     ref = select_chunks(q, table, config, q_offset=off, window=window)
     out = kernels.select_chunks(q, table, config, q_offset=off, window=window)
     assert mx.array_equal(out.n_valid, ref.n_valid)
     assert mx.array_equal(out.indices, ref.indices)
-    return ref
 
 
 @pytest.mark.parametrize("dtype,B,H,H_kv,L,S,D,off,window,budget", OPEN_PIECE_CASES)
 def test_plan_kernels_open_pieces(metal, dtype, B, H, H_kv, L, S, D, off, window, budget):
     """open_pieces (the open chunk as target_chunk-key pieces) on the two launches: the
-    reference's selection; where the open part has keys, the pieces change the plan of
-    some case (so the test sees them)."""
+    reference's selection (test_planners.test_open_pieces_change_plans: the pieces change
+    such plans)."""
     config = small_config(budget=budget, open_pieces=True)
-    ref = _plan_case(metal, config, dtype, B, H, H_kv, L, S, D, off, window)
+    _plan_case(metal, config, dtype, B, H, H_kv, L, S, D, off, window)
     assert _launched(metal) == ["block_scores", "select_keys"]
     assert planning.open_layout(config) == (8, 8)  # chunk_limit 64, target_chunk 8
 
 
-def test_open_pieces_change_plans():
-    """The open_pieces reference plans differ from one open chunk's (the cases above test
-    something): decode steps whose open part holds many keys."""
-    config = small_config(budget=48)
-    differ = 0
-    for S in (300, 360, 700):
-        mx.random.seed(0)
-        q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=64)
-        table = _table(k, config)
-        one = select_chunks(q, table, config, q_offset=S - 1)
-        pieces = select_chunks(q, table, config.replace(open_pieces=True), q_offset=S - 1)
-        differ += not mx.array_equal(one.indices, pieces.indices).item()
-    assert differ >= 2
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("L,S", [(37, 333), (1, 1230), (20, 40)])
+def test_block_scores_open_pieces(metal, dtype, L, S):
+    """block_scores' scores with open pieces (each summed whole by one warp) within 1e-4 of
+    the reference's: the closed summaries' scores, then the pieces' (ChunkTable.open_pieces),
+    the empty ones 0."""
+    config = small_config(open_pieces=True)
+    q, k, _ = make_qkv(B=2, H=4, H_kv=2, L=L, S=S, D=64, dtype=dtype)
+    table = _table(k, config)
+    out = planning.block_scores(q, table, config)
+    pieces = table.open_pieces(config.target_chunk, 8)
+    summaries = mx.concatenate([table.summaries[:, : table.n_closed], pieces], axis=1)
+    ref = chunk_scores(block_queries(q, config.block_size), summaries)
+    assert out.shape == ref.shape == (2, -(-L // 16), table.n_closed + 8)
+    _close(out, ref)
 
 
 @pytest.mark.parametrize("open_pieces", [False, True])

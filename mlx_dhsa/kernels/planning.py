@@ -53,7 +53,8 @@ def plan_launch(
     if be.self_check:
         names = ("plan",) if launch is PlanLaunch.FUSED else ("block_scores", "select_keys")
         check = lambda: _self_check(launch, dtype, D, config)
-        if not checks.verified(be, ("plan", launch, dtype, D), names, check):
+        key = ("plan", launch, dtype, D) + (("open_pieces",) if config.open_pieces else ())
+        if not checks.verified(be, key, names, check):
             return None
     return launch
 
