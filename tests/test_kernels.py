@@ -411,6 +411,26 @@ def test_plan_kernels_open_pieces(fused, dtype, B, H, H_kv, L, S, D, off, window
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", [False, True])
+def test_plan_kernels_take_the_planted_open_pieces(fused):
+    """Keys 264..279 (open pieces 1 and 2 of the open part 256..299) point along the query:
+    the kernels' plan with open_pieces holds them all, as the reference's."""
+    if fused and BACKEND != "cuda":
+        pytest.skip("the fused planning kernel runs on CUDA only")
+    config = small_config(open_pieces=True, summary="mean")
+    k = 0.01 * mx.random.normal((1, 2, 300, 64))
+    k[:, :, 264:280] = 1.0
+    q = mx.ones((1, 4, 1, 64))
+    table = _table(k, config)
+    ref = select_chunks(q, table, config, q_offset=299)
+    with kernels.use_backend(BACKEND, fused_plan=fused):
+        out = _on_gpu(kernels.select_chunks, q, table, config, q_offset=299)
+    assert mx.array_equal(out.indices, ref.indices) and mx.array_equal(out.n_valid, ref.n_valid)
+    assert set(range(264, 280)) <= set(out.indices[0, 0].tolist())
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
 def test_open_pieces_plans_over_cache_steps(fused):
     """A DHSACache's layer planning with open_pieces over prefill and decode steps, a segment
     closing and a trim: each plan equals the reference's over the table rebuilt from

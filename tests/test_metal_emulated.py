@@ -191,6 +191,36 @@ def test_plan_kernels_open_pieces(metal, dtype, B, H, H_kv, L, S, D, off, window
     assert planning.open_layout(config) == (8, 8)  # chunk_limit 64, target_chunk 8
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_plan_kernels_take_the_planted_open_pieces(metal, monkeypatch, fused):
+    """Keys 264..279 (open pieces 1 and 2 of the open part 256..299) point along the queries:
+    with open_pieces the kernels' plan (as the reference's) holds them all, where one open
+    chunk would be taken from its first key, 256."""
+    monkeypatch.setattr(kernels.backend(), "fused_plan", fused)
+    config = small_config(open_pieces=True, summary="mean")
+    k = 0.01 * mx.random.normal((1, 2, 300, 64))
+    k[:, :, 264:280] = 1.0
+    q = mx.ones((1, 4, 1, 64))
+    table = _table(k, config)
+    out = kernels.select_chunks(q, table, config, q_offset=299)
+    ref = select_chunks(q, table, config, q_offset=299)
+    assert mx.array_equal(out.indices, ref.indices) and mx.array_equal(out.n_valid, ref.n_valid)
+    assert set(range(264, 280)) <= set(out.indices[0, 0].tolist())
+    one = select_chunks(q, table, config.replace(open_pieces=False), q_offset=299)
+    assert set(range(256, 264)) <= set(one.indices[0, 0].tolist())
+    assert _launched(metal) == (["plan"] if fused else ["block_scores", "select_keys"])
+
+
+@pytest.mark.parametrize("open_pieces", [False, True])
+def test_plan_self_check(metal, monkeypatch, open_pieces):
+    """The planning self-check (run on a GPU before a launch's first use) passes on both
+    launches, with one open chunk and with open pieces."""
+    monkeypatch.setattr(kernels.backend(), "fused_plan", True)
+    config = small_config(open_pieces=open_pieces)
+    for launch in kernels.PlanLaunch:
+        assert planning._self_check(launch, F32, 64, config) is None
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("L,S", [(37, 333), (1, 1230), (20, 40)])
 def test_block_scores_open_pieces(metal, dtype, L, S):

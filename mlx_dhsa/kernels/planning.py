@@ -61,8 +61,11 @@ def plan_launch(
 
 def _self_check(launch: PlanLaunch, dtype, D: int, config: DHSAConfig) -> str | None:
     """Plan tiny random queries over a few segments of keys with ``launch`` and with the
-    reference: None if they agree (up to near-ties in the scores), else how they differ."""
+    reference: None if they agree (up to near-ties in the scores), else how they differ.
+    With open pieces, half a segment more keys: pieces before the local window compete."""
     S = 2 * config.chunk_limit + config.budget + 37
+    if config.open_pieces:
+        S += config.chunk_limit // 2
     L = 1 if launch is PlanLaunch.FUSED else config.block_size + 5
     q = mx.random.normal((1, 2, L, D), key=mx.random.key(0)).astype(dtype)
     k = mx.random.normal((1, 1, S, D), key=mx.random.key(1)).astype(dtype)
