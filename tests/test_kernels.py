@@ -547,9 +547,10 @@ def test_plan_kernels_fall_back_for_max_head_scores():
 
 @gpu
 @pytest.mark.gpu
-def test_patched_model_on_kernels_generates_like_the_reference():
+@pytest.mark.parametrize("open_pieces", [False, True])
+def test_patched_model_on_kernels_generates_like_the_reference(open_pieces):
     """End to end on the GPU: sparse prefill steps and sparse decode through the kernels give
-    the greedy tokens of the pure-MLX path (use_kernel=False)."""
+    the greedy tokens of the pure-MLX path (use_kernel=False), also with open pieces."""
     from conftest import tiny_gemma2
     from mlx_lm.generate import generate_step
 
@@ -560,7 +561,7 @@ def test_patched_model_on_kernels_generates_like_the_reference():
     tokens = {}
     for use_kernel in (True, False):
         mlx_dhsa.unpatch(model)
-        mlx_dhsa.patch(model, small_config(use_kernel=use_kernel))
+        mlx_dhsa.patch(model, small_config(use_kernel=use_kernel, open_pieces=open_pieces))
         with mx.stream(mx.gpu):
             gen = generate_step(
                 prompt,
