@@ -76,7 +76,7 @@ def instances(name: str, backend: str, quantized: bool = False):
             mx.zeros((1, 2, 9)),
             mx.zeros((1, 8), mx.int32),
             mx.zeros((1, 8), mx.int32),
-            mx.zeros((11,), mx.int32),
+            mx.zeros((len(kernels.sources.SelectParams._fields),), mx.int32),
         ]
         return [
             (ins, [("MAX_IV", planning.MAX_INTERVALS), ("NT", nt)], [mx.int32, mx.int32])
@@ -95,7 +95,7 @@ def instances(name: str, backend: str, quantized: bool = False):
                     mx.zeros((1, 4, 64, D), dtype),
                     mx.zeros((1, 8, D)),
                     mx.zeros((1, D)),
-                    mx.zeros((11,), mx.int32),
+                    mx.zeros((len(kernels.sources.BlockScoreParams._fields),), mx.int32),
                 ]
                 if name == "block_scores":
                     tmpl = [("T", dtype), ("D", D), ("NT", planning.SCORE_THREADS)]
@@ -104,7 +104,7 @@ def instances(name: str, backend: str, quantized: bool = False):
                 ins += [
                     mx.zeros((1, 8), mx.int32),
                     mx.zeros((1, 8), mx.int32),
-                    mx.zeros((11,), mx.int32),
+                    mx.zeros((len(kernels.sources.SelectParams._fields),), mx.int32),
                     mx.zeros((1,), mx.int32),
                 ]
                 tmpl = [
