@@ -270,15 +270,25 @@ def _quantize_cache_like(x, bits, group, pad=40):
     return QuantizedKV(*(a[..., :S, :] for a in (packed, scales, biases)), bits, group)
 
 
+def _dequantize_fp32(x):
+    f32 = lambda a: a.astype(mx.float32)
+    return mx.dequantize(x.packed, f32(x.scales), f32(x.biases), group_size=x.group_size,
+                         bits=x.bits)  # fmt: skip
+
+
 def _quantized_matches_oracle(dtype, bits, group, D, H, H_kv, L, S, cap, window=None):
     """Sparse (the planner's keys) and dense attention over quantized K/V on the GPU against
-    the oracle: mx.dequantize everything, then the reference (fp32: within 1e-4; 16-bit:
-    within 2x, 4x with a soft cap, the error of the reference in that dtype)."""
+    the oracle: everything dequantized in fp32, then the reference (fp32: within 1e-4; 16-bit:
+    within 2x, 4x with a soft cap, the error of the reference in that dtype over the values
+    mx.dequantize gives in that dtype)."""
     q, k, v = make_qkv(H=H, H_kv=H_kv, L=L, S=S, D=D, scale=2.0)
     q = q.astype(dtype)
     kq, vq = (_quantize_cache_like(x.astype(dtype), bits, group) for x in (k, v))
     kd, vd = kq.dequantize(), vq.dequantize()
-    q32, k32, v32 = (x.astype(mx.float32) for x in (q, kd, vd))
+    # The oracle's keys and values are the cache's exact values (scale * w + bias in fp32),
+    # which the kernels compute in registers; kd/vd round them to the dtype first.
+    k32, v32 = (_dequantize_fp32(x) for x in (kq, vq))
+    q32 = q.astype(mx.float32)
     plan = _plan(q32, k32, small_config(), S - L, window)
     mask = key_mask(S - L, L, S, window)
     args = dict(scale=SCALE, softcap=cap)

@@ -8,7 +8,8 @@ resolved defaults. ``as_dict`` gives the JSON form.
 
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
@@ -17,16 +18,17 @@ from ..config import DHSAConfig
 from ..device import run_sizes
 from ..evaluation.methods import Method
 from ..evaluation.runinfo import environment
-from ..patching import patch, unpatch
+from ..patching import dhsa_layers, patch, unpatch
 from .profiling import TINY_SPARSE
 
 # profiling's tiny sparse config, decoding sparsely too.
 CHECK_CONFIG = dict(TINY_SPARSE, decode_dense_below=0)
-# Whole-model logits of the kernel path against the reference path: max |difference| over
-# max |reference logit|. Not zero: the two paths sum in different orders, a GPU's fp32 matmuls
-# may round like TF32, and a near-tie between two chunk scores can then select different keys
-# (each kernel alone is held to the GPU tests' tolerances by its self-check, same plan).
-# A broken kernel is off by the size of the logits themselves.
+# Whole-model logits of the kernel path against the reference path on the kernel path's own
+# plans (replayed): max |difference| over max |reference logit|. Not zero: the two paths sum in
+# different orders and a GPU's fp32 matmuls may round like TF32. Replaying the plans keeps
+# near-ties between chunk scores, which the two paths may break differently, from moving a
+# tiny random model's logits by far more (counted in the detail). A broken kernel is off by
+# the size of the logits themselves.
 CHECK_TOLERANCE = {"float32": 1e-2, "bfloat16": 5e-2}
 
 
@@ -136,23 +138,63 @@ def kernel_checks(
             name = f"{phase} {dtype}"
             on_step(f"kernels vs reference, {name}")
             try:
-                logits = {}
-                for use_kernel in (False, True):
+                logits, plans = {}, []
+                for use_kernel in (True, False):  # the reference replays the kernels' plans
                     patch(model, DHSAConfig(**CHECK_CONFIG, use_kernel=use_kernel))
-                    logits[use_kernel] = _run(model, tokens, phase)
+                    with _same_plans(model, plans, replay=not use_kernel) as differ:
+                        logits[use_kernel] = _run(model, tokens, phase)
                     unpatch(model)
                 ref, out = logits[False], logits[True]
                 err = (mx.abs(out - ref).max() / mx.abs(ref).max()).item()
                 same = (out.argmax(-1) == ref.argmax(-1)).mean().item()
                 tol = CHECK_TOLERANCE[dtype]
                 ok = err <= tol  # NaN fails too
-                detail = f"relative error; greedy tokens agree at {same:.0%} of positions"
+                detail = (
+                    f"relative error on the same plans; greedy tokens agree at {same:.0%} of "
+                    f"positions; the reference's own plans differ in {sum(differ)} of "
+                    f"{len(differ)} calls"
+                )
                 checks.append(Check(name, "pass" if ok else "fail", err, tol, detail))
             except Exception as e:  # noqa: BLE001 - a report, not a crash
                 unpatch(model)
                 last = traceback.format_exception_only(type(e), e)[-1].strip()
                 checks.append(Check(name, "error", detail=last))
     return checks
+
+
+@contextmanager
+def _same_plans(model, plans: list, *, replay: bool) -> Iterator[list[bool]]:
+    """Within: the model's DHSA layers append their plans to ``plans`` in call order, or with
+    ``replay`` plan as usual but use ``plans`` instead, yielding whether each of their own
+    plans differed."""
+    differ: list[bool] = []
+    recorded = iter(plans)
+
+    def planning(original):
+        def plan(*args, **kwargs):
+            own = original(*args, **kwargs)
+            if not replay:
+                plans.append(own)
+                return own
+            given = next(recorded)
+            differ.append(
+                not (
+                    mx.array_equal(own.n_valid, given.n_valid).item()
+                    and mx.array_equal(own.indices, given.indices).item()
+                )
+            )
+            return given
+
+        return plan
+
+    layers = dhsa_layers(model)
+    for layer in layers:  # an instance attribute shadows DHSAAttention.plan
+        object.__setattr__(layer, "plan", planning(layer.plan))
+    try:
+        yield differ
+    finally:
+        for layer in layers:
+            object.__delattr__(layer, "plan")
 
 
 def _run(model, tokens: mx.array, phase: str) -> mx.array:
