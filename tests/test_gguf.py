@@ -51,8 +51,9 @@ SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 PIECES = ["\u2581", "a", "b", "c", "d", "\u2581a", "ab", "cd", "\u2581ab", "\u2581b", "\u2581c"]
 
 
-def write_gguf(path, arch, model, q_embed=False):
-    """Write ``model`` (HF layout, fp32) as a llama.cpp GGUF of architecture ``arch``."""
+def write_gguf(path, arch, model, q_embed=False, tokenizer="llama"):
+    """Write ``model`` (HF layout, fp32) as a llama.cpp GGUF of architecture ``arch``
+    (``tokenizer``: its ``tokenizer.ggml.model``)."""
     a = model.args
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in [("block_count", a.num_hidden_layers), ("embedding_length", a.hidden_size),
@@ -66,7 +67,7 @@ def write_gguf(path, arch, model, q_embed=False):
         w.add_uint32(f"{arch}.attention.key_length", a.head_dim)
         w.add_uint32(f"{arch}.attention.sliding_window", a.sliding_window)
     tokens = SPECIAL + PIECES + [f"<x{i}>" for i in range(a.vocab_size - len(SPECIAL + PIECES))]
-    w.add_tokenizer_model("llama")
+    w.add_tokenizer_model(tokenizer)
     w.add_token_list(tokens)
     w.add_token_scores([-float(i) for i in range(len(tokens))])
     w.add_token_types([3, 3, 3, 2] + [1] * (len(tokens) - 4))
