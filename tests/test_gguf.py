@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 import sys
 
@@ -6,6 +7,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+import transformers
 from conftest import tiny_gemma3, tiny_llama
 from mlx.utils import tree_flatten
 
@@ -139,6 +141,8 @@ def test_converted_model_matches_the_original(tmp_path, arch):
     assert ids[0] == 2 and tokenizer.decode(ids[1:]) == "ab cd"  # BOS added, round trip
     if arch == "gemma3":
         assert "<start_of_turn>" in tokenizer.chat_template
+    config = json.loads((out / "config.json").read_text())
+    assert config["transformers_version"] == transformers.__version__  # wrote the tokenizer
     assert not list(tmp_path.glob(".out.tmp-*"))  # written under a temporary name, renamed
 
 

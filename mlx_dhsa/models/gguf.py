@@ -219,6 +219,9 @@ def convert_gguf(
                 progress(i + 1, len(reader.tensors), t.name)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         del weights
+        if tokenizer is not None:  # as HF's save_pretrained: without it, transformers 5.17
+            # warns of a wrong Mistral regex when loading a vocabulary over 100k (Gemma's)
+            config = {**config, "transformers_version": _transformers_version()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -240,6 +243,12 @@ def convert_gguf(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _fast_reader(gguf):
