@@ -172,6 +172,13 @@ def test_convert_gguf_names_a_truncated_or_garbage_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf", "junk.gguf", "tiny.gguf"]
 
 
+def test_convert_gguf_names_an_unsupported_tokenizer(tmp_path):
+    src = write_gguf(tmp_path / "t5.gguf", "llama", tiny_llama(vocab_size=64), tokenizer="t5")
+    line = _one_line_error(_run("convert-gguf", src, "--out", tmp_path / "m"))
+    assert f"{src}: GGUF tokenizer model 't5' is not supported" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t5.gguf"]
+
+
 def _fake_assembled_package(tmp_path, monkeypatch, interrupt_assembly=False):
     """A packaged model split in parts (as Gemma3's): its assemble() writes the GGUF."""
     site = tmp_path / "site"

@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 import sys
 
@@ -6,6 +7,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+import transformers
 from conftest import tiny_gemma3, tiny_llama
 from mlx.utils import tree_flatten
 
@@ -51,8 +53,9 @@ SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 PIECES = ["\u2581", "a", "b", "c", "d", "\u2581a", "ab", "cd", "\u2581ab", "\u2581b", "\u2581c"]
 
 
-def write_gguf(path, arch, model, q_embed=False):
-    """Write ``model`` (HF layout, fp32) as a llama.cpp GGUF of architecture ``arch``."""
+def write_gguf(path, arch, model, q_embed=False, tokenizer="llama"):
+    """Write ``model`` (HF layout, fp32) as a llama.cpp GGUF of architecture ``arch``
+    (``tokenizer``: its ``tokenizer.ggml.model``)."""
     a = model.args
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in [("block_count", a.num_hidden_layers), ("embedding_length", a.hidden_size),
@@ -66,7 +69,7 @@ def write_gguf(path, arch, model, q_embed=False):
         w.add_uint32(f"{arch}.attention.key_length", a.head_dim)
         w.add_uint32(f"{arch}.attention.sliding_window", a.sliding_window)
     tokens = SPECIAL + PIECES + [f"<x{i}>" for i in range(a.vocab_size - len(SPECIAL + PIECES))]
-    w.add_tokenizer_model("llama")
+    w.add_tokenizer_model(tokenizer)
     w.add_token_list(tokens)
     w.add_token_scores([-float(i) for i in range(len(tokens))])
     w.add_token_types([3, 3, 3, 2] + [1] * (len(tokens) - 4))
@@ -138,6 +141,8 @@ def test_converted_model_matches_the_original(tmp_path, arch):
     assert ids[0] == 2 and tokenizer.decode(ids[1:]) == "ab cd"  # BOS added, round trip
     if arch == "gemma3":
         assert "<start_of_turn>" in tokenizer.chat_template
+    config = json.loads((out / "config.json").read_text())
+    assert config["transformers_version"] == transformers.__version__  # wrote the tokenizer
     assert not list(tmp_path.glob(".out.tmp-*"))  # written under a temporary name, renamed
 
 

@@ -2,8 +2,9 @@
 
 ``mx.load`` cannot read K-quants, so every tensor is dequantized with the ``gguf`` package,
 renamed from llama.cpp's names to HF's, and written as safetensors with a ``config.json`` and
-tokenizer files built from the GGUF metadata. Two llama.cpp conventions are undone: Gemma
-RMSNorm weights are stored as ``1 + w``, and llama Q/K rows are permuted for its RoPE layout.
+tokenizer files built from the GGUF metadata (``gguf_tokenizer.py``). Two llama.cpp conventions
+are undone: Gemma RMSNorm weights are stored as ``1 + w``, and llama Q/K rows are permuted for
+its RoPE layout.
 """
 
 import json
@@ -56,19 +57,6 @@ GLOBAL_NAMES = {
     "output": "lm_head",
 }
 MODEL_TYPES = {"llama": "llama", "gemma3": "gemma3_text"}  # GGUF architecture -> mlx-lm type
-
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
-    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}"
-    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{%- endif -%}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
-)  # Gemma3's template (google/gemma-3-*), text only; the base GGUF carries none
 
 
 def hf_name(name: str, arch: str) -> str:
@@ -163,35 +151,6 @@ def read_metadata(reader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
-def build_tokenizer(meta: dict):
-    """A transformers tokenizer rebuilt from the GGUF vocabulary (no torch needed).
-
-    Uses transformers' GGUF tokenizer builders directly: ``AutoTokenizer.from_pretrained(...,
-    gguf_file=)`` would read the file through torch.
-    """
-    from transformers.integrations.gguf import gguf_tokenizer_mapping as tm
-
-    arch = meta["general.architecture"]
-    fields = tm.GGUF_TOKENIZER_MAPPING["tokenizer"].items()
-    d = {name: meta[f"tokenizer.{key}"] for key, name in fields if f"tokenizer.{key}" in meta}
-    tokenizer = tm.select_tokenizer_builder(arch, d.get("tokenizer_type"))(d)
-    tokenizer = tm.set_split_regex(tm.add_gguf_special_tokens(tokenizer, d), d)
-    for attr, key in tm._SPECIAL_TOKENS.items():
-        index = meta.get(f"tokenizer.ggml.{key}")
-        if index is not None:
-            setattr(tokenizer, attr, d["tokens"][index])
-    # llama.cpp adds BOS to sentencepiece vocabularies unless the file says otherwise.
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", d.get("tokenizer_type") == "llama")
-    tokenizer.add_bos_token = bool(add_bos)
-    tokenizer.add_eos_token = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-    template = meta.get("tokenizer.chat_template")
-    if template is None and arch == "gemma3":
-        template = GEMMA3_CHAT_TEMPLATE
-    if template is not None:
-        tokenizer.chat_template = template
-    return tokenizer
-
-
 def convert_gguf(
     gguf_path: str | Path,
     out_dir: str | Path,
@@ -221,7 +180,8 @@ def convert_gguf(
 
     Raises:
         OutputDirError: ``out_dir`` is a file or a directory mlx-dhsa did not make (checked
-            before converting; nothing is written). ValueError: an unsupported architecture.
+            before converting; nothing is written). GGUFError: an unsupported architecture or
+            tokenizer model (without ``tokenizer_dir``), or an unreadable file.
         KeyError: an unknown tensor name.
         ImportError: the ``gguf`` package is missing.
     """
@@ -230,12 +190,19 @@ def convert_gguf(
         from gguf.quants import dequantize
     except ImportError as e:
         raise ImportError("GGUF conversion needs the gguf package: pip install gguf") from e
+    from .gguf_tokenizer import build_tokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir).expanduser()
     check_output_dir(out_dir)
     remove_stale_temporaries(out_dir)
     reader, meta, config = open_gguf(_fast_reader(gguf), gguf_path)
     arch = meta["general.architecture"]
+    tokenizer = None
+    if tokenizer_dir is None:
+        try:  # before the tensors: a vocabulary that cannot be rebuilt fails at once
+            tokenizer = build_tokenizer(meta)
+        except GGUFError as e:
+            raise GGUFError(f"{gguf_path}: {e}") from None
     tmp = _temporary(out_dir, "tmp")
     tmp.mkdir(parents=True)
     try:
@@ -252,13 +219,16 @@ def convert_gguf(
                 progress(i + 1, len(reader.tensors), t.name)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         del weights
+        if tokenizer is not None:  # as HF's save_pretrained: without it, transformers 5.17
+            # warns of a wrong Mistral regex when loading a vocabulary over 100k (Gemma's)
+            config = {**config, "transformers_version": _transformers_version()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if tokenizer_dir is not None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        else:
             for f in Path(tokenizer_dir).iterdir():
                 if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template")):
                     shutil.copy(f, tmp / f.name)
-        else:
-            build_tokenizer(meta).save_pretrained(str(tmp))
         source = {"gguf": gguf_path.name, "architecture": arch, "dtype": dtype}
         (tmp / MARKER).write_text(json.dumps(source, indent=2))
         check_output_dir(out_dir)  # again: the conversion took a while
@@ -273,6 +243,12 @@ def convert_gguf(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _fast_reader(gguf):
