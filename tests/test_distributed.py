@@ -1,9 +1,10 @@
-"""DHSA under MLX's distributed inference: mlx-lm's tensor parallelism, mlx.launch ranks.
+"""DHSA under MLX's distributed inference: tensor and pipeline parallelism, mlx.launch ranks.
 
-In-process tests check the sharding itself (with a stand-in group: shapes, heads, errors).
-The launched tests start two ranks on localhost with ``mlx.launch`` (ring backend, loopback
-only), each running tests/distributed_worker.py on a tiny random llama or Gemma2 split two
-ways, and check what the ranks wrote.
+In-process tests check the splitting itself (with a stand-in group: shapes, heads, layers,
+errors). The launched tests start two ranks on localhost with ``mlx.launch`` (ring backend,
+loopback only), each running tests/distributed_worker.py on a tiny random llama, Gemma2,
+Gemma3 or Qwen2 split two ways, and check what the ranks wrote; and they run ``mlx-dhsa
+chat / profile / serve`` on two ranks.
 """
 
 import json
@@ -18,8 +19,8 @@ import mlx.core as mx
 import pytest
 from conftest import small_config, tiny_gemma2, tiny_gemma3, tiny_llama
 
-from mlx_dhsa import patch, unpatch
-from mlx_dhsa.distributed import ShardingError, is_sharded, shard
+from mlx_dhsa import make_prompt_cache, patch, unpatch
+from mlx_dhsa.distributed import ShardingError, is_pipelined, is_sharded, pipeline, shard
 from mlx_dhsa.patching import dhsa_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,13 +86,53 @@ def test_refusals_say_why():
         shard(tiny_gemma3(), FakeGroup(2))  # one KV head
     model = tiny_llama()
     shard(model, FakeGroup(2))
-    with pytest.raises(ShardingError, match="sharded already"):
+    with pytest.raises(ShardingError, match="split already"):
         shard(model, FakeGroup(2))
     odd = tiny_llama()
     odd.model_type = "mamba"
     object.__setattr__(odd, "shard", None)
     with pytest.raises(ShardingError, match="no tensor-parallel shard"):
         shard(odd, FakeGroup(2))
+
+
+@pytest.mark.parametrize("patch_first", [False, True])
+def test_pipeline_stage_keeps_each_layers_kind(patch_first):
+    """Rank 0 of 2 holds gemma3 layers 3-5 (global, sliding, global with pattern 2): DHSA on
+    3 and 5, a window cache for 4, the stage's first DHSA layer owning the shared boundaries,
+    whether patched before or after the split."""
+    model = tiny_gemma3(n_layers=6)
+    if patch_first:
+        patch(model, small_config())
+    pipeline(model, FakeGroup(2, 0))
+    if not patch_first:
+        patch(model, small_config())
+    assert is_pipelined(model) and len(model.layers) == 3 and model.model.start_idx == 3
+    assert [type(c).__name__ for c in make_prompt_cache(model)] == [
+        "DHSACache", "WindowKVCache", "DHSACache"
+    ]  # fmt: skip
+    assert [a._owner for a in dhsa_layers(model)] == [True, False]
+
+
+def test_pipeline_gemma2_windows_follow_layer_numbers():
+    """Gemma2's sliding layers are the even-numbered ones of the whole model."""
+    model = tiny_gemma2(n_layers=6)
+    model.args.sliding_window = 64
+    pipeline(model, FakeGroup(2, 0))  # layers 3, 4, 5
+    assert [a.window for a in dhsa_layers(patch(model, small_config()))] == [None, 64, None]
+
+
+def test_pipeline_refusals_say_why():
+    with pytest.raises(ShardingError, match="'llama' has no pipeline parallelism"):
+        pipeline(tiny_llama(), FakeGroup(2))
+    with pytest.raises(ShardingError, match="1 layers cannot be split over 2"):
+        pipeline(tiny_gemma2(n_layers=1), FakeGroup(2))
+    with pytest.raises(ShardingError, match=r"split \[4, 1\] must be 2 positive"):
+        pipeline(tiny_gemma2(), FakeGroup(2), split=[4, 1])
+    model = pipeline(tiny_gemma2(), FakeGroup(2))
+    with pytest.raises(ShardingError, match="split already"):
+        shard(model, FakeGroup(2))
+    with pytest.raises(ShardingError, match="split already"):
+        pipeline(shard(tiny_gemma2(), FakeGroup(2)), FakeGroup(2))
 
 
 def _free_port_pair() -> int:
@@ -152,23 +193,51 @@ ring = pytest.mark.skipif(
 )
 
 
+W, G = 64, None  # a DHSA layer's window: gemma2's sliding layers (even numbers), global
+# Per rank (rank 0 first): the prompt cache of each layer it holds, its DHSA layers' windows.
+# Rank 0 holds the last layers (3-5 of 6), as mlx-lm's pipeline splits.
+PIPELINE_LAYERS = {
+    "gemma2-pipeline": [(["DHSACache"] * 3, [G, W, G]), (["DHSACache"] * 3, [W, G, W])],
+    "gemma3-pipeline": [
+        (["DHSACache", "WindowKVCache", "DHSACache"], [G, G]),  # layers 3 (global), 4, 5
+        (["WindowKVCache", "DHSACache", "WindowKVCache"], [G]),  # layers 0, 1 (global), 2
+    ],
+}
+
+
 @ring
 @pytest.mark.parametrize(
     "model, heads, layers",
-    [("llama", [2, 1], 3), ("gemma2", [2, 1], 4), ("qwen2-pipeline", [4, 2], 2)],
+    [
+        ("llama", [2, 1], 3),
+        ("gemma2", [2, 1], 4),
+        ("qwen2-pipeline", [4, 2], 2),
+        ("gemma2-pipeline", [4, 2], 3),
+        ("gemma3-pipeline", [4, 1], 3),
+    ],
 )
 def test_two_ranks_match_one_process(model, heads, layers, tmp_path):
     """Tensor parallel: each rank holds 2 of 4 query and 1 of 2 KV heads of every layer.
-    Pipeline (qwen2): each rank holds 2 of the 4 layers, with all their heads."""
+    Pipeline: each rank holds half the layers, with all their heads; gemma2 and gemma3 keep
+    each layer's own sliding / global kind and prompt cache on the stage that holds it."""
     ranks = launch(model, tmp_path)
     for r in ranks:
         assert r["size"] == 2 and r["heads"] == heads and r["layers"] == layers
+        if model in PIPELINE_LAYERS:
+            assert (r["caches"], r["windows"]) == tuple(PIPELINE_LAYERS[model][r["rank"]])
         assert r["dense"] <= LOGIT_TOL  # sharded dense = one-process dense
         assert r["full_paths"] == ["dhsa(reference)"]  # the sparse path, every key kept
         assert r["dhsa_full"] <= LOGIT_TOL  # = one-process DHSA
         assert r["patch_order"] == 0.0  # patch -> shard is shard -> patch, bit for bit
-        assert r["sparse_finite"] and r["sparse_paths"] == ["dhsa(reference)"]
+        # the last decode step; gemma2-pipeline's windowed layers decode densely (64 keys)
+        paths = ["dense"] * (model == "gemma2-pipeline") + ["dhsa(reference)"]
+        assert r["sparse_finite"] and r["sparse_paths"] == paths
     assert ranks[0]["sparse_tokens"] == ranks[1]["sparse_tokens"]
+    if model.endswith("pipeline"):
+        # A stage plans as one process does, except that its first DHSA layer finds the
+        # boundaries its other layers share: without sharing, the tokens are the same.
+        for r in ranks:
+            assert r["unshared_tokens"] == r["one_process_unshared_tokens"]
 
 
 # Small settings that put a few hundred tokens on the sparse path (prefill and decode).
