@@ -158,8 +158,8 @@ def launcher() -> list[str]:
     return [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
 
 
-def run_launched(*command: str) -> str:
-    """``mlx.launch -n 2 --backend ring`` on 127.0.0.1 with a time limit; returns stdout."""
+def start_launched(*command: str) -> subprocess.Popen:
+    """``mlx.launch -n 2 --backend ring`` on 127.0.0.1, in a session of its own (text pipes)."""
     cmd = [
         *launcher(),
         "-n", "2",
@@ -168,18 +168,30 @@ def run_launched(*command: str) -> str:
         sys.executable, *command,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
+
+
+def run_launched(*command: str) -> str:
+    """:func:`start_launched` with a time limit; returns stdout."""
+    proc = start_launched(*command)
     try:
         stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher, its shells and both ranks
         proc.communicate()
         pytest.fail(f"mlx.launch did not finish in {LAUNCH_TIMEOUT} s")
-    assert proc.returncode == 0, f"mlx.launch failed ({proc.returncode}):\n{stdout}\n{stderr}"
+    check_ranks(proc.returncode, stdout, stderr)
     return stdout
+
+
+def check_ranks(returncode: int, stdout: str, stderr: str) -> None:
+    """The launcher and every rank exited 0 (mlx.launch exits 0 whatever its ranks did, and
+    warns "Node with rank R exited with code C" or "... was killed")."""
+    ok = returncode == 0 and "Node with rank" not in stderr
+    assert ok, f"mlx.launch or a rank failed ({returncode}):\n{stdout}\n{stderr}"
 
 
 def launch(model: str, out: Path) -> list[dict]:
@@ -245,17 +257,18 @@ CLI_SPARSE = ["--budget", "64", "--block-size", "16", "--local", "16", "--dense-
 SMOLLM2 = Path.home() / ".cache" / "mlx_dhsa" / "models" / "smollm2-135m"
 
 
-def tiny_llama_dir(path: Path) -> Path:
-    """A tiny random llama (4 query / 2 KV heads: splits 2 ways) with SmolLM2's tokenizer."""
+def tiny_model_dir(path: Path, make=tiny_llama, **args) -> Path:
+    """A tiny random model (default: llama, 4 query / 2 KV heads: splits 2 ways) with
+    SmolLM2's tokenizer."""
     import shutil
 
     from mlx.utils import tree_flatten
 
-    model = tiny_llama(vocab_size=49152)
+    model = make(vocab_size=49152, **args)
     path.mkdir()
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    args = {k: v for k, v in vars(model.args).items() if isinstance(v, (int, float, str))}
-    config = dict(args, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
+    config = {k: v for k, v in vars(model.args).items() if isinstance(v, (int, float, str))}
+    config = dict(config, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
     (path / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(SMOLLM2 / name, path / name)
@@ -266,7 +279,7 @@ def tiny_llama_dir(path: Path) -> Path:
 @pytest.mark.skipif(not SMOLLM2.is_dir(), reason="needs the smollm2-135m tokenizer (demo extra)")
 def test_chat_under_mlx_launch(tmp_path):
     """Rank 0 prints one answer per question; the follower prints nothing."""
-    model = tiny_llama_dir(tmp_path / "tiny")
+    model = tiny_model_dir(tmp_path / "tiny")
     doc = tmp_path / "doc.txt"
     doc.write_text("The quick brown fox jumps over the lazy dog near the river bank.\n" * 30)
     out = run_launched(
@@ -287,3 +300,84 @@ def test_profile_under_mlx_launch():
     )  # fmt: skip
     assert out.count("method=dhsa context=256") == 2  # the trial and the average, rank 0 only
     assert "attention=dhsa(reference)" in out and "tensor parallel over 2 ranks" in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (the launcher's shells and ranks), from ``ps``."""
+    ps = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
+    children: dict[int, list[int]] = {}
+    for line in ps.stdout.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+SERVE_STOP_TIMEOUT = 60  # seconds for both ranks to stop after Ctrl-C
+
+
+@ring
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="needs the smollm2-135m tokenizer (demo extra)")
+@pytest.mark.parametrize("split", ["tensor", "pipeline"])
+def test_serve_under_mlx_launch(split, tmp_path):
+    """Rank 0 serves on 127.0.0.1 and answers a completion that both ranks compute (a tiny
+    llama split by heads, or a tiny gemma3 split by layers); Ctrl-C (SIGINT to every rank,
+    as a terminal sends it) stops both ranks cleanly: the launcher exits 0."""
+    import queue
+    import threading
+    import urllib.request
+
+    if split == "tensor":
+        model = tiny_model_dir(tmp_path / "tiny")
+    else:
+        # an int scalar: transformers checks the config of the tokenizer's model type
+        model = tiny_model_dir(tmp_path / "tiny", tiny_gemma3, n_layers=4, query_pre_attn_scalar=32)
+    port = _free_port()
+    flags = ["--pipeline"] if split == "pipeline" else []
+    proc = start_launched(
+        "-m", "mlx_dhsa", "serve", "--model", str(model), "--port", str(port),
+        "--no-doc-cache", "--max-tokens", "4", *flags, *CLI_SPARSE,
+    )  # fmt: skip
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True)
+    reader.start()
+    out, url = [], f"http://127.0.0.1:{port}/v1"
+    try:
+        while not any(url in l for l in out):
+            try:
+                out.append(lines.get(timeout=LAUNCH_TIMEOUT))
+            except queue.Empty:
+                pytest.fail(f"serve did not start in {LAUNCH_TIMEOUT} s:\n{''.join(out)}")
+        body = json.dumps({"prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0})
+        request = urllib.request.Request(
+            f"{url}/completions", body.encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=LAUNCH_TIMEOUT) as response:
+            reply = json.loads(response.read())
+            assert response.headers["X-DHSA-Attention"].startswith("prefill=")
+        assert reply["usage"]["completion_tokens"] == 4
+        assert isinstance(reply["choices"][0]["text"], str)
+        for pid in _descendants(proc.pid):
+            os.kill(pid, signal.SIGINT)
+        proc.wait(timeout=SERVE_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the ranks did not stop in {SERVE_STOP_TIMEOUT} s after SIGINT")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(timeout=5)
+    while not lines.empty():
+        out.append(lines.get())
+    check_ranks(proc.returncode, "".join(out), proc.stderr.read())
+    assert f"{split} parallel over 2 ranks" in "".join(out) and "stopping" in "".join(out)
