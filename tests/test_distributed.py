@@ -275,19 +275,28 @@ def tiny_model_dir(path: Path, make=tiny_llama, **args) -> Path:
     return path
 
 
+def tiny_dir(split: str, path: Path) -> Path:
+    """A tiny llama to split by heads, or a tiny gemma3 (4 layers) to split by layers."""
+    if split == "tensor":
+        return tiny_model_dir(path)
+    # an int scalar: transformers checks the config of the tokenizer's model type
+    return tiny_model_dir(path, tiny_gemma3, n_layers=4, query_pre_attn_scalar=32)
+
+
 @ring
 @pytest.mark.skipif(not SMOLLM2.is_dir(), reason="needs the smollm2-135m tokenizer (demo extra)")
-def test_chat_under_mlx_launch(tmp_path):
+@pytest.mark.parametrize("split", ["tensor", "pipeline"])
+def test_chat_under_mlx_launch(split, tmp_path):
     """Rank 0 prints one answer per question; the follower prints nothing."""
-    model = tiny_model_dir(tmp_path / "tiny")
+    model = tiny_dir(split, tmp_path / "tiny")
     doc = tmp_path / "doc.txt"
     doc.write_text("The quick brown fox jumps over the lazy dog near the river bank.\n" * 30)
     out = run_launched(
         "-m", "mlx_dhsa", "chat", "--model", str(model), "--doc", str(doc),
         "--question", "What jumps?", "--question", "Where?", "--max-tokens", "3",
-        "--decode-dense-below", "0", *CLI_SPARSE,
+        "--decode-dense-below", "0", *CLI_SPARSE, *["--pipeline"] * (split == "pipeline"),
     )  # fmt: skip
-    assert out.count("mlx-dhsa chat") == 1 and "tensor parallel over 2 ranks" in out
+    assert out.count("mlx-dhsa chat") == 1 and f"{split} parallel over 2 ranks" in out
     assert out.count("Generation: 3 tokens") == 2
     assert "Attention: dhsa(reference) (prefill), dhsa(reference) (decode)" in out
 
@@ -337,11 +346,7 @@ def test_serve_under_mlx_launch(split, tmp_path):
     import threading
     import urllib.request
 
-    if split == "tensor":
-        model = tiny_model_dir(tmp_path / "tiny")
-    else:
-        # an int scalar: transformers checks the config of the tokenizer's model type
-        model = tiny_model_dir(tmp_path / "tiny", tiny_gemma3, n_layers=4, query_pre_attn_scalar=32)
+    model = tiny_dir(split, tmp_path / "tiny")
     port = _free_port()
     flags = ["--pipeline"] if split == "pipeline" else []
     proc = start_launched(
