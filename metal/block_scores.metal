@@ -8,13 +8,17 @@
 //                  an earlier call (read only when prev_end > open_start)
 //          iparams int32: kernels.sources.BlockScoreParams (read as iparams[BS_<FIELD>]):
 //                  L, H, H_kv, block_size, n_closed, open_start, S, cap, chunks per group,
-//                  1 for sqrt(n) summaries (paper) / 0 for plain means, prev_end
-// outputs: scores [B, NB, n_closed + 1] float32: S_bc = q_b . k_c with q_b the mean of
-//          block b's queries over queries and heads, k_c the closed summaries and, in slot
-//          n_closed, the open chunk [open_start, S) summarised here as
-//          sum_i mean_h k_i / sqrt(n) (or / n); 0 for an empty open chunk. Only keys
-//          [prev_end, S) are read: the rest of the sum comes from open_prev.
+//                  1 for sqrt(n) summaries (paper) / 0 for plain means, prev_end,
+//                  n_open (open slots), open_piece (keys per open piece, 0: one open chunk)
+// outputs: scores [B, NB, n_closed + n_open] float32: S_bc = q_b . k_c with q_b the mean of
+//          block b's queries over queries and heads, k_c the closed summaries and, in the
+//          slots from n_closed on, the open part [open_start, S) summarised here as
+//          sum_i mean_h k_i / sqrt(n) (or / n); 0 when empty. One open chunk (open_piece 0):
+//          only keys [prev_end, S) are read, the rest of the sum comes from open_prev. Open
+//          pieces (DHSAConfig.open_pieces): slot n_closed + p is the piece
+//          [open_start + p * open_piece, + open_piece) cut at S, summed whole by one warp.
 //          open_sum [B, D] float32: sum_h sum_i k_i over [open_start, S), for the next call
+//          (one open chunk only; not written with open pieces)
 // template: T, D (a multiple of 32, <= 256), NT (threads per group, a multiple of 32)
 // launch : grid (n_tiles * NT, NB, B), threadgroup (NT, 1, 1). Every group forms
 //          its block's q_b (warps take rows, lanes take columns, shared-memory reduction),
@@ -37,7 +41,9 @@ const int cap = iparams[BS_CAP];
 const int per_group = iparams[BS_PER_GROUP];
 const bool sqrt_norm = iparams[BS_SQRT_NORM] != 0;
 const int prev_end = iparams[BS_PREV_END];
-const int n_chunks = n_closed + 1;
+const int n_open = iparams[BS_N_OPEN];
+const int open_piece = iparams[BS_OPEN_PIECE];
+const int n_chunks = n_closed + n_open;
 const int n_blocks = (n_q + block_size - 1) / block_size;
 const int blk = dhsa_gy;
 const int b = dhsa_gz;
@@ -88,8 +94,8 @@ for (int d = dhsa_tid; d < D; d += NT) {
   qb_s[d] = s / float(n_heads * nq);
 }
 
-// The open chunk's summary, in the group whose tile holds its slot.
-const bool has_open = c_lo <= n_closed && n_closed < c_hi;
+// One open chunk's summary, in the group whose tile holds its slot.
+const bool has_open = open_piece == 0 && c_lo <= n_closed && n_closed < c_hi;
 if (has_open) {
   DHSA_BARRIER();
   const int n_new = n_k - prev_end;  // keys not yet in open_prev
@@ -151,10 +157,45 @@ for (int c = c_lo + dhsa_warp; c < c_hi; c += NW) {
     for (int j = 0; j < DL; ++j) {
       dot += qv[j] * summaries[row + dhsa_lane + 32 * j];
     }
-  } else {
+  } else if (open_piece == 0) {
     DHSA_UNROLL
     for (int j = 0; j < DL; ++j) {
       dot += qv[j] * open_s[dhsa_lane + 32 * j];
+    }
+  } else {
+    // Open piece c - n_closed: this warp sums its rows (head, key), UR loads in flight.
+    const int st = open_start + (c - n_closed) * open_piece;
+    const int np = dhsa_imax(dhsa_min(open_piece, n_k - st), 0);
+    float ps[DL];
+    DHSA_UNROLL
+    for (int j = 0; j < DL; ++j) {
+      ps[j] = 0.0f;
+    }
+    for (int r0 = 0; r0 < n_kv * np; r0 += UR) {
+      float x[UR][DL];
+      DHSA_UNROLL
+      for (int u = 0; u < UR; ++u) {
+        const int r = r0 + u;
+        const bool ok = r < n_kv * np;
+        const dhsa_long row = ok ? b * k_st0 + (r / np) * k_st1 + (st + r % np) * k_st2 : 0;
+        DHSA_UNROLL
+        for (int j = 0; j < DL; ++j) {
+          x[u][j] = ok ? dhsa_to_float(keys[row + dhsa_lane + 32 * j]) : 0.0f;
+        }
+      }
+      DHSA_UNROLL
+      for (int u = 0; u < UR; ++u) {
+        DHSA_UNROLL
+        for (int j = 0; j < DL; ++j) {
+          ps[j] += x[u][j];
+        }
+      }
+    }
+    const float n = float(dhsa_imax(np, 1));
+    const float norm = (sqrt_norm ? dhsa_rsqrt(n) : 1.0f / n) / float(n_kv);
+    DHSA_UNROLL
+    for (int j = 0; j < DL; ++j) {
+      dot += qv[j] * (ps[j] * norm);
     }
   }
   dot = dhsa_warp_sum(dot);

@@ -9,8 +9,10 @@ DHSA_SHARED(int, handoff_s, 1);
 {
   const int bs = iparams[BS_BLOCK_SIZE];
   const int n_blocks = (iparams[BS_N_Q] + bs - 1) / bs;
-  // Groups per block: n_chunks (n_closed + 1) / per_group, rounded up.
-  const int n_tiles = (iparams[BS_N_CLOSED] + iparams[BS_PER_GROUP]) / iparams[BS_PER_GROUP];
+  // Groups per block: n_chunks (n_closed + n_open) / per_group, rounded up.
+  const int n_tiles =
+      (iparams[BS_N_CLOSED] + iparams[BS_N_OPEN] + iparams[BS_PER_GROUP] - 1) /
+      iparams[BS_PER_GROUP];
   DHSA_DEVICE const int* ticket = tickets + dhsa_gz * n_blocks + dhsa_gy;
   dhsa_fence_device();
   DHSA_BARRIER();

@@ -2,11 +2,13 @@
 // generated; ids_<backend>.h prepended; prelude_<backend>.h + common.h as header).
 // The second half of a DHSA plan (after block_scores.metal): selection.select for one query
 // block per group, without sorting.
-// inputs : scores [B, NB, N] float32 (N = n_closed + 1 chunks, the open one last)
+// inputs : scores [B, NB, N] float32 (N = n_closed + n_open chunks, the open ones last)
 //          starts, lengths [B, cap] int32 (closed chunks in slots [0, n_closed))
 //          iparams int32: kernels.sources.SelectParams (iparams[SK_<FIELD>]): L, q_offset,
 //                  block_size, window (0 = none), sink, local, K (budget), n_closed,
-//                  open_start, S, cap
+//                  open_start, S, cap, n_open, open_piece (0: one open chunk
+//                  [open_start, S); else open slot p is [open_start + p * open_piece,
+//                  + open_piece) cut at S)
 // outputs: indices [B, NB, K] int32: the block's keys, ascending, padding 0
 //          n_valid [B, NB] int32
 // template: MAX_IV (key intervals one block can hold: sinks + taken chunks + local),
@@ -39,8 +41,10 @@ const int n_closed = iparams[SK_N_CLOSED];
 const int open_start = iparams[SK_OPEN_START];
 const int n_k = iparams[SK_N_K];
 const int cap = iparams[SK_CAP];
+const int n_open = iparams[SK_N_OPEN];
+const int open_piece = iparams[SK_OPEN_PIECE];
 const int n_blocks = (n_q + block_size - 1) / block_size;
-const int n_chunks = n_closed + 1;
+const int n_chunks = n_closed + n_open;
 const int blk = dhsa_gy;
 const int b = dhsa_gz;
 const dhsa_long score_row = ((dhsa_long)b * n_blocks + blk) * n_chunks;
@@ -61,8 +65,11 @@ const int c_hi = dhsa_min(c_lo + per, n_chunks);
 #define DHSA_CHUNK(c, s, a)                                                  \
   {                                                                          \
     const bool closed_ = (c) < n_closed;                                     \
-    const int st_ = closed_ ? starts[b * cap + (c)] : open_start;            \
-    const int n_ = closed_ ? lengths[b * cap + (c)] : n_k - open_start;      \
+    const int op_ = open_start + ((c) - n_closed) * open_piece;              \
+    const int st_ = closed_ ? starts[b * cap + (c)] : op_;                   \
+    const int n_ = closed_       ? lengths[b * cap + (c)]                    \
+                   : open_piece ? dhsa_min(n_k - op_, open_piece)            \
+                                : n_k - open_start;                          \
     s = dhsa_imax(st_, sink_end);                                            \
     a = dhsa_imax(dhsa_min(st_ + n_, local_start) - s, 0);                   \
   }

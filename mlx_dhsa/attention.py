@@ -89,10 +89,10 @@ def route(
         base (bool): a decode step may run on the wrapped mlx-lm module. Default: ``False``.
         per_sequence_mask (bool): the mask differs across the batch (padded batches).
         quantized (tuple, optional): ``(bits, group_size)`` of quantized keys and values
-            (mlx-lm's QuantizedKVCache). They run the kernels only where
-            :func:`kernels_take_quantized` says so, else the reference (dense: MLX's
-            quantized matmuls); planning is pure MLX; mlx-lm's module (``BASE``) runs them
-            only without a soft cap (mlx-lm's Gemma2 cannot attend over a quantized cache).
+            (mlx-lm's QuantizedKVCache). The kernels say what they take of them
+            (``kernels.accepts_quantized``; planning is pure MLX), else the reference runs
+            (dense: MLX's quantized matmuls); mlx-lm's module (``BASE``) runs them only
+            without a soft cap (mlx-lm's Gemma2 cannot attend over a quantized cache).
 
     Returns:
         Route: the decision; kernel launches are None where the reference runs.
@@ -103,9 +103,7 @@ def route(
     L, S = n_queries, n_keys
     window = window if config.sliding_window else None
     use_kernel, groups = config.use_kernel, config.decode_groups
-    if quantized is not None and not kernels_take_quantized(*quantized):
-        use_kernel = False
-    fused_decode = softcap is not None and kernels.backend().active(use_kernel)
+    fused_decode = softcap is not None and kernels.attention_active(use_kernel, quantized)
     visible = min(S, window) if L == 1 and window is not None else S
     dense = visible <= config.dense_limit or (L == 1 and not config.sparse_decode_at(visible))
     base = base and not (quantized is not None and softcap is not None)
@@ -146,9 +144,15 @@ def route(
         quantized=quantized,
     )
     plan = tail = None
-    if config.method == "dhsa" and quantized is None:
+    if config.method == "dhsa":
         plan = kernels.plan_launch(
-            dtypes[0], dtypes[1], head_dim, n_sparse, config, use_kernel=use_kernel
+            dtypes[0],
+            dtypes[1],
+            head_dim,
+            n_sparse,
+            config,
+            use_kernel=use_kernel,
+            quantized=quantized,
         )
     if n_sparse < L:
         tail = kernels.attention_kernel(
@@ -156,13 +160,6 @@ def route(
         )
     path = Path.SPARSE_KERNEL if kernel is not None else Path.SPARSE_REFERENCE
     return Route(path, kernel, plan, n_sparse, tail)
-
-
-def kernels_take_quantized(bits: int, group_size: int) -> bool:
-    """Whether the attention kernels take :class:`QuantizedKV` keys and values of ``bits``
-    and ``group_size`` (``kernels.accepts_quantized``, where the kernels define it)."""
-    accepts = getattr(kernels, "accepts_quantized", None)
-    return bool(accepts is not None and accepts(bits, group_size))
 
 
 def _quantization(cache: Any) -> tuple[int, int] | None:

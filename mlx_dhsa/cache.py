@@ -22,6 +22,7 @@ from .chunking import (
     chunks_per_segment,
     concat_chunks,
     open_chunk,
+    open_piece_summaries,
     segment_chunks,
 )
 from .config import DHSAConfig
@@ -65,6 +66,12 @@ class ChunkTable:
     def open_summary(self) -> mx.array:
         """The open chunk's summary, (B, 1, D) float32 (built on first use)."""
         return open_summary(self.keys[:, :, self.open_start - self.keys_start :], self.summary)
+
+    def open_pieces(self, size: int, slots: int) -> mx.array:
+        """Summaries of the open chunk cut into ``slots`` pieces of ``size`` keys
+        (``DHSAConfig.open_pieces``), (B, slots, D) float32 (``chunking.open_piece_summaries``)."""
+        keys = self.keys[:, :, self.open_start - self.keys_start :]
+        return open_piece_summaries(keys, size, slots, self.summary)
 
     def materialize(self) -> tuple[Chunks, mx.array]:
         """The (B, N_c) chunks, open chunk last, and their (B, N_c, D) summaries."""

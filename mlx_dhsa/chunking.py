@@ -183,6 +183,12 @@ def open_chunk(n_closed: int, S: int, B: int, segment: int) -> Chunks:
     )
 
 
+def open_slots(config: DHSAConfig) -> int:
+    """Chunk slots of the open part: ``ceil(chunk_limit / target_chunk)`` pieces with
+    ``open_pieces`` (the open part holds fewer than ``chunk_limit`` keys), else 1."""
+    return -(-config.chunk_limit // config.target_chunk) if config.open_pieces else 1
+
+
 def split_open(chunks: Chunks, S: int, size: int) -> Chunks:
     """``chunks`` with its last (open) chunk ``[start, S)`` replaced by fixed pieces of
     ``size`` keys (``DHSAConfig.open_pieces``); ceil(segment / size) slots, unused ones empty."""
@@ -252,6 +258,27 @@ def chunk_summaries(
         csum, lo[..., None], axis=1
     )
     return total / _norm(n, summary)[..., None]
+
+
+def open_piece_summaries(keys: mx.array, size: int, slots: int, summary: str = "sqrt"):
+    """Summaries of the open pieces (:func:`split_open`): ``sum_{i in p} mean_h k_i`` over
+    each piece of ``size`` keys, divided as :func:`chunk_summaries` does; a direct sum (the
+    planning kernels' math).
+
+    Args:
+        keys (mx.array): the open keys, (B, H_kv, n, D) with n <= slots * size.
+        size (int): keys per piece (``target_chunk``).
+        slots (int): pieces (:func:`open_slots`); unused ones are zero.
+        summary (str): ``"sqrt"`` or ``"mean"``, as :func:`chunk_summaries`.
+
+    Returns:
+        mx.array: (B, slots, D) float32.
+    """
+    B, _, n, D = keys.shape
+    kbar = mx.pad(keys.astype(mx.float32).mean(axis=1), [(0, 0), (0, slots * size - n), (0, 0)])
+    total = kbar.reshape(B, slots, size, D).sum(axis=2)
+    lengths = mx.clip(n - size * mx.arange(slots), 0, size)
+    return total / _norm(lengths, summary)[:, None]
 
 
 def _norm(n, summary: str):

@@ -99,7 +99,7 @@ class DHSAConfig:
     # (None: not cut; the paper does not): dynamic boundaries at block-sparse granularity.
     chunk_cap: int | None = 8
     # Score the open chunk (keys after the last whole segment) as fixed target_chunk-key
-    # pieces instead of one chunk. Pure-MLX planner only (the planning kernels fall back).
+    # pieces instead of one chunk (pure-MLX planner and planning kernels).
     open_pieces: bool = False
     boundary_threshold: float | None = None  # None = top-count by target_chunk; else min shift
     predictor_path: str | None = None  # boundaries="learned": MLX predictor .safetensors

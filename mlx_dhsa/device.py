@@ -8,7 +8,8 @@ memory bandwidth, so those come from the name. Two settings depend on them:
 - ``decode_dense_below``: decode steps stay dense up to this many keys. A sparse step costs
   more launches (planning), a dense one reads every key: the crossover grows with memory
   bandwidth. Measured on the H200 (docs/benchmarks.md, decode); elsewhere scaled from it by
-  bandwidth, an estimate (Metal: never measured).
+  bandwidth, an estimate (Metal: never measured), and on Metal not below
+  ``SPARSE_DECODE_FLOOR`` keys, for accuracy.
 
 The commands' default run sizes (:func:`run_sizes`: a GPU grid, or one a CPU finishes quickly)
 and the rate their run times are estimated at (:func:`device_rate`) also live here.
@@ -48,6 +49,12 @@ CUDA_SMS = {
 APPLE_TIERS = {"Ultra": (76, 800), "Max": (40, 400), "Pro": (18, 200), "": (10, 100)}
 
 
+# Least estimated decode_dense_below: bandwidth alone would start sparse decode at 4-16k keys on
+# a Mac, where sparse decode was measured losing needles that dense decode finds (gemma-3-270m,
+# budget 1024, 16k: docs/accuracy/README.md); set decode_dense_below to go lower.
+SPARSE_DECODE_FLOOR = 32768
+
+
 def _groups(units: int) -> int:
     return 1 << round(math.log2(4 * units))
 
@@ -70,7 +77,7 @@ def tuning_for(backend: str | None, info: dict) -> Tuning:
         tier = next((t for t in ("Ultra", "Max", "Pro") if t in name), "")
         cores, bandwidth = APPLE_TIERS[tier]
         below = H200.decode_dense_below * bandwidth / H200_BANDWIDTH
-        below = 1 << round(math.log2(below))
+        below = max(1 << round(math.log2(below)), SPARSE_DECODE_FLOOR)
         return Tuning(
             _groups(cores),
             below,

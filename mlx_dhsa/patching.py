@@ -40,8 +40,9 @@ def patch(model: nn.Module, config: DHSAConfig | None = None, **overrides) -> nn
         nn.Module: the same model. Patching again with the same config does nothing.
 
     Raises:
-        ValueError: unsupported model type, already patched with another config, or a
-            boundary predictor (``boundaries="learned"``) that is unusable or for another model.
+        ValueError: unsupported model type, already patched with another config, a
+            boundary predictor (``boundaries="learned"``) that is unusable or for another model,
+            or a ``kv_group_size`` that does not divide the head dimension.
         TypeError: an override that is not a DHSAConfig field.
     """
     config = (config or DHSAConfig()).replace(**overrides)
@@ -58,9 +59,26 @@ def patch(model: nn.Module, config: DHSAConfig | None = None, **overrides) -> nn
         )
     _check_predictor(model, config)
     PATCHERS[model_type](model, config)
+    problem = _quantized_cache_problem(model)
+    if problem:
+        unpatch(model)
+        raise ValueError(problem)
     # mlx-lm's make_prompt_cache (used by generate) asks the model instance for its caches.
     model.make_cache = partial(make_prompt_cache, model)
     return model
+
+
+def _quantized_cache_problem(model: nn.Module) -> str | None:
+    """Why the patched layers' ``kv_bits`` cache cannot be built, or None."""
+    for attn in dhsa_layers(model):
+        group = attn.config.kv_group_size
+        if attn.config.kv_bits is not None and attn.head_dim % group:
+            sizes = [g for g in (32, 64, 128) if attn.head_dim % g == 0]
+            return (
+                f"kv_group_size {group} does not divide the model's head dimension "
+                f"({attn.head_dim}): use --kv-group-size {' or '.join(map(str, sizes))}"
+            )
+    return None
 
 
 def _check_predictor(model: nn.Module, config: DHSAConfig) -> None:

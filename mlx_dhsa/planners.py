@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from . import kernels
 from .cache import ChunkTable
-from .chunking import Chunks, chunk_summaries, split_open
+from .chunking import Chunks, split_open
 from .config import DHSAConfig
 from .plan import Plan
 from .quantized import QuantizedKV
@@ -78,14 +78,6 @@ def plan_dhsa(
         return plan_dhsa_mass(
             config, table(), queries, keys=keys, offset=offset, window=window, scale=scale
         )
-    if config.open_pieces:
-        chunks, _ = table().materialize()
-        chunks = split_open(chunks, keys.shape[2], config.target_chunk)
-        summaries = chunk_summaries(keys, chunks, summary=config.summary)
-        per_head = config.head_scores == "max"
-        scores = chunk_scores(block_queries(queries, config.block_size, per_head=per_head),
-                              summaries)  # fmt: skip
-        return _select(config, scores, chunks, queries, offset, window)
     return kernels.run_plan(
         launch, queries, table(), config, q_offset=offset, window=window, state=state
     )

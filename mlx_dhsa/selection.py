@@ -9,7 +9,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from .cache import ChunkTable
-from .chunking import Chunks
+from .chunking import Chunks, open_slots
 from .config import DHSAConfig
 from .plan import Plan
 
@@ -153,6 +153,9 @@ def select_chunks(
     each new query count would trace (and JIT) a new graph, and their planning is amortised
     over thousands of queries.
 
+    With ``config.open_pieces`` the open chunk is scored as ``target_chunk``-key pieces
+    (``ChunkTable.open_pieces``), in slots after the table's.
+
     Args:
         queries (mx.array): the planned queries, (B, H, L, D), at positions ``q_offset..``.
         table (ChunkTable): the chunks of the keys (see ``cache.ChunkTable``).
@@ -167,25 +170,38 @@ def select_chunks(
     if queries.shape[2] == 1:
         fn = _compiled(fn)
     scalars = mx.array([table.n_closed, table.open_start, table.n_keys, q_offset], mx.int32)
-    indices, n_valid = fn(
-        queries, table.summaries, table.starts, table.lengths, table.open_summary, scalars
-    )
+    if config.open_pieces:
+        open_part = table.open_pieces(config.target_chunk, open_slots(config))
+    else:
+        open_part = table.open_summary
+    indices, n_valid = fn(queries, table.summaries, table.starts, table.lengths, open_part, scalars)
     return Plan(indices, n_valid, q_offset=q_offset, block_size=config.block_size, window=window)
 
 
 @lru_cache(maxsize=128)
 def _select_fn(config: DHSAConfig, window: int | None, n_queries: int, segment: int):
-    def fn(queries, summaries, starts, lengths, open_summary, scalars):
+    def fn(queries, summaries, starts, lengths, open_part, scalars):
         n_closed, open_start, S, q_offset = scalars[0], scalars[1], scalars[2], scalars[3]
         slot = mx.arange(starts.shape[1])
-        is_open = slot == n_closed  # the open chunk goes in the first unused slot
-        starts = mx.where(is_open, open_start, starts)
-        lengths = mx.where(is_open, S - open_start, mx.where(slot < n_closed, lengths, 0))
-        summaries = mx.where(is_open[:, None], open_summary, summaries)
         per_head = config.head_scores == "max"
-        scores = chunk_scores(
-            block_queries(queries, config.block_size, per_head=per_head), summaries
-        )
+        qb = block_queries(queries, config.block_size, per_head=per_head)
+        if config.open_pieces:
+            # The open pieces (open_part: their summaries) go in slots after the table's.
+            size, B, P = config.target_chunk, starts.shape[0], open_part.shape[1]
+            piece = open_start + size * mx.arange(P, dtype=mx.int32)
+            piece_n = mx.clip(S - piece, 0, size).astype(mx.int32)
+            lengths = mx.where(slot < n_closed, lengths, 0)
+            starts = mx.concatenate([starts, mx.broadcast_to(piece, (B, P))], axis=1)
+            lengths = mx.concatenate([lengths, mx.broadcast_to(piece_n, (B, P))], axis=1)
+            scores = mx.concatenate(
+                [chunk_scores(qb, summaries), chunk_scores(qb, open_part)], axis=-1
+            )
+        else:
+            is_open = slot == n_closed  # the open chunk goes in the first unused slot
+            starts = mx.where(is_open, open_start, starts)
+            lengths = mx.where(is_open, S - open_start, mx.where(slot < n_closed, lengths, 0))
+            summaries = mx.where(is_open[:, None], open_part, summaries)
+            scores = chunk_scores(qb, summaries)
         plan = select(scores, Chunks(starts, lengths, segment), config, n_queries=n_queries,
                       q_offset=q_offset, window=window)  # fmt: skip
         return plan.indices, plan.n_valid
@@ -205,10 +221,13 @@ def max_chunks_taken(config: DHSAConfig) -> int:
     min_chunk from segment edges and NMS keeps cuts nms_window + 1 apart); at most two chunks
     are clipped by the sink and local ranges, and the open chunk may be shorter. ``chunk_cap``
     cuts a chunk of n > cap keys into ceil(n / cap) pieces of at least ceil(cap / 2) keys.
+    ``open_pieces`` cuts the open chunk into ``target_chunk``-key pieces, the last shorter.
     """
     shortest = 1 if config.boundaries == "fixed" else min(config.min_chunk, config.nms_window + 1)
     if config.chunk_cap is not None:
         shortest = min(shortest, -(-config.chunk_cap // 2))
+    if config.open_pieces:  # whole open pieces are target_chunk keys (the last may be shorter)
+        shortest = min(shortest, config.target_chunk)
     return config.budget // max(shortest, 1) + 3
 
 

@@ -49,49 +49,44 @@ SIGNATURES = {
 }
 
 
-def instances(name: str, backend: str):
-    """(inputs, template, output dtypes) for every variant the dispatcher can launch."""
-    out = []
+# (dtype, bits, group_size, D) of the quantized variants' instances: every dtype, both bit
+# widths, group sizes 64 and 128 (32 once).
+QUANT_CASES = [
+    (mx.float32, 4, 64, 64),
+    (mx.float32, 8, 32, 128),
+    (mx.float16, 8, 128, 256),
+    (mx.bfloat16, 4, 128, 128),
+    (mx.bfloat16, 8, 64, 256),
+]
+BOTH = ((False, False), (False, True), (True, False), (True, True))
+
+
+def instances(name: str, backend: str, quantized: bool = False):
+    """(inputs, template, output dtypes) for every variant the dispatcher can launch; with
+    ``quantized``, of the variants over quantized K/V (QUANT_CASES: plan and all-keys, and
+    split, launches)."""
+    if quantized:
+        return [
+            x
+            for dtype, bits, group, D in QUANT_CASES
+            for x in _attention_instances(name, backend, dtype, D, (bits, group))
+        ]
     if name == "select_keys":
         ins = [
             mx.zeros((1, 2, 9)),
             mx.zeros((1, 8), mx.int32),
             mx.zeros((1, 8), mx.int32),
-            mx.zeros((11,), mx.int32),
+            mx.zeros((len(kernels.sources.SelectParams._fields),), mx.int32),
         ]
         return [
             (ins, [("MAX_IV", planning.MAX_INTERVALS), ("NT", nt)], [mx.int32, mx.int32])
             for nt in (256, planning.SELECT_THREADS)
         ]
+    out = []
     for dtype in (mx.float32, mx.float16, mx.bfloat16):
         if name == "merge_splits":
             ins = [mx.zeros((2, 4, 256)), mx.zeros((2, 4)), mx.zeros((2,), mx.int32)]
             out.append((ins, [("T", dtype), ("D", 256), ("NW", attn_launch.MERGE_WARPS)], [dtype]))
-            continue
-        if name == "decode_attention":
-            for D, reps in ((256, 2), (128, 8), (64, 1)):  # distinct REPS: nvcc builds each
-                ins = [
-                    mx.zeros((1, 4 * reps, 1, D), dtype),
-                    mx.zeros((1, 4, 64, D), dtype),
-                    mx.zeros((1, 4, 64, D), dtype),
-                    mx.zeros((1, 1, 16), mx.int32),
-                    mx.zeros((1, 1), mx.int32),
-                    mx.zeros((4,), mx.int32),
-                    mx.zeros((10,), mx.int32),
-                    mx.zeros((2,)),
-                ]
-                for all_keys in (False, True):
-                    for fold in (False, True):
-                        tmpl = [
-                            ("T", dtype),
-                            ("D", D),
-                            ("REPS", reps),
-                            ("NW", attn_launch.DECODE_WARPS),
-                            ("KB", attn_launch.DECODE_KEYS),
-                            ("ALL_KEYS", all_keys),
-                            ("FOLD", fold),
-                        ]
-                        out.append((ins, tmpl, [mx.float32, mx.float32, dtype]))
             continue
         if name in ("block_scores", "plan"):
             for D in (64, 256):
@@ -100,7 +95,7 @@ def instances(name: str, backend: str):
                     mx.zeros((1, 4, 64, D), dtype),
                     mx.zeros((1, 8, D)),
                     mx.zeros((1, D)),
-                    mx.zeros((11,), mx.int32),
+                    mx.zeros((len(kernels.sources.BlockScoreParams._fields),), mx.int32),
                 ]
                 if name == "block_scores":
                     tmpl = [("T", dtype), ("D", D), ("NT", planning.SCORE_THREADS)]
@@ -109,7 +104,7 @@ def instances(name: str, backend: str):
                 ins += [
                     mx.zeros((1, 8), mx.int32),
                     mx.zeros((1, 8), mx.int32),
-                    mx.zeros((11,), mx.int32),
+                    mx.zeros((len(kernels.sources.SelectParams._fields),), mx.int32),
                     mx.zeros((1,), mx.int32),
                 ]
                 tmpl = [
@@ -120,31 +115,48 @@ def instances(name: str, backend: str):
                 ]
                 out.append((ins, tmpl, [mx.float32, mx.float32, mx.int32, mx.int32]))
             continue
-        warps, wrows, bk = attn_launch.TILES[(backend, dtype.size)]
-        stages = attn_launch.STAGES[backend]
-        for D in (64, 256):
-            ins = [
-                mx.zeros((1, 8, 64, D), dtype),
-                mx.zeros((1, 4, 64, D), dtype),
-                mx.zeros((1, 4, 64, D), dtype),
-                mx.zeros((1, 1, 16), mx.int32),
-                mx.zeros((1, 1), mx.int32),
-                mx.zeros((12,), mx.int32),
-                mx.zeros((2,)),
-            ]
-            for all_keys in (False, True):
-                for split in (False, True):
-                    tmpl = [
-                        ("T", dtype),
-                        ("D", D),
-                        ("BK", bk),
-                        ("WARPS", warps),
-                        ("WROWS", wrows),
-                        ("ALL_KEYS", all_keys),
-                        ("SPLIT", split),
-                        ("STAGES", 1 if all_keys else stages),
-                    ]
-                    out.append((ins, tmpl, [dtype, mx.float32, mx.float32]))
+        heads = ((256, 2), (128, 8), (64, 1))  # decode: distinct REPS, nvcc builds each
+        if name == "sparse_attention":
+            heads = ((64, 2), (256, 2))
+        for D, reps in heads:
+            out += _attention_instances(name, backend, dtype, D, None, reps)
+    return out
+
+
+def _kv(dtype, D: int, quant) -> list:
+    """Keys (or values) of 64 positions of 4 KV heads: an array, or a quantized triple."""
+    if quant is None:
+        return [mx.zeros((1, 4, 64, D), dtype)]
+    bits, group = quant
+    scales = mx.zeros((1, 4, 64, D // group), dtype)
+    return [mx.zeros((1, 4, 64, D * bits // 32), mx.uint32), scales, scales]
+
+
+def _attention_instances(name: str, backend: str, dtype, D: int, quant, reps: int = 2):
+    """sparse_attention's or decode_attention's instances at one dtype and head dim, with the
+    templates attention.py launches: every flag pair for arrays, two for quantized K/V."""
+    kv = _kv(dtype, D, quant) + _kv(dtype, D, quant)
+    index, count = mx.zeros((1, 1, 16), mx.int32), mx.zeros((1, 1), mx.int32)
+    out = []
+    if name == "decode_attention":
+        ins = [mx.zeros((1, 4 * reps, 1, D), dtype), *kv, index, count]
+        ins += [mx.zeros((4,), mx.int32), mx.zeros((10,), mx.int32), mx.zeros((2,))]
+        flags = BOTH if quant is None else ((False, backend == "cuda"), (True, False))
+        for all_keys, fold in flags:
+            tmpl = attn_launch.decode_template(
+                dtype, D, reps, all_keys=all_keys, fold=fold, quant=quant
+            )
+            out.append((ins, tmpl, [mx.float32, mx.float32, dtype]))
+        return out
+    ins = [mx.zeros((1, 4 * reps, 64, D), dtype), *kv, index, count]
+    ins += [mx.zeros((12,), mx.int32), mx.zeros((2,))]
+    for all_keys, split in BOTH if quant is None else ((False, False), (True, True)):
+        block_size = None if all_keys else 16
+        tiles = attn_launch.tile_config(backend, dtype, D, 4 * reps, 4, block_size, bool(quant))
+        tmpl = attn_launch.sparse_template(
+            dtype, D, tiles, all_keys=all_keys, split=split, quant=quant
+        )
+        out.append((ins, tmpl, [dtype, mx.float32, mx.float32]))
     return out
 
 
@@ -154,72 +166,6 @@ def signature(name: str, quantized: bool = False) -> tuple[list[str], list[str]]
     if quantized:
         in_names = ["queries", *kernels.sources.QUANTIZED_KV_INPUTS, *in_names[3:]]
     return in_names, out_names
-
-
-def quantized_instances(name: str, backend: str):
-    """(inputs, template, output dtypes) of the quantized variants: every dtype, both bit
-    widths, group sizes 64 and 128 (32 once), plan and all-keys (and split) launches."""
-    out = []
-    cases = [
-        (mx.float32, 4, 64, 64),
-        (mx.float32, 8, 32, 128),
-        (mx.float16, 8, 128, 256),
-        (mx.bfloat16, 4, 128, 128),
-        (mx.bfloat16, 8, 64, 256),
-    ]
-    for dtype, bits, group, D in cases:
-
-        def kv(dtype=dtype, bits=bits, group=group, D=D):
-            words = mx.zeros((1, 4, 64, D * bits // 32), mx.uint32)
-            scales = mx.zeros((1, 4, 64, D // group), dtype)
-            return [words, scales, scales]
-
-        quant = [("BITS", bits), ("GROUP", group)]
-        if name == "decode_attention":
-            reps = 2
-            ins = [mx.zeros((1, 4 * reps, 1, D), dtype), *kv(), *kv()]
-            ins += [
-                mx.zeros((1, 1, 16), mx.int32),
-                mx.zeros((1, 1), mx.int32),
-                mx.zeros((4,), mx.int32),
-                mx.zeros((10,), mx.int32),
-                mx.zeros((2,)),
-            ]
-            for all_keys, fold in ((False, backend == "cuda"), (True, False)):
-                tmpl = [
-                    ("T", dtype),
-                    ("D", D),
-                    ("REPS", reps),
-                    ("NW", attn_launch.DECODE_WARPS),
-                    ("KB", attn_launch.DECODE_KEYS),
-                    ("ALL_KEYS", all_keys),
-                    ("FOLD", fold),
-                    *quant,
-                ]
-                out.append((ins, tmpl, [mx.float32, mx.float32, dtype]))
-            continue
-        warps, wrows, bk = attn_launch.TILES[(backend, dtype.size)]
-        ins = [mx.zeros((1, 8, 64, D), dtype), *kv(), *kv()]
-        ins += [
-            mx.zeros((1, 1, 16), mx.int32),
-            mx.zeros((1, 1), mx.int32),
-            mx.zeros((12,), mx.int32),
-            mx.zeros((2,)),
-        ]
-        for all_keys, split in ((False, False), (True, True)):
-            tmpl = [
-                ("T", dtype),
-                ("D", D),
-                ("BK", bk),
-                ("WARPS", warps),
-                ("WROWS", wrows),
-                ("ALL_KEYS", all_keys),
-                ("SPLIT", split),
-                ("STAGES", 1),
-                *quant,
-            ]
-            out.append((ins, tmpl, [dtype, mx.float32, mx.float32]))
-    return out
 
 
 def metal_source(name: str, inputs, template, output_dtypes, quantized: bool = False) -> str:

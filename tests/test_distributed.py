@@ -385,4 +385,4 @@ def test_serve_under_mlx_launch(split, tmp_path):
     while not lines.empty():
         out.append(lines.get())
     check_ranks(proc.returncode, "".join(out), proc.stderr.read())
-    assert f"{split} parallel over 2 ranks" in "".join(out) and "stopping" in "".join(out)
+    assert f"{split} parallel over 2 ranks" in "".join(out) and "stopped" in "".join(out)

@@ -7,15 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from kernel_builds import (
-    SHIMS,
-    SIGNATURES,
-    cuda_source,
-    instances,
-    metal_source,
-    quantized_instances,
-    signature,
-)
+from kernel_builds import SHIMS, SIGNATURES, cuda_source, instances, metal_source, signature
 
 from mlx_dhsa import kernels
 
@@ -91,46 +83,33 @@ def metal_type_check_command() -> list[str]:
     ]
 
 
-@pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed (apt clang)")
-@pytest.mark.parametrize("name", kernels.KERNELS)
-def test_metal_source_type_checks(name, tmp_path):
-    cmd = metal_type_check_command()
-    for i, (inputs, template, dtypes) in enumerate(instances(name, "metal")):
-        path = tmp_path / f"{name}_{i}.metal"
-        path.write_text(ATTRIBUTES.sub("", metal_source(name, inputs, template, dtypes)))
-        _run(cmd, path)
+# Every kernel, and the variant over quantized K/V of those that have one.
+VARIANTS = [(name, False) for name in kernels.KERNELS] + [
+    (name, True) for name in kernels.sources.QUANTIZED_KERNELS
+]
 
 
 @pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed (apt clang)")
-@pytest.mark.parametrize("name", kernels.sources.QUANTIZED_KERNELS)
-def test_quantized_metal_source_type_checks(name, tmp_path):
+@pytest.mark.parametrize("name,quantized", VARIANTS)
+def test_metal_source_type_checks(name, quantized, tmp_path):
     cmd = metal_type_check_command()
-    for i, (inputs, template, dtypes) in enumerate(quantized_instances(name, "metal")):
-        path = tmp_path / f"{name}_q{i}.metal"
-        path.write_text(ATTRIBUTES.sub("", metal_source(name, inputs, template, dtypes, True)))
+    for i, (inputs, template, dtypes) in enumerate(instances(name, "metal", quantized)):
+        path = tmp_path / f"{name}_{'q' if quantized else ''}{i}.metal"
+        source = metal_source(name, inputs, template, dtypes, quantized)
+        path.write_text(ATTRIBUTES.sub("", source))
         _run(cmd, path)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("name", kernels.sources.QUANTIZED_KERNELS)
-def test_quantized_cuda_source_compiles(name, tmp_path):
-    cmd = ["nvcc", "-std=c++17", "-arch=sm_90", "-ptx", "-I", str(SHIMS), "-o", "/dev/null"]
-    for i, (inputs, template, dtypes) in enumerate(quantized_instances(name, "cuda")):
-        path = tmp_path / f"{name}_q{i}.cu"
-        path.write_text(cuda_source(name, inputs, template, dtypes, True))
-        _run(cmd, path)
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("name", kernels.KERNELS)
-def test_cuda_source_compiles(name, tmp_path):
+@pytest.mark.parametrize("name,quantized", VARIANTS)
+def test_cuda_source_compiles(name, quantized, tmp_path):
     cmd = ["nvcc", "-std=c++17", "-arch=sm_90", "-ptx", "-I", str(SHIMS), "-o", "/dev/null"]
     seen = set()
-    for i, (inputs, template, dtypes) in enumerate(instances(name, "cuda")):
+    for i, (inputs, template, dtypes) in enumerate(instances(name, "cuda", quantized)):
         key = str([v for k, v in template if k != "D"])
         if key in seen:  # one head dim per dtype and mode is enough for the compiler
             continue
         seen.add(key)
-        path = tmp_path / f"{name}_{i}.cu"
-        path.write_text(cuda_source(name, inputs, template, dtypes))
+        path = tmp_path / f"{name}_{'q' if quantized else ''}{i}.cu"
+        path.write_text(cuda_source(name, inputs, template, dtypes, quantized))
         _run(cmd, path)

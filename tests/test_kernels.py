@@ -270,15 +270,25 @@ def _quantize_cache_like(x, bits, group, pad=40):
     return QuantizedKV(*(a[..., :S, :] for a in (packed, scales, biases)), bits, group)
 
 
+def _dequantize_fp32(x):
+    f32 = lambda a: a.astype(mx.float32)
+    return mx.dequantize(x.packed, f32(x.scales), f32(x.biases), group_size=x.group_size,
+                         bits=x.bits)  # fmt: skip
+
+
 def _quantized_matches_oracle(dtype, bits, group, D, H, H_kv, L, S, cap, window=None):
     """Sparse (the planner's keys) and dense attention over quantized K/V on the GPU against
-    the oracle: mx.dequantize everything, then the reference (fp32: within 1e-4; 16-bit:
-    within 2x, 4x with a soft cap, the error of the reference in that dtype)."""
+    the oracle: everything dequantized in fp32, then the reference (fp32: within 1e-4; 16-bit:
+    within 2x, 4x with a soft cap, the error of the reference in that dtype over the values
+    mx.dequantize gives in that dtype)."""
     q, k, v = make_qkv(H=H, H_kv=H_kv, L=L, S=S, D=D, scale=2.0)
     q = q.astype(dtype)
     kq, vq = (_quantize_cache_like(x.astype(dtype), bits, group) for x in (k, v))
     kd, vd = kq.dequantize(), vq.dequantize()
-    q32, k32, v32 = (x.astype(mx.float32) for x in (q, kd, vd))
+    # The oracle's keys and values are the cache's exact values (scale * w + bias in fp32),
+    # which the kernels compute in registers; kd/vd round them to the dtype first.
+    k32, v32 = (_dequantize_fp32(x) for x in (kq, vq))
+    q32 = q.astype(mx.float32)
     plan = _plan(q32, k32, small_config(), S - L, window)
     mask = key_mask(S - L, L, S, window)
     args = dict(scale=SCALE, softcap=cap)
@@ -384,6 +394,84 @@ def test_plan_kernels_match_reference(fused, dtype, B, H, H_kv, L, S, D, off, wi
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("B,H,H_kv,L,S,D,off,window,budget", PLAN_CASES + [
+    (1, 4, 2, 1, 256, 64, 255, None, 48),  # an empty open part
+    (1, 8, 4, 1, 4050, 128, 4049, None, 160),  # open pieces across two groups' tiles
+])  # fmt: skip
+def test_plan_kernels_open_pieces(fused, dtype, B, H, H_kv, L, S, D, off, window, budget):
+    """open_pieces (the open chunk as target_chunk-key pieces, summed by the kernel): the
+    reference's plan, on either launch."""
+    if fused and BACKEND != "cuda":
+        pytest.skip("the fused planning kernel runs on CUDA only")
+    q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
+    config = small_config(budget=budget, open_pieces=True)
+    table = _table(k, config)
+    ref = select_chunks(q, table, config, q_offset=off, window=window)
+    with kernels.use_backend(BACKEND, fused_plan=fused):
+        out = _on_gpu(kernels.select_chunks, q, table, config, q_offset=off, window=window)
+        with mx.stream(mx.gpu):
+            launch = plan_launch(dtype, dtype, D, L, config)
+    assert launch is (PlanLaunch.FUSED if fused and L <= config.block_size else PlanLaunch.TWO)
+    assert mx.array_equal(out.n_valid, ref.n_valid)
+    assert mx.array_equal(out.indices, ref.indices)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_plan_kernels_take_the_planted_open_pieces(fused):
+    """Keys 264..279 (open pieces 1 and 2 of the open part 256..299) point along the query:
+    the kernels' plan with open_pieces holds them all, as the reference's."""
+    if fused and BACKEND != "cuda":
+        pytest.skip("the fused planning kernel runs on CUDA only")
+    config = small_config(open_pieces=True, summary="mean")
+    k = 0.01 * mx.random.normal((1, 2, 300, 64))
+    k[:, :, 264:280] = 1.0
+    q = mx.ones((1, 4, 1, 64))
+    table = _table(k, config)
+    ref = select_chunks(q, table, config, q_offset=299)
+    with kernels.use_backend(BACKEND, fused_plan=fused):
+        out = _on_gpu(kernels.select_chunks, q, table, config, q_offset=299)
+    assert mx.array_equal(out.indices, ref.indices) and mx.array_equal(out.n_valid, ref.n_valid)
+    assert set(range(264, 280)) <= set(out.indices[0, 0].tolist())
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_open_pieces_plans_over_cache_steps(fused):
+    """A DHSACache's layer planning with open_pieces over prefill and decode steps, a segment
+    closing and a trim: each plan equals the reference's over the table rebuilt from
+    scratch, and no open-chunk running sum is carried."""
+    if fused and BACKEND != "cuda":
+        pytest.skip("the fused planning kernel runs on CUDA only")
+    config = small_config(open_pieces=True)
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
+    cache = DHSACache()
+    with kernels.use_backend(BACKEND, fused_plan=fused):
+        for step in [100, 27, 1, 1, "trim", 1, 40, 1, 1]:
+            if step == "trim":
+                cache.trim(3)
+                continue
+            new = mx.random.normal((1, 2, step, 64))
+            keys, _ = cache.update_and_fetch(new, new)
+            S = keys.shape[2]
+            q = mx.random.normal((1, 4, step, 64))
+            if cache.kernel_state is None:
+                cache.kernel_state = KernelState()
+            state = cache.kernel_state
+            table = attn.chunk_view(keys, cache)
+            out = _on_gpu(kernels.select_chunks, q, table, config, q_offset=S - step, state=state)
+            ref = select_chunks(q, attn.chunk_view(keys), config, q_offset=S - step)
+            assert mx.array_equal(out.n_valid, ref.n_valid)
+            assert mx.array_equal(out.indices, ref.indices)
+            assert state.open_total is None
+
+
+@gpu
+@pytest.mark.gpu
 def test_fused_plans_share_one_ticket_buffer():
     """The fused planning kernel leaves its counters zeroed: a decode-like chain of launches
     (each query depending on the last plan) shares one buffer, within a graph and across
@@ -469,9 +557,10 @@ def test_plan_kernels_fall_back_for_max_head_scores():
 
 @gpu
 @pytest.mark.gpu
-def test_patched_model_on_kernels_generates_like_the_reference():
+@pytest.mark.parametrize("open_pieces", [False, True])
+def test_patched_model_on_kernels_generates_like_the_reference(open_pieces):
     """End to end on the GPU: sparse prefill steps and sparse decode through the kernels give
-    the greedy tokens of the pure-MLX path (use_kernel=False)."""
+    the greedy tokens of the pure-MLX path (use_kernel=False), also with open pieces."""
     from conftest import tiny_gemma2
     from mlx_lm.generate import generate_step
 
@@ -482,7 +571,7 @@ def test_patched_model_on_kernels_generates_like_the_reference():
     tokens = {}
     for use_kernel in (True, False):
         mlx_dhsa.unpatch(model)
-        mlx_dhsa.patch(model, small_config(use_kernel=use_kernel))
+        mlx_dhsa.patch(model, small_config(use_kernel=use_kernel, open_pieces=open_pieces))
         with mx.stream(mx.gpu):
             gen = generate_step(
                 prompt,

@@ -9,15 +9,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import assert_within_baseline, make_qkv, small_config
-from kernel_builds import SIGNATURES, instances, metal_source, quantized_instances, signature
+from kernel_builds import instances, metal_source, signature
 from metal_emulator import EmulatorError, MetalEmulator, compiler, generate_source
 from metal_emulator.hook import emulate_metal
 from test_kernels import SCALE, _close, _plan, _table
 
 from mlx_dhsa import kernels, reference
-from mlx_dhsa.kernels import sources
+from mlx_dhsa.attention import DHSAAttention
+from mlx_dhsa.cache import DHSACache
+from mlx_dhsa.kernels import KernelState, planning, sources
 from mlx_dhsa.quantized import QuantizedKV
-from mlx_dhsa.selection import key_mask, select_chunks
+from mlx_dhsa.selection import block_queries, chunk_scores, key_mask, select_chunks
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no host C++ compiler (clang++, g++)")
 
@@ -52,13 +54,19 @@ def _check(out, ref32, ref_lp, dtype, cap):
 
 def _attention_both(q, k, v, off, window, cap, plan_window=None):
     """Sparse attention over the planner's keys and dense causal attention (in `window`), each
-    through the emulated kernels against the pure-MLX reference."""
+    through the emulated kernels against the pure-MLX reference. Quantized k and v
+    (QuantizedKV): the reference runs over their dequantization (mx.dequantize), in fp32 and
+    in the model's dtype."""
     dtype = q.dtype
+    kq, vq = k, v  # what the kernels read
+    if isinstance(k, QuantizedKV):
+        k, v = k.dequantize(), v.dequantize()
+        assert k.dtype == dtype
     L, S = q.shape[2], k.shape[2]
     q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
     plan = _plan(q32, k32, small_config(), off, plan_window)
     args = dict(scale=SCALE, softcap=cap)
-    out = kernels.sparse_attention(q, k, v, plan, **args)
+    out = kernels.sparse_attention(q, kq, vq, plan, **args)
     _check(
         out,
         reference.sparse_attention(q32, k32, v32, plan, **args),
@@ -67,7 +75,7 @@ def _attention_both(q, k, v, off, window, cap, plan_window=None):
         cap,
     )
     mask = key_mask(off, L, S, window)
-    out = kernels.dense_attention(q, k, v, q_offset=off, window=window, **args)
+    out = kernels.dense_attention(q, kq, vq, q_offset=off, window=window, **args)
     _check(
         out,
         reference.dense_attention(q32, k32, v32, mask=mask, **args),
@@ -159,6 +167,126 @@ def test_plan_kernels(metal, dtype, B, H, H_kv, L, S, D, off, window, budget):
     assert mx.array_equal(out.indices, ref.indices)
 
 
+# PLAN_CASES and two decode steps: an empty open part (S a whole number of segments), and
+# open pieces that straddle two groups' chunk tiles.
+OPEN_PIECE_CASES = PLAN_CASES + [
+    (F32, 1, 4, 2, 1, 256, 64, 255, None, 48),
+    (BF16, 1, 4, 4, 1, 1230, 64, 1229, None, 160),
+]
+FUSED_CASES = [c for c in OPEN_PIECE_CASES if c[4] <= small_config().block_size]
+
+
+def _plan_case(metal, config, dtype, B, H, H_kv, L, S, D, off, window):
+    """The kernels' plan (as the backend launches it) equals the reference's, for one case."""
+    q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
+    table = _table(k, config)
+    ref = select_chunks(q, table, config, q_offset=off, window=window)
+    out = kernels.select_chunks(q, table, config, q_offset=off, window=window)
+    assert mx.array_equal(out.n_valid, ref.n_valid)
+    assert mx.array_equal(out.indices, ref.indices)
+
+
+@pytest.mark.parametrize("dtype,B,H,H_kv,L,S,D,off,window,budget", OPEN_PIECE_CASES)
+def test_plan_kernels_open_pieces(metal, dtype, B, H, H_kv, L, S, D, off, window, budget):
+    """open_pieces (the open chunk as target_chunk-key pieces) on the two launches: the
+    reference's selection (test_planners.test_open_pieces_change_plans: the pieces change
+    such plans)."""
+    config = small_config(budget=budget, open_pieces=True)
+    _plan_case(metal, config, dtype, B, H, H_kv, L, S, D, off, window)
+    assert _launched(metal) == ["block_scores", "select_keys"]
+    assert planning.open_layout(config) == (8, 8)  # chunk_limit 64, target_chunk 8
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_plan_kernels_take_the_planted_open_pieces(metal, monkeypatch, fused):
+    """Keys 264..279 (open pieces 1 and 2 of the open part 256..299) point along the queries:
+    with open_pieces the kernels' plan (as the reference's) holds them all, where one open
+    chunk would be taken from its first key, 256."""
+    monkeypatch.setattr(kernels.backend(), "fused_plan", fused)
+    config = small_config(open_pieces=True, summary="mean")
+    k = 0.01 * mx.random.normal((1, 2, 300, 64))
+    k[:, :, 264:280] = 1.0
+    q = mx.ones((1, 4, 1, 64))
+    table = _table(k, config)
+    out = kernels.select_chunks(q, table, config, q_offset=299)
+    ref = select_chunks(q, table, config, q_offset=299)
+    assert mx.array_equal(out.indices, ref.indices) and mx.array_equal(out.n_valid, ref.n_valid)
+    assert set(range(264, 280)) <= set(out.indices[0, 0].tolist())
+    one = select_chunks(q, table, config.replace(open_pieces=False), q_offset=299)
+    assert set(range(256, 264)) <= set(one.indices[0, 0].tolist())
+    assert _launched(metal) == (["plan"] if fused else ["block_scores", "select_keys"])
+
+
+@pytest.mark.parametrize("open_pieces", [False, True])
+def test_plan_self_check(metal, monkeypatch, open_pieces):
+    """The planning self-check (run on a GPU before a launch's first use) passes on both
+    launches, with one open chunk and with open pieces."""
+    monkeypatch.setattr(kernels.backend(), "fused_plan", True)
+    config = small_config(open_pieces=open_pieces)
+    for launch in kernels.PlanLaunch:
+        assert planning._self_check(launch, F32, 64, config) is None
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("L,S", [(37, 333), (1, 1230), (20, 40)])
+def test_block_scores_open_pieces(metal, dtype, L, S):
+    """block_scores' scores with open pieces (each summed whole by one warp) within 1e-4 of
+    the reference's: the closed summaries' scores, then the pieces' (ChunkTable.open_pieces),
+    the empty ones 0."""
+    config = small_config(open_pieces=True)
+    q, k, _ = make_qkv(B=2, H=4, H_kv=2, L=L, S=S, D=64, dtype=dtype)
+    table = _table(k, config)
+    out = planning.block_scores(q, table, config)
+    pieces = table.open_pieces(config.target_chunk, 8)
+    summaries = mx.concatenate([table.summaries[:, : table.n_closed], pieces], axis=1)
+    ref = chunk_scores(block_queries(q, config.block_size), summaries)
+    assert out.shape == ref.shape == (2, -(-L // 16), table.n_closed + 8)
+    _close(out, ref)
+
+
+@pytest.mark.parametrize("open_pieces", [False, True])
+@pytest.mark.parametrize("dtype,B,H,H_kv,L,S,D,off,window,budget", FUSED_CASES)
+def test_fused_plan_kernel(
+    metal, monkeypatch, open_pieces, dtype, B, H, H_kv, L, S, D, off, window, budget
+):
+    """The fused ``plan`` kernel (block_scores, hand-off, select_keys in one launch; CUDA's
+    choice for one query block) on the emulator's groups, one after another: the reference's
+    selection, with one open chunk and with open pieces."""
+    monkeypatch.setattr(kernels.backend(), "fused_plan", True)
+    config = small_config(budget=budget, open_pieces=open_pieces)
+    _plan_case(metal, config, dtype, B, H, H_kv, L, S, D, off, window)
+    assert _launched(metal) == ["plan"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_open_pieces_over_decode_steps(metal, monkeypatch, fused):
+    """A DHSACache's layer planning with open_pieces over prefill and decode steps, a
+    segment closing and a trim: every plan equals the reference's over the table rebuilt
+    from scratch, and no open-chunk running sum is carried (the pieces are summed whole)."""
+    monkeypatch.setattr(kernels.backend(), "fused_plan", fused)
+    config = small_config(open_pieces=True)
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
+    cache = DHSACache()
+    for step in [100, 27, 1, 1, "trim", 1, 40, 1, 1]:
+        if step == "trim":
+            cache.trim(3)
+            continue
+        new = mx.random.normal((1, 2, step, 64))
+        keys, _ = cache.update_and_fetch(new, new)
+        S = keys.shape[2]
+        q = mx.random.normal((1, 4, step, 64))
+        if cache.kernel_state is None:
+            cache.kernel_state = KernelState()
+        state = cache.kernel_state
+        table = attn.chunk_view(keys, cache)
+        out = kernels.select_chunks(q, table, config, q_offset=S - step, state=state)
+        ref = select_chunks(q, attn.chunk_view(keys), config, q_offset=S - step)
+        assert mx.array_equal(out.n_valid, ref.n_valid)
+        assert mx.array_equal(out.indices, ref.indices)
+        assert state.open_total is None
+    assert ("plan" in _launched(metal)) == fused  # (prefill steps take two launches)
+
+
 def test_plan_kernels_ties_in_key_order(metal):
     """Equal scores: chunks are taken in key order (test_kernels' tie case)."""
     k = mx.ones((1, 2, 300, 64))
@@ -174,19 +302,18 @@ def test_plan_kernels_ties_in_key_order(metal):
     assert keys == list(range(config.sink)) + list(range(4, 4 + free)) + list(range(276, 300))
 
 
-def test_generated_source_is_mlx_s(emulator):
+@pytest.mark.parametrize("quantized", [False, True])
+def test_generated_source_is_mlx_s(emulator, quantized):
     """The emulator compiles the text MLX generates: equal to what MLX itself exported for
-    the same kernel, template and inputs (tests/kernel_builds.py), for every kernel."""
-    for name in (
-        "sparse_attention",
-        "decode_attention",
-        "merge_splits",
-        "block_scores",
-        "select_keys",
-    ):
-        inputs, template, dtypes = instances(name, "metal")[-1]
-        header, source = kernels.kernel_source(name, "metal")
-        in_names, out_names = SIGNATURES[name]
+    the same kernel, template and inputs (tests/kernel_builds.py), for every kernel and
+    every variant over quantized K/V (uint32 inputs, the scales' and biases' strides)."""
+    names = ("sparse_attention", "decode_attention", "merge_splits", "block_scores", "select_keys")
+    if quantized:
+        names = kernels.sources.QUANTIZED_KERNELS
+    for name in names:
+        inputs, template, dtypes = instances(name, "metal", quantized)[-1]
+        header, source = kernels.kernel_source(name, "metal", quantized)
+        in_names, out_names = signature(name, quantized)
         _, text, _ = generate_source(
             "dhsa_check",
             in_names,
@@ -197,7 +324,8 @@ def test_generated_source_is_mlx_s(emulator):
             template,
             dtypes,
         )
-        assert text == metal_source(name, inputs, template, dtypes) + "\n", name  # (cut there)
+        want = metal_source(name, inputs, template, dtypes, quantized)
+        assert text == want + "\n", name  # (cut there)
 
 
 # ---- quantized keys and values (mlx-lm's QuantizedKVCache) --------------------------------
@@ -214,35 +342,6 @@ def _quantized(k, v, bits, group, pad=24):
         return QuantizedKV(*(a[..., :S, :] for a in (packed, scales, biases)), bits, group)
 
     return q(k), q(v)
-
-
-def _quantized_both(q, kq, vq, off, window, cap, plan_window=None):
-    """_attention_both over quantized K/V: the oracle dequantizes everything (mx.dequantize)
-    and runs the reference, in fp32 and in the model's dtype."""
-    dtype = q.dtype
-    L, S = q.shape[2], kq.shape[2]
-    k, v = kq.dequantize(), vq.dequantize()
-    assert k.dtype == dtype
-    q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
-    plan = _plan(q32, k32, small_config(), off, plan_window)
-    args = dict(scale=SCALE, softcap=cap)
-    out = kernels.sparse_attention(q, kq, vq, plan, **args)
-    _check(
-        out,
-        reference.sparse_attention(q32, k32, v32, plan, **args),
-        reference.sparse_attention(q, k, v, plan, **args),
-        dtype,
-        cap,
-    )
-    mask = key_mask(off, L, S, window)
-    out = kernels.dense_attention(q, kq, vq, q_offset=off, window=window, **args)
-    _check(
-        out,
-        reference.dense_attention(q32, k32, v32, mask=mask, **args),
-        reference.dense_attention(q, k, v, mask=mask, **args),
-        dtype,
-        cap,
-    )
 
 
 # (dtype, B, H, H_kv, L, S, D, q_offset, window, softcap, split, bits, group): with
@@ -267,7 +366,7 @@ def test_quantized_attention_kernel(
     monkeypatch.setattr(kernels.attention, "MIN_SPLIT_TILES", 1 if split else 10**6)
     q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype, scale=2.0)
     kq, vq = _quantized(k, v, bits, group)
-    _quantized_both(q, kq, vq, off, window, cap, plan_window=window)
+    _attention_both(q, kq, vq, off, window, cap, plan_window=window)
     launched = _launched(metal)
     assert launched.count("sparse_attention_q") == 2
     assert launched.count("merge_splits") == (2 if split else 0)
@@ -288,7 +387,7 @@ QUANT_DECODE_CASES = [
 def test_quantized_decode_kernel(metal, dtype, B, H, H_kv, S, D, off, window, cap, bits, group):
     q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=1, S=S, D=D, dtype=dtype, scale=2.0)
     kq, vq = _quantized(k, v, bits, group)
-    _quantized_both(q, kq, vq, off, window, cap, plan_window=window)
+    _attention_both(q, kq, vq, off, window, cap, plan_window=window)
     assert _launched(metal) == ["decode_attention_q", "merge_splits"] * 2
 
 
@@ -324,26 +423,6 @@ def test_quantized_inputs_choose_the_quantized_variant(metal):
     )  # group larger than the head dim
 
 
-def test_quantized_generated_source_is_mlx_s(emulator):
-    """The emulator compiles MLX's text for the quantized variants too (uint32 inputs, the
-    scales' and biases' strides)."""
-    for name in kernels.sources.QUANTIZED_KERNELS:
-        inputs, template, dtypes = quantized_instances(name, "metal")[-1]
-        header, source = kernels.kernel_source(name, "metal", quantized=True)
-        in_names, out_names = signature(name, quantized=True)
-        _, text, _ = generate_source(
-            "dhsa_check",
-            in_names,
-            out_names,
-            source,
-            header,
-            [(x.dtype, x.size, x.ndim) for x in inputs],
-            template,
-            dtypes,
-        )
-        assert text == metal_source(name, inputs, template, dtypes, True) + "\n", name
-
-
 # Planted bugs in the dequantizing load (common.h): the quantized tests must see them.
 _PLANTED_DEQUANT = {
     # The values of a word read in reverse order (nibble i from the top instead of the bottom).
@@ -374,11 +453,11 @@ def test_a_planted_dequantize_bug_is_caught(metal, monkeypatch, bug):
     q, k, v = make_qkv(H=4, H_kv=2, L=17, S=80, D=64)
     kq, vq = _quantized(k, v, 4, 64)
     with pytest.raises(AssertionError, match="max error"):
-        _quantized_both(q, kq, vq, 63, None, None)
+        _attention_both(q, kq, vq, 63, None, None)
     if bug == "nibble order":  # the decode kernel's load too
         q1 = q[:, :, :1]
         with pytest.raises(AssertionError, match="max error"):
-            _quantized_both(q1, kq, vq, 79, None, None)
+            _attention_both(q1, kq, vq, 79, None, None)
 
 
 # ---- the emulator itself: what it must catch ----------------------------------------------

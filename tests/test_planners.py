@@ -7,9 +7,22 @@ from hypothesis import strategies as st
 
 from mlx_dhsa import DHSAConfig, reference
 from mlx_dhsa.attention import DHSAAttention
+from mlx_dhsa.chunking import (
+    chunk_boundaries,
+    chunk_summaries,
+    chunks_per_segment,
+    open_slots,
+    split_open,
+)
 from mlx_dhsa.config import METHODS
 from mlx_dhsa.planners import PLANNERS, block_means, chunk_mass, fixed_blocks
-from mlx_dhsa.selection import indices_to_mask, key_mask
+from mlx_dhsa.selection import (
+    block_queries,
+    chunk_scores,
+    indices_to_mask,
+    key_mask,
+    select,
+)
 
 
 def _attn(config):
@@ -166,21 +179,110 @@ def test_oracle_finds_the_planted_chunk_that_dhsa_scores_cannot_miss():
     assert set(range(64, 72)) <= keys
 
 
-def test_open_pieces_split_the_open_chunk_and_plan_on_the_reference():
-    """open_pieces: the open chunk becomes fixed target_chunk-key pieces tiling it; the plan
-    keeps the budget, and the planning kernels decline the config (pure-MLX planner)."""
-    from mlx_dhsa.chunking import chunk_boundaries, split_open
-    from mlx_dhsa.kernels.planning import _config_ok
+def test_open_pieces_split_the_open_chunk():
+    """open_pieces: the open chunk becomes fixed target_chunk-key pieces tiling it, in
+    open_slots slots; their summaries from the chunk table (ChunkTable.open_pieces, the
+    direct sums the planning kernels take) equal chunk_summaries over those pieces; the plan
+    keeps the budget, and the planning kernels take the config."""
+    from mlx_dhsa.kernels.planning import _config_ok, open_layout
 
-    config = small_config(open_pieces=True)
+    config = small_config(open_pieces=True, summary="sqrt")
     q, k, _ = make_qkv(B=1, H=4, H_kv=2, L=1, S=2 * config.chunk_limit + 45, D=16)
     S = k.shape[2]
     chunks = split_open(chunk_boundaries(k, config), S, config.target_chunk)
     s, n = np.array(chunks.starts[0]), np.array(chunks.lengths[0])
+    assert len(s) - 2 * chunks_per_segment(config) == open_slots(config) == 8
     s, n = s[n > 0], n[n > 0]
     assert (s[1:] == (s + n)[:-1]).all() and s[0] == 0 and (s + n)[-1] == S
     open_part = s >= 2 * config.chunk_limit
     assert (n[open_part] <= config.target_chunk).all() and open_part.sum() == -(-45 // 8)
-    assert not _config_ok(config) and _config_ok(config.replace(open_pieces=False))
+    pieces = _attn(config).chunk_view(k).open_pieces(config.target_chunk, open_slots(config))
+    want = chunk_summaries(k, chunks, summary="sqrt")[:, -open_slots(config) :]
+    np.testing.assert_allclose(np.array(pieces), np.array(want), rtol=1e-5, atol=1e-5)
+    assert _config_ok(config) and open_layout(config) == (8, config.target_chunk)
+    assert open_layout(config.replace(open_pieces=False)) == (1, 0)
     plan = _run("dhsa", config, q, k, offset=S - 1)
     assert plan.n_valid.item() == config.budget
+
+
+def _split_open_plan(config, q, k, offset, window):
+    """open_pieces as the docs state it: split_open's chunks, chunk_summaries, select."""
+    chunks = split_open(chunk_boundaries(k, config), k.shape[2], config.target_chunk)
+    summaries = chunk_summaries(k, chunks, summary=config.summary)
+    qb = block_queries(q, config.block_size, per_head=config.head_scores == "max")
+    return select(chunk_scores(qb, summaries), chunks, config, n_queries=q.shape[2],
+                  q_offset=offset, window=window)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    S=st.integers(1, 300),
+    frac=st.floats(0.0, 1.0),
+    sink=st.integers(0, 8),
+    local=st.integers(0, 8),
+    target=st.sampled_from([2, 3, 8, 16]),
+    summary=st.sampled_from(["mean", "sqrt"]),
+    head_scores=st.sampled_from(["mean", "max"]),
+    window=st.sampled_from([None, 5, 40]),
+    seed=st.integers(0, 2**16),
+)
+def test_open_pieces_plan_invariants(
+    S, frac, sink, local, target, summary, head_scores, window, seed
+):
+    """The DHSA planner with open_pieces: the budget is filled, keys ascending inside each
+    block's range, sinks and local window kept; and the plan is split_open's (its chunks,
+    chunk_summaries and select), up to keys traded between chunks whose scores tie within
+    1e-5 (the planner sums the pieces directly, chunk_summaries by prefix sums)."""
+    mx.random.seed(seed)
+    n_queries = max(1, int(frac * S))
+    config = small_config(
+        open_pieces=True,
+        sink=sink,
+        local=local,
+        target_chunk=target,
+        summary=summary,
+        head_scores=head_scores,
+    )
+    q, k, _ = make_qkv(H=4, H_kv=2, L=n_queries, S=S, D=16)
+    offset = S - n_queries
+    plan = _run("dhsa", config, q, k, offset=offset, window=window)
+    chosen, idx, n_valid = _sets(plan)
+    want, _, want_n = _sets(_split_open_plan(config, q, k, offset, window))
+    assert (n_valid == want_n).all()
+    for b, keys in enumerate(chosen):
+        q0 = offset + b * config.block_size
+        q1 = min(q0 + config.block_size, S) - 1
+        lo = max(0, q0 - window + 1) if window else 0
+        assert n_valid[b] == min(config.budget, q1 - lo + 1)
+        assert (np.diff(keys) > 0).all() and (keys >= lo).all() and (keys <= q1).all()
+        assert (idx[b, n_valid[b] :] == 0).all()
+        must = set(range(lo, min(sink, q1 + 1))) | set(range(max(lo, q0 - local), q1 + 1))
+        assert must <= set(keys.tolist())
+        if not np.array_equal(keys, want[b]):
+            _assert_near_tie(config, q, k, b, set(keys.tolist()) ^ set(want[b].tolist()))
+
+
+def _assert_near_tie(config, q, k, block, keys):
+    """The chunks holding ``keys`` (where two plans differ) score within 1e-5 of each other."""
+    chunks = split_open(chunk_boundaries(k, config), k.shape[2], config.target_chunk)
+    summaries = chunk_summaries(k, chunks, summary=config.summary)
+    qb = block_queries(q, config.block_size, per_head=config.head_scores == "max")
+    scores = np.array(chunk_scores(qb, summaries))[0, block]
+    s, n = np.array(chunks.starts[0]), np.array(chunks.lengths[0])
+    c = {int(np.nonzero((s <= key) & (key < s + n))[0][0]) for key in keys}
+    picked = scores[sorted(c)]
+    assert picked.max() - picked.min() <= 1e-5 * (1 + np.abs(scores).max()), (keys, picked)
+
+
+def test_open_pieces_change_plans():
+    """The open_pieces plans differ from one open chunk's (so the kernel tests of open pieces
+    see them): decode steps whose open part has keys outside the local window."""
+    config = small_config(budget=48)
+    differ = 0
+    for S in (300, 360, 700):
+        mx.random.seed(0)
+        q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=64)
+        one = _run("dhsa", config, q, k, offset=S - 1)
+        pieces = _run("dhsa", config.replace(open_pieces=True), q, k, offset=S - 1)
+        differ += not mx.array_equal(one.indices, pieces.indices).item()
+    assert differ >= 2

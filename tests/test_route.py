@@ -148,6 +148,49 @@ CASES = [
         dict(L=1, S=500, base=True),
         (Path.BASE, None, None, 0, None, False),
     ),
+    # Quantized K/V (bits, group size): the kernels' quantized variant, planned in pure MLX.
+    (
+        "cuda",
+        {},
+        dict(L=300, S=300, quantized=(4, 64)),
+        (Path.SPARSE_KERNEL, False, None, 292, True, False),
+    ),
+    (
+        "cuda",
+        {},
+        dict(L=1, S=500, base=True, quantized=(8, 64)),
+        (Path.SPARSE_KERNEL, True, None, 1, None, False),
+    ),
+    (
+        "cuda",
+        {"decode_dense_below": 1000},
+        dict(L=1, S=500, base=True, quantized=(4, 64)),  # soft cap: not mlx-lm's module
+        (Path.DENSE_KERNEL, True, None, 0, None, True),
+    ),
+    (
+        "cuda",
+        {"decode_dense_below": 1000},
+        dict(L=1, S=500, base=True, softcap=None, quantized=(4, 64)),
+        (Path.BASE, None, None, 0, None, False),
+    ),
+    (
+        "cuda",
+        {},
+        dict(L=300, S=300, quantized=(4, 128)),  # group larger than the head dim
+        (Path.SPARSE_REFERENCE, None, None, 292, None, False),
+    ),
+    (
+        "cuda",
+        {"decode_dense_below": 1000},
+        dict(L=1, S=500, base=True, quantized=(4, 128)),
+        (Path.DENSE_REFERENCE, None, None, 0, None, True),
+    ),
+    (
+        "cuda",
+        {"decode_dense_below": 1000},
+        dict(L=1, S=500, quantized=(2, 64)),  # bits no kernel reads
+        (Path.DENSE_REFERENCE, None, None, 0, None, False),
+    ),
     # Metal: the same kernels, but one-block plans in two launches.
     ("metal", {}, dict(L=1, S=500), (Path.SPARSE_KERNEL, True, PlanLaunch.TWO, 1, None, False)),
     (

@@ -47,6 +47,7 @@ from .options import (
     Timing,
     Trials,
     Truncate,
+    WeightBits,
     csv,
     dhsa_options,
     ints,
@@ -262,6 +263,18 @@ def _write_json(path, report) -> None:
         path.write_text(json.dumps(report.as_dict(), indent=2))
 
 
+def _check_patchable(model, methods) -> None:
+    """Fail now, in one line, where a method's settings cannot patch ``model``."""
+    from ..patching import patch, unpatch
+
+    for m in methods:
+        if m.config is not None:
+            try:
+                unpatch(patch(model, m.config))
+            except ValueError as e:
+                _fail(f"{m.label}: {e}")
+
+
 @app.command()
 @dhsa_options
 def profile(
@@ -273,6 +286,7 @@ def profile(
     trials: Trials = None,
     generation_tokens: GenTokens = profiling.DEFAULT_DECODE_TOKENS,
     dtype: Dtype = None,
+    weight_bits: WeightBits = None,
     json_out: JsonOut = None,
     plot: Plot = None,
     pipeline: Pipeline = False,
@@ -330,7 +344,9 @@ def profile(
         cpu = mx.default_device() == mx.cpu
         weights = getattr(mx, dtype or ("float32" if cpu else "bfloat16"))
         with ui.status(f"Building a random {shape}"):
-            lm, tokenizer = dist.shard_random(profiling.random_model(shape, weights)), None
+            built = profiling.random_model(shape, weights, weight_bits=weight_bits)
+            lm, tokenizer = dist.shard_random(built), None
+    _check_patchable(lm, chosen)
     with ui.progress("Profile", unit="runs") as update:
         report = profiling.compare(
             lm,
@@ -462,8 +478,8 @@ def doctor(contexts: DoctorContexts = None, timing: Timing = True, json_out: Jso
     from . import doctor as checkup
 
     lengths = ints(contexts, "--contexts") if contexts else None
-    with ui.status("Checking kernels and timing prefill"):
-        report = checkup.diagnose(lengths, timing=timing).as_dict()
+    with ui.status("Checking kernels and timing prefill") as say:
+        report = checkup.diagnose(lengths, timing=timing, on_step=say).as_dict()
     ui.doctor(report)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2))

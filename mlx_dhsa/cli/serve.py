@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import typer
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.server import (
@@ -249,15 +250,6 @@ class DHSAResponseGenerator(ResponseGenerator):
     Under ``mlx.launch`` rank 0 also ends the followers' loops when it stops: mlx-lm stops
     only its own, and the followers would wait for the next request forever."""
 
-    def _run_generate(self):
-        try:
-            super()._run_generate()
-        finally:
-            # The streams this thread made (mlx-lm's generation stream) go with it; left to
-            # process exit they abort it now and then ("terminate called without an active
-            # exception", ml-explore/mlx#3126; mx.clear_streams came with the fix).
-            mx.clear_streams()
-
     def stop_and_join(self):
         if self._is_distributed and self._rank == 0 and self.generation_available():
             self.requests.put((None, STOP, None))  # shared with the followers, then stops
@@ -271,6 +263,15 @@ class DHSAResponseGenerator(ResponseGenerator):
             self._stop = True
             return None
         return request
+
+    def _run_generate(self):
+        try:
+            super()._run_generate()
+        finally:
+            # MLX keeps this thread's streams in C++ thread-locals whose destructors take the
+            # GIL; run late, while the main thread finalizes, they abort the process
+            # ("terminate called without an active exception", issue 22). Free them here.
+            mx.clear_streams()
 
     def _tokenize(self, tokenizer, request, args):
         out = super()._tokenize(tokenizer, request, args)
@@ -460,17 +461,20 @@ def start(
     provider = DHSAModelProvider(server_args(model, **cli_overrides), config, patch=patch)
     httpd = ThreadingHTTPServer((host, port), lambda *a, **k: None)  # bind before loading
     generator = DHSAResponseGenerator(provider, DiskPromptCache(provider, store, disk_min_tokens))
-    provider.loaded.wait(load_timeout)
-    if provider.load_error is not None or provider.model is None:
+    try:  # on any failure, Ctrl-C included, leave no thread behind
+        provider.loaded.wait(load_timeout)
+        if provider.load_error is not None or provider.model is None:
+            raise provider.load_error or TimeoutError(f"{model} did not load in {load_timeout} s")
+        fingerprint = get_system_fingerprint()
+        httpd.RequestHandlerClass = lambda *a, **k: DHSAHandler(
+            generator, *a, system_fingerprint=fingerprint, **k
+        )
+        thread = threading.Thread(target=httpd.serve_forever, name="mlx-dhsa-serve", daemon=True)
+        thread.start()
+    except BaseException:
         httpd.server_close()
         generator.stop_and_join()
-        raise provider.load_error or TimeoutError(f"{model} did not load in {load_timeout} s")
-    fingerprint = get_system_fingerprint()
-    httpd.RequestHandlerClass = lambda *a, **k: DHSAHandler(
-        generator, *a, system_fingerprint=fingerprint, **k
-    )
-    thread = threading.Thread(target=httpd.serve_forever, name="mlx-dhsa-serve", daemon=True)
-    thread.start()
+        raise
     return Server(httpd, generator, provider, thread)
 
 
@@ -530,25 +534,29 @@ def serve(
                 allowed_origins=allowed_origin or [],
                 pipeline=pipeline,
             )
+    except KeyboardInterrupt:
+        ui.note("stopped")
+        raise typer.Exit(130) from None
     except OSError as e:
         ui.fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
     except Exception as e:
         ui.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    attention = "dense" if dense else f"DHSA {config.method}"
-    ui.line(f"mlx-dhsa serve: {model} ({attention}) at {server.url}")
-    if dist.launched():
-        ui.note(dist.describe())
-    ui.note(
-        f"Try: curl {server.url}/chat/completions -H 'Content-Type: application/json' "
-        """-d '{"messages": [{"role": "user", "content": "Hello"}]}'"""
-    )
-    if store is not None:
-        ui.note(f"Long prompts are kept in {store.root} (--no-doc-cache to turn off).")
-    ui.note("Ctrl-C stops the server.")
-    try:
+    try:  # from here on, Ctrl-C (even during the banner) stops the server
+        attention = "dense" if dense else f"DHSA {config.method}"
+        ui.line(f"mlx-dhsa serve: {model} ({attention}) at {server.url}")
+        if dist.launched():
+            ui.note(dist.describe())
+        ui.note(
+            f"Try: curl {server.url}/chat/completions -H 'Content-Type: application/json' "
+            """-d '{"messages": [{"role": "user", "content": "Hello"}]}'"""
+        )
+        if store is not None:
+            ui.note(f"Long prompts are kept in {store.root} (--no-doc-cache to turn off).")
+        ui.note("Ctrl-C stops the server.")
         while server.thread.is_alive():
             server.thread.join(0.5)
     except KeyboardInterrupt:
-        ui.note("stopping")
+        pass
     finally:
         server.close()
+    ui.note("stopped")

@@ -48,9 +48,10 @@ def line(text: str) -> None:
 
 
 @contextmanager
-def status(message: str) -> Iterator[None]:
-    with console.status(escape(message)):
-        yield
+def status(message: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with ``message``; yields ``say(now)``, which appends what runs now."""
+    with console.status(escape(message)) as spinner:
+        yield lambda now: spinner.update(escape(f"{message}: {now}"))
 
 
 @contextmanager

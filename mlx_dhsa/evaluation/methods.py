@@ -40,7 +40,7 @@ METHODS: dict[str, dict | None] = {
     "dhsa_nocap": {"method": "dhsa", "chunk_cap": None},
     "dhsa_cap": {"method": "dhsa", "chunk_cap": 8},
     "dhsa_spread_cap": {"method": "dhsa", "scoring": "softmax_spread", "chunk_cap": 8},
-    # The open chunk scored as fixed 8-key pieces (pure-MLX planner: the kernels fall back).
+    # The open chunk scored as fixed 8-key pieces (the planning kernels implement it too).
     "dhsa_open": {"method": "dhsa", "chunk_cap": 8, "open_pieces": True},
     "dhsa_spread_open": {"method": "dhsa", "scoring": "softmax_spread", "chunk_cap": 8,
                          "open_pieces": True},  # fmt: skip

@@ -95,6 +95,12 @@ def accepts_quantized(bits: int, group_size: int, D: int | None = None) -> bool:
     return D is None or (D % group_size == 0 and D % 32 == 0 and D <= 256)
 
 
+def attention_active(use_kernel: bool = True, quantized: tuple[int, int] | None = None) -> bool:
+    """Whether the attention kernels run now (:meth:`Backend.active`) for keys and values
+    quantized as ``quantized``, ``(bits, group_size)`` (None: arrays), at some head dim."""
+    return backend().active(use_kernel) and (quantized is None or accepts_quantized(*quantized))
+
+
 @cache
 def tile_config(
     backend_name: str,
@@ -136,6 +142,40 @@ def decode_ok(dtype, D: int, H: int, H_kv: int) -> bool:
         and H % H_kv == 0
         and (H // H_kv <= DECODE_MAX_REPS)
     )
+
+
+def quant_template(quant: tuple[int, int] | None) -> list:
+    """Template parameters of a launch over quantized K/V, ``(bits, group_size)`` (None: [])."""
+    return [] if quant is None else [("BITS", quant[0]), ("GROUP", quant[1])]
+
+
+def sparse_template(dtype, D: int, tiles: Tiles, *, all_keys: bool, split: bool, quant=None):
+    """Template parameters of a sparse_attention.metal launch."""
+    return [
+        ("T", dtype),
+        ("D", D),
+        ("BK", tiles.bk),
+        ("WARPS", tiles.warps),
+        ("WROWS", tiles.wrows),
+        ("ALL_KEYS", all_keys),
+        ("SPLIT", split),
+        ("STAGES", tiles.stages),
+        *quant_template(quant),
+    ]
+
+
+def decode_template(dtype, D: int, reps: int, *, all_keys: bool, fold: bool, quant=None):
+    """Template parameters of a decode_attention.metal launch."""
+    return [
+        ("T", dtype),
+        ("D", D),
+        ("REPS", reps),
+        ("NW", DECODE_WARPS),
+        ("KB", DECODE_KEYS),
+        ("ALL_KEYS", all_keys),
+        ("FOLD", fold),
+        *quant_template(quant),
+    ]
 
 
 def attention_kernel(
@@ -246,8 +286,8 @@ def _kernel_for(q: mx.array, k, v, block_size: int | None, use_kernel):
     )
 
 
-def _kv_inputs(kernel: AttentionKernel, k, v) -> tuple[list[str], list, list]:
-    """The K/V input names, arrays and extra template parameters of ``kernel``'s launch."""
+def _kv_inputs(kernel: AttentionKernel, k, v) -> tuple[list[str], list]:
+    """The K/V input names and arrays of ``kernel``'s launch."""
     quant = quantization(k, v)
     if quant != kernel.quant:
         raise ValueError(
@@ -255,12 +295,8 @@ def _kv_inputs(kernel: AttentionKernel, k, v) -> tuple[list[str], list, list]:
             f"(None: arrays), got {quant}"
         )
     if quant is None:
-        return ["keys", "values"], [k, v], []
-    return (
-        QUANTIZED_KV_INPUTS,
-        [*k.triple(), *v.triple()],
-        [("BITS", quant[0]), ("GROUP", quant[1])],
-    )
+        return ["keys", "values"], [k, v]
+    return QUANTIZED_KV_INPUTS, [*k.triple(), *v.triple()]
 
 
 def _dequantized(k, v) -> tuple[mx.array, mx.array]:
@@ -314,7 +350,7 @@ def _decode(kernel, q, k, v, index, count, *, all_keys, q_offset, window, fparam
         )
     )
     be = backend()
-    kv_names, kv, kv_template = _kv_inputs(kernel, k, v)
+    kv_names, kv = _kv_inputs(kernel, k, v)
     fold = be.fold_decode
     if not fold:
         tickets = _no_plan()
@@ -331,16 +367,9 @@ def _decode(kernel, q, k, v, index, count, *, all_keys, q_offset, window, fparam
     )
     part, lse, out = launch(
         inputs=[q, *kv, index, count, tickets, iparams, fparams],
-        template=[
-            ("T", q.dtype),
-            ("D", D),
-            ("REPS", H // H_kv),
-            ("NW", DECODE_WARPS),
-            ("KB", DECODE_KEYS),
-            ("ALL_KEYS", all_keys),
-            ("FOLD", fold),
-            *kv_template,
-        ],
+        template=decode_template(
+            q.dtype, D, H // H_kv, all_keys=all_keys, fold=fold, quant=kernel.quant
+        ),
         grid=(n_splits * DECODE_WARPS * 32, B * H_kv, 1),
         threadgroup=(DECODE_WARPS * 32, 1, 1),
         output_shapes=[(n_splits, B, H, D), (n_splits, B, H), (B, H, 1, D) if fold else (1,)],
@@ -398,10 +427,9 @@ def _attention(
             state=state,
         )
     tiles = kernel.tiles
-    warps, wrows, bk, qt = tiles.warps, tiles.wrows, tiles.bk, tiles.qt
-    n_qtiles = -(-L // qt)
+    n_qtiles = -(-L // tiles.qt)
     groups = n_qtiles * B * H_kv
-    key_tiles = -(-(S if all_keys else index.shape[-1]) // bk)
+    key_tiles = -(-(S if all_keys else index.shape[-1]) // tiles.bk)
     n_splits = 1
     if groups < MIN_GROUPS:
         min_tiles = MIN_SPLIT_TILES if L > 1 else MIN_SPLIT_TILES_DECODE
@@ -418,7 +446,7 @@ def _attention(
             n_kv=H_kv,
             n_blocks=count.shape[1],
             n_slots_max=index.shape[-1],
-            qt=qt,
+            qt=tiles.qt,
             n_splits=n_splits,
             n_batch=B,
         )
@@ -427,7 +455,7 @@ def _attention(
         [(1,), (n_splits, B, H, L, D), (n_splits, B, H, L)] if split else [(B, H, L, D), (1,), (1,)]
     )
     be = backend()
-    kv_names, kv, kv_template = _kv_inputs(kernel, k, v)
+    kv_names, kv = _kv_inputs(kernel, k, v)
     launch = be.kernel(
         "sparse_attention",
         ["queries", *kv_names, "kv_index", "kv_count", "iparams", "fparams"],
@@ -438,19 +466,11 @@ def _attention(
     )
     out, part, lse = launch(
         inputs=[q, *kv, index, count, iparams, fparams],
-        template=[
-            ("T", q.dtype),
-            ("D", D),
-            ("BK", bk),
-            ("WARPS", warps),
-            ("WROWS", wrows),
-            ("ALL_KEYS", all_keys),
-            ("SPLIT", split),
-            ("STAGES", tiles.stages),
-            *kv_template,
-        ],
-        grid=(n_qtiles * warps * 32, B * H_kv, n_splits),
-        threadgroup=(warps * 32, 1, 1),
+        template=sparse_template(
+            q.dtype, D, tiles, all_keys=all_keys, split=split, quant=kernel.quant
+        ),
+        grid=(n_qtiles * tiles.warps * 32, B * H_kv, n_splits),
+        threadgroup=(tiles.warps * 32, 1, 1),
         output_shapes=shapes,
         output_dtypes=[q.dtype, mx.float32, mx.float32],
     )

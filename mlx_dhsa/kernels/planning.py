@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from .. import selection
 from ..cache import ChunkTable, ClosedChunks, ClosedSummaries
+from ..chunking import open_slots
 from ..config import DHSAConfig
 from ..plan import Plan
 from . import checks
@@ -36,13 +37,23 @@ class PlanLaunch(Enum):
 
 
 def plan_launch(
-    dtype, keys_dtype, D: int, L: int, config: DHSAConfig, *, use_kernel: bool = True
+    dtype,
+    keys_dtype,
+    D: int,
+    L: int,
+    config: DHSAConfig,
+    *,
+    use_kernel: bool = True,
+    quantized: tuple[int, int] | None = None,
 ) -> PlanLaunch | None:
     """How queries (B, H, L, D) of ``dtype`` over keys of ``keys_dtype`` plan on the kernels,
     or None for the pure-MLX planner (no backend active, inputs the kernels do not take, or
-    a kernel that failed its self-check in this process)."""
+    a kernel that failed its self-check in this process). ``quantized``: the cache's keys are
+    quantized, ``(bits, group_size)``; the kernels then do not plan (they read model-dtype
+    keys from position 0; such a cache's chunk table holds them from its first unchunked
+    key on, ``ChunkTable.keys_start``)."""
     be = backend()
-    if not be.active(use_kernel):
+    if not be.active(use_kernel) or quantized is not None:
         return None
     if not (
         dtype in DTYPES and dtype == keys_dtype and D % 32 == 0 and D <= 256 and L > 0
@@ -52,15 +63,19 @@ def plan_launch(
     if be.self_check:
         names = ("plan",) if launch is PlanLaunch.FUSED else ("block_scores", "select_keys")
         check = lambda: _self_check(launch, dtype, D, config)
-        if not checks.verified(be, ("plan", launch, dtype, D), names, check):
+        key = ("plan", launch, dtype, D) + (("open_pieces",) if config.open_pieces else ())
+        if not checks.verified(be, key, names, check):
             return None
     return launch
 
 
 def _self_check(launch: PlanLaunch, dtype, D: int, config: DHSAConfig) -> str | None:
     """Plan tiny random queries over a few segments of keys with ``launch`` and with the
-    reference: None if they agree (up to near-ties in the scores), else how they differ."""
+    reference: None if they agree (up to near-ties in the scores), else how they differ.
+    With open pieces, half a segment more keys: pieces before the local window compete."""
     S = 2 * config.chunk_limit + config.budget + 37
+    if config.open_pieces:
+        S += config.chunk_limit // 2
     L = 1 if launch is PlanLaunch.FUSED else config.block_size + 5
     q = mx.random.normal((1, 2, L, D), key=mx.random.key(0)).astype(dtype)
     k = mx.random.normal((1, 1, S, D), key=mx.random.key(1)).astype(dtype)
@@ -80,14 +95,19 @@ def _self_check(launch: PlanLaunch, dtype, D: int, config: DHSAConfig) -> str | 
 @lru_cache(maxsize=64)
 def _config_ok(config: DHSAConfig) -> bool:
     """Whether the kernels plan with these settings: the paper's scoring with mean head scores,
-    the "window" local range, one open chunk, and at most MAX_INTERVALS key intervals a block."""
+    the "window" local range, and at most MAX_INTERVALS key intervals a block."""
     return (
         config.head_scores == "mean"
         and config.scoring == "paper"
         and config.local_mode == "window"
-        and not config.open_pieces
         and selection.max_chunks_taken(config) + 2 <= MAX_INTERVALS
     )
+
+
+def open_layout(config: DHSAConfig) -> tuple[int, int]:
+    """(chunk slots after the closed ones, keys per open piece) as the kernels take them:
+    ``(1, 0)`` for one open chunk, ``(open_slots, target_chunk)`` with ``open_pieces``."""
+    return (open_slots(config), config.target_chunk) if config.open_pieces else (1, 0)
 
 
 class _ScoreLaunch(NamedTuple):
@@ -96,21 +116,26 @@ class _ScoreLaunch(NamedTuple):
     inputs: list
     grid: tuple
     shapes: list  # of its outputs: scores (B, NB, N), open_sum (B, D)
+    pieces: bool  # the open chunk as pieces: open_sum is not written
 
 
 def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _ScoreLaunch:
     """block_scores.metal's inputs, grid and output shapes for these queries."""
     B, H, L, D = queries.shape
     keys, cap = table.keys, table.starts.shape[1]
-    NB, N = -(-L // config.block_size), table.n_closed + 1
+    n_open, piece = open_layout(config)
+    NB, N = -(-L // config.block_size), table.n_closed + n_open
     warps = SCORE_THREADS // 32
     # Enough groups to fill the GPU: split the chunks when there are few blocks (decode).
     tiles = max(1, min(-(-PLAN_GROUPS // (NB * B)), -(-N // warps)))
     per_group = -(-N // tiles)
     per_group = -(-per_group // warps) * warps  # whole warps
     tiles = -(-N // per_group)
-    # The open chunk: only keys past those already summed in the layer's running sum.
-    carried = None if state is None else state.carried_sum(table.open_start, table.n_keys, B)
+    # One open chunk: only keys past those already summed in the layer's running sum. Open
+    # pieces are summed whole, a warp each (fewer than a segment of keys in all).
+    carried = None
+    if state is not None and not piece:
+        carried = state.carried_sum(table.open_start, table.n_keys, B)
     summaries = table.summaries  # a contiguous buffer: also the placeholder of open_prev
     prev, prev_end = carried if carried is not None else (summaries, table.open_start)
     iparams = BlockScoreParams(
@@ -125,17 +150,20 @@ def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _Sco
         per_group=per_group,
         sqrt_norm=int(table.summary == "sqrt"),
         prev_end=prev_end,
+        n_open=n_open,
+        open_piece=piece,
     )
     return _ScoreLaunch(
         [queries, keys, summaries, prev, params(iparams)],
         (tiles * SCORE_THREADS, NB, B),
         [(B, NB, N), (B, D)],
+        piece > 0,
     )
 
 
-def _carry(state: KernelState | None, table: ChunkTable, open_sum: mx.array, L: int) -> None:
-    """Keep block_scores' open-chunk key sum for the layer's next call."""
-    if state is None:
+def _carry(state: KernelState | None, table: ChunkTable, launch: _ScoreLaunch, open_sum, L: int):
+    """Keep block_scores' open-chunk key sum for the layer's next call (one open chunk)."""
+    if state is None or launch.pieces:
         return
     state.carry(table.open_start, table.n_keys, open_sum)
     if L > 1:
@@ -150,7 +178,8 @@ _SCORE_INPUTS = ["queries", "keys", "summaries", "open_prev", "iparams"]
 def block_scores(
     queries, table: ChunkTable, config: DHSAConfig, state: KernelState | None = None
 ) -> mx.array:
-    """(B, NB, n_closed + 1) block x chunk scores, the open chunk last (block_scores.metal)."""
+    """(B, NB, n_closed + n_open) block x chunk scores, the open chunk (or its pieces) last
+    (block_scores.metal)."""
     launch = _score_launch(queries, table, config, state)
     kernel = backend().kernel(
         "block_scores",
@@ -166,7 +195,7 @@ def block_scores(
         output_shapes=launch.shapes,
         output_dtypes=[mx.float32, mx.float32],
     )
-    _carry(state, table, open_sum, queries.shape[2])
+    _carry(state, table, launch, open_sum, queries.shape[2])
     return scores
 
 
@@ -174,6 +203,7 @@ def select_params(
     table: ChunkTable, config: DHSAConfig, n_queries: int, q_offset: int, window: int | None
 ) -> mx.array:
     """select_keys.metal's iparams."""
+    n_open, piece = open_layout(config)
     return params(
         SelectParams(
             n_q=n_queries,
@@ -187,6 +217,8 @@ def select_params(
             open_start=table.open_start,
             n_k=table.n_keys,
             cap=table.starts.shape[1],
+            n_open=n_open,
+            open_piece=piece,
         )
     )
 
@@ -239,7 +271,7 @@ def _fused(
         output_shapes=[*launch.shapes, (B, NB, config.budget), (B, NB)],
         output_dtypes=[mx.float32, mx.float32, mx.int32, mx.int32],
     )
-    _carry(state, table, open_sum, queries.shape[2])
+    _carry(state, table, launch, open_sum, queries.shape[2])
     return indices, n_valid
 
 

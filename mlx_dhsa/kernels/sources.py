@@ -102,6 +102,8 @@ class BlockScoreParams(NamedTuple):
     per_group: int  # chunks per group
     sqrt_norm: int  # 1: sqrt(n) summaries (paper), 0: plain means
     prev_end: int  # keys [open_start, prev_end) are in open_prev
+    n_open: int  # chunk slots after the closed ones: 1, or the open pieces
+    open_piece: int  # keys per open piece (DHSAConfig.open_pieces); 0: one open chunk
 
 
 class SelectParams(NamedTuple):
@@ -118,6 +120,8 @@ class SelectParams(NamedTuple):
     open_start: int
     n_k: int
     cap: int
+    n_open: int  # as BlockScoreParams
+    open_piece: int
 
 
 LAYOUTS: dict[type, str] = {  # layout -> prefix of its offsets in the kernel source
