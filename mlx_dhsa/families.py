@@ -56,14 +56,16 @@ def patch_layers(layers: list, config: DHSAConfig, cls: type, is_global, window=
 
 def patch_gemma2(model: nn.Module, config: DHSAConfig) -> None:
     """DHSA on every Gemma2 layer, the even-index ones (sliding in HF Gemma2) with their
-    window: mlx-lm's Gemma2 attends to every key there, which DHSA bounds."""
+    window: mlx-lm's Gemma2 attends to every key there, which DHSA bounds. Indices count
+    from the model's first layer, also on a pipeline stage that holds later ones."""
     size = getattr(model.args, "sliding_window", None) or GEMMA2_SLIDING_WINDOW
+    start = getattr(getattr(model, "model", None), "start_idx", 0)  # a pipeline stage: > 0
     patch_layers(
         model.layers,
         config,
         DHSAAttention,
         lambda i, l: True,
-        window=lambda i: size if i % 2 == 0 else None,
+        window=lambda i: size if (start + i) % 2 == 0 else None,
     )
 
 

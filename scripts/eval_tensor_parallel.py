@@ -1,4 +1,4 @@
-"""What per-rank planning does to accuracy: DHSA on a tensor-parallel model vs one process.
+"""DHSA on a model split across ranks (tensor or pipeline parallel) vs one process: accuracy.
 
 Under tensor parallelism each rank plans from its own heads (design.md section 11), so its
 plans differ from the plans one process makes from all heads. Every rank loads the whole
@@ -11,6 +11,10 @@ docs/design.md and README.md (``--text`` for others).
     # 3 ranks on this machine (smollm2-135m: 9 query / 3 KV heads, so 3 ways), CPU
     mlx.launch -n 3 --backend ring python scripts/eval_tensor_parallel.py \\
         --model smollm2-135m --tokens 1024 --budgets 128,256 --block-size 32 --local 32
+    # pipeline parallelism instead (gemma-3-270m: 18 layers, 9 per rank): stages plan as one
+    # process does, except where each stage's first DHSA layer finds the shared boundaries
+    mlx.launch -n 2 --backend ring python scripts/eval_tensor_parallel.py --pipeline \
+        --model gemma-3-270m --tokens 1024 --budgets 128,256 --block-size 32 --local 32
     # alone: the attention-mass diagnostic, per-rank plans simulated on head subsets
     python scripts/eval_tensor_parallel.py --model smollm2-135m --tokens 1024 \\
         --budgets 128,256 --block-size 32 --local 32 --mass-ranks 3 --every 5
@@ -23,7 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_dhsa import DHSAConfig, load, patch, unpatch
-from mlx_dhsa.distributed import barrier, shard, world
+from mlx_dhsa.distributed import barrier, pipeline, shard, world
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [ROOT / "docs" / "design.md", ROOT / "README.md"]  # real English text, in the repo
@@ -98,6 +102,9 @@ def main() -> None:
         "this many ranks (simulated in one process), instead of the launched comparison",
     )
     p.add_argument("--every", type=int, default=5, help="--mass-ranks: every n-th layer")
+    p.add_argument(
+        "--pipeline", action="store_true", help="split by layers (pipeline), not by heads"
+    )
     args = p.parse_args()
     group = world()
     rank0 = group.rank() == 0
@@ -121,28 +128,33 @@ def main() -> None:
             refs[c.budget] = logits(patch(model, c), tokens)
             unpatch(model)
     barrier(group)
-    shard(model, group)
+    (pipeline if args.pipeline else shard)(model, group)
     mx.eval(model.parameters())
-    tp_dense = logits(model, tokens)
+    split_dense = logits(model, tokens)
+    tp = "pp" if args.pipeline else "tp"  # keys: pipeline or tensor parallel
     heads = model.layers[0].self_attn.n_heads, model.layers[0].self_attn.n_kv_heads
     for c in configs:
-        tp = logits(patch(model, c), tokens)
+        split = logits(patch(model, c), tokens)
         unpatch(model)
         if rank0:
             start = c.dense_limit  # queries past it are planned; before it all is dense
             row = {
                 "model": args.model,
                 "ranks": group.size(),
+                "split": "pipeline" if args.pipeline else "tensor",
                 "heads_per_rank": heads,
+                "layers_per_rank": len(model.layers),
                 "tokens": len(tokens),
                 "budget": c.budget,
                 "block_size": c.block_size,
                 "dense": metrics(refs["dense"], refs["dense"], tokens, start),
-                "tp_dense_max_abs_diff": mx.abs(tp_dense - refs["dense"]).max().item(),
+                f"{tp}_dense_max_abs_diff": mx.abs(split_dense - refs["dense"]).max().item(),
                 "one_process_dhsa": metrics(refs["dense"], refs[c.budget], tokens, start),
-                "tensor_parallel_dhsa": metrics(refs["dense"], tp, tokens, start),
-                "tp_vs_one_process_top1": round(
-                    (tp.argmax(-1) == refs[c.budget].argmax(-1))[start:]
+                f"{'pipeline' if args.pipeline else 'tensor'}_parallel_dhsa": metrics(
+                    refs["dense"], split, tokens, start
+                ),
+                f"{tp}_vs_one_process_top1": round(
+                    (split.argmax(-1) == refs[c.budget].argmax(-1))[start:]
                     .astype(mx.float32)
                     .mean()
                     .item(),

@@ -8,10 +8,16 @@ to ``OUT/rank<r>.json`` for the test to check:
 - ``dhsa_full``: sharded DHSA at budget >= S (sparse path forced) vs one-process DHSA;
 - ``patch_order``: patched then sharded vs sharded then patched (max abs difference);
 - ``sparse``: greedy tokens of a sparse DHSA run (prompt past the dense limit, sparse decode),
-  whether its logits stayed finite, and the paths its layers took.
+  whether its logits stayed finite, and the paths its layers took; ``unshared``: the same run
+  with ``share_boundaries=False``, and the one-process tokens of both.
 
-Models: ``llama`` and ``gemma2`` split by tensor parallelism, ``qwen2-pipeline`` by mlx-lm's
-pipeline parallelism (2 of its 4 layers per rank).
+- ``caches``: the prompt cache's classes, one per layer this rank holds, and ``windows``:
+  each DHSA layer's sliding window (None: global).
+
+Models: ``llama`` and ``gemma2`` split by tensor parallelism; ``qwen2-pipeline`` by mlx-lm's
+pipeline parallelism (2 of its 4 layers per rank), ``gemma2-pipeline`` and
+``gemma3-pipeline`` by the project's (3 of 6 layers per rank: rank 0 holds layers 3-5, whose
+sliding / global kinds are not those of layers 0-2).
 
 Usage: mlx.launch -n 2 --backend ring python tests/distributed_worker.py llama OUT
 """
@@ -24,10 +30,10 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import clone, small_config, tiny_gemma2, tiny_llama  # noqa: E402
+from conftest import clone, small_config, tiny_gemma2, tiny_gemma3, tiny_llama  # noqa: E402
 
 from mlx_dhsa import make_prompt_cache, patch, unpatch  # noqa: E402
-from mlx_dhsa.distributed import shard, world  # noqa: E402
+from mlx_dhsa.distributed import pipeline, shard, world  # noqa: E402
 from mlx_dhsa.patching import dhsa_layers  # noqa: E402
 
 
@@ -44,9 +50,11 @@ def tiny_qwen2():
     return model
 
 
-def pipelined(model, group):
-    """mlx-lm's pipeline parallelism: this rank keeps a contiguous range of layers."""
-    model.model.pipeline(group)
+def pipeline_gemma2():
+    """Random gemma2, 6 layers, with a sliding window (64) that a 160-token prompt passes:
+    DHSA keeps it on the even layers, so a stage must number its layers from the model's."""
+    model = tiny_gemma2(n_layers=6)
+    model.args.sliding_window = 64
     return model
 
 
@@ -54,12 +62,15 @@ def pipelined(model, group):
 MODELS = {
     "llama": (tiny_llama, shard),
     "gemma2": (tiny_gemma2, shard),
-    "qwen2-pipeline": (tiny_qwen2, pipelined),
+    "qwen2-pipeline": (tiny_qwen2, pipeline),
+    "gemma2-pipeline": (pipeline_gemma2, pipeline),
+    "gemma3-pipeline": (lambda: tiny_gemma3(n_layers=6), pipeline),
 }
 PROMPT = 160  # past small_config's dense limit (2 x 48 keys)
 NEW_TOKENS = 6
 FULL = small_config(budget=512, dense_below=0)  # every key kept, on the sparse path
 SPARSE = small_config()
+UNSHARED = small_config(share_boundaries=False)  # every layer finds its own chunk boundaries
 
 
 def logits(model, tokens):
@@ -95,6 +106,7 @@ def main(name: str, out: Path) -> None:
         one = patch(clone(model), FULL)
         dhsa_ref = logits(one, tokens)
         ref_tokens, _ = greedy(patch(unpatch(one), SPARSE), tokens, NEW_TOKENS)
+        ref_unshared, _ = greedy(patch(unpatch(one), UNSHARED), tokens, NEW_TOKENS)
 
         after = split(clone(model), group)
         dense = logits(after, tokens)
@@ -104,7 +116,10 @@ def main(name: str, out: Path) -> None:
         dhsa_before = logits(before, tokens)
         sparse_tokens, finite = greedy(patch(unpatch(after), SPARSE), tokens, NEW_TOKENS)
         sparse_paths = sorted({a.last_path for a in dhsa_layers(after)})
+        unshared_tokens, _ = greedy(patch(unpatch(after), UNSHARED), tokens, NEW_TOKENS)
         heads = [after.layers[0].self_attn.n_heads, after.layers[0].self_attn.n_kv_heads]
+        caches = [type(c).__name__ for c in make_prompt_cache(after)]
+        windows = [a.window for a in dhsa_layers(after)]
 
     result = dict(
         rank=group.rank(),
@@ -119,7 +134,11 @@ def main(name: str, out: Path) -> None:
         sparse_tokens=sparse_tokens,
         one_process_sparse_tokens=ref_tokens,
         sparse_finite=finite,
+        unshared_tokens=unshared_tokens,
+        one_process_unshared_tokens=ref_unshared,
         sparse_paths=sparse_paths,
+        caches=caches,
+        windows=windows,
     )
     (out / f"rank{group.rank()}.json").write_text(json.dumps(result))
 

@@ -35,6 +35,7 @@ from .options import (
     Methods,
     Model,
     NiahContexts,
+    Pipeline,
     Plot,
     PlotDir,
     ProfileContexts,
@@ -103,12 +104,13 @@ def chat(
     max_context: MaxContext = None,
     doc_cache: DocCacheOn = True,
     doc_cache_gb: DocCacheGB = DEFAULT_MAX_GB,
+    pipeline: Pipeline = False,
     config: DHSAConfig = None,
 ):
     """Chat about long documents: prefill once, then ask questions (/reset, /stats, /quit)."""
     from mlx_lm.sample_utils import make_sampler
 
-    dist.start()  # under mlx.launch: rank 0 reads and prints, the other ranks follow
+    dist.start(pipeline)  # under mlx.launch: rank 0 reads and prints, the other ranks follow
     if STDIN in (doc or []) and not question and dist.leader():
         _check_tty()  # before the document is read and prefilled
     try:
@@ -287,13 +289,14 @@ def profile(
     weight_bits: WeightBits = None,
     json_out: JsonOut = None,
     plot: Plot = None,
+    pipeline: Pipeline = False,
     config: DHSAConfig = None,
 ):
     """Prefill latency, decode tokens/s and peak memory over context lengths, per method.
     Defaults fit the device: a GPU grid on a GPU, a CPU-sized one on a CPU."""
     import mlx.core as mx
 
-    dist.start()
+    dist.start(pipeline)
     sizes = run_sizes()
     budget_given = sizes.budget is None or "budget" in _typed(ctx)
     config, chosen, sizes_run = _grid_setup(

@@ -1,7 +1,8 @@
 """``mlx-dhsa chat / serve / profile`` started by ``mlx.launch`` on several Macs.
 
 Every rank runs the same command on its share of the model (tensor parallelism,
-:func:`mlx_dhsa.distributed.shard`); rank 0 talks to the user and the others follow: they
+:func:`mlx_dhsa.distributed.shard`, or with ``--pipeline`` pipeline parallelism,
+:func:`mlx_dhsa.distributed.pipeline`); rank 0 talks to the user and the others follow: they
 print nothing, and what rank 0 reads (documents, questions, the sampling seed) reaches them
 through ``mx.distributed`` so that every rank runs the same forward passes. ``serve`` uses
 mlx-lm's own request sharing (rank 0 answers HTTP). Run alone, every function here is a
@@ -29,10 +30,15 @@ def leader() -> bool:
     return world().rank() == 0
 
 
-def start() -> None:
+SPLIT = {"pipeline": False}  # how this command's ranks split a model: set by start()
+
+
+def start(pipeline: bool = False) -> None:
     """Call first in a command: followers print nothing (errors still go to stderr), and
     every rank seeds its sampler with rank 0's seed, so temperature sampling draws the same
-    tokens from the same (all-reduced) logits."""
+    tokens from the same (all-reduced or gathered) logits. ``pipeline``: the ranks split
+    models by layers, not by heads."""
+    SPLIT["pipeline"] = pipeline
     if not launched():
         return
     if not leader():
@@ -75,7 +81,7 @@ def follow(source: Iterable[str]) -> Iterator[str]:
 def load(model: str, config: DHSAConfig, *, patch: bool):
     """:func:`mlx_dhsa.load`, or on launched ranks :func:`mlx_dhsa.distributed.sharded_load`."""
     if launched():
-        return sharded_load(model, config, patch=patch)
+        return sharded_load(model, config, patch=patch, pipeline=SPLIT["pipeline"])
     from ..loading import load as load_one
 
     return load_one(model, config, patch=patch)
@@ -85,13 +91,16 @@ def shard_random(model):
     """A random-weight model (``profile --shape``) split across the ranks: every rank drew
     the same weights (``start`` shared the seed)."""
     if launched():
-        from ..distributed import shard
+        from ..distributed import pipeline, shard
 
-        shard(model)
+        (pipeline if SPLIT["pipeline"] else shard)(model)
         mx.eval(model.parameters())
     return model
 
 
 def describe() -> str | None:
     """``"rank 0 of 2"``-style note for the banner, or None when run alone."""
-    return f"tensor parallel over {world().size()} ranks (this is rank 0)" if launched() else None
+    if not launched():
+        return None
+    how = "pipeline" if SPLIT["pipeline"] else "tensor"
+    return f"{how} parallel over {world().size()} ranks (this is rank 0)"

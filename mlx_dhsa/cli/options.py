@@ -216,6 +216,9 @@ DocCacheOn = Annotated[
 ]
 DocCacheGB = Annotated[float, typer.Option(min=0.0, help="Cap on the on-disk prefill cache, GB.")]
 Timing = Annotated[bool, typer.Option(help="Time dense vs DHSA prefill.")]
+Pipeline = Annotated[
+    bool, typer.Option(help="Under mlx.launch: split by layers (pipeline), not by heads.")
+]
 # serve
 Host = Annotated[str, typer.Option(help="Address to bind; other machines need 0.0.0.0.")]
 Port = Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")]

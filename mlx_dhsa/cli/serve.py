@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from .options import (
     LogLevel,
     MaxTokens,
     Model,
+    Pipeline,
     Port,
     Temp,
     dhsa_options,
@@ -239,8 +241,28 @@ class _Tap:
         self.queue.put(item)
 
 
+STOP = "mlx-dhsa serve: stop"  # shared by rank 0 in place of a request: the followers stop
+
+
 class DHSAResponseGenerator(ResponseGenerator):
-    """mlx-lm's generator, one request at a time, with the context check and path records."""
+    """mlx-lm's generator, one request at a time, with the context check and path records.
+
+    Under ``mlx.launch`` rank 0 also ends the followers' loops when it stops: mlx-lm stops
+    only its own, and the followers would wait for the next request forever."""
+
+    def stop_and_join(self):
+        if self._is_distributed and self._rank == 0 and self.generation_available():
+            self.requests.put((None, STOP, None))  # shared with the followers, then stops
+            self._generation_thread.join()
+        else:
+            super().stop_and_join()
+
+    def _next_request(self, timeout=None):
+        request = super()._next_request(timeout)
+        if request is not None and isinstance(request[1], str) and request[1] == STOP:
+            self._stop = True
+            return None
+        return request
 
     def _run_generate(self):
         try:
@@ -456,6 +478,21 @@ def start(
     return Server(httpd, generator, provider, thread)
 
 
+def follow(model: str, config: DHSAConfig, *, dense: bool, **cli_overrides) -> None:
+    """A follower rank of ``serve`` under ``mlx.launch``: runs every request rank 0 shares,
+    until rank 0 stops. Ctrl-C reaches every rank on a terminal; it is rank 0's to act on.
+
+    Raises:
+        typer.Exit: the generation loop failed (e.g. rank 0 went away without stopping).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    provider = DHSAModelProvider(server_args(model, **cli_overrides), config, patch=not dense)
+    generator = DHSAResponseGenerator(provider, DiskPromptCache(provider, None, 0))
+    generator.join()
+    if generator._generation_failed:
+        ui.fail("serve: this rank lost rank 0 before it stopped (see the log above)")
+
+
 DEFAULT_MODEL = "gemma-3-270m"
 
 
@@ -471,18 +508,17 @@ def serve(
     doc_cache_gb: DocCacheGB = DEFAULT_MAX_GB,
     allowed_origin: AllowedOrigin = None,
     log_level: LogLevel = "INFO",
+    pipeline: Pipeline = False,
     config: DHSAConfig = None,
 ):
     """OpenAI-compatible server (mlx-lm's) for a DHSA model: /v1/chat/completions, /v1/completions,
     /v1/models; long prompts stay prefilled on disk."""
     level = log_level if dist.leader() else "WARNING"  # followers: only what went wrong
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
-    dist.start()  # under mlx.launch rank 0 answers HTTP; mlx-lm shares each request
+    dist.start(pipeline)  # under mlx.launch rank 0 answers HTTP; mlx-lm shares each request
     store = DocCache(max_gb=doc_cache_gb) if doc_cache and not dist.launched() else None
     if not dist.leader():
-        args = server_args(model, max_tokens=max_tokens, temp=temp)
-        provider = DHSAModelProvider(args, config, patch=not dense)
-        DHSAResponseGenerator(provider, DiskPromptCache(provider, None, 0)).join()
+        follow(model, config, max_tokens=max_tokens, temp=temp, dense=dense, pipeline=pipeline)
         return
     try:
         with ui.status(f"Loading {model}"):
@@ -496,6 +532,7 @@ def serve(
                 max_tokens=max_tokens,
                 temp=temp,
                 allowed_origins=allowed_origin or [],
+                pipeline=pipeline,
             )
     except KeyboardInterrupt:
         ui.note("stopped")
@@ -507,6 +544,8 @@ def serve(
     try:  # from here on, Ctrl-C (even during the banner) stops the server
         attention = "dense" if dense else f"DHSA {config.method}"
         ui.line(f"mlx-dhsa serve: {model} ({attention}) at {server.url}")
+        if dist.launched():
+            ui.note(dist.describe())
         ui.note(
             f"Try: curl {server.url}/chat/completions -H 'Content-Type: application/json' "
             """-d '{"messages": [{"role": "user", "content": "Hello"}]}'"""
