@@ -217,6 +217,9 @@ class DHSACache(KVCache):
     # keys, which re-allocates and copies the whole cache on every prefill step; the spare
     # capacity costs memory too (docs/benchmarks.md, memory).
     growth = 1.125
+    # What to_quantized makes: QuantizedDHSACache, which quantized_cache.py (a layer above,
+    # always imported with the package) sets here.
+    quantized_type: type | None = None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """KVCache's update, with geometric growth of the buffers."""
@@ -251,9 +254,7 @@ class DHSACache(KVCache):
     def to_quantized(self, group_size: int = 64, bits: int = 4):
         """This cache quantized as mlx-lm's ``generate(..., kv_bits=)`` asks: a
         :class:`~mlx_dhsa.quantized_cache.QuantizedDHSACache` with the chunk state carried."""
-        from .quantized_cache import QuantizedDHSACache
-
-        return QuantizedDHSACache.from_cache(self, group_size=group_size, bits=bits)
+        return self.quantized_type.from_cache(self, group_size=group_size, bits=bits)
 
     def trim(self, n: int) -> int:
         n = super().trim(n)

@@ -157,6 +157,9 @@ class QuantizedDHSACache(QuantizedKVCache):
         return 0 if self._fp is None else self._fp.nbytes
 
 
+DHSACache.quantized_type = QuantizedDHSACache
+
+
 class WindowKVCache(RotatingKVCache):
     """mlx-lm's RotatingKVCache that stays in the model's dtype under ``kv_bits``.
 
