@@ -77,3 +77,17 @@ def test_run_sizes_and_estimates():
     )
     assert long_run_warning(1.0, "x") is None
     assert long_run_warning(1e18, "This run").startswith("This run is estimated at about")
+
+
+def test_long_cpu_runs_on_linux_name_openblas(monkeypatch):
+    from mlx_dhsa.cli import estimate
+
+    monkeypatch.setattr(estimate.sys, "platform", "linux")
+    monkeypatch.setenv("LD_PRELOAD", "")
+    warning = estimate.long_run_warning(1e18, "This run")
+    assert "LD_PRELOAD=" in warning and "openblas-pthread/libblas.so.3" in warning
+    monkeypatch.setenv("LD_PRELOAD", estimate.OPENBLAS)
+    assert "LD_PRELOAD" not in estimate.long_run_warning(1e18, "This run")
+    monkeypatch.setattr(estimate.sys, "platform", "darwin")
+    monkeypatch.setenv("LD_PRELOAD", "")
+    assert estimate.blas_tip() is None

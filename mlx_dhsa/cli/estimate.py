@@ -7,9 +7,13 @@ is divided by :func:`mlx_dhsa.device.device_rate`. Decode on a GPU is bound by l
 FLOPs, so GPU estimates are low there; they only decide whether to warn.
 """
 
+import os
+import platform
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from ..device import device_rate
@@ -97,12 +101,32 @@ def duration(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
+# Debian/Ubuntu's libopenblas0-pthread: MLX's Linux CPU build uses a reference BLAS, and
+# preloading OpenBLAS made its fp32 matmuls about 20x faster here (README, install).
+OPENBLAS = f"/usr/lib/{platform.machine()}-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def blas_tip() -> str | None:
+    """How to make CPU runs faster on Linux, or None where it does not apply."""
+    if sys.platform != "linux" or mx.default_device() != mx.cpu:
+        return None
+    if "openblas" in os.environ.get("LD_PRELOAD", ""):
+        return None
+    if os.path.exists(OPENBLAS):
+        return f"LD_PRELOAD={OPENBLAS} before the command makes CPU runs much faster"
+    return (
+        "`apt install libopenblas0-pthread`, then LD_PRELOAD=" + OPENBLAS + " before the "
+        "command makes CPU runs much faster"
+    )
+
+
 def long_run_warning(flops: float, what: str) -> str | None:
     """A line saying ``what`` will take long, or ``None`` when it is estimated under LONG_S."""
     s = seconds(flops)
     if s <= LONG_S:
         return None
+    tip = blas_tip()
     return (
         f"{what} is estimated at about {duration(s)} here ({flops:.2g} FLOPs at "
-        f"{device_rate().basis}); Ctrl-C stops it."
+        f"{device_rate().basis}); Ctrl-C stops it." + (f" On Linux: {tip}." if tip else "")
     )
