@@ -402,6 +402,32 @@ def test_plans_over_a_quantized_cache(metal, monkeypatch, fused, open_pieces):
     assert ("plan" in _launched(metal)) == fused  # (prefill steps take two launches)
 
 
+def test_patched_model_over_a_quantized_cache(metal):
+    """A patched model with a 4-bit KV cache (kv_bits) on the emulated kernels: sparse
+    prefill steps and decode plan on the planning kernels (two launches, as on a Mac) and
+    give the greedy tokens of the pure-MLX path (use_kernel=False)."""
+    from conftest import tiny_gemma2
+    from mlx_lm.generate import generate_step
+
+    import mlx_dhsa
+    from mlx_dhsa.patching import dhsa_layers
+
+    model = tiny_gemma2(n_layers=2)
+    prompt = mx.random.randint(0, 1024, (200,))
+    tokens = {}
+    for use_kernel in (True, False):
+        mlx_dhsa.unpatch(model)
+        mlx_dhsa.patch(model, small_config(use_kernel=use_kernel, kv_bits=4, kv_group_size=32))
+        gen = generate_step(prompt, model, max_tokens=8, prefill_step_size=64,
+                            prompt_cache=mlx_dhsa.make_prompt_cache(model))  # fmt: skip
+        tokens[use_kernel] = [int(t) for t, _ in gen]
+        routes = [a.last_route for a in dhsa_layers(model)]
+        assert {r.plan for r in routes} == {kernels.PlanLaunch.TWO if use_kernel else None}
+    assert tokens[True] == tokens[False]
+    launched = _launched(metal)
+    assert "block_scores" in launched and "select_keys" in launched
+
+
 def test_plan_kernels_ties_in_key_order(metal):
     """Equal scores: chunks are taken in key order (test_kernels' tie case)."""
     k = mx.ones((1, 2, 300, 64))
