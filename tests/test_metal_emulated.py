@@ -349,6 +349,10 @@ def test_block_scores_read_keys_from_keys_start(metal, open_pieces):
     with pytest.raises(ValueError, match="queries' dtype"):
         # one key row short: the keys no longer run from keys_start to n_keys
         planning.block_scores(q, replace(table, keys=table.keys[:, :, 1:]), config)
+    late = table.open_start + 1  # the open chunk's first key missing
+    cut = replace(table, keys=table.keys[:, :, late - table.keys_start :], keys_start=late)
+    with pytest.raises(ValueError, match="at most the open start"):
+        planning.block_scores(q, cut, config)
 
 
 # Steps of a layer's cache: prefill steps, decode steps, segments closing (64 keys), a trim

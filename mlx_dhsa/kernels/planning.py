@@ -141,11 +141,16 @@ def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _Sco
     """block_scores.metal's inputs, grid and output shapes for these queries."""
     B, H, L, D = queries.shape
     keys, cap = table.keys, table.starts.shape[1]
-    if keys.dtype != queries.dtype or keys.shape[2] != table.n_keys - table.keys_start:
+    if (
+        keys.dtype != queries.dtype
+        or keys.shape[2] != table.n_keys - table.keys_start
+        or not 0 <= table.keys_start <= table.open_start
+    ):
         raise ValueError(
             f"the planning kernels take the table's keys in the queries' dtype "
-            f"({queries.dtype}) from position keys_start ({table.keys_start}) to "
-            f"{table.n_keys}; got {keys.dtype} keys, {keys.shape[2]} rows"
+            f"({queries.dtype}) from position keys_start ({table.keys_start}, at most the "
+            f"open start {table.open_start}) to {table.n_keys}; got {keys.dtype} keys, "
+            f"{keys.shape[2]} rows"
         )
     n_open, piece = open_layout(config)
     NB, N = -(-L // config.block_size), table.n_closed + n_open
