@@ -296,17 +296,18 @@ KEYS_START_CASES = [c for c in OPEN_PIECE_CASES if c[5] >= 2 * small_config().ch
 
 
 @pytest.mark.parametrize("back", [0, 5])
-@pytest.mark.parametrize("launch", ["two", "fused"])
 @pytest.mark.parametrize("open_pieces", [False, True])
-@pytest.mark.parametrize("dtype,B,H,H_kv,L,S,D,off,window,budget", KEYS_START_CASES)
+@pytest.mark.parametrize(
+    "launch,dtype,B,H,H_kv,L,S,D,off,window,budget",
+    [("two", *c) for c in KEYS_START_CASES]
+    + [("fused", *c) for c in KEYS_START_CASES if c[4] <= small_config().block_size],
+)
 def test_plan_kernels_read_keys_from_keys_start(
     metal, monkeypatch, back, launch, open_pieces, dtype, B, H, H_kv, L, S, D, off, window, budget
 ):
     """A table holding its keys from ``open_start - back`` on (as a QuantizedDHSACache's:
     model-dtype keys from the first unchunked one): the kernels' plan equals the pure-MLX
     planner's over that table and over the whole table, on two launches and fused."""
-    if launch == "fused" and L > small_config().block_size:
-        pytest.skip("the fused kernel plans one query block")
     monkeypatch.setattr(kernels.backend(), "fused_plan", launch == "fused")
     q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
     config = small_config(budget=budget, open_pieces=open_pieces)
