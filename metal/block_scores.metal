@@ -2,14 +2,18 @@
 // generated; ids_<backend>.h prepended; prelude_<backend>.h + common.h as header).
 // The first half of a DHSA plan over a chunk table (cache.ChunkTable); select_keys.metal is
 // the second.
-// inputs : queries [B, H, L, D] T, keys [B, H_kv, S, D] T: any strides, last dim contiguous
+// inputs : queries [B, H, L, D] T, keys [B, H_kv, S - keys_start, D] T: any strides, last dim
+//          contiguous
 //          summaries [B, cap, D] float32 (closed chunks in slots [0, n_closed))
 //          open_prev [B, D] float32: sum_h sum_i k_i over keys [open_start, prev_end) from
 //                  an earlier call (read only when prev_end > open_start)
 //          iparams int32: kernels.sources.BlockScoreParams (read as iparams[BS_<FIELD>]):
 //                  L, H, H_kv, block_size, n_closed, open_start, S, cap, chunks per group,
 //                  1 for sqrt(n) summaries (paper) / 0 for plain means, prev_end,
-//                  n_open (open slots), open_piece (keys per open piece, 0: one open chunk)
+//                  n_open (open slots), open_piece (keys per open piece, 0: one open chunk),
+//                  keys_start: key position p is row p - keys_start of `keys` (0, or at
+//                  most open_start: a quantized cache's table holds model-dtype keys from
+//                  its first unchunked one on); only keys from open_start on are read
 // outputs: scores [B, NB, n_closed + n_open] float32: S_bc = q_b . k_c with q_b the mean of
 //          block b's queries over queries and heads, k_c the closed summaries and, in the
 //          slots from n_closed on, the open part [open_start, S) summarised here as
@@ -43,6 +47,7 @@ const bool sqrt_norm = iparams[BS_SQRT_NORM] != 0;
 const int prev_end = iparams[BS_PREV_END];
 const int n_open = iparams[BS_N_OPEN];
 const int open_piece = iparams[BS_OPEN_PIECE];
+const int keys_start = iparams[BS_KEYS_START];
 const int n_chunks = n_closed + n_open;
 const int n_blocks = (n_q + block_size - 1) / block_size;
 const int blk = dhsa_gy;
@@ -110,7 +115,8 @@ if (has_open) {
       const int r = r0 + u * NW;
       const bool ok = r < n_kv * n_new;
       const dhsa_long row =
-          ok ? b * k_st0 + (r / n_new) * k_st1 + (prev_end + r % n_new) * k_st2 : 0;
+          ok ? b * k_st0 + (r / n_new) * k_st1 + (prev_end - keys_start + r % n_new) * k_st2
+             : 0;
       DHSA_UNROLL
       for (int j = 0; j < DL; ++j) {
         x[u][j] = ok ? dhsa_to_float(keys[row + dhsa_lane + 32 * j]) : 0.0f;
@@ -166,6 +172,7 @@ for (int c = c_lo + dhsa_warp; c < c_hi; c += NW) {
     // Open piece c - n_closed: this warp sums its rows (head, key), UR loads in flight.
     const int st = open_start + (c - n_closed) * open_piece;
     const int np = dhsa_imax(dhsa_min(open_piece, n_k - st), 0);
+    const int st_row = st - keys_start;
     float ps[DL];
     DHSA_UNROLL
     for (int j = 0; j < DL; ++j) {
@@ -177,7 +184,7 @@ for (int c = c_lo + dhsa_warp; c < c_hi; c += NW) {
       for (int u = 0; u < UR; ++u) {
         const int r = r0 + u;
         const bool ok = r < n_kv * np;
-        const dhsa_long row = ok ? b * k_st0 + (r / np) * k_st1 + (st + r % np) * k_st2 : 0;
+        const dhsa_long row = ok ? b * k_st0 + (r / np) * k_st1 + (st_row + r % np) * k_st2 : 0;
         DHSA_UNROLL
         for (int j = 0; j < DL; ++j) {
           x[u][j] = ok ? dhsa_to_float(keys[row + dhsa_lane + 32 * j]) : 0.0f;

@@ -89,10 +89,12 @@ def route(
         base (bool): a decode step may run on the wrapped mlx-lm module. Default: ``False``.
         per_sequence_mask (bool): the mask differs across the batch (padded batches).
         quantized (tuple, optional): ``(bits, group_size)`` of quantized keys and values
-            (mlx-lm's QuantizedKVCache). The kernels say what they take of them
-            (``kernels.accepts_quantized``; planning is pure MLX), else the reference runs
-            (dense: MLX's quantized matmuls); mlx-lm's module (``BASE``) runs them only
-            without a soft cap (mlx-lm's Gemma2 cannot attend over a quantized cache).
+            (mlx-lm's QuantizedKVCache). The attention kernels say what they take of them
+            (``kernels.accepts_quantized``), else the reference runs (dense: MLX's quantized
+            matmuls); the planning kernels read only the chunk table, whose open keys stay
+            in the model's dtype (``ChunkTable.keys_start``), so they plan as without;
+            mlx-lm's module (``BASE``) runs them only without a soft cap (mlx-lm's Gemma2
+            cannot attend over a quantized cache).
 
     Returns:
         Route: the decision; kernel launches are None where the reference runs.

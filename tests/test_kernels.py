@@ -472,6 +472,117 @@ def test_open_pieces_plans_over_cache_steps(fused):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("open_pieces", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("B,H,H_kv,L,S,D,off,window,budget", [c for c in PLAN_CASES if c[4] >= 128])
+def test_plan_kernels_read_keys_from_keys_start(
+    fused, open_pieces, dtype, B, H, H_kv, L, S, D, off, window, budget
+):
+    """A table holding its keys from 5 before its open chunk on (as a QuantizedDHSACache's):
+    the reference's plan over it (and over the whole table), on either launch."""
+    if fused and BACKEND != "cuda":
+        pytest.skip("the fused planning kernel runs on CUDA only")
+    q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
+    config = small_config(budget=budget, open_pieces=open_pieces)
+    whole = _table(k, config)
+    table = planning.keys_from(whole, -5)
+    assert table.keys_start > 0
+    ref = select_chunks(q, table, config, q_offset=off, window=window)
+    assert mx.array_equal(ref.indices, select_chunks(q, whole, config, q_offset=off,
+                                                     window=window).indices)  # fmt: skip
+    with kernels.use_backend(BACKEND, fused_plan=fused):
+        out = _on_gpu(kernels.select_chunks, q, table, config, q_offset=off, window=window)
+    assert mx.array_equal(out.n_valid, ref.n_valid)
+    assert mx.array_equal(out.indices, ref.indices)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("open_pieces", [False, True])
+@pytest.mark.parametrize("dtype,bits,group,D", [(mx.float32, 4, 64, 64), (mx.bfloat16, 8, 128, 128),
+                                                (mx.float16, 4, 32, 128)])  # fmt: skip
+def test_plans_over_a_quantized_cache(fused, open_pieces, dtype, bits, group, D):
+    """A DHSA layer's QuantizedDHSACache (chunk state from the model-dtype keys, kept for the
+    open segment only) planned on the kernels over prefill and decode steps, segments closing
+    and trims: plan_launch takes the calls, the table's keys start past 0, and every plan
+    equals the pure-MLX planner's over the same table (on the CPU); with one open chunk the
+    running open-chunk sum is carried between calls."""
+    from mlx_dhsa.quantized import QuantizedKV
+    from mlx_dhsa.quantized_cache import QuantizedDHSACache
+
+    if fused and BACKEND != "cuda":
+        pytest.skip("the fused planning kernel runs on CUDA only")
+    config = small_config(open_pieces=open_pieces)
+    attn = DHSAAttention(config, n_heads=8, n_kv_heads=2, head_dim=D, scale=SCALE, softcap=None)
+    cache = QuantizedDHSACache(group_size=group, bits=bits)
+    steps = [100, 27, 1, 1, 1, "trim 2", 1, 1, 40, 1, 1, "trim 70", 30] + [1] * 70 + [300, 1, 1]
+    offsets, carried = [], 0
+    with kernels.use_backend(BACKEND, fused_plan=fused):
+        for step in steps:
+            if isinstance(step, str):
+                cache.trim(int(step.split()[1]))
+                continue
+            k, v = (mx.random.normal((1, 2, step, D)).astype(dtype) for _ in range(2))
+            keys = QuantizedKV.of(cache.update_and_fetch(k, v)[0], bits, group)
+            S = keys.shape[2]
+            q = mx.random.normal((1, 8, step, D)).astype(dtype)
+            with mx.stream(mx.gpu):
+                launch = plan_launch(dtype, dtype, D, step, config, quantized=(bits, group))
+            assert launch is (PlanLaunch.FUSED if fused and step == 1 else PlanLaunch.TWO)
+            if cache.kernel_state is None:
+                cache.kernel_state = KernelState()
+            state = cache.kernel_state
+            table = attn.chunk_view(keys, cache)
+            mx.eval(table.starts, table.lengths, table.summaries, table.keys)
+            offsets.append(table.keys_start)
+            carried += state.carried_sum(table.open_start, table.n_keys, 1) is not None
+            out = _on_gpu(kernels.run_plan, launch, q, table, config, q_offset=S - step,
+                          state=state)  # fmt: skip
+            ref = select_chunks(q, table, config, q_offset=S - step)
+            assert mx.array_equal(out.n_valid, ref.n_valid)
+            assert mx.array_equal(out.indices, ref.indices)
+    assert max(offsets) >= 256
+    assert (carried >= 50) != open_pieces
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_patched_model_plans_on_kernels_over_a_quantized_cache(bits):
+    """End to end on the GPU with a quantized KV cache (kv_bits): sparse prefill and decode
+    plan on the planning kernels (Route.plan) and give the greedy tokens of the pure-MLX
+    path (use_kernel=False)."""
+    from conftest import tiny_gemma2
+    from mlx_lm.generate import generate_step
+
+    import mlx_dhsa
+    from mlx_dhsa.quantized_cache import QuantizedDHSACache
+
+    model = tiny_gemma2()
+    prompt = mx.random.randint(0, 1024, (300,))
+    tokens = {}
+    for use_kernel in (True, False):
+        mlx_dhsa.unpatch(model)
+        config = small_config(use_kernel=use_kernel, kv_bits=bits, kv_group_size=32)
+        mlx_dhsa.patch(model, config)
+        cache = mlx_dhsa.make_prompt_cache(model)
+        assert all(isinstance(c, QuantizedDHSACache) for c in cache)
+        with mx.stream(mx.gpu):
+            gen = generate_step(prompt, model, max_tokens=24, prefill_step_size=64,
+                                prompt_cache=cache)  # fmt: skip
+            tokens[use_kernel] = [int(t) for t, _ in gen]
+        routes = [a.last_route for a in mlx_dhsa.patching.dhsa_layers(model)]
+        assert {r.plan is not None for r in routes} == {use_kernel}
+        assert {r.path for r in routes} == {
+            Path.SPARSE_KERNEL if use_kernel else Path.SPARSE_REFERENCE
+        }
+    assert tokens[True] == tokens[False]
+
+
+@gpu
+@pytest.mark.gpu
 def test_fused_plans_share_one_ticket_buffer():
     """The fused planning kernel leaves its counters zeroed: a decode-like chain of launches
     (each query depending on the last plan) shares one buffer, within a graph and across

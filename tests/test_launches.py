@@ -158,6 +158,9 @@ SECTIONS = {
     "gemma2_dense_decode": _model_calls("gemma2", 300, 3, decode_dense_below=1000),
     "llama_dense_decode": _model_calls("llama", 300, 2, decode_dense_below=1000),
     "gemma2_block_sparse": _model_calls("gemma2", 300, 2, method="block_sparse"),
+    # 4-bit KV (QuantizedDHSACache): planned on the kernels over the table's model-dtype keys
+    # from keys_start on.
+    "gemma2_quantized_kv": _model_calls("gemma2", 300, 3, kv_bits=4, kv_group_size=32),
 }
 
 

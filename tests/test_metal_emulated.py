@@ -5,6 +5,8 @@ would compile and runs it on an executable Metal shim (tests/shims/metal_emu.h).
 are held to the GPU tests' tolerances (tests/test_kernels.py). Skipped only without a host
 C++ compiler."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -285,6 +287,150 @@ def test_open_pieces_over_decode_steps(metal, monkeypatch, fused):
         assert mx.array_equal(out.indices, ref.indices)
         assert state.open_total is None
     assert ("plan" in _launched(metal)) == fused  # (prefill steps take two launches)
+
+
+# ---- planning over a quantized cache's table (keys from ChunkTable.keys_start on) ---------
+
+# PLAN_CASES with at least one closed segment, and decode steps (fused cases among them).
+KEYS_START_CASES = [c for c in OPEN_PIECE_CASES if c[5] >= 2 * small_config().chunk_limit]
+
+
+@pytest.mark.parametrize("back", [0, 5])
+@pytest.mark.parametrize("open_pieces", [False, True])
+@pytest.mark.parametrize(
+    "launch,dtype,B,H,H_kv,L,S,D,off,window,budget",
+    [("two", *c) for c in KEYS_START_CASES]
+    + [("fused", *c) for c in KEYS_START_CASES if c[4] <= small_config().block_size],
+)
+def test_plan_kernels_read_keys_from_keys_start(
+    metal, monkeypatch, back, launch, open_pieces, dtype, B, H, H_kv, L, S, D, off, window, budget
+):
+    """A table holding its keys from ``open_start - back`` on (as a QuantizedDHSACache's:
+    model-dtype keys from the first unchunked one): the kernels' plan equals the pure-MLX
+    planner's over that table and over the whole table, on two launches and fused."""
+    monkeypatch.setattr(kernels.backend(), "fused_plan", launch == "fused")
+    q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
+    config = small_config(budget=budget, open_pieces=open_pieces)
+    whole = _table(k, config)
+    table = planning.keys_from(whole, whole.open_start - back)
+    assert table.keys_start > 0 and table.keys.shape[2] == S - table.keys_start
+    ref = select_chunks(q, table, config, q_offset=off, window=window)
+    full = select_chunks(q, whole, config, q_offset=off, window=window)
+    out = kernels.select_chunks(q, table, config, q_offset=off, window=window)
+    assert mx.array_equal(ref.indices, full.indices)
+    assert mx.array_equal(out.n_valid, ref.n_valid)
+    assert mx.array_equal(out.indices, ref.indices)
+    assert _launched(metal) == (["plan"] if launch == "fused" else ["block_scores", "select_keys"])
+
+
+@pytest.mark.parametrize("open_pieces", [False, True])
+def test_block_scores_read_keys_from_keys_start(metal, open_pieces):
+    """block_scores over a table holding keys from a few before its open chunk on: the
+    scores (closed summaries, then the open chunk or its pieces) within 1e-4 of the
+    reference's over the whole table; a table that does not hold the open keys (or holds
+    them in another dtype) is one clear error."""
+    config = small_config(open_pieces=open_pieces)
+    q, k, _ = make_qkv(B=2, H=4, H_kv=2, L=37, S=333, D=64)
+    whole = _table(k, config)
+    table = planning.keys_from(whole, -7)
+    assert table.keys_start == whole.open_start - 7
+    out = planning.block_scores(q, table, config)
+    qb = block_queries(q, config.block_size)
+    if open_pieces:
+        summaries = mx.concatenate(
+            [whole.summaries[:, : whole.n_closed], whole.open_pieces(config.target_chunk, 8)], 1
+        )
+    else:
+        _, summaries = whole.materialize()
+    _close(out, chunk_scores(qb, summaries))
+    with pytest.raises(ValueError, match="keys_start must lie in"):
+        planning.keys_from(whole, whole.open_start + 1)
+    with pytest.raises(ValueError, match="queries' dtype"):
+        planning.block_scores(q.astype(BF16), table, config)
+    with pytest.raises(ValueError, match="queries' dtype"):
+        # one key row short: the keys no longer run from keys_start to n_keys
+        planning.block_scores(q, replace(table, keys=table.keys[:, :, 1:]), config)
+    late = table.open_start + 1  # the open chunk's first key missing
+    cut = replace(table, keys=table.keys[:, :, late - table.keys_start :], keys_start=late)
+    with pytest.raises(ValueError, match="at most the open start"):
+        planning.block_scores(q, cut, config)
+
+
+# Steps of a layer's cache: prefill steps, decode steps, segments closing (64 keys), a trim
+# inside the open segment and one into a closed segment.
+CACHE_STEPS = [100, 27, 1, 1, 1, "trim 2", 1, 1, 40, 1, 1, "trim 70", 30, 1, 1]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("open_pieces", [False, True])
+def test_plans_over_a_quantized_cache(metal, monkeypatch, fused, open_pieces):
+    """A DHSA layer's QuantizedDHSACache (4-bit keys and values; chunk state from the
+    model-dtype keys, which it keeps for the open segment only) planned on the kernels over
+    prefill and decode steps, segments closing and trims: the table holds keys from
+    ``keys_start`` > 0 on, the planning kernels take the call (``plan_launch`` with
+    ``quantized``), and every plan equals the pure-MLX planner's over the same table; with
+    one open chunk the layer's running open-chunk sum is carried between calls."""
+    from mlx_dhsa.quantized_cache import QuantizedDHSACache
+
+    monkeypatch.setattr(kernels.backend(), "fused_plan", fused)
+    config = small_config(open_pieces=open_pieces)
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
+    cache = QuantizedDHSACache(group_size=64, bits=4)
+    offsets, carried = [], 0
+    for step in CACHE_STEPS:
+        if isinstance(step, str):
+            cache.trim(int(step.split()[1]))
+            continue
+        k, v = mx.random.normal((1, 2, step, 64)), mx.random.normal((1, 2, step, 64))
+        keys = QuantizedKV.of(cache.update_and_fetch(k, v)[0], 4, 64)
+        S = keys.shape[2]
+        q = mx.random.normal((1, 4, step, 64))
+        launch = kernels.plan_launch(q.dtype, q.dtype, 64, step, config, quantized=(4, 64))
+        assert launch is not None
+        if cache.kernel_state is None:
+            cache.kernel_state = KernelState()
+        state = cache.kernel_state
+        table = attn.chunk_view(keys, cache)
+        assert table.keys.dtype == q.dtype and table.keys_start <= table.open_start
+        offsets.append(table.keys_start)
+        carried += state.carried_sum(table.open_start, table.n_keys, 1) is not None
+        out = kernels.run_plan(launch, q, table, config, q_offset=S - step, state=state)
+        ref = select_chunks(q, table, config, q_offset=S - step)
+        assert mx.array_equal(out.n_valid, ref.n_valid)
+        assert mx.array_equal(out.indices, ref.indices)
+        if open_pieces:
+            assert state.open_total is None
+        else:
+            assert state.open_end == S
+    assert max(offsets) >= 128  # the table's keys started past position 0
+    assert (carried >= 5) != open_pieces  # the running sum was used, not only rebuilt
+    assert ("plan" in _launched(metal)) == fused  # (prefill steps take two launches)
+
+
+def test_patched_model_over_a_quantized_cache(metal):
+    """A patched model with a 4-bit KV cache (kv_bits) on the emulated kernels: sparse
+    prefill steps and decode plan on the planning kernels (two launches, as on a Mac) and
+    give the greedy tokens of the pure-MLX path (use_kernel=False)."""
+    from conftest import tiny_gemma2
+    from mlx_lm.generate import generate_step
+
+    import mlx_dhsa
+    from mlx_dhsa.patching import dhsa_layers
+
+    model = tiny_gemma2(n_layers=2)
+    prompt = mx.random.randint(0, 1024, (200,))
+    tokens = {}
+    for use_kernel in (True, False):
+        mlx_dhsa.unpatch(model)
+        mlx_dhsa.patch(model, small_config(use_kernel=use_kernel, kv_bits=4, kv_group_size=32))
+        gen = generate_step(prompt, model, max_tokens=8, prefill_step_size=64,
+                            prompt_cache=mlx_dhsa.make_prompt_cache(model))  # fmt: skip
+        tokens[use_kernel] = [int(t) for t, _ in gen]
+        routes = [a.last_route for a in dhsa_layers(model)]
+        assert {r.plan for r in routes} == {kernels.PlanLaunch.TWO if use_kernel else None}
+    assert tokens[True] == tokens[False]
+    launched = _launched(metal)
+    assert "block_scores" in launched and "select_keys" in launched
 
 
 def test_plan_kernels_ties_in_key_order(metal):

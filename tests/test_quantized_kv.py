@@ -114,6 +114,7 @@ def test_route_keeps_gemma2_quantized_decode_off_mlx_lm_module():
 
 
 def test_route_sparse_quantized_plans_in_pure_mlx():
+    # No GPU here: on one the planning kernels plan (test_route's quantized cases).
     r = _route(softcap=50.0, quantized=(8, 32), n_queries=64, offset=236)
     assert r.path is Path.SPARSE_REFERENCE and r.plan is None and r.kernel is None
 

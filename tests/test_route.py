@@ -148,18 +148,19 @@ CASES = [
         dict(L=1, S=500, base=True),
         (Path.BASE, None, None, 0, None, False),
     ),
-    # Quantized K/V (bits, group size): the kernels' quantized variant, planned in pure MLX.
+    # Quantized K/V (bits, group size): the kernels' quantized variant; planned on the
+    # planning kernels as without (they read the chunk table's model-dtype keys).
     (
         "cuda",
         {},
         dict(L=300, S=300, quantized=(4, 64)),
-        (Path.SPARSE_KERNEL, False, None, 292, True, False),
+        (Path.SPARSE_KERNEL, False, PlanLaunch.TWO, 292, True, False),
     ),
     (
         "cuda",
         {},
         dict(L=1, S=500, base=True, quantized=(8, 64)),
-        (Path.SPARSE_KERNEL, True, None, 1, None, False),
+        (Path.SPARSE_KERNEL, True, PlanLaunch.FUSED, 1, None, False),
     ),
     (
         "cuda",
@@ -177,7 +178,7 @@ CASES = [
         "cuda",
         {},
         dict(L=300, S=300, quantized=(4, 128)),  # group larger than the head dim
-        (Path.SPARSE_REFERENCE, None, None, 292, None, False),
+        (Path.SPARSE_REFERENCE, None, PlanLaunch.TWO, 292, None, False),
     ),
     (
         "cuda",
@@ -193,6 +194,12 @@ CASES = [
     ),
     # Metal: the same kernels, but one-block plans in two launches.
     ("metal", {}, dict(L=1, S=500), (Path.SPARSE_KERNEL, True, PlanLaunch.TWO, 1, None, False)),
+    (
+        "metal",
+        {},
+        dict(L=1, S=500, quantized=(4, 64)),
+        (Path.SPARSE_KERNEL, True, PlanLaunch.TWO, 1, None, False),
+    ),
     (
         "metal",
         {},

@@ -5,6 +5,7 @@
 it chose (None: the pure-MLX planner); :func:`select_chunks` does both.
 """
 
+from dataclasses import replace
 from enum import Enum
 from functools import lru_cache
 from typing import NamedTuple
@@ -49,11 +50,13 @@ def plan_launch(
     """How queries (B, H, L, D) of ``dtype`` over keys of ``keys_dtype`` plan on the kernels,
     or None for the pure-MLX planner (no backend active, inputs the kernels do not take, or
     a kernel that failed its self-check in this process). ``quantized``: the cache's keys are
-    quantized, ``(bits, group_size)``; the kernels then do not plan (they read model-dtype
-    keys from position 0; such a cache's chunk table holds them from its first unchunked
-    key on, ``ChunkTable.keys_start``)."""
+    quantized, ``(bits, group_size)``; the kernels plan all the same: they read only the
+    chunk table (closed summaries, and the open keys in the model's dtype, which a quantized
+    cache's table holds from its first unchunked key on, ``ChunkTable.keys_start``), never
+    the quantized keys, so ``keys_dtype`` is the model's dtype there too."""
+    del quantized  # the same launch: see the docstring
     be = backend()
-    if not be.active(use_kernel) or quantized is not None:
+    if not be.active(use_kernel):
         return None
     if not (
         dtype in DTYPES and dtype == keys_dtype and D % 32 == 0 and D <= 256 and L > 0
@@ -72,14 +75,16 @@ def plan_launch(
 def _self_check(launch: PlanLaunch, dtype, D: int, config: DHSAConfig) -> str | None:
     """Plan tiny random queries over a few segments of keys with ``launch`` and with the
     reference: None if they agree (up to near-ties in the scores), else how they differ.
-    With open pieces, half a segment more keys: pieces before the local window compete."""
+    With open pieces, half a segment more keys: pieces before the local window compete.
+    The table holds its keys from a few before the open chunk on, as a quantized cache's
+    does (``ChunkTable.keys_start``): the kernels must read the open keys at that offset."""
     S = 2 * config.chunk_limit + config.budget + 37
     if config.open_pieces:
         S += config.chunk_limit // 2
     L = 1 if launch is PlanLaunch.FUSED else config.block_size + 5
     q = mx.random.normal((1, 2, L, D), key=mx.random.key(0)).astype(dtype)
     k = mx.random.normal((1, 1, S, D), key=mx.random.key(1)).astype(dtype)
-    table = ClosedSummaries().table(k, ClosedChunks().sync(k, config), config)
+    table = keys_from(ClosedSummaries().table(k, ClosedChunks().sync(k, config), config), -3)
     out = run_plan(launch, q, table, config, q_offset=S - L)
     ref = selection.select_chunks(q, table, config, q_offset=S - L)
     if not mx.array_equal(out.n_valid, ref.n_valid).item():
@@ -104,6 +109,19 @@ def _config_ok(config: DHSAConfig) -> bool:
     )
 
 
+def keys_from(table: ChunkTable, start: int) -> ChunkTable:
+    """``table`` holding only its keys from position ``start`` on (at most its open start;
+    negative: that many before it), as a quantized cache's table does."""
+    if start < 0:
+        start = max(table.open_start + start, 0)
+    if not table.keys_start <= start <= table.open_start:
+        raise ValueError(
+            f"keys_start must lie in [{table.keys_start}, {table.open_start}], got {start}"
+        )
+    keys = table.keys[:, :, start - table.keys_start :]
+    return replace(table, keys=keys, keys_start=start)
+
+
 def open_layout(config: DHSAConfig) -> tuple[int, int]:
     """(chunk slots after the closed ones, keys per open piece) as the kernels take them:
     ``(1, 0)`` for one open chunk, ``(open_slots, target_chunk)`` with ``open_pieces``."""
@@ -123,6 +141,17 @@ def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _Sco
     """block_scores.metal's inputs, grid and output shapes for these queries."""
     B, H, L, D = queries.shape
     keys, cap = table.keys, table.starts.shape[1]
+    if (
+        keys.dtype != queries.dtype
+        or keys.shape[2] != table.n_keys - table.keys_start
+        or not 0 <= table.keys_start <= table.open_start
+    ):
+        raise ValueError(
+            f"the planning kernels take the table's keys in the queries' dtype "
+            f"({queries.dtype}) from position keys_start ({table.keys_start}, at most the "
+            f"open start {table.open_start}) to {table.n_keys}; got {keys.dtype} keys, "
+            f"{keys.shape[2]} rows"
+        )
     n_open, piece = open_layout(config)
     NB, N = -(-L // config.block_size), table.n_closed + n_open
     warps = SCORE_THREADS // 32
@@ -131,8 +160,9 @@ def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _Sco
     per_group = -(-N // tiles)
     per_group = -(-per_group // warps) * warps  # whole warps
     tiles = -(-N // per_group)
-    # One open chunk: only keys past those already summed in the layer's running sum. Open
-    # pieces are summed whole, a warp each (fewer than a segment of keys in all).
+    # One open chunk: only keys past those already summed in the layer's running sum (kept
+    # by position: the same whether the table's keys start at 0 or later). Open pieces are
+    # summed whole, a warp each (fewer than a segment of keys in all).
     carried = None
     if state is not None and not piece:
         carried = state.carried_sum(table.open_start, table.n_keys, B)
@@ -152,6 +182,7 @@ def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _Sco
         prev_end=prev_end,
         n_open=n_open,
         open_piece=piece,
+        keys_start=table.keys_start,
     )
     return _ScoreLaunch(
         [queries, keys, summaries, prev, params(iparams)],

@@ -104,6 +104,7 @@ class BlockScoreParams(NamedTuple):
     prev_end: int  # keys [open_start, prev_end) are in open_prev
     n_open: int  # chunk slots after the closed ones: 1, or the open pieces
     open_piece: int  # keys per open piece (DHSAConfig.open_pieces); 0: one open chunk
+    keys_start: int  # position of the keys input's first row (ChunkTable.keys_start)
 
 
 class SelectParams(NamedTuple):
