@@ -107,3 +107,29 @@ def test_patched_model_decodes_with_refine():
     out = model(mx.array([[3]]), cache=cache)
     assert out.shape[:2] == (1, 1) and mx.isfinite(out).all().item()
     assert {a.last_path for a in dhsa_layers(model)} == {"dhsa(reference)"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.is_available(mx.gpu), reason="no GPU")
+def test_refined_decode_step_on_the_kernels_matches_the_cpu():
+    """With the kernels active a refined decode step plans in pure MLX and attends on the
+    sparse kernel: its logits equal the CPU reference path's."""
+    from conftest import tiny_gemma2
+
+    from mlx_dhsa.attention import Path
+    from mlx_dhsa.patching import dhsa_layers, make_prompt_cache
+
+    model = patch(tiny_gemma2(), small_config(decode_refine=4))
+    prompt = mx.random.randint(0, 1024, (1, 300))
+    caches = [make_prompt_cache(model) for _ in range(2)]
+    for cache in caches:
+        mx.eval(model(prompt, cache=cache))
+    with mx.stream(mx.gpu):
+        gpu_logits = model(prompt[:, -1:], cache=caches[0])
+        mx.eval(gpu_logits)
+    assert {a.last_route.path for a in dhsa_layers(model)} == {Path.SPARSE_KERNEL}
+    with mx.stream(mx.cpu):
+        cpu_logits = model(prompt[:, -1:], cache=caches[1])
+        mx.eval(cpu_logits)
+    err = mx.abs(gpu_logits - cpu_logits).max().item()
+    assert err <= 1e-4 * (1 + mx.abs(cpu_logits).max().item()), f"max error {err:.3g}"
