@@ -123,6 +123,10 @@ class DHSAConfig:
     # chunks (mlx_dhsa.scoring); "softmax_spread" adds the chunk's key spread to its logit.
     scoring: str = "paper"
     query_groups: int = 1  # scoring="softmax*": representatives per query block and head
+    # Decode steps: the planner chooses chunks for decode_refine x budget keys, then the best
+    # of those keys by the step's exact logits fill the scored budget (mlx_dhsa.refine;
+    # pure MLX). 1 = off.
+    decode_refine: int = 1
     # Quantized KV cache of the DHSA layers (mlx-lm's QuantizedKVCache storage): bits per
     # element (4 or 8; None: the model's dtype) and elements per scale/bias group.
     kv_bits: int | None = None
@@ -130,7 +134,14 @@ class DHSAConfig:
 
     def __post_init__(self):
         check_types(self)
-        for name in ("budget", "block_size", "boundary_window", "min_chunk", "target_chunk"):
+        for name in (
+            "budget",
+            "block_size",
+            "boundary_window",
+            "min_chunk",
+            "target_chunk",
+            "decode_refine",
+        ):
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}", name)
@@ -273,7 +284,7 @@ class DHSAConfig:
             dense_tail=64, dense_below=budget, decode_dense_below=None, boundaries="shift",
             summary="sqrt", head_scores="mean", scoring="paper", query_groups=1,
             boundary_window=4, nms_window=8, min_chunk=8, target_chunk=32, max_chunk=None, chunk_cap=None, open_pieces=False,
-            boundary_threshold=None, share_boundaries=True, method="dhsa",
+            boundary_threshold=None, share_boundaries=True, method="dhsa", decode_refine=1,
         ), **overrides})  # fmt: skip
 
     @classmethod

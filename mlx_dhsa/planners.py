@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from . import kernels
+from . import kernels, refine
 from .cache import ChunkTable
 from .chunking import Chunks, split_open
 from .config import DHSAConfig
@@ -260,7 +260,14 @@ def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
 
     Quantized keys (:class:`QuantizedKV`) reach the planners that read every key
     (baselines, ``scoring="softmax*"``) dequantized; DHSA's paper scoring reads only the
-    chunk table."""
+    chunk table. With ``decode_refine > 1`` a decode step plans ``decode_refine x budget``
+    keys (pure MLX) and keeps the best of them by exact logits (``refine.refine_plan``)."""
     if isinstance(keys, QuantizedKV) and (config.method != "dhsa" or config.scoring != "paper"):
         keys = keys.dequantize()
+    if config.decode_refine > 1 and queries.shape[2] == 1:  # pure MLX (refine.py)
+        kwargs["launch"] = None
+        wide = PLANNERS[config.method](queries, keys, config=refine.widened(config), **kwargs)
+        return refine.refine_plan(
+            wide, queries, keys, config, scale=kwargs["scale"], softcap=kwargs["softcap"]
+        )
     return PLANNERS[config.method](queries, keys, config=config, **kwargs)

@@ -44,6 +44,10 @@ METHODS: dict[str, dict | None] = {
     "dhsa_open": {"method": "dhsa", "chunk_cap": 8, "open_pieces": True},
     "dhsa_spread_open": {"method": "dhsa", "scoring": "softmax_spread", "chunk_cap": 8,
                          "open_pieces": True},  # fmt: skip
+    # Long context (issue 16): decode steps re-rank the keys of the best chunks for 4 x budget
+    # keys by their exact logits (refine.py, pure MLX).
+    "dhsa_refine": {"method": "dhsa", "decode_refine": 4},
+    "dhsa_refine2": {"method": "dhsa", "decode_refine": 2},
     # Block-sparse as the issue measured it: 32-key blocks, 128 sinks.
     "block_sparse_32": {"method": "block_sparse", **PAPER_SELECTION, "local_mode": "window"},
 }
