@@ -97,3 +97,35 @@ def tiny_llama(n_layers: int = 3, dtype=mx.float32, **args) -> llama.Model:
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
+
+
+def open_pieces_over_cache_steps(plan_on_kernels):
+    """A DHSACache's layer planning with open_pieces over prefill and decode steps, a segment
+    closing and a trim: each plan of ``plan_on_kernels`` (``kernels.select_chunks``'s
+    signature) equals the reference's over the table rebuilt from scratch, and no open-chunk
+    running sum is carried (the pieces are summed whole)."""
+    from mlx_dhsa import DHSACache
+    from mlx_dhsa.attention import DHSAAttention
+    from mlx_dhsa.kernels import KernelState
+    from mlx_dhsa.selection import select_chunks
+
+    config = small_config(open_pieces=True)
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=0.0625, softcap=None)
+    cache = DHSACache()
+    for step in [100, 27, 1, 1, "trim", 1, 40, 1, 1]:
+        if step == "trim":
+            cache.trim(3)
+            continue
+        new = mx.random.normal((1, 2, step, 64))
+        keys, _ = cache.update_and_fetch(new, new)
+        S = keys.shape[2]
+        q = mx.random.normal((1, 4, step, 64))
+        if cache.kernel_state is None:
+            cache.kernel_state = KernelState()
+        state = cache.kernel_state
+        table = attn.chunk_view(keys, cache)
+        out = plan_on_kernels(q, table, config, q_offset=S - step, state=state)
+        ref = select_chunks(q, attn.chunk_view(keys), config, q_offset=S - step)
+        assert mx.array_equal(out.n_valid, ref.n_valid)
+        assert mx.array_equal(out.indices, ref.indices)
+        assert state.open_total is None

@@ -6,7 +6,7 @@ GPU run: ``python3 -m pytest tests -m gpu -q -x``."""
 
 import mlx.core as mx
 import pytest
-from conftest import assert_within_baseline, make_qkv, small_config
+from conftest import assert_within_baseline, make_qkv, open_pieces_over_cache_steps, small_config
 
 from mlx_dhsa import kernels, reference
 from mlx_dhsa.attention import DHSAAttention, Path
@@ -370,17 +370,12 @@ PLAN_CASES = [
 ]
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("B,H,H_kv,L,S,D,off,window,budget", PLAN_CASES)
-def test_plan_kernels_match_reference(fused, dtype, B, H, H_kv, L, S, D, off, window, budget):
-    """Two launches (scores, selection) or, for one query block on CUDA, one (plan)."""
+def _plan_matches_reference(fused, dtype, B, H, H_kv, L, S, D, off, window, config):
+    """The planning kernels' plan (two launches, or fused where asked and possible) equals
+    the reference's over the same chunk table."""
     if fused and BACKEND != "cuda":
         pytest.skip("the fused planning kernel runs on CUDA only")
     q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
-    config = small_config(budget=budget)
     table = _table(k, config)
     ref = select_chunks(q, table, config, q_offset=off, window=window)
     with kernels.use_backend(BACKEND, fused_plan=fused):
@@ -390,6 +385,18 @@ def test_plan_kernels_match_reference(fused, dtype, B, H, H_kv, L, S, D, off, wi
     assert launch is (PlanLaunch.FUSED if fused and L <= config.block_size else PlanLaunch.TWO)
     assert mx.array_equal(out.n_valid, ref.n_valid)
     assert mx.array_equal(out.indices, ref.indices)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("B,H,H_kv,L,S,D,off,window,budget", PLAN_CASES)
+def test_plan_kernels_match_reference(fused, dtype, B, H, H_kv, L, S, D, off, window, budget):
+    """Two launches (scores, selection) or, for one query block on CUDA, one (plan)."""
+    _plan_matches_reference(
+        fused, dtype, B, H, H_kv, L, S, D, off, window, small_config(budget=budget)
+    )
 
 
 @gpu
@@ -403,19 +410,8 @@ def test_plan_kernels_match_reference(fused, dtype, B, H, H_kv, L, S, D, off, wi
 def test_plan_kernels_open_pieces(fused, dtype, B, H, H_kv, L, S, D, off, window, budget):
     """open_pieces (the open chunk as target_chunk-key pieces, summed by the kernel): the
     reference's plan, on either launch."""
-    if fused and BACKEND != "cuda":
-        pytest.skip("the fused planning kernel runs on CUDA only")
-    q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
     config = small_config(budget=budget, open_pieces=True)
-    table = _table(k, config)
-    ref = select_chunks(q, table, config, q_offset=off, window=window)
-    with kernels.use_backend(BACKEND, fused_plan=fused):
-        out = _on_gpu(kernels.select_chunks, q, table, config, q_offset=off, window=window)
-        with mx.stream(mx.gpu):
-            launch = plan_launch(dtype, dtype, D, L, config)
-    assert launch is (PlanLaunch.FUSED if fused and L <= config.block_size else PlanLaunch.TWO)
-    assert mx.array_equal(out.n_valid, ref.n_valid)
-    assert mx.array_equal(out.indices, ref.indices)
+    _plan_matches_reference(fused, dtype, B, H, H_kv, L, S, D, off, window, config)
 
 
 @gpu
@@ -447,27 +443,8 @@ def test_open_pieces_plans_over_cache_steps(fused):
     scratch, and no open-chunk running sum is carried."""
     if fused and BACKEND != "cuda":
         pytest.skip("the fused planning kernel runs on CUDA only")
-    config = small_config(open_pieces=True)
-    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
-    cache = DHSACache()
     with kernels.use_backend(BACKEND, fused_plan=fused):
-        for step in [100, 27, 1, 1, "trim", 1, 40, 1, 1]:
-            if step == "trim":
-                cache.trim(3)
-                continue
-            new = mx.random.normal((1, 2, step, 64))
-            keys, _ = cache.update_and_fetch(new, new)
-            S = keys.shape[2]
-            q = mx.random.normal((1, 4, step, 64))
-            if cache.kernel_state is None:
-                cache.kernel_state = KernelState()
-            state = cache.kernel_state
-            table = attn.chunk_view(keys, cache)
-            out = _on_gpu(kernels.select_chunks, q, table, config, q_offset=S - step, state=state)
-            ref = select_chunks(q, attn.chunk_view(keys), config, q_offset=S - step)
-            assert mx.array_equal(out.n_valid, ref.n_valid)
-            assert mx.array_equal(out.indices, ref.indices)
-            assert state.open_total is None
+        open_pieces_over_cache_steps(lambda *a, **kw: _on_gpu(kernels.select_chunks, *a, **kw))
 
 
 @gpu

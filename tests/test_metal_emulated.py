@@ -10,7 +10,7 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import assert_within_baseline, make_qkv, small_config
+from conftest import assert_within_baseline, make_qkv, open_pieces_over_cache_steps, small_config
 from kernel_builds import instances, metal_source, signature
 from metal_emulator import EmulatorError, MetalEmulator, compiler, generate_source
 from metal_emulator.hook import emulate_metal
@@ -18,7 +18,6 @@ from test_kernels import SCALE, _close, _plan, _table
 
 from mlx_dhsa import kernels, reference
 from mlx_dhsa.attention import DHSAAttention
-from mlx_dhsa.cache import DHSACache
 from mlx_dhsa.kernels import KernelState, planning, sources
 from mlx_dhsa.quantized import QuantizedKV
 from mlx_dhsa.selection import block_queries, chunk_scores, key_mask, select_chunks
@@ -266,26 +265,7 @@ def test_open_pieces_over_decode_steps(metal, monkeypatch, fused):
     segment closing and a trim: every plan equals the reference's over the table rebuilt
     from scratch, and no open-chunk running sum is carried (the pieces are summed whole)."""
     monkeypatch.setattr(kernels.backend(), "fused_plan", fused)
-    config = small_config(open_pieces=True)
-    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
-    cache = DHSACache()
-    for step in [100, 27, 1, 1, "trim", 1, 40, 1, 1]:
-        if step == "trim":
-            cache.trim(3)
-            continue
-        new = mx.random.normal((1, 2, step, 64))
-        keys, _ = cache.update_and_fetch(new, new)
-        S = keys.shape[2]
-        q = mx.random.normal((1, 4, step, 64))
-        if cache.kernel_state is None:
-            cache.kernel_state = KernelState()
-        state = cache.kernel_state
-        table = attn.chunk_view(keys, cache)
-        out = kernels.select_chunks(q, table, config, q_offset=S - step, state=state)
-        ref = select_chunks(q, attn.chunk_view(keys), config, q_offset=S - step)
-        assert mx.array_equal(out.n_valid, ref.n_valid)
-        assert mx.array_equal(out.indices, ref.indices)
-        assert state.open_total is None
+    open_pieces_over_cache_steps(kernels.select_chunks)
     assert ("plan" in _launched(metal)) == fused  # (prefill steps take two launches)
 
 
