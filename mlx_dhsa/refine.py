@@ -45,8 +45,6 @@ def refine_plan(
     Returns:
         Plan: (B, 1, budget) ascending key indices.
     """
-    if isinstance(keys, QuantizedKV):
-        keys = keys.dequantize()
     B, H, _, D = queries.shape
     H_kv = keys.shape[1]
     K = config.budget
@@ -57,7 +55,7 @@ def refine_plan(
     forced = ((idx >= lo) & (idx < sink_end)) | ((idx >= local_start) & (idx <= q1))
     forced = forced & valid
     cand = valid & ~forced
-    gathered = mx.take_along_axis(keys, mx.broadcast_to(idx[:, None, :, None], (B, H_kv, Kw, D)), 2)
+    gathered = _gather_rows(keys, idx)  # (B, H_kv, K', D)
     q = queries.reshape(B, H_kv, H // H_kv, 1, D)
     lg = logits(q, mx.expand_dims(gathered, 2), scale, softcap).astype(mx.float32)
     lg = mx.where(valid[:, None, None, None], lg, -mx.inf)  # (B, H_kv, rep, 1, K')
@@ -75,3 +73,13 @@ def refine_plan(
     n_valid = keep.sum(-1).astype(mx.int32)
     indices = mx.where(mx.arange(K) < n_valid[:, None], kept, 0).astype(mx.int32)
     return Plan(indices[:, None], n_valid[:, None], wide.q_offset, wide.block_size, wide.window)
+
+
+def _gather_rows(keys, idx: mx.array) -> mx.array:
+    """Keys at positions ``idx`` (B, K') of every KV head, (B, H_kv, K', D); quantized keys
+    are gathered packed and only those rows dequantized."""
+    B, Kw = idx.shape
+    take = lambda x: mx.take_along_axis(
+        x, mx.broadcast_to(idx[:, None, :, None], (B, x.shape[1], Kw, x.shape[-1])), 2
+    )
+    return keys.map(take).dequantize() if isinstance(keys, QuantizedKV) else take(keys)

@@ -6,7 +6,8 @@ depend on what the keys say), then each model decodes greedily, the methods taki
 DHSA to dense within a trial (``paired`` speedup, median over trials) cancels the slow and fast
 spells of a shared machine that a ratio of medians keeps. Methods: ``dense`` (mlx-lm),
 ``dhsa`` (the default config), ``dhsa_sparse`` (``--sparse``: sparse decode at every length,
-to find where it starts to pay) and ``floor`` (``--floor``: attention scores skipped).
+to find where it starts to pay), ``dhsa_refine`` (``--refine F``: sparse decode with
+``decode_refine=F``) and ``floor`` (``--floor``: attention scores skipped).
 Tokens/s come from mlx-lm's own ``generate_step`` (which builds the next step's graph while
 the GPU runs the current one): what ``mlx_lm.generate`` users see. Also reported: tokens/s
 with a blocking eval per token (``sync``: graph building and GPU time add up) and the host
@@ -33,13 +34,15 @@ from mlx_dhsa.evaluation.floor import set_method
 from mlx_dhsa.patching import dhsa_layers
 
 
-def decode_methods(config: mlx_dhsa.DHSAConfig) -> dict:
+def decode_methods(config: mlx_dhsa.DHSAConfig, refine: int = 4) -> dict:
     """Method name -> (``set_method`` kind, config): dense, DHSA, DHSA with sparse decode
-    forced at every length, and the floor."""
+    forced at every length (plain, and with ``decode_refine=refine``), and the floor."""
+    sparse = replace(config, decode_dense_below=0)
     return {
         "dense": ("dense", config),
         "dhsa": ("dhsa", config),
-        "dhsa_sparse": ("dhsa", replace(config, decode_dense_below=0)),
+        "dhsa_sparse": ("dhsa", sparse),
+        "dhsa_refine": ("dhsa", replace(sparse, decode_refine=refine)),
         "floor": ("floor", config),
     }
 
@@ -135,6 +138,13 @@ def main():
         help="also decode with DHSA's sparse decode forced (decode_dense_below=0)",
     )
     p.add_argument(
+        "--refine",
+        type=int,
+        default=None,
+        metavar="F",
+        help="also decode with sparse decode forced and decode_refine=F",
+    )
+    p.add_argument(
         "--floor",
         action="store_true",
         help="also decode with the attention scores skipped (bench_prefill's floor): "
@@ -147,7 +157,8 @@ def main():
     layers = {} if args.layers is None else {"num_hidden_layers": args.layers}
     model = random_model(args.model, dtype, **layers)
     names = ["dense", "dhsa"] + ["dhsa_sparse"] * args.sparse + ["floor"] * args.floor
-    methods = {m: decode_methods(config)[m] for m in names}
+    names += ["dhsa_refine"] * (args.refine is not None)
+    methods = {m: decode_methods(config, args.refine or 1)[m] for m in names}
     rows = []
     for S in args.lengths:
         # The caches live side by side; the methods take turns so that clock drift and
@@ -188,6 +199,11 @@ def main():
             + (
                 f" | sparse={row['dhsa_sparse_tps']:7.1f} tok/s ({row['dhsa_sparse_paired']:.2f}x)"
                 if args.sparse
+                else ""
+            )
+            + (
+                f" | refine={row['dhsa_refine_tps']:7.1f} tok/s ({row['dhsa_refine_paired']:.2f}x)"
+                if args.refine is not None
                 else ""
             )
             + f" | sync dense="

@@ -92,6 +92,25 @@ def test_refined_decode_attention_matches_dense_at_full_budget():
     assert mx.allclose(out, dense, atol=1e-5).item()
 
 
+def test_refine_over_quantized_keys_equals_refine_over_their_dequantized_values():
+    # Only the candidates' rows are dequantized; the plan must be the one of the whole array.
+    from mlx_dhsa.quantized import QuantizedKV
+    from mlx_dhsa.refine import refine_plan, widened
+
+    S = 300
+    config = small_config(decode_refine=3)
+    q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=64)
+    qk = QuantizedKV.quantize(k, bits=4, group_size=32)
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
+    wide = PLANNERS["dhsa"](q, qk.dequantize(), config=widened(config),
+                            table=lambda: attn.chunk_view(qk.dequantize()), offset=S - 1,
+                            window=None, scale=SCALE, softcap=None)  # fmt: skip
+    got = refine_plan(wide, q, qk, config, scale=SCALE, softcap=None)
+    want = refine_plan(wide, q, qk.dequantize(), config, scale=SCALE, softcap=None)
+    assert mx.array_equal(got.indices, want.indices).item()
+    assert mx.array_equal(got.n_valid, want.n_valid).item()
+
+
 def test_decode_refine_must_be_positive():
     with pytest.raises(ConfigError, match="decode_refine must be a positive integer"):
         DHSAConfig(decode_refine=0)
