@@ -261,12 +261,17 @@ def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
     Quantized keys (:class:`QuantizedKV`) reach the planners that read every key
     (baselines, ``scoring="softmax*"``) dequantized; DHSA's paper scoring reads only the
     chunk table. With ``decode_refine > 1`` a decode step plans ``decode_refine x budget``
-    keys (pure MLX) and keeps the best of them by exact logits (``refine.refine_plan``)."""
+    keys (on the planning kernels where ``launch`` says they run and they take the wider plan,
+    else pure MLX) and keeps the best of them by exact logits (``refine.refine_plan``, MLX)."""
     if isinstance(keys, QuantizedKV) and (config.method != "dhsa" or config.scoring != "paper"):
         keys = keys.dequantize()
-    if config.decode_refine > 1 and queries.shape[2] == 1:  # pure MLX (refine.py)
-        kwargs["launch"] = None
-        wide = PLANNERS[config.method](queries, keys, config=refine.widened(config), **kwargs)
+    if config.decode_refine > 1 and queries.shape[2] == 1:
+        wide_config = refine.widened(config)
+        if kwargs.get("launch") is not None:  # the same kernels, if they take the wider plan
+            kwargs["launch"] = kernels.plan_launch(
+                queries.dtype, queries.dtype, queries.shape[-1], 1, wide_config
+            )
+        wide = PLANNERS[config.method](queries, keys, config=wide_config, **kwargs)
         return refine.refine_plan(
             wide, queries, keys, config, scale=kwargs["scale"], softcap=kwargs["softcap"]
         )

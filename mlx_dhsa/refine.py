@@ -1,4 +1,4 @@
-"""Decode refinement (``DHSAConfig.decode_refine``): exact key scores over the best chunks, pure MLX.
+"""Decode refinement (``DHSAConfig.decode_refine``): exact key scores over the best chunks.
 
 At a decode step the planner first chooses chunks for ``decode_refine x budget`` keys (the
 candidates); every candidate key is then scored with the step's own query, per head, as the
@@ -7,7 +7,9 @@ and local window), summed over heads; the best of them fill the scored part of t
 Chunk scores only shortlist, so a needle's keys need to rank among the top ``decode_refine``
 shares of chunks instead of the top one, and the plan is chosen key by key (issue 16, long
 context: docs/accuracy/issue16/long_context.md). It reads the candidates' keys, about
-``decode_refine x budget`` of them, on top of the plan's.
+``decode_refine x budget`` of them, on top of the plan's. The widened plan runs on the
+planning kernels where they run (``kernels.planning.max_intervals`` sizes their interval
+buffer for it); the rescoring here is MLX.
 """
 
 import mlx.core as mx

@@ -79,8 +79,9 @@ def instances(name: str, backend: str, quantized: bool = False):
             mx.zeros((len(kernels.sources.SelectParams._fields),), mx.int32),
         ]
         return [
-            (ins, [("MAX_IV", planning.MAX_INTERVALS), ("NT", nt)], [mx.int32, mx.int32])
+            (ins, [("MAX_IV", iv), ("NT", nt)], [mx.int32, mx.int32])
             for nt in (256, planning.SELECT_THREADS)
+            for iv in planning.INTERVAL_SIZES
         ]
     out = []
     for dtype in (mx.float32, mx.float16, mx.bfloat16):
@@ -107,13 +108,9 @@ def instances(name: str, backend: str, quantized: bool = False):
                     mx.zeros((len(kernels.sources.SelectParams._fields),), mx.int32),
                     mx.zeros((1,), mx.int32),
                 ]
-                tmpl = [
-                    ("T", dtype),
-                    ("D", D),
-                    ("MAX_IV", planning.MAX_INTERVALS),
-                    ("NT", planning.SCORE_THREADS),
-                ]
-                out.append((ins, tmpl, [mx.float32, mx.float32, mx.int32, mx.int32]))
+                for iv in planning.INTERVAL_SIZES:
+                    tmpl = [("T", dtype), ("D", D), ("MAX_IV", iv), ("NT", planning.SCORE_THREADS)]
+                    out.append((ins, tmpl, [mx.float32, mx.float32, mx.int32, mx.int32]))
             continue
         heads = ((256, 2), (128, 8), (64, 1))  # decode: distinct REPS, nvcc builds each
         if name == "sparse_attention":

@@ -269,6 +269,32 @@ def test_open_pieces_over_decode_steps(metal, monkeypatch, fused):
     assert ("plan" in _launched(metal)) == fused  # (prefill steps take two launches)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("budget,S,intervals", [(48, 400, 1024), (520, 2300, 2560)])
+def test_refined_decode_plans_on_the_kernels(metal, monkeypatch, fused, budget, S, intervals):
+    """decode_refine's widened plan (decode_refine x budget keys) runs on the planning kernels,
+    in the interval buffer its size needs (MAX_IV 2560 past 1024 intervals): the refined plan
+    equals the pure-MLX planner's."""
+    from mlx_dhsa.planners import plan as dispatch
+    from mlx_dhsa.refine import widened
+
+    monkeypatch.setattr(kernels.backend(), "fused_plan", fused)
+    config = small_config(budget=budget, decode_refine=4)
+    assert planning.max_intervals(widened(config)) == intervals
+    q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=64)
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
+    launch = kernels.plan_launch(q.dtype, k.dtype, 64, 1, config)
+    assert launch is not None
+    plans = [
+        dispatch(q, k, config=config, table=lambda: attn.chunk_view(k), offset=S - 1,
+                 window=None, scale=SCALE, softcap=None, launch=run)  # fmt: skip
+        for run in (launch, None)
+    ]
+    assert _launched(metal) == (["plan"] if fused else ["block_scores", "select_keys"])
+    assert mx.array_equal(plans[0].indices, plans[1].indices)
+    assert mx.array_equal(plans[0].n_valid, plans[1].n_valid)
+
+
 # ---- planning over a quantized cache's table (keys from ChunkTable.keys_start on) ---------
 
 # PLAN_CASES with at least one closed segment, and decode steps (fused cases among them).

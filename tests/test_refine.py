@@ -131,8 +131,9 @@ def test_patched_model_decodes_with_refine():
 @pytest.mark.gpu
 @pytest.mark.skipif(not mx.is_available(mx.gpu), reason="no GPU")
 def test_refined_decode_step_on_the_kernels_matches_the_cpu():
-    """With the kernels active a refined decode step plans in pure MLX and attends on the
-    sparse kernel: its logits equal the CPU reference path's."""
+    """With the kernels active a refined decode step plans its widened plan on the planning
+    kernels, rescores in MLX and attends on the sparse kernel: its logits equal the CPU
+    reference path's."""
     from conftest import tiny_gemma2
 
     from mlx_dhsa.attention import Path

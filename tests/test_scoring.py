@@ -163,8 +163,13 @@ def test_kernels_leave_unimplemented_options_to_the_reference_planner():
     assert planning._config_ok(config)
     assert not planning._config_ok(config.replace(local_mode="recent"))
     assert not planning._config_ok(config.replace(scoring="softmax"))
-    for budget in (512, 1024, 2048):
-        assert max_chunks_taken(DHSAConfig(budget=budget)) + 2 <= planning.MAX_INTERVALS
+    for budget in (512, 1024, 2048):  # the default plans fit the small interval buffer
+        assert max_chunks_taken(DHSAConfig(budget=budget)) + 2 <= planning.INTERVAL_SIZES[0]
+        assert planning.max_intervals(DHSAConfig(budget=budget)) == planning.INTERVAL_SIZES[0]
+    # decode_refine's widened plans (4 x budget 2048) take the large one; beyond it, pure MLX
+    assert planning.max_intervals(DHSAConfig(budget=4 * 2048)) == planning.MAX_INTERVALS
+    assert planning._config_ok(DHSAConfig(budget=4 * 2048))
+    assert not planning._config_ok(DHSAConfig(budget=16 * 2048))
     # scoring="softmax*" plans before the kernel dispatch, with or without use_kernel.
     attn_k = _attn(small_config(scoring="softmax_spread", use_kernel=True))
     attn_r = _attn(small_config(scoring="softmax_spread", use_kernel=False))

@@ -23,7 +23,13 @@ from .state import KernelState
 
 SCORE_THREADS = 256  # NT of block_scores.metal (and of the fused plan kernel)
 PLAN_GROUPS = 128  # block_scores splits the chunks until about this many groups run
-MAX_INTERVALS = 1024  # MAX_IV of select_keys.metal: key intervals one block can hold (8 KB)
+# MAX_IV of select_keys.metal (key intervals one block can hold), the smallest that holds a
+# config's plans (:func:`max_intervals`): 1024 (8 KB of threadgroup memory) holds every plan up
+# to budget 4084 with 4-key shortest chunks; 2560 (20 KB) the widened decode plans of
+# ``decode_refine`` (budget up to 10228), and beside the fused plan's scores (10 KB at D = 256)
+# still fits Metal's 32 KB.
+INTERVAL_SIZES = (1024, 2560)
+MAX_INTERVALS = INTERVAL_SIZES[-1]
 # NT of select_keys.metal. CUDA: 71 registers a thread at 512; at 1024 threads it would need
 # 91, over a block's 64K registers.
 SELECT_THREADS = 512
@@ -66,7 +72,8 @@ def plan_launch(
     if be.self_check:
         names = ("plan",) if launch is PlanLaunch.FUSED else ("block_scores", "select_keys")
         check = lambda: _self_check(launch, dtype, D, config)
-        key = ("plan", launch, dtype, D) + (("open_pieces",) if config.open_pieces else ())
+        key = ("plan", launch, dtype, D, max_intervals(config))
+        key += ("open_pieces",) if config.open_pieces else ()
         if not checks.verified(be, key, names, check):
             return None
     return launch
@@ -105,8 +112,15 @@ def _config_ok(config: DHSAConfig) -> bool:
         config.head_scores == "mean"
         and config.scoring == "paper"
         and config.local_mode == "window"
-        and selection.max_chunks_taken(config) + 2 <= MAX_INTERVALS
+        and max_intervals(config) is not None
     )
+
+
+def max_intervals(config: DHSAConfig) -> int | None:
+    """select_keys' MAX_IV for ``config``: the smallest of INTERVAL_SIZES that holds the key
+    intervals of one block's plan (sinks, taken chunks, local window), None if none does."""
+    need = selection.max_chunks_taken(config) + 2
+    return next((n for n in INTERVAL_SIZES if need <= n), None)
 
 
 def keys_from(table: ChunkTable, start: int) -> ChunkTable:
@@ -264,7 +278,7 @@ def select_keys(
     )
     return kernel(
         inputs=[scores, table.starts, table.lengths, select],
-        template=[("MAX_IV", MAX_INTERVALS), ("NT", SELECT_THREADS)],
+        template=[("MAX_IV", max_intervals(config)), ("NT", SELECT_THREADS)],
         grid=(SELECT_THREADS, NB, B),
         threadgroup=(SELECT_THREADS, 1, 1),
         output_shapes=[(B, NB, config.budget), (B, NB)],
@@ -294,7 +308,7 @@ def _fused(
         template=[
             ("T", queries.dtype),
             ("D", queries.shape[-1]),
-            ("MAX_IV", MAX_INTERVALS),
+            ("MAX_IV", max_intervals(config)),
             ("NT", SCORE_THREADS),
         ],
         grid=launch.grid,
