@@ -91,16 +91,16 @@ def dense_attention(
     return out.reshape(B, H, L, D)
 
 
-def _gather(x, idx: mx.array) -> mx.array:
+def gather_rows(x, idx: mx.array) -> mx.array:
     """Rows of x (B, H_kv, S, D) at idx (B, G, K) -> (B, H_kv, G, K, D); quantized rows are
-    gathered packed and dequantized here, one group of blocks at a time."""
+    gathered packed and only they are dequantized."""
     if isinstance(x, QuantizedKV):
-        return x.map(lambda a: _gather(a, idx)).dequantize()
+        return x.map(lambda a: gather_rows(a, idx)).dequantize()
     B, H_kv, S, D = x.shape
     _, G, K = idx.shape
-    if B == 1:  # a plain take is much faster than take_along_axis on CPU
-        return x[:, :, idx.reshape(-1)].reshape(B, H_kv, G, K, D)
-    rows = mx.take_along_axis(x, idx.reshape(B, 1, G * K, 1), axis=2)  # broadcast over H_kv, D
+    # Index arrays on B, H_kv and S (not take_along_axis, many times slower on CPU), over
+    # any strides: a cache's keys are a view of a longer buffer.
+    rows = x[mx.arange(B)[:, None, None], mx.arange(H_kv)[None, :, None], idx.reshape(B, 1, -1)]
     return rows.reshape(B, H_kv, G, K, D)
 
 
@@ -144,8 +144,8 @@ def sparse_attention(
         qg = mx.pad(qg, [(0, 0), (0, 0), (0, (b1 - b0) * Bq - n), (0, 0)])
         qg = qg.reshape(B, H_kv, H // H_kv, b1 - b0, Bq, D)
         idx = plan.indices[:, b0:b1]  # (B, G, K)
-        kg = mx.expand_dims(_gather(k, idx), 2)  # (B, H_kv, 1, G, K, D)
-        vg = mx.expand_dims(_gather(v, idx), 2)
+        kg = mx.expand_dims(gather_rows(k, idx), 2)  # (B, H_kv, 1, G, K, D)
+        vg = mx.expand_dims(gather_rows(v, idx), 2)
         pos = plan.q_offset + b0 * Bq + mx.arange((b1 - b0) * Bq).reshape(b1 - b0, Bq, 1)
         keys = idx[:, :, None, :]  # (B, G, 1, K)
         mask = (mx.arange(K) < plan.n_valid[:, b0:b1, None, None]) & (keys <= pos)

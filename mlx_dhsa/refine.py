@@ -16,8 +16,7 @@ import mlx.core as mx
 
 from .config import DHSAConfig
 from .plan import Plan
-from .quantized import QuantizedKV
-from .reference import logits
+from .reference import gather_rows, logits
 from .selection import block_ranges
 
 
@@ -47,19 +46,29 @@ def refine_plan(
     Returns:
         Plan: (B, 1, budget) ascending key indices.
     """
-    B, H, _, D = queries.shape
-    H_kv = keys.shape[1]
-    K = config.budget
-    idx = wide.indices[:, 0]  # (B, K') ascending
-    Kw = idx.shape[-1]
-    valid = mx.arange(Kw) < wide.n_valid[:, :1]
     lo, sink_end, local_start, q1 = block_ranges(config, 1, wide.q_offset, wide.window)
+    bounds = mx.concatenate([lo, sink_end, local_start, q1])
+    rows = gather_rows(keys, wide.indices)[:, :, 0]  # (B, H_kv, K', D)
+    indices, n_valid = _keep(
+        wide.indices[:, 0], wide.n_valid[:, 0], bounds, queries, rows, config.budget, scale, softcap
+    )
+    return Plan(indices[:, None], n_valid[:, None], wide.q_offset, wide.block_size, wide.window)
+
+
+@mx.compile
+def _keep(idx, n_wide, bounds, queries, rows, K: int, scale: float, softcap: float | None):
+    """Indices (B, K) and counts (B,) of the kept keys: ``refine_plan``'s choice among the
+    candidate keys ``idx`` (B, K') whose rows are ``rows``; one compiled graph (the step's
+    positions come in ``bounds`` = lo, sink end, local start, query; the rest is constant)."""
+    B, H, _, D = queries.shape
+    H_kv, Kw = rows.shape[1], idx.shape[-1]
+    lo, sink_end, local_start, q1 = bounds[0], bounds[1], bounds[2], bounds[3]
+    valid = mx.arange(Kw) < n_wide[:, None]
     forced = ((idx >= lo) & (idx < sink_end)) | ((idx >= local_start) & (idx <= q1))
     forced = forced & valid
     cand = valid & ~forced
-    gathered = _gather_rows(keys, idx)  # (B, H_kv, K', D)
     q = queries.reshape(B, H_kv, H // H_kv, 1, D)
-    lg = logits(q, mx.expand_dims(gathered, 2), scale, softcap).astype(mx.float32)
+    lg = logits(q, mx.expand_dims(rows, 2), scale, softcap).astype(mx.float32)
     lg = mx.where(valid[:, None, None, None], lg, -mx.inf)  # (B, H_kv, rep, 1, K')
     probs = mx.exp(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
     score = probs.sum(axis=(1, 2, 3))  # (B, K')
@@ -73,15 +82,4 @@ def refine_plan(
         kept = mx.concatenate([kept, mx.full((B, K - Kw), big, mx.int32)], axis=-1)
     kept = kept[:, :K]
     n_valid = keep.sum(-1).astype(mx.int32)
-    indices = mx.where(mx.arange(K) < n_valid[:, None], kept, 0).astype(mx.int32)
-    return Plan(indices[:, None], n_valid[:, None], wide.q_offset, wide.block_size, wide.window)
-
-
-def _gather_rows(keys, idx: mx.array) -> mx.array:
-    """Keys at positions ``idx`` (B, K') of every KV head, (B, H_kv, K', D); quantized keys
-    are gathered packed and only those rows dequantized."""
-    B, Kw = idx.shape
-    take = lambda x: mx.take_along_axis(
-        x, mx.broadcast_to(idx[:, None, :, None], (B, x.shape[1], Kw, x.shape[-1])), 2
-    )
-    return keys.map(take).dequantize() if isinstance(keys, QuantizedKV) else take(keys)
+    return mx.where(mx.arange(K) < n_valid[:, None], kept, 0).astype(mx.int32), n_valid
