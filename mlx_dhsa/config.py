@@ -123,10 +123,10 @@ class DHSAConfig:
     # chunks (mlx_dhsa.scoring); "softmax_spread" adds the chunk's key spread to its logit.
     scoring: str = "paper"
     query_groups: int = 1  # scoring="softmax*": representatives per query block and head
-    # Decode steps: the planner chooses chunks for decode_refine x budget keys, then the best
-    # of those keys by the step's exact logits fill the scored budget (mlx_dhsa.refine;
-    # pure MLX). 1 = off.
-    decode_refine: int = 1
+    # Sparse decode steps: the planner chooses chunks for decode_refine x budget keys, then
+    # the best of those keys by the step's exact logits fill the scored budget
+    # (mlx_dhsa.refine). 1 = off (the chunk ranking alone, as the paper).
+    decode_refine: int = 4
     # Quantized KV cache of the DHSA layers (mlx-lm's QuantizedKVCache storage): bits per
     # element (4 or 8; None: the model's dtype) and elements per scale/bias group.
     kv_bits: int | None = None

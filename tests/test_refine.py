@@ -72,7 +72,7 @@ def test_refine_over_every_key_keeps_the_most_probable_keys():
 
 def test_refine_one_is_the_plain_plan_and_prefill_is_unchanged():
     q, k, _ = make_qkv(H=4, H_kv=2, L=40, S=200, D=16)
-    plain, refined = small_config(), small_config(decode_refine=3)
+    plain, refined = small_config(decode_refine=1), small_config(decode_refine=3)
     for L in (1, 40):  # decode (refine 1 vs plain), prefill (refine ignored)
         a = _plan(plain, q[:, :, -L:], k, 200 - L)
         b = _plan(refined if L > 1 else plain.replace(decode_refine=1), q[:, :, -L:], k, 200 - L)
@@ -114,7 +114,7 @@ def test_refine_over_quantized_keys_equals_refine_over_their_dequantized_values(
 def test_decode_refine_must_be_positive():
     with pytest.raises(ConfigError, match="decode_refine must be a positive integer"):
         DHSAConfig(decode_refine=0)
-    assert DHSAConfig().decode_refine == 1 and DHSAConfig.paper().decode_refine == 1
+    assert DHSAConfig().decode_refine == 4 and DHSAConfig.paper().decode_refine == 1
 
 
 def test_patched_model_decodes_with_refine():

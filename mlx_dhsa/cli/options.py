@@ -43,6 +43,8 @@ DHSA_OPTIONS = {
     "max_chunk": "Longest chunk (default: 4 x block size).",
     "decode_dense_below": "Decode stays dense up to this many keys (0: always sparse; default: "
     "the device's, 98304 on an H200).",
+    "decode_refine": "Sparse decode steps shortlist chunks for this many x budget keys, then "
+    "keep the best keys by their exact logits (1: the chunk ranking alone).",
     "use_kernel": "Use the GPU kernels when a GPU is present (else the pure-MLX reference).",
     "kv_bits": "Quantize the DHSA layers' KV cache to 4 or 8 bits (mlx-lm's quantized cache; "
     "default: the model's dtype). profile runs every method with and without it.",

@@ -18,13 +18,16 @@ from ..planners import PLANNERS
 PAPER_SELECTION = {
     k: getattr(DHSAConfig.paper(), k)
     for k in ("sink", "local", "local_mode", "summary", "scoring", "head_scores", "target_chunk",
-              "min_chunk", "nms_window", "boundary_window", "boundaries", "chunk_cap")
+              "min_chunk", "nms_window", "boundary_window", "boundaries", "chunk_cap", "decode_refine")
 }  # fmt: skip
 
 # name -> DHSAConfig overrides; None = the unpatched model (mlx-lm's own attention).
 METHODS: dict[str, dict | None] = {
     "dense": None,
-    **{name: {"method": name} for name in PLANNERS},
+    # DHSA with its defaults (decode_refine=4); the baselines as published: decode steps
+    # ranked by their own scores alone (decode_refine=1).
+    **{name: {"method": name, "decode_refine": 1} for name in PLANNERS if name != "dhsa"},
+    "dhsa": {"method": "dhsa"},
     "dhsa_mean": {"method": "dhsa", "summary": "mean"},  # plain-mean chunk summaries
     "dhsa_maxhead": {"method": "dhsa", "head_scores": "max"},  # best head's score per chunk
     "dhsa_mean_maxhead": {"method": "dhsa", "summary": "mean", "head_scores": "max"},
@@ -35,7 +38,12 @@ METHODS: dict[str, dict | None] = {
     "dhsa_paper": {"method": "dhsa", **PAPER_SELECTION},
     # The defaults before issue 16 (32-key chunks, mean x sqrt(n), 128 sinks).
     "dhsa_prev": {"method": "dhsa", **PAPER_SELECTION, "local_mode": "window"},
-    "oracle_prev": {"method": "oracle", **PAPER_SELECTION, "local_mode": "window"},
+    "oracle_prev": {
+        "method": "oracle",
+        **PAPER_SELECTION,
+        "local_mode": "window",
+        "decode_refine": 1,
+    },
     # Dynamic chunks without the cap on their length (the defaults before chunk_cap=8).
     "dhsa_nocap": {"method": "dhsa", "chunk_cap": None},
     "dhsa_cap": {"method": "dhsa", "chunk_cap": 8},
@@ -44,12 +52,18 @@ METHODS: dict[str, dict | None] = {
     "dhsa_open": {"method": "dhsa", "chunk_cap": 8, "open_pieces": True},
     "dhsa_spread_open": {"method": "dhsa", "scoring": "softmax_spread", "chunk_cap": 8,
                          "open_pieces": True},  # fmt: skip
-    # Long context (issue 16): decode steps re-rank the keys of the best chunks for 4 x budget
-    # keys by their exact logits (refine.py, pure MLX).
+    # Long context (issue 16): decode steps re-rank the keys of the best chunks for f x budget
+    # keys by their exact logits (refine.py; f = 4 is the default), or by chunks alone.
     "dhsa_refine": {"method": "dhsa", "decode_refine": 4},
     "dhsa_refine2": {"method": "dhsa", "decode_refine": 2},
+    "dhsa_chunks": {"method": "dhsa", "decode_refine": 1},
     # Block-sparse as the issue measured it: 32-key blocks, 128 sinks.
-    "block_sparse_32": {"method": "block_sparse", **PAPER_SELECTION, "local_mode": "window"},
+    "block_sparse_32": {
+        "method": "block_sparse",
+        **PAPER_SELECTION,
+        "local_mode": "window",
+        "decode_refine": 1,
+    },
 }
 DEFAULT_METHODS = "dense,dhsa"
 
