@@ -6,8 +6,9 @@ depend on what the keys say), then each model decodes greedily, the methods taki
 DHSA to dense within a trial (``paired`` speedup, median over trials) cancels the slow and fast
 spells of a shared machine that a ratio of medians keeps. Methods: ``dense`` (mlx-lm),
 ``dhsa`` (the default config), ``dhsa_sparse`` (``--sparse``: sparse decode at every length,
-to find where it starts to pay), ``dhsa_refine`` (``--refine F``: sparse decode with
-``decode_refine=F``) and ``floor`` (``--floor``: attention scores skipped).
+to find where it starts to pay; the default ``decode_refine``), ``dhsa_refine`` (``--refine F``:
+sparse decode with ``decode_refine=F``; 1 = the chunk ranking alone) and ``floor``
+(``--floor``: attention scores skipped).
 Tokens/s come from mlx-lm's own ``generate_step`` (which builds the next step's graph while
 the GPU runs the current one): what ``mlx_lm.generate`` users see. Also reported: tokens/s
 with a blocking eval per token (``sync``: graph building and GPU time add up) and the host
@@ -36,7 +37,7 @@ from mlx_dhsa.patching import dhsa_layers
 
 def decode_methods(config: mlx_dhsa.DHSAConfig, refine: int = 4) -> dict:
     """Method name -> (``set_method`` kind, config): dense, DHSA, DHSA with sparse decode
-    forced at every length (plain, and with ``decode_refine=refine``), and the floor."""
+    forced at every length (the config's ``decode_refine``, and ``refine``), and the floor."""
     sparse = replace(config, decode_dense_below=0)
     return {
         "dense": ("dense", config),
@@ -142,7 +143,7 @@ def main():
         type=int,
         default=None,
         metavar="F",
-        help="also decode with sparse decode forced and decode_refine=F",
+        help="also decode with sparse decode forced and decode_refine=F (1: chunks alone)",
     )
     p.add_argument(
         "--floor",

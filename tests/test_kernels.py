@@ -402,6 +402,18 @@ def test_plan_kernels_match_reference(fused, dtype, B, H, H_kv, L, S, D, off, wi
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("D", [64, 256])
+def test_wide_decode_plans_match_reference(fused, D):
+    """A decode plan past 1024 key intervals (decode_refine's widened plans: select_keys'
+    MAX_IV 2560, beside the fused kernel's scores at D = 256): the reference's plan."""
+    config = small_config(budget=4 * 520)
+    assert planning.max_intervals(config) == planning.MAX_INTERVALS
+    _plan_matches_reference(fused, mx.bfloat16, 1, 8, 4, 1, 4600, D, 4599, None, config)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("B,H,H_kv,L,S,D,off,window,budget", PLAN_CASES + [
     (1, 4, 2, 1, 256, 64, 255, None, 48),  # an empty open part
