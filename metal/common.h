@@ -79,20 +79,57 @@ DHSA_INLINE void dhsa_dequant(DHSA_THREAD float* dst, P words, int first, float 
   }
 }
 
-// 16 bytes of T (16 / sizeof(T) values of a row from value `col`) dequantized into shared
-// memory, zeros when !valid (nothing read): the quantized twin of dhsa_cp16, synchronous.
-template <typename T, int BITS, int GROUP, typename W, typename S, typename B>
-DHSA_INLINE void dhsa_dq16(DHSA_SMEM T* dst, W words, S scales, B biases, int col, bool valid) {
-  constexpr int N = int(16 / sizeof(T));
-  float x[N];
+// The unit of a quantized K/V tile load: 16 bytes of packed words, the 128 / BITS values of a
+// row from a multiple of 128 / BITS (never crossing a group: GROUP is a multiple of 32), with
+// their group's scale and bias. dhsa_qload issues its loads (no use of them), dhsa_qstore
+// dequantizes it into shared memory: a thread loads all its units of a tile, then stores
+// them, so their global round trips overlap.
+template <typename T>
+struct dhsa_qunit {
+  dhsa_words4 w;
+  T scale;
+  T bias;
+};
+
+// Where the rows of quantized keys (or values) are: row p's words at words + p w_st, its
+// scales and biases at scales + p s_st, biases + p b_st.
+template <typename W, typename S>
+struct dhsa_qrows {
+  W words;
+  S scales;
+  S biases;
+  dhsa_long w_st, s_st, b_st;
+};
+
+// The unit of row p from value `col`; zeros when !valid (nothing read).
+template <int BITS, int GROUP, typename T, typename W, typename S>
+DHSA_INLINE void dhsa_qload(DHSA_THREAD dhsa_qunit<T>& u, DHSA_THREAD const dhsa_qrows<W, S>& x,
+                            int p, int col, bool valid) {
   if (valid) {
-    const int g = col / GROUP;
-    dhsa_dequant<N, BITS>(x, words, col, dhsa_to_float<T>(scales[g]), dhsa_to_float<T>(biases[g]));
+    u.w = dhsa_load_words4(x.words + p * x.w_st + col / (32 / BITS));
+    u.scale = x.scales[p * x.s_st + col / GROUP];
+    u.bias = x.biases[p * x.b_st + col / GROUP];
   } else {
     DHSA_UNROLL
-    for (int i = 0; i < N; ++i) {
-      x[i] = 0.0f;
+    for (int i = 0; i < 4; ++i) {
+      u.w.x[i] = 0u;
     }
+    u.scale = T(0.0f);
+    u.bias = T(0.0f);
   }
-  dhsa_st16<T>(dst, x);
+}
+
+// A unit's 128 / BITS values, scale * q + bias in fp32 stored as T from dst (shared memory,
+// 16-byte aligned): the quantized twin of dhsa_cp16, in 16-byte stores (dhsa_st16).
+template <int BITS, typename T>
+DHSA_INLINE void dhsa_qstore(DHSA_SMEM T* dst, DHSA_THREAD const dhsa_qunit<T>& u) {
+  constexpr int N = int(16 / sizeof(T));  // values per store
+  const float scale = dhsa_to_float<T>(u.scale);
+  const float bias = dhsa_to_float<T>(u.bias);
+  DHSA_UNROLL
+  for (int c = 0; c < 128 / BITS; c += N) {
+    float x[N];
+    dhsa_dequant<N, BITS>(x, u.w.x, c, scale, bias);
+    dhsa_st16<T>(dst + c, x);
+  }
 }

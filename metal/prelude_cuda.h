@@ -12,9 +12,11 @@
 //                DHSA_SHARED_ATOMIC(name, count) (shared int array with atomic adds),
 //                dhsa_atomic_add, dhsa_atomic_store, dhsa_atomic_load
 //   data         dhsa_load_row<N> (N elements of a global row -> floats, vector loads on
-//                CUDA), dhsa_cp16 (16 bytes global -> shared, zero-filled when invalid; async
-//                on CUDA), dhsa_st16 (16 bytes of T from floats into shared), dhsa_cp_commit,
-//                dhsa_cp_wait<N> (all but the N newest groups landed),
+//                CUDA), dhsa_words4 / dhsa_load_words4 (4 uint32 words of global memory
+//                into registers, one 16-byte load on CUDA), dhsa_cp16 (16 bytes global ->
+//                shared, zero-filled when invalid; async on CUDA), dhsa_st16 (16 bytes of
+//                T from floats into shared), dhsa_cp_commit, dhsa_cp_wait<N> (all but the
+//                N newest groups landed),
 //                dhsa_load_l2, dhsa_load_row_l2<N> (floats written by other groups of the launch)
 //   groups       dhsa_fence_device, dhsa_take_ticket, dhsa_reset_ticket (last-group-done)
 //   matrix unit  one warp computes D(M x N, fp32) += A(M x K) B(K x N): dhsa_afrag<T>,
@@ -161,12 +163,18 @@ DHSA_INLINE unsigned dhsa_smem_addr(const void* p) {
   asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\n" : "=r"(addr) : "l"(p));
   return addr;
 }
+// 4 uint32 words at p (global memory, 16-byte aligned) into registers: one 16-byte load.
+struct dhsa_words4 { unsigned x[4]; };
+DHSA_INLINE dhsa_words4 dhsa_load_words4(const uint32_t* p) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  return {{v.x, v.y, v.z, v.w}};
+}
 template <typename T>
 DHSA_INLINE void dhsa_cp16(T* dst, const T* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dhsa_smem_addr(dst)),
                "l"(src), "r"(valid ? 16 : 0));
 }
-// 16 bytes of T into shared memory from floats, one vector store (dhsa_dq16's).
+// 16 bytes of T into shared memory from floats, one vector store (dhsa_qstore's).
 template <typename T>
 DHSA_INLINE void dhsa_st16(T* dst, const float* src) {
   constexpr int N = int(16 / sizeof(T));

@@ -106,6 +106,18 @@ DHSA_INLINE void dhsa_reset_ticket(const device int* p) {
   metal::atomic_store_explicit((device metal::atomic_int*)(p), 0, metal::memory_order_relaxed);
 }
 
+// 4 uint32 words at p (device memory) into registers: 16 bytes, 4 independent loads.
+struct dhsa_words4 { uint x[4]; };
+template <typename P>
+DHSA_INLINE dhsa_words4 dhsa_load_words4(P p) {
+  dhsa_words4 w;
+  DHSA_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    w.x[i] = p[i];
+  }
+  return w;
+}
+
 // Synchronous here: dhsa_cp_commit / dhsa_cp_wait have nothing to wait for.
 template <typename T, typename P>
 DHSA_INLINE void dhsa_cp16(threadgroup T* dst, P src, bool valid) {
@@ -114,7 +126,7 @@ DHSA_INLINE void dhsa_cp16(threadgroup T* dst, P src, bool valid) {
     dst[i] = valid ? src[i] : T(0);
   }
 }
-// 16 bytes of T into shared memory from floats (dhsa_dq16's store).
+// 16 bytes of T into shared memory from floats (dhsa_qstore's store).
 template <typename T>
 DHSA_INLINE void dhsa_st16(threadgroup T* dst, thread const float* src) {
   DHSA_UNROLL

@@ -5,8 +5,9 @@
 //          dim contiguous, rows 16-byte aligned (cache slices pass without a copy)
 //          with DHSA_QUANTIZED_KV (kernels.sources prepends the define): keys, values
 //          [B, H_kv, S, D * BITS / 32] uint32 (mx.quantize's words), key_scales, key_biases,
-//          value_scales, value_biases [B, H_kv, S, D / GROUP] T; each tile is dequantized
-//          into shared memory as it is loaded (common.h, dhsa_dq16)
+//          value_scales, value_biases [B, H_kv, S, D / GROUP] T; each tile is loaded
+//          into registers 16 bytes of words at a time, then dequantized into shared
+//          memory as T (common.h, dhsa_qload / dhsa_qstore)
 //          kv_index [B, NB, K] int32 (ascending key positions; unused when ALL_KEYS)
 //          kv_count [B, NB] int32 (valid slots per block; unused when ALL_KEYS)
 //          iparams int32: kernels.sources.SparseParams (iparams[SA_<FIELD>]): L, S,
@@ -157,46 +158,84 @@ while (window > 0 && t_lo < t_hi &&
 DHSA_SMEM T* kv_s = qs;  // stage st: K tile at kv_s + 2 st BK LDK, its V tile after it
 const dhsa_long k_base = b * k_st0 + hk * k_st1;
 const dhsa_long v_base = b * v_st0 + hk * v_st1;
-// Row kp_'s 16 bytes from value col_ into shared dst_ (zeros unless ok_).
+// Tile t_'s key positions into stage st_ (-1 past its jn_ slots).
+#define DHSA_KPOS(t_, st_, jn_)                                                           \
+  if (dhsa_tid < BK) {                                                                    \
+    kpos_s[(st_) * BK + dhsa_tid] = dhsa_tid < (jn_) ? DHSA_SLOT((t_) * BK + dhsa_tid) : -1; \
+  }
 #ifdef DHSA_QUANTIZED_KV
-const dhsa_long ks_st2 = key_scales_strides[2], kb_st2 = key_biases_strides[2];
-const dhsa_long vs_st2 = value_scales_strides[2], vb_st2 = value_biases_strides[2];
-const dhsa_long ks_base = b * key_scales_strides[0] + hk * key_scales_strides[1];
-const dhsa_long kb_base = b * key_biases_strides[0] + hk * key_biases_strides[1];
-const dhsa_long vs_base = b * value_scales_strides[0] + hk * value_scales_strides[1];
-const dhsa_long vb_base = b * value_biases_strides[0] + hk * value_biases_strides[1];
-#define DHSA_COPY_K(dst_, kp_, col_, ok_)                                                     \
-  dhsa_dq16<T, BITS, GROUP>(dst_, keys + k_base + (kp_) * k_st2,                              \
-                            key_scales + ks_base + (kp_) * ks_st2,                            \
-                            key_biases + kb_base + (kp_) * kb_st2, col_, ok_)
-#define DHSA_COPY_V(dst_, kp_, col_, ok_)                                                     \
-  dhsa_dq16<T, BITS, GROUP>(dst_, values + v_base + (kp_) * v_st2,                            \
-                            value_scales + vs_base + (kp_) * vs_st2,                          \
-                            value_biases + vb_base + (kp_) * vb_st2, col_, ok_)
+// Quantized K/V: a thread loads its units of a K or V tile (common.h, dhsa_qunit: 16 bytes of
+// words and their scale and bias) into registers, all of them before it uses any, then
+// dequantizes them into shared memory. Unit c of a tile (c = dhsa_tid + it NT) is row c / QPR,
+// values from (c % QPR) QV. With two stages the next tile's K units are loaded before this
+// tile's S and stored after it, its V units loaded before this tile's P V and stored after it,
+// into the other stage (free once every thread is past this tile's first barrier).
+constexpr bool ASYNC = false;  // tiles are stored by the threads, not by cp.async
+constexpr int QV = 128 / BITS;  // values per unit
+constexpr int QPR = D / QV;     // units per row
+constexpr int Q_UNITS = (BK * QPR + NT - 1) / NT;  // a thread's units per K (or V) tile
+const dhsa_qrows<decltype(keys), decltype(key_scales)> k_rows = {
+    keys + k_base,
+    key_scales + b * key_scales_strides[0] + hk * key_scales_strides[1],
+    key_biases + b * key_biases_strides[0] + hk * key_biases_strides[1],
+    k_st2, key_scales_strides[2], key_biases_strides[2]};
+const dhsa_qrows<decltype(values), decltype(value_scales)> v_rows = {
+    values + v_base,
+    value_scales + b * value_scales_strides[0] + hk * value_scales_strides[1],
+    value_biases + b * value_biases_strides[0] + hk * value_biases_strides[1],
+    v_st2, value_scales_strides[2], value_biases_strides[2]};
+// Tile t_'s units of rows_ (k_rows or v_rows) into registers u_ (zeros past the slots).
+#define DHSA_QLOAD(t_, u_, rows_)                                                         \
+  {                                                                                       \
+    const int jn_ = dhsa_min(BK, n_slots - (t_) * BK);                                    \
+    DHSA_UNROLL                                                                           \
+    for (int it = 0; it < Q_UNITS; ++it) {                                                \
+      const int c = dhsa_tid + it * NT;                                                   \
+      const int j = c / QPR;                                                              \
+      const bool ok = j < jn_;                                                            \
+      const int kp = ok ? DHSA_SLOT((t_) * BK + j) : 0;                                   \
+      dhsa_qload<BITS, GROUP>(u_[it], rows_, kp, (c % QPR) * QV, ok);                     \
+    }                                                                                     \
+  }
+// Units u_ dequantized into the K or V tile at dst_ (shared memory).
+#define DHSA_QSTORE(dst_, u_)                                                             \
+  {                                                                                       \
+    DHSA_UNROLL                                                                           \
+    for (int it = 0; it < Q_UNITS; ++it) {                                                \
+      const int c = dhsa_tid + it * NT;                                                   \
+      if (c < BK * QPR) {                                                                 \
+        dhsa_qstore<BITS>((dst_) + (c / QPR) * LDK + (c % QPR) * QV, u_[it]);             \
+      }                                                                                   \
+    }                                                                                     \
+  }
+// Tile t_ into stage st_, now.
+#define DHSA_ISSUE(t_, st_)                                                               \
+  {                                                                                       \
+    dhsa_qunit<T> kq_[Q_UNITS], vq_[Q_UNITS];                                             \
+    DHSA_QLOAD(t_, kq_, k_rows);                                                          \
+    DHSA_QLOAD(t_, vq_, v_rows);                                                          \
+    DHSA_KPOS(t_, st_, dhsa_min(BK, n_slots - (t_) * BK));                                \
+    DHSA_QSTORE(kv_s + (st_) * 2 * BK * LDK, kq_);                                        \
+    DHSA_QSTORE(kv_s + (st_) * 2 * BK * LDK + BK * LDK, vq_);                             \
+  }
 #else
-#define DHSA_COPY_K(dst_, kp_, col_, ok_)                                                     \
-  dhsa_cp16(dst_, keys + k_base + (kp_) * k_st2 + (col_), ok_)
-#define DHSA_COPY_V(dst_, kp_, col_, ok_)                                                     \
-  dhsa_cp16(dst_, values + v_base + (kp_) * v_st2 + (col_), ok_)
-#endif
-// Tile t_ into stage st_: key positions (-1 past the end), then K and V as two copy groups
-// (S = Q K^T starts once K has landed).
+constexpr bool ASYNC = true;  // tiles land by cp.async (dhsa_cp16) in commit groups
+// Tile t_ into stage st_: key positions, then K and V as two copy groups (S = Q K^T starts
+// once K has landed).
 #define DHSA_ISSUE(t_, st_)                                                               \
   {                                                                                       \
     const int j0_ = (t_) * BK;                                                            \
     const int jn_ = dhsa_min(BK, n_slots - j0_);                                          \
     DHSA_SMEM T* ks_ = kv_s + (st_) * 2 * BK * LDK;                                       \
     DHSA_SMEM T* vs_ = ks_ + BK * LDK;                                                    \
-    if (dhsa_tid < BK) {                                                                  \
-      kpos_s[(st_) * BK + dhsa_tid] = dhsa_tid < jn_ ? DHSA_SLOT(j0_ + dhsa_tid) : -1;    \
-    }                                                                                     \
+    DHSA_KPOS(t_, st_, jn_);                                                              \
     DHSA_UNROLL                                                                           \
     for (int it = 0; it < KV_ITERS; ++it) {                                               \
       const int c = dhsa_tid + it * NT;                                                   \
       if (c < BK * DV) {                                                                  \
         const int j = c / DV, col = (c % DV) * VEC;                                       \
         const int kp = j < jn_ ? DHSA_SLOT(j0_ + j) : 0;                                  \
-        DHSA_COPY_K(ks_ + j * LDK + col, kp, col, j < jn_);                              \
+        dhsa_cp16(ks_ + j * LDK + col, keys + k_base + kp * k_st2 + col, j < jn_);        \
       }                                                                                   \
     }                                                                                     \
     dhsa_cp_commit();                                                                     \
@@ -206,11 +245,12 @@ const dhsa_long vb_base = b * value_biases_strides[0] + hk * value_biases_stride
       if (c < BK * DV) {                                                                  \
         const int j = c / DV, col = (c % DV) * VEC;                                       \
         const int kp = j < jn_ ? DHSA_SLOT(j0_ + j) : 0;                                  \
-        DHSA_COPY_V(vs_ + j * LDK + col, kp, col, j < jn_);                              \
+        dhsa_cp16(vs_ + j * LDK + col, values + v_base + kp * v_st2 + col, j < jn_);      \
       }                                                                                   \
     }                                                                                     \
     dhsa_cp_commit();                                                                     \
   }
+#endif
 
 dhsa_acc o[MT][DN];
 float m_run[MT][DHSA_ACC_ROWS];
@@ -244,13 +284,21 @@ for (int t = t_lo; t < t_hi; ++t) {
     DHSA_BARRIER();  // shared memory free: the queries staged, the last tile done
     DHSA_ISSUE(t, st);
   }
+#ifdef DHSA_QUANTIZED_KV
+  DHSA_SMEM T* ks_next = kv_s + (st + 1) % STAGES * 2 * BK * LDK;
+  dhsa_qunit<T> next[Q_UNITS];  // tile t + 1's K units, then its V units
+  if (ahead) {
+    DHSA_QLOAD(t + 1, next, k_rows);
+  }
+#else
   if (ahead) {
     DHSA_BARRIER();  // tile t - 1 done with the other stage
     DHSA_ISSUE(t + 1, (st + 1) % STAGES);
   }
-  if (ahead) {
+#endif
+  if (ASYNC && ahead) {
     dhsa_cp_wait<3>();  // this tile's K (its V and the next tile may still be in flight)
-  } else {
+  } else if (ASYNC) {
     dhsa_cp_wait<1>();
   }
   DHSA_BARRIER();
@@ -282,6 +330,13 @@ for (int t = t_lo; t < t_hi; ++t) {
       }
     }
   }
+
+#ifdef DHSA_QUANTIZED_KV
+  if (ahead) {
+    DHSA_QSTORE(ks_next, next);
+    DHSA_QLOAD(t + 1, next, v_rows);
+  }
+#endif
 
   // Mask, soft cap and online softmax (log2 domain).
   float m_use[MT][DHSA_ACC_ROWS];
@@ -352,13 +407,15 @@ for (int t = t_lo; t < t_hi; ++t) {
     }
   }
 
-  // O += P V, once V has landed.
-  if (ahead) {
-    dhsa_cp_wait<2>();
-  } else {
-    dhsa_cp_wait<0>();
+  // O += P V, once V has landed (stored tiles: with K).
+  if (ASYNC) {
+    if (ahead) {
+      dhsa_cp_wait<2>();
+    } else {
+      dhsa_cp_wait<0>();
+    }
+    DHSA_BARRIER();
   }
-  DHSA_BARRIER();
   DHSA_UNROLL
   for (int pk = 0; pk < PK; ++pk) {
     dhsa_afrag<T> pa[MT];
@@ -376,11 +433,20 @@ for (int t = t_lo; t < t_hi; ++t) {
       }
     }
   }
+#ifdef DHSA_QUANTIZED_KV
+  if (ahead) {
+    DHSA_KPOS(t + 1, (st + 1) % STAGES, dhsa_min(BK, n_slots - (t + 1) * BK));
+    DHSA_QSTORE(ks_next + BK * LDK, next);
+  }
+#endif
 }
 
 #undef DHSA_ISSUE
-#undef DHSA_COPY_K
-#undef DHSA_COPY_V
+#undef DHSA_KPOS
+#ifdef DHSA_QUANTIZED_KV
+#undef DHSA_QLOAD
+#undef DHSA_QSTORE
+#endif
 #undef DHSA_SLOT
 
 // Normalise and write this lane's rows.

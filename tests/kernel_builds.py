@@ -149,7 +149,8 @@ def _attention_instances(name: str, backend: str, dtype, D: int, quant, reps: in
     ins += [mx.zeros((12,), mx.int32), mx.zeros((2,))]
     for all_keys, split in BOTH if quant is None else ((False, False), (True, True)):
         block_size = None if all_keys else 16
-        tiles = attn_launch.tile_config(backend, dtype, D, 4 * reps, 4, block_size, bool(quant))
+        bits = None if quant is None else quant[0]
+        tiles = attn_launch.tile_config(backend, dtype, D, 4 * reps, 4, block_size, bits)
         tmpl = attn_launch.sparse_template(
             dtype, D, tiles, all_keys=all_keys, split=split, quant=quant
         )

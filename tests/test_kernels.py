@@ -4,6 +4,8 @@ stream, in exact fp32. The dispatch tests at the end run everywhere.
 
 GPU run: ``python3 -m pytest tests -m gpu -q -x``."""
 
+import itertools
+
 import mlx.core as mx
 import pytest
 from conftest import assert_within_baseline, make_qkv, open_pieces_over_cache_steps, small_config
@@ -276,11 +278,12 @@ def _dequantize_fp32(x):
                          bits=x.bits)  # fmt: skip
 
 
-def _quantized_matches_oracle(dtype, bits, group, D, H, H_kv, L, S, cap, window=None):
-    """Sparse (the planner's keys) and dense attention over quantized K/V on the GPU against
-    the oracle: everything dequantized in fp32, then the reference (fp32: within 1e-4; 16-bit:
-    within 2x, 4x with a soft cap, the error of the reference in that dtype over the values
-    mx.dequantize gives in that dtype)."""
+def _quantized_matches_oracle(dtype, bits, group, D, H, H_kv, L, S, cap, window=None, config=None):
+    """Sparse (the planner's keys under ``config``, None: small_config()) and dense attention
+    over quantized K/V on the GPU against the oracle: everything dequantized in fp32, then the
+    reference (fp32: within 1e-4; 16-bit: within 2x, 4x with a soft cap, the error of the
+    reference in that dtype over the values mx.dequantize gives in that dtype). Returns the
+    plan and the kernel chosen for it."""
     q, k, v = make_qkv(H=H, H_kv=H_kv, L=L, S=S, D=D, scale=2.0)
     q = q.astype(dtype)
     kq, vq = (_quantize_cache_like(x.astype(dtype), bits, group) for x in (k, v))
@@ -289,7 +292,7 @@ def _quantized_matches_oracle(dtype, bits, group, D, H, H_kv, L, S, cap, window=
     # which the kernels compute in registers; kd/vd round them to the dtype first.
     k32, v32 = (_dequantize_fp32(x) for x in (kq, vq))
     q32 = q.astype(mx.float32)
-    plan = _plan(q32, k32, small_config(), S - L, window)
+    plan = _plan(q32, k32, config or small_config(), S - L, window)
     mask = key_mask(S - L, L, S, window)
     args = dict(scale=SCALE, softcap=cap)
     calls = [
@@ -304,12 +307,14 @@ def _quantized_matches_oracle(dtype, bits, group, D, H, H_kv, L, S, cap, window=
             None,
         ),
     ]
+    sparse_kernel = None
     for kernel, ref, block_size in calls:
         with mx.stream(mx.gpu if mx.is_available(mx.gpu) else mx.cpu):
             chosen = attention_kernel(
                 (dtype,) * 3, D, H, H_kv, L, S, block_size, quantized=(bits, group)
             )
         assert chosen is not None and chosen.quant == (bits, group)
+        sparse_kernel = sparse_kernel or chosen
         out = _on_gpu(kernel, q, kq, vq)
         assert out.dtype == dtype
         ref32 = ref(q32, k32, v32)
@@ -317,6 +322,7 @@ def _quantized_matches_oracle(dtype, bits, group, D, H, H_kv, L, S, cap, window=
             _close(out, ref32)
         else:
             assert_within_baseline(out, ref32, ref(q, kd, vd), factor=4.0 if cap else 2.0)
+    return plan, sparse_kernel
 
 
 @gpu
@@ -345,6 +351,31 @@ def test_quantized_decode_merge_and_window(fold, window):
     with kernels.use_backend(BACKEND, fold_decode=fold):
         _quantized_matches_oracle(mx.bfloat16, 4, 64, 256, 8, 4, 1, 5000, 50.0, window)
         _quantized_matches_oracle(mx.float16, 8, 32, 128, 8, 2, 1, 1200, None, window)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group,D", [(4, 64, 256), (8, 64, 128), (8, 64, 256)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("window,min_split_tiles", [(None, 10**6), (1536, None)])
+def test_quantized_prefill_over_many_key_tiles(
+    monkeypatch, bits, group, D, dtype, window, min_split_tiles
+):
+    """A prefill step whose plan blocks hold 1024 keys (32 key tiles of the CUDA bf16 kernel),
+    in one group each or split across groups (``min_split_tiles`` None: as launched), in a
+    window or not: the quantized tiles' pipeline (two stages where tile_config gives them:
+    the next tile's units held in registers across this tile's products) over many tiles,
+    against the oracle. gemma-2's shapes (8 heads, 4 KV heads)."""
+    if min_split_tiles is not None:
+        monkeypatch.setattr(launches, "MIN_SPLIT_TILES", min_split_tiles)
+    config = small_config(budget=1024, block_size=64)
+    plan, kernel = _quantized_matches_oracle(
+        dtype, bits, group, D, 8, 4, 200, 4096, 50.0, window, config
+    )
+    assert mx.min(plan.n_valid).item() >= 16 * kernel.tiles.bk
+    units = launches.prefetch_units(kernel.tiles.warps, kernel.tiles.bk, D, bits)
+    two = launches.STAGES[BACKEND] == 2 and units <= launches.PREFETCH_UNITS
+    assert kernel.tiles.stages == (2 if two else 1)
 
 
 def _table(k, config):
@@ -747,22 +778,30 @@ def test_use_kernel_false_forces_reference():
 
 @pytest.mark.parametrize("backend", kernels.BACKENDS)
 def test_tile_configs_fit_each_backend(backend):
-    """The attention kernel's tiles for every supported dtype, head dim and GQA layout fit the
-    backend's shared memory, and a group's queries never straddle a plan block. CUDA keeps two
-    K/V stages for plans even at head dim 256 (dynamic shared memory past the 48 KB static
-    limit); all-keys calls keep one."""
+    """The attention kernel's tiles for every supported dtype, head dim and GQA layout, over
+    arrays and quantized K/V, fit the backend's shared memory, and a group's queries never
+    straddle a plan block. CUDA keeps two K/V stages for plans even at head dim 256 (dynamic
+    shared memory past the 48 KB static limit), over quantized K/V where a thread's share of
+    a tile is at most PREFETCH_UNITS (gemma-2's bf16 at 4 bits: two; at 8 bits: one);
+    all-keys calls keep one."""
     tile_config = launches.tile_config
     for dtype in (mx.float32, mx.float16, mx.bfloat16):
         for D in (64, 128, 256):
             for H, H_kv in ((8, 4), (4, 4), (32, 8)):
-                for block_size in (None, 128, 16):
-                    t = tile_config(backend, dtype, D, H, H_kv, block_size)
+                for block_size, bits in itertools.product((None, 128, 16), (None, 4, 8)):
+                    t = tile_config(backend, dtype, D, H, H_kv, block_size, bits)
                     rows, size = t.warps * t.wrows, dtype.size
                     smem = max(rows, 2 * t.bk * t.stages) * (D + 16 // size) * size
                     assert t.smem == smem <= launches.SMEM_LIMIT[backend]
-                    assert t.stages == (launches.STAGES[backend] if block_size else 1)
+                    units = 0 if bits is None else launches.prefetch_units(t.warps, t.bk, D, bits)
+                    two = block_size and units <= launches.PREFETCH_UNITS
+                    assert t.stages == (launches.STAGES[backend] if two else 1)
                     assert t.qt * (H // H_kv) <= rows
                     assert block_size is None or block_size % t.qt == 0
+    if backend == "cuda":
+        assert tile_config(backend, mx.bfloat16, 256, 8, 4, 128, 4).stages == 2
+        assert tile_config(backend, mx.bfloat16, 256, 8, 4, 128, 8).stages == 1
+        assert tile_config(backend, mx.bfloat16, 128, 8, 4, 128, 8).stages == 2
     assert tile_config(backend, mx.int32, 64, 8, 4, None) is None
     assert tile_config(backend, mx.float32, 72, 8, 4, None) is None  # D % 16
     assert tile_config(backend, mx.float32, 64, 6, 4, None) is None  # H % H_kv

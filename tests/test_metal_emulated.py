@@ -584,8 +584,8 @@ _PLANTED_DEQUANT = {
     ),
     # Scale and bias swapped in the query-tile kernel's load.
     "scale and bias swapped": (
-        "dhsa_to_float<T>(scales[g]), dhsa_to_float<T>(biases[g])",
-        "dhsa_to_float<T>(biases[g]), dhsa_to_float<T>(scales[g])",
+        "scale = dhsa_to_float<T>(u.scale);\n  const float bias = dhsa_to_float<T>(u.bias);",
+        "scale = dhsa_to_float<T>(u.bias);\n  const float bias = dhsa_to_float<T>(u.scale);",
     ),
 }
 
@@ -610,6 +610,94 @@ def test_a_planted_dequantize_bug_is_caught(metal, monkeypatch, bug):
         q1 = q[:, :, :1]
         with pytest.raises(AssertionError, match="max error"):
             _attention_both(q1, kq, vq, 79, None, None)
+
+
+# Quantized prefill over many key tiles with two K/V stages, which Metal does not choose (its
+# loads are synchronous): the double-buffered load (the next tile's K and V units held in
+# registers across this tile's products, then stored into the other stage) as CUDA runs it.
+# (dtype, H, H_kv, L, S, D, q_offset, window, softcap, bits, group, budget, split): 20 and 32
+# key tiles a plan block, ragged blocks, a window (tiles skipped at the front), splits.
+QUANT_TWO_STAGE_CASES = [
+    (BF16, 4, 2, 40, 700, 128, 660, None, 50.0, 4, 64, 320, False),
+    (F32, 8, 4, 33, 500, 64, 467, 300, None, 8, 32, 256, True),
+]
+
+
+@pytest.fixture
+def two_stages(monkeypatch):
+    """Metal tile configs with two K/V stages for plans (where shared memory allows)."""
+    monkeypatch.setitem(kernels.attention.STAGES, "metal", 2)
+    kernels.attention.tile_config.cache_clear()
+    yield
+    kernels.attention.tile_config.cache_clear()
+
+
+def _quantized_prefill(monkeypatch, dtype, H, H_kv, L, S, D, off, window, cap, bits, group,
+                       budget, split):  # fmt: skip
+    """Sparse attention over quantized K/V with a plan of ``budget`` keys a block, on two K/V
+    stages, against the reference over the dequantized K/V."""
+    monkeypatch.setattr(kernels.attention, "MIN_SPLIT_TILES", 4 if split else 10**6)
+    q, k, v = make_qkv(H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype, scale=2.0)
+    kq, vq = _quantized(k, v, bits, group)
+    k, v = kq.dequantize(), vq.dequantize()
+    q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
+    plan = _plan(q32, k32, small_config(budget=budget), off, window)
+    chosen = kernels.attention.attention_kernel(
+        (dtype,) * 3, D, H, H_kv, L, S, plan.block_size, quantized=(bits, group)
+    )
+    assert chosen.tiles.stages == 2
+    assert mx.max(plan.n_valid).item() >= 16 * chosen.tiles.bk  # many key tiles
+    args = dict(scale=SCALE, softcap=cap)
+    out = kernels.sparse_attention(q, kq, vq, plan, **args)
+    ref32 = reference.sparse_attention(q32, k32, v32, plan, **args)
+    _check(out, ref32, reference.sparse_attention(q, k, v, plan, **args), dtype, cap)
+
+
+@pytest.mark.parametrize(
+    "dtype,H,H_kv,L,S,D,off,window,cap,bits,group,budget,split", QUANT_TWO_STAGE_CASES
+)
+def test_quantized_prefill_two_stages(
+    metal, monkeypatch, two_stages, dtype, H, H_kv, L, S, D, off, window, cap, bits, group,
+    budget, split
+):  # fmt: skip
+    _quantized_prefill(
+        monkeypatch, dtype, H, H_kv, L, S, D, off, window, cap, bits, group, budget, split
+    )
+    assert _launched(metal).count("merge_splits") == (1 if split else 0)
+
+
+# Planted bugs in the two-stage quantized load (sparse_attention.metal): the test above must
+# see them.
+_PLANTED_TWO_STAGE = {
+    # The next tile's V units stored into this tile's stage (other warps may still read it).
+    "next V into this stage": (
+        "DHSA_QSTORE(ks_next + BK * LDK, next);",
+        "DHSA_QSTORE(vs, next);",
+    ),
+    # This tile's K units loaded again instead of the next tile's.
+    "this tile's K again": (
+        "DHSA_QLOAD(t + 1, next, k_rows);",
+        "DHSA_QLOAD(t, next, k_rows);",
+    ),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(_PLANTED_TWO_STAGE))
+def test_a_planted_two_stage_bug_is_caught(metal, monkeypatch, two_stages, bug):
+    old, new = _PLANTED_TWO_STAGE[bug]
+    source = kernels.kernel_source
+
+    def planted(name, backend, quantized=False):
+        header, body = source(name, backend, quantized)
+        if quantized and name == "sparse_attention":
+            assert old in body
+            body = body.replace(old, new)
+        return header, body
+
+    monkeypatch.setattr(sources, "kernel_source", planted)
+    emulate_metal(monkeypatch, metal)  # build again from the planted source
+    with pytest.raises(AssertionError, match="max error"):
+        _quantized_prefill(monkeypatch, *QUANT_TWO_STAGE_CASES[1])
 
 
 # ---- the emulator itself: what it must catch ----------------------------------------------

@@ -42,11 +42,17 @@ TILES = {
     ("metal", 2): (4, 8, 16),
     ("metal", 4): (2, 8, 8),
 }
-# K/V tiles in flight for calls with a plan: CUDA loads the next tile (cp.async) while the
-# matrix unit works on this one; Metal's loads are synchronous, so a second stage would only
-# cost memory there. All-keys calls keep one stage: there nvcc spills the second one's
-# registers (docs/benchmarks.md has both measurements).
+# K/V tiles in flight for calls with a plan: CUDA loads the next tile (cp.async; over
+# quantized K/V into registers, dequantized into the other stage after this tile's products)
+# while the matrix unit works on this one; Metal's loads are synchronous, so a second stage
+# would only cost memory there. All-keys calls keep one stage: there nvcc spills the second
+# one's registers (docs/benchmarks.md has both measurements).
 STAGES = {"cuda": 2, "metal": 1}
+# Over quantized K/V a second stage holds the next tile's K (then V) units (16 bytes of words
+# and their scale and bias) in registers across this tile's products: at most this many a
+# thread, else one stage (bf16 at head dim 256 and 8 bits, 4 units: nvcc spills the loaded
+# words, and each spill waits for its load).
+PREFETCH_UNITS = 2
 SMEM_LIMIT = {"cuda": 100 * 1024, "metal": 32 * 1024}
 MIN_GROUPS = 128  # fewer attention groups than this: split the keys across more groups
 MIN_SPLIT_TILES = 8  # key tiles per split at least (multi-query calls)
@@ -109,12 +115,12 @@ def tile_config(
     H: int,
     H_kv: int,
     block_size: int | None,
-    quantized: bool = False,
+    bits: int | None = None,
 ):
     """Tiles for a plan with ``block_size`` (None: all keys, one K/V stage), or None when
-    sparse_attention.metal cannot take these shapes. Quantized keys and values keep one
-    stage: their tiles are dequantized through registers, so a second stage would not
-    overlap loads with the matrix unit and would only cost shared memory."""
+    sparse_attention.metal cannot take these shapes; ``bits``: of quantized keys and values
+    (None: arrays), which keep one stage where a thread's share of a tile passes
+    ``PREFETCH_UNITS``."""
     if dtype not in DTYPES or D % 16 or D > 256 or H % H_kv:
         return None
     warps, wrows, bk = TILES[(backend_name, dtype.size)]
@@ -124,12 +130,19 @@ def tile_config(
         qt //= 2
     if qt == 0:
         return None
-    most = STAGES[backend_name] if block_size is not None and not quantized else 1
+    most = STAGES[backend_name] if block_size is not None else 1
+    if bits is not None and prefetch_units(warps, bk, D, bits) > PREFETCH_UNITS:
+        most = 1
     for stages in range(most, 0, -1):
         smem = max(rows, 2 * bk * stages) * (D + 16 // dtype.size) * dtype.size
         if smem <= SMEM_LIMIT[backend_name]:  # (+ the stages x bk key positions, declared apart)
             return Tiles(warps, wrows, bk, qt, stages, smem)
     return None
+
+
+def prefetch_units(warps: int, bk: int, D: int, bits: int) -> int:
+    """A thread's 16-byte units of one quantized K (or V) tile in sparse_attention.metal."""
+    return -(-bk * D * bits // (128 * warps * 32))
 
 
 @cache
@@ -204,7 +217,8 @@ def attention_kernel(
     if quantized is not None and not accepts_quantized(*quantized, D):
         return None
     dtype = dtypes[0]
-    tiles = tile_config(be.name, dtype, D, H, H_kv, block_size, quantized is not None)
+    bits = None if quantized is None else quantized[0]
+    tiles = tile_config(be.name, dtype, D, H, H_kv, block_size, bits)
     if tiles is None:
         return None
     decode = L == 1 and decode_ok(dtype, D, H, H_kv)
