@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 import mlx_dhsa
+from mlx_dhsa.chunking import chunks_per_segment
 from mlx_dhsa.cli.profiling import SHAPES, random_model
 from mlx_dhsa.evaluation.floor import set_method
 from mlx_dhsa.patching import dhsa_layers
@@ -102,14 +103,20 @@ def decode_sync(model, caches, steps):
     return steps / (time.perf_counter() - tic), build / steps * 1e3
 
 
-def bytes_per_token(model, S, budget, dtype_bytes):
-    """Weights + KV read for one decode step: dense reads S keys, DHSA ~budget (+ summaries)."""
+def bytes_per_token(model, S, config, dtype_bytes):
+    """Weights + KV read for one decode step: dense reads S keys and values; sparse DHSA the
+    closed chunks' fp32 summaries, ``decode_refine x budget`` candidate keys (refinement) and
+    its plan's ``budget`` keys and values. An estimate: every layer as if global."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     a = model.args
     n_layers = len(model.layers)
-    kv_row = 2 * a.num_key_value_heads * a.head_dim * dtype_bytes * n_layers
-    summaries = (S // 32) * a.head_dim * 4 * n_layers
-    return weights + S * kv_row, weights + min(S, budget) * kv_row + summaries
+    row = a.num_key_value_heads * a.head_dim * dtype_bytes * n_layers  # keys or values
+    slots = S // config.chunk_limit * chunks_per_segment(config)
+    summaries = slots * a.head_dim * 4 * n_layers
+    candidates = (
+        min(S, config.budget * config.decode_refine) * row if config.decode_refine > 1 else 0
+    )
+    return weights + 2 * S * row, weights + summaries + candidates + 2 * min(S, config.budget) * row
 
 
 def main():
@@ -191,7 +198,7 @@ def main():
         for m in [m for m in methods if m.startswith("dhsa")]:  # ratios within each trial
             ratios = [a / b for a, b in zip(runs[m]["tps"], runs["dense"]["tps"])]
             row[f"{m}_paired"] = statistics.median(ratios)
-        dense_b, dhsa_b = bytes_per_token(model, S, args.budget, dtype.size)
+        dense_b, dhsa_b = bytes_per_token(model, S, config, dtype.size)
         row["dense_gb_per_token"], row["dhsa_gb_per_token"] = dense_b / 1e9, dhsa_b / 1e9
         rows.append(row)
         print(
