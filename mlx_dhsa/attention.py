@@ -5,6 +5,7 @@ on the kernels or the pure-MLX reference) from its shapes, dtypes, device and co
 layer runs the :class:`Route` it returns and keeps it as ``last_route``.
 """
 
+from collections import deque
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -192,8 +193,40 @@ def _per_sequence(mask) -> bool:
     return isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[0] > 1
 
 
+# DHSA layers of a multi-token call whose GPU work may be queued ahead of the GPU (Pacer).
+PREFILL_AHEAD = 2
+
+
+class Pacer:
+    """Keeps at most ``ahead`` DHSA layers of a multi-token call queued ahead of the GPU.
+
+    MLX allocates an op's output when it encodes the op and frees the op's inputs when the
+    GPU has run it; it stops encoding only while more than ten counted command batches (100
+    ops or 1000 MB of inputs each on an H100: mlx/transforms.cpp, backend/cuda/eval.cpp) are
+    in flight. The chunk state's ``mx.async_eval`` calls (cache.py, kernels/planning.py)
+    commit a batch per layer that is not counted, and a layer over a 4-bit cache reads less
+    than 1000 MB, so a prefill step need never wait: every layer's buffers of the step (MLP
+    activations, the old buffers mlx-lm's cache growth copies) can be held at once (issue
+    18). Each layer instead evaluates a one-element marker of its input and waits for the
+    marker of the layer ``ahead`` calls back: about ``ahead + 1`` layers hold their buffers.
+    """
+
+    def __init__(self, ahead: int | None = None):
+        self.ahead = PREFILL_AHEAD if ahead is None else ahead
+        self._markers: deque = deque()
+
+    def step(self, x: mx.array) -> None:
+        """Schedule ``x`` (a layer's input) and wait for the layer ``ahead`` calls back."""
+        marker = x[..., :1, :1].sum()  # a buffer of its own: holds nothing of x once done
+        mx.async_eval(marker)
+        self._markers.append(marker)
+        while len(self._markers) > self.ahead:
+            mx.eval(self._markers.popleft())
+
+
 class SharedChunks:
-    """Closed chunks published by the first DHSA layer and borrowed by the others.
+    """What a model's DHSA layers share: the closed chunks published by the first DHSA layer
+    and borrowed by the others, and the :class:`Pacer` of their multi-token calls.
 
     Within one forward call every layer sees the same key positions, so the owner (the first
     patched layer) brings its chunk state up to date and later layers borrow it when the
@@ -203,6 +236,7 @@ class SharedChunks:
     def __init__(self):
         self._key = None
         self._closed: ClosedChunks | None = None
+        self.pacer = Pacer()
 
     def publish(self, batch: int, n_keys: int, closed: ClosedChunks) -> None:
         self._key, self._closed = (batch, n_keys), closed
@@ -331,6 +365,8 @@ class DHSAAttention(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
         offset = 0 if cache is None else cache.offset
+        if L > 1 and cache is not None:
+            self._shared.pacer.step(x)
         # Decided before the projections (mlx-lm's module makes its own); queries, keys and
         # values take x's dtype, which attend checks.
         base = L == 1 and cache is not None and self.__dict__.get("_base") is not None

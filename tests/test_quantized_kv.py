@@ -16,7 +16,7 @@ from mlx_lm.models.cache import (
 
 import mlx_dhsa
 from mlx_dhsa import DHSACache, DHSAConfig, patch, reference
-from mlx_dhsa.attention import DHSAAttention, Path, route
+from mlx_dhsa.attention import DHSAAttention, Pacer, Path, route
 from mlx_dhsa.cache import ClosedChunks
 from mlx_dhsa.config import ConfigError
 from mlx_dhsa.patching import dhsa_layers
@@ -404,3 +404,62 @@ def test_windowed_layer_on_quantized_keys_equals_dequantized(L, dense_limit):
     want = attn.attend(q, qk.dequantize(), qv.dequantize(), offset=180 - L)
     assert path == attn.last_path == ("dense" if dense_limit else "dhsa(reference)")
     assert mx.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def test_pacer_waits_for_the_marker_ahead_calls_back(monkeypatch):
+    scheduled, waited = [], []
+    async_eval, eval_ = mx.async_eval, mx.eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (scheduled.extend(a), async_eval(*a)))
+    monkeypatch.setattr(mx, "eval", lambda *a: (waited.extend(a), eval_(*a)))
+    pacer = Pacer(ahead=2)
+    for i in range(5):
+        pacer.step(mx.full((1, 8, 4), float(i)))
+        assert len(waited) == max(0, i - 1)
+    assert [x.item() for x in scheduled] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert all(w is s for w, s in zip(waited, scheduled[:3]))
+
+
+def test_prefill_paces_every_dhsa_layer_and_leaves_logits_unchanged(monkeypatch):
+    # Each multi-token call with a cache steps the pacer once per DHSA layer; decode steps
+    # do not. Waiting changes when MLX evaluates, never what: the logits of a fully
+    # synchronous run (ahead=0) equal the default's.
+    model = patch(tiny_gemma2(), small_config(kv_bits=4, kv_group_size=GROUP))
+    prompt = mx.random.randint(0, 1024, (200,))
+    steps = []
+    step = Pacer.step
+    monkeypatch.setattr(Pacer, "step", lambda self, x: (steps.append(x.shape), step(self, x)))
+    want = _logits(model, prompt, mlx_dhsa.make_prompt_cache(model), step=70)
+    assert steps == [(1, 70, 128)] * 8 + [(1, 60, 128)] * 4
+    for layer in dhsa_layers(model):
+        layer._shared.pacer.ahead = 0
+    cache = mlx_dhsa.make_prompt_cache(model)
+    assert mx.array_equal(_logits(model, prompt, cache, step=70), want)
+    n = len(steps)
+    model(mx.array([[5]]), cache=cache)
+    assert len(steps) == n
+
+
+def test_quantized_prefill_holds_its_cache_and_chunk_state_only():
+    # After a prefill (mlx-lm's generate_step) the memory that stays is the quantized keys
+    # and values, the model-dtype keys of the open segment and the chunk tables: no
+    # dequantized copy of the cache, no step graph kept alive by a lazy chunk state.
+    config = small_config(kv_bits=4, kv_group_size=GROUP)
+    model = patch(tiny_gemma2(), config)
+    cache = mlx_dhsa.make_prompt_cache(model)
+    prompt = mx.random.randint(0, 1024, (1200,))
+    mx.eval(prompt)
+    before = mx.get_active_memory()
+    assert len(_greedy(model, prompt, cache, 2)) == 2
+    held = mx.get_active_memory() - before
+    kv = sum(c.nbytes for c in cache)
+    fp = sum(c.pending_nbytes for c in cache)
+    tables = sum(c._summaries.summaries.nbytes for c in cache)
+    tables += sum(x.nbytes for c in cache if c._closed.starts is not None
+                  for x in (c._closed.starts, c._closed.lengths))  # fmt: skip
+    seg_keys = config.chunk_limit * 2 * 32 * 4  # a segment of fp32 keys (2 heads x 32)
+    assert all(c.pending_nbytes <= 2 * seg_keys for c in cache)
+    # What else stays (the sampled tokens, log-probabilities, kernel state) is under 512 KB.
+    assert kv + fp + tables <= held <= kv + fp + tables + 512 * 1024, (held, kv, fp, tables)
