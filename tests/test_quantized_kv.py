@@ -1,5 +1,7 @@
 """DHSA over mlx-lm's quantized KV cache (issue 18): reference paths, cache, generation."""
 
+import gc
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -451,9 +453,14 @@ def test_quantized_prefill_holds_its_cache_and_chunk_state_only():
     cache = mlx_dhsa.make_prompt_cache(model)
     prompt = mx.random.randint(0, 1024, (1200,))
     mx.eval(prompt)
-    before = mx.get_active_memory()
-    assert len(_greedy(model, prompt, cache, 2)) == 2
-    held = mx.get_active_memory() - before
+    gc.collect()  # earlier tests' garbage would otherwise be freed inside the measurement
+    gc.disable()
+    try:
+        before = mx.get_active_memory()
+        assert len(_greedy(model, prompt, cache, 2)) == 2
+        held = mx.get_active_memory() - before
+    finally:
+        gc.enable()
     kv = sum(c.nbytes for c in cache)
     fp = sum(c.pending_nbytes for c in cache)
     tables = sum(c._summaries.summaries.nbytes for c in cache)
