@@ -38,12 +38,7 @@ METHODS: dict[str, dict | None] = {
     "dhsa_paper": {"method": "dhsa", **PAPER_SELECTION},
     # The defaults before issue 16 (32-key chunks, mean x sqrt(n), 128 sinks).
     "dhsa_prev": {"method": "dhsa", **PAPER_SELECTION, "local_mode": "window"},
-    "oracle_prev": {
-        "method": "oracle",
-        **PAPER_SELECTION,
-        "local_mode": "window",
-        "decode_refine": 1,
-    },
+    "oracle_prev": {"method": "oracle", **PAPER_SELECTION, "local_mode": "window"},
     # Dynamic chunks without the cap on their length (the defaults before chunk_cap=8).
     "dhsa_nocap": {"method": "dhsa", "chunk_cap": None},
     "dhsa_cap": {"method": "dhsa", "chunk_cap": 8},
@@ -58,12 +53,7 @@ METHODS: dict[str, dict | None] = {
     "dhsa_refine2": {"method": "dhsa", "decode_refine": 2},
     "dhsa_chunks": {"method": "dhsa", "decode_refine": 1},
     # Block-sparse as the issue measured it: 32-key blocks, 128 sinks.
-    "block_sparse_32": {
-        "method": "block_sparse",
-        **PAPER_SELECTION,
-        "local_mode": "window",
-        "decode_refine": 1,
-    },
+    "block_sparse_32": {"method": "block_sparse", **PAPER_SELECTION, "local_mode": "window"},
 }
 DEFAULT_METHODS = "dense,dhsa"
 
