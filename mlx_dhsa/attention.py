@@ -17,7 +17,7 @@ from .cache import ChunkTable, ClosedChunks, ClosedSummaries, DHSACache
 from .config import DHSAConfig
 from .plan import Plan
 from .quantized import QuantizedKV
-from .quantized_cache import QuantizedDHSACache
+from .quantized_cache import QuantizedDHSACache, WindowKVCache
 from .selection import key_mask
 
 
@@ -66,11 +66,13 @@ def route(
     base: bool = False,
     per_sequence_mask: bool = False,
     quantized: tuple[int, int] | None = None,
+    windowed: bool = False,
 ) -> Route:
     """What runs an attention call of ``n_queries`` queries at ``offset`` over ``n_keys`` keys.
 
     - Up to ``config.dense_limit`` visible keys (or a decode step below
-      ``decode_dense_below``) attention is dense. A decode step that mlx-lm's module can run
+      ``decode_dense_below``), and over a sliding layer's window cache (``windowed``),
+      attention is dense. A decode step that mlx-lm's module can run
       (``base``: the layer wraps one and has a cache) stays there, unless its logits are
       soft-capped and a kernel is active: mlx-lm computes those op by op, the fused kernel in
       one launch (models without a cap decode with MLX's fused SDPA). Other dense calls run
@@ -96,6 +98,8 @@ def route(
             in the model's dtype (``ChunkTable.keys_start``), so they plan as without;
             mlx-lm's module (``BASE``) runs them only without a soft cap (mlx-lm's Gemma2
             cannot attend over a quantized cache).
+        windowed (bool): the keys are a :class:`WindowKVCache`'s (the last ``window`` keys
+            and the call's, positions counted from the first of them). Default: ``False``.
 
     Returns:
         Route: the decision; kernel launches are None where the reference runs.
@@ -108,7 +112,8 @@ def route(
     use_kernel, groups = config.use_kernel, config.decode_groups
     fused_decode = softcap is not None and kernels.attention_active(use_kernel, quantized)
     visible = min(S, window) if L == 1 and window is not None else S
-    dense = visible <= config.dense_limit or (L == 1 and not config.sparse_decode_at(visible))
+    dense = windowed or visible <= config.dense_limit
+    dense = dense or (L == 1 and not config.sparse_decode_at(visible))
     base = base and not (quantized is not None and softcap is not None)
     if L == 1 and base and dense and not fused_decode and visible == S:
         return Route(Path.BASE)
@@ -344,6 +349,7 @@ class DHSAAttention(nn.Module):
         base: bool = False,
         mask: Any = None,
         quantized: tuple[int, int] | None = None,
+        windowed: bool = False,
     ) -> Route:
         """:func:`route` for a call of this layer."""
         return route(
@@ -360,6 +366,7 @@ class DHSAAttention(nn.Module):
             base=base,
             per_sequence_mask=_per_sequence(mask),
             quantized=quantized,
+            windowed=windowed,
         )
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any = None) -> mx.array:
@@ -371,8 +378,18 @@ class DHSAAttention(nn.Module):
         # values take x's dtype, which attend checks.
         base = L == 1 and cache is not None and self.__dict__.get("_base") is not None
         quantized = _quantization(cache)
+        windowed = isinstance(cache, WindowKVCache)
+        # Attention counts positions from the first key the cache returns (RoPE does not).
+        first = max(0, offset - cache.max_size + 1) if windowed else 0
         r = self.route(
-            L, offset + L, offset, (x.dtype,) * 3, base=base, mask=mask, quantized=quantized
+            L,
+            offset + L - first,
+            offset - first,
+            (x.dtype,) * 3,
+            base=base,
+            mask=mask,
+            quantized=quantized,
+            windowed=windowed,
         )
         if r.path is Path.BASE:
             self._set_route(r)
@@ -396,10 +413,13 @@ class DHSAAttention(nn.Module):
             keys = self.rope(keys)
 
         if (queries.dtype, keys.dtype, values.dtype) != (x.dtype,) * 3 or (
-            keys.shape[2] != offset + L
+            keys.shape[2] != offset + L - first
         ):
             r = None  # not what the route assumed: attend decides again
-        output = self.attend(queries, keys, values, mask=mask, offset=offset, cache=cache, route=r)
+        first = offset + L - keys.shape[2]
+        output = self.attend(
+            queries, keys, values, mask=mask, offset=offset - first, cache=cache, route=r
+        )
         self.sync_chunks(cache)
         output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(output)
@@ -430,13 +450,17 @@ class DHSAAttention(nn.Module):
         route: Route | None = None,
     ) -> mx.array:
         """Attention of post-RoPE queries (B, H, L, D) at positions ``offset..`` over keys
-        and values (B, H_kv, S, D) (``cache`` holds them, if given); returns (B, H, L, D).
+        and values (B, H_kv, S, D) (``cache`` holds them, if given; positions count from the
+        first key, also in a window cache); returns (B, H, L, D).
         ``route``: the decision for these arrays, if made already (see :func:`route`)."""
         L, S = queries.shape[2], keys.shape[2]
         if route is None:
             dtypes = (queries.dtype, keys.dtype, values.dtype)
             quantized = (keys.bits, keys.group_size) if isinstance(keys, QuantizedKV) else None
-            route = self.route(L, S, offset, dtypes, mask=mask, quantized=quantized)
+            windowed = isinstance(cache, WindowKVCache)
+            route = self.route(
+                L, S, offset, dtypes, mask=mask, quantized=quantized, windowed=windowed
+            )
         self._set_route(route)
         config = self.config
         window = self.window if config.sliding_window else None

@@ -39,19 +39,20 @@ GEMMA2_SLIDING_WINDOW = 4096  # every released Gemma2; mlx-lm's ModelArgs drops 
 
 def patch_layers(layers: list, config: DHSAConfig, cls: type, is_global, window=None) -> None:
     """Swap ``layer.self_attn`` for ``cls`` on the layers where ``is_global(i, layer)``, with
-    the sliding window ``window(i)`` (None: global attention); the first patched layer owns
-    the shared boundaries."""
+    the sliding window ``window(i)`` (None: global attention).
+
+    The first patched layer without a window owns the boundaries the later layers share; a
+    windowed layer before it (Gemma2's layer 0, dense over its window cache) is an owner
+    too, so that it never borrows boundaries that the next layer has not yet published."""
     shared, owner = SharedChunks(), True
     for i, layer in enumerate(layers):
-        if is_global(i, layer):
-            layer.self_attn = cls.from_base(
-                layer.self_attn,
-                config,
-                window=None if window is None else window(i),
-                shared=shared,
-                owner=owner,
-            )
-            owner = False
+        if not is_global(i, layer):
+            continue
+        size = None if window is None else window(i)
+        layer.self_attn = cls.from_base(
+            layer.self_attn, config, window=size, shared=shared, owner=owner
+        )
+        owner = owner and size is not None and config.sliding_window
 
 
 def patch_gemma2(model: nn.Module, config: DHSAConfig) -> None:

@@ -111,8 +111,10 @@ def make_prompt_cache(model: nn.Module, max_kv_size: int | None = None) -> list[
 
     Other layers (e.g. Gemma3's sliding layers) keep the cache the model makes for them; a
     rotating one becomes a :class:`WindowKVCache`, which ``kv_bits`` leaves unquantized
-    (mlx-lm cannot quantize it). With ``kv_bits`` in the layers' config the DHSA layers get
-    a :class:`QuantizedDHSACache` from the first token.
+    (mlx-lm cannot quantize it). DHSA layers with a sliding window (Gemma2's even layers)
+    get a WindowKVCache of their window: they attend densely over it and hold only the last
+    ``window`` keys (plus a step's). With ``kv_bits`` in the layers' config the other DHSA
+    layers get a :class:`QuantizedDHSACache` from the first token.
 
     Args:
         model (nn.Module): a model patched with :func:`mlx_dhsa.patch`.
@@ -133,6 +135,8 @@ def make_prompt_cache(model: nn.Module, max_kv_size: int | None = None) -> list[
         attn = getattr(layer, "self_attn", None)
         if not isinstance(attn, DHSAAttention):
             out.append(WindowKVCache.of(c) if type(c) is RotatingKVCache else c)
+        elif attn.window is not None and attn.config.sliding_window:
+            out.append(WindowKVCache(max_size=attn.window))
         elif attn.config.kv_bits is not None:
             group = attn.config.kv_group_size
             if attn.head_dim % group:

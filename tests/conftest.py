@@ -4,8 +4,10 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_map_with_path
 from mlx_lm.models import gemma2, gemma3_text, llama
+from mlx_lm.models.cache import KVCache
 
-from mlx_dhsa import DHSAConfig
+import mlx_dhsa
+from mlx_dhsa import DHSACache, DHSAConfig
 from mlx_dhsa.cli.profiling import TINY_SPARSE, random_model
 
 # Small DHSA settings that make tiny inputs exercise every part of the planner: profiling's tiny
@@ -48,6 +50,12 @@ def assert_within_baseline(out, ref32, ref_lp, factor=2.0, atol=1e-5):
 @pytest.fixture
 def tiny_model():
     return tiny_gemma2()
+
+
+def plain_caches(model) -> list:
+    """The patched model's prompt cache with a plain mlx-lm KVCache for every DHSACache: the
+    reference that rebuilds the chunk state from its keys on every call (window caches stay)."""
+    return [KVCache() if isinstance(c, DHSACache) else c for c in mlx_dhsa.make_prompt_cache(model)]
 
 
 def clone(model):

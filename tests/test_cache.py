@@ -2,12 +2,11 @@ import copy
 import math
 
 import mlx.core as mx
-from conftest import small_config
+from conftest import plain_caches, small_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import (
-    KVCache,
     load_prompt_cache,
     make_prompt_cache,
     save_prompt_cache,
@@ -15,7 +14,7 @@ from mlx_lm.models.cache import (
 )
 
 import mlx_dhsa
-from mlx_dhsa import DHSACache, patch
+from mlx_dhsa import DHSACache, patch, unpatch
 from mlx_dhsa.attention import DHSAAttention
 from mlx_dhsa.patching import dhsa_layers
 
@@ -39,8 +38,11 @@ def _record_plans(model) -> list:
     return records
 
 
-def test_patched_models_make_dhsa_caches(tiny_model):
+def test_patched_models_make_dhsa_caches_and_window_caches(tiny_model):
     patch(tiny_model, small_config())
+    kinds = [type(c).__name__ for c in make_prompt_cache(tiny_model)]
+    assert kinds == ["WindowKVCache", "DHSACache"] * 2  # Gemma2: sliding layers first
+    patch(unpatch(tiny_model), small_config(sliding_window=False))
     assert all(isinstance(c, DHSACache) for c in make_prompt_cache(tiny_model))
 
 
@@ -57,13 +59,12 @@ def test_dhsa_cache_and_plain_cache_give_identical_tokens_and_selections(tiny_mo
     records = _record_plans(patched)
     got = _greedy(patched, prompt, mlx_dhsa.make_prompt_cache(patched), 40)
     records.append([])
-    plain = [KVCache() for _ in patched.layers]
-    assert _greedy(patched, prompt, plain, 40) == got
+    assert _greedy(patched, prompt, plain_caches(patched), 40) == got
     rec_dhsa, rec_plain = records
     assert len(rec_dhsa) == len(rec_plain) > 40
     for (i1, n1), (i2, n2) in zip(rec_dhsa, rec_plain):
         assert mx.array_equal(i1, i2) and mx.array_equal(n1, n2)
-    assert dhsa_layers(patched)[0].last_path == "dhsa(reference)"  # decode ran sparse
+    assert dhsa_layers(patched)[1].last_path == "dhsa(reference)"  # decode ran sparse
 
 
 def test_saved_prompt_cache_continues_identically(tiny_model, tmp_path):
@@ -73,7 +74,7 @@ def test_saved_prompt_cache_continues_identically(tiny_model, tmp_path):
     _greedy(patched, prompt, cache, 1)
     save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
     loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
-    assert all(isinstance(c, DHSACache) for c in loaded)
+    assert [type(c) for c in loaded] == [type(c) for c in cache]
     nxt = mx.array([5])
     assert _greedy(patched, nxt, loaded, 20) == _greedy(patched, nxt, cache, 20)
 
@@ -82,7 +83,7 @@ def test_trimmed_dhsa_cache_continues_like_a_trimmed_plain_cache(tiny_model):
     # The plain cache rebuilds chunk state from its keys, so it is the reference after a trim.
     patched = patch(tiny_model, small_config())
     prompt = mx.random.randint(0, 1024, (260,))
-    caches = [mlx_dhsa.make_prompt_cache(patched), [KVCache() for _ in patched.layers]]
+    caches = [mlx_dhsa.make_prompt_cache(patched), plain_caches(patched)]
     for cache in caches:
         _greedy(patched, prompt, cache, 30)
         assert trim_prompt_cache(cache, 129) == 129  # back into a closed segment

@@ -118,7 +118,13 @@ def test_pipeline_gemma2_windows_follow_layer_numbers():
     model = tiny_gemma2(n_layers=6)
     model.args.sliding_window = 64
     pipeline(model, FakeGroup(2, 0))  # layers 3, 4, 5
-    assert [a.window for a in dhsa_layers(patch(model, small_config()))] == [None, 64, None]
+    layers = dhsa_layers(patch(model, small_config()))
+    assert [a.window for a in layers] == [None, 64, None]
+    assert [a._owner for a in layers] == [True, False, False]  # the first global layer
+    first = pipeline(tiny_gemma2(n_layers=6), FakeGroup(2, 1))  # layers 0, 1, 2
+    layers = dhsa_layers(patch(first, small_config()))
+    # Layer 0 (windowed, before any global layer) chunks its own keys if it chunks at all.
+    assert [a._owner for a in layers] == [True, True, False]
 
 
 def test_pipeline_refusals_say_why():
@@ -209,7 +215,10 @@ W, G = 64, None  # a DHSA layer's window: gemma2's sliding layers (even numbers)
 # Per rank (rank 0 first): the prompt cache of each layer it holds, its DHSA layers' windows.
 # Rank 0 holds the last layers (3-5 of 6), as mlx-lm's pipeline splits.
 PIPELINE_LAYERS = {
-    "gemma2-pipeline": [(["DHSACache"] * 3, [G, W, G]), (["DHSACache"] * 3, [W, G, W])],
+    "gemma2-pipeline": [
+        (["DHSACache", "WindowKVCache", "DHSACache"], [G, W, G]),  # layers 3, 4, 5
+        (["WindowKVCache", "DHSACache", "WindowKVCache"], [W, G, W]),  # layers 0, 1, 2
+    ],
     "gemma3-pipeline": [
         (["DHSACache", "WindowKVCache", "DHSACache"], [G, G]),  # layers 3 (global), 4, 5
         (["WindowKVCache", "DHSACache", "WindowKVCache"], [G]),  # layers 0, 1 (global), 2
@@ -241,8 +250,8 @@ def test_two_ranks_match_one_process(model, heads, layers, tmp_path):
         assert r["full_paths"] == ["dhsa(reference)"]  # the sparse path, every key kept
         assert r["dhsa_full"] <= LOGIT_TOL  # = one-process DHSA
         assert r["patch_order"] == 0.0  # patch -> shard is shard -> patch, bit for bit
-        # the last decode step; gemma2-pipeline's windowed layers decode densely (64 keys)
-        paths = ["dense"] * (model == "gemma2-pipeline") + ["dhsa(reference)"]
+        # the last decode step; gemma2's windowed layers attend densely over their window cache
+        paths = ["dense"] * model.startswith("gemma2") + ["dhsa(reference)"]
         assert r["sparse_finite"] and r["sparse_paths"] == paths
     assert ranks[0]["sparse_tokens"] == ranks[1]["sparse_tokens"]
     if model.endswith("pipeline"):

@@ -6,11 +6,13 @@ import pytest
 from conftest import small_config, tiny_gemma2
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+import mlx_dhsa
 from mlx_dhsa import DHSAConfig, patch, unpatch
 from mlx_dhsa.attention import DHSAAttention
 from mlx_dhsa.patching import dhsa_layers
+from mlx_dhsa.quantized_cache import WindowKVCache
 
 # budget >= S with dense_below=0: the sparse planner and attention run but keep every key.
 FULL = dict(budget=4096, dense_below=0)
@@ -84,6 +86,39 @@ def test_sliding_window_applies_beyond_the_window():
     out, dense = patched(tokens), model(tokens)
     assert mx.allclose(out[:, :64], dense[:, :64], atol=1e-4)
     assert not mx.allclose(out[:, 64:], dense[:, 64:], atol=1e-3)
+
+
+def test_window_cache_holds_the_window_and_attends_as_a_full_cache():
+    # Gemma2's sliding layers get a WindowKVCache of their window: the same logits as full
+    # caches under the window mask, over prefill steps longer than the window and decode
+    # steps past it, while holding at most the window and one step's keys.
+    model = tiny_gemma2(n_layers=2)
+    model.args.sliding_window = 48
+    patched = patch(model, small_config(**FULL))
+    tokens = mx.random.randint(0, 1024, (1, 140))
+    windowed = mlx_dhsa.make_prompt_cache(patched)
+    assert isinstance(windowed[0], WindowKVCache) and windowed[0].max_size == 48
+    full = [KVCache() for _ in patched.layers]
+    steps = [(0, 30), (30, 100)] + [(i, i + 1) for i in range(100, 120)] + [(120, 140)]
+    for a, b in steps:
+        want, got = patched(tokens[:, a:b], cache=full), patched(tokens[:, a:b], cache=windowed)
+        assert mx.allclose(got, want, atol=1e-4), (a, b)
+        assert windowed[0].keys.shape[2] <= 48 - 1 + (b - a) and windowed[0].offset == b
+    assert dhsa_layers(patched)[0].last_path == "dense"  # full: the sparse path, every key
+
+
+def test_windowed_layers_before_the_owner_never_borrow_stale_chunks():
+    # Gemma2's layer 0 (windowed) runs before the owner (layer 1) publishes: with full
+    # caches it chunks its own keys, so a second sequence of the same length gives what a
+    # fresh model gives.
+    model = tiny_gemma2(n_layers=4)
+    model.args.sliding_window = 200
+    config = small_config()
+    patched, fresh = patch(copy.deepcopy(model), config), patch(copy.deepcopy(model), config)
+    a, b = (mx.random.randint(0, 1024, (1, 300)) for _ in range(2))
+    patched(a)
+    assert mx.array_equal(patched(b), fresh(b))
+    assert dhsa_layers(patched)[0].last_path == "dhsa(reference)"
 
 
 def test_quantized_model_patches_and_generates(tiny_model):

@@ -52,6 +52,8 @@ class _RopeRecorder(nn.Module):
 
 def default_layer(model: nn.Module) -> int:
     """Index of the first full-attention layer (the one that owns shared DHSA boundaries)."""
+    if getattr(model, "model_type", None) == "gemma2" and len(model.layers) > 1:
+        return 1  # even layers slide (families.patch_gemma2); mlx-lm's layers do not say
     for i, layer in enumerate(model.layers):
         if not getattr(layer.self_attn, "is_sliding", False) and not getattr(
             layer, "use_sliding", False
