@@ -34,7 +34,15 @@ _OPTIONAL_INTS = (
 )
 _OPTIONAL_FLOATS = ("boundary_threshold", "predictor_threshold")
 _BOOLS = ("share_boundaries", "sliding_window", "use_kernel", "open_pieces")
-_STRINGS = ("boundaries", "summary", "head_scores", "method", "local_mode", "scoring")
+_STRINGS = (
+    "boundaries",
+    "summary",
+    "head_scores",
+    "decode_head_scores",
+    "method",
+    "local_mode",
+    "scoring",
+)
 
 
 def _is_int(value) -> bool:
@@ -127,6 +135,10 @@ class DHSAConfig:
     # the best of those keys by the step's exact logits fill the scored budget
     # (mlx_dhsa.refine). 1 = off (the chunk ranking alone, as the paper).
     decode_refine: int = 4
+    # How a sparse decode step's chunk scores combine the query heads (as head_scores, which
+    # prefill keeps): "max" ranks a chunk by its best head, so a needle that one head of
+    # several attends to is shortlisted (issue 16, docs/accuracy/README.md).
+    decode_head_scores: str = "mean"
     # Quantized KV cache of the DHSA layers (mlx-lm's QuantizedKVCache storage): bits per
     # element (4 or 8; None: the model's dtype) and elements per scale/bias group.
     kv_bits: int | None = None
@@ -179,7 +191,11 @@ class DHSAConfig:
                 f"head_scores must be one of {HEAD_SCORES}, got {self.head_scores!r}",
                 "head_scores",
             )
-        for name, choices in (("local_mode", LOCAL_MODES), ("scoring", SCORINGS)):
+        for name, choices in (
+            ("local_mode", LOCAL_MODES),
+            ("scoring", SCORINGS),
+            ("decode_head_scores", HEAD_SCORES),
+        ):
             if getattr(self, name) not in choices:
                 raise ConfigError(
                     f"{name} must be one of {choices}, got {getattr(self, name)!r}", name
@@ -285,6 +301,7 @@ class DHSAConfig:
             summary="sqrt", head_scores="mean", scoring="paper", query_groups=1,
             boundary_window=4, nms_window=8, min_chunk=8, target_chunk=32, max_chunk=None, chunk_cap=None, open_pieces=False,
             boundary_threshold=None, share_boundaries=True, method="dhsa", decode_refine=1,
+            decode_head_scores="mean",
         ), **overrides})  # fmt: skip
 
     @classmethod

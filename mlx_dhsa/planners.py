@@ -260,19 +260,24 @@ def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
 
     Quantized keys (:class:`QuantizedKV`) reach the planners that read every key
     (baselines, ``scoring="softmax*"``) dequantized; DHSA's paper scoring reads only the
-    chunk table. With ``decode_refine > 1`` a decode step plans ``decode_refine x budget``
-    keys (on the planning kernels where ``launch`` says they run and they take the wider plan,
-    else pure MLX) and keeps the best of them by exact logits (``refine.refine_plan``, MLX)."""
+    chunk table. A decode step scores chunks with ``decode_head_scores``; with
+    ``decode_refine > 1`` it plans ``decode_refine x budget`` keys (on the planning kernels
+    where ``launch`` says they run and they take the wider plan, else pure MLX) and keeps the
+    best of them by exact logits (``refine.refine_plan``, MLX)."""
     if isinstance(keys, QuantizedKV) and (config.method != "dhsa" or config.scoring != "paper"):
         keys = keys.dequantize()
-    if config.decode_refine > 1 and queries.shape[2] == 1:
-        wide_config = refine.widened(config)
-        if kwargs.get("launch") is not None:  # the same kernels, if they take the wider plan
+    if queries.shape[2] == 1:
+        step = config.replace(head_scores=config.decode_head_scores)
+        if config.decode_refine > 1:
+            step = refine.widened(step)
+        if step != config and kwargs.get("launch") is not None:  # the kernels, if they take it
             kwargs["launch"] = kernels.plan_launch(
-                queries.dtype, queries.dtype, queries.shape[-1], 1, wide_config
+                queries.dtype, queries.dtype, queries.shape[-1], 1, step
             )
-        wide = PLANNERS[config.method](queries, keys, config=wide_config, **kwargs)
+        plan = PLANNERS[config.method](queries, keys, config=step, **kwargs)
+        if config.decode_refine == 1:
+            return plan
         return refine.refine_plan(
-            wide, queries, keys, config, scale=kwargs["scale"], softcap=kwargs["softcap"]
+            plan, queries, keys, config, scale=kwargs["scale"], softcap=kwargs["softcap"]
         )
     return PLANNERS[config.method](queries, keys, config=config, **kwargs)

@@ -688,6 +688,21 @@ def test_plan_kernels_fall_back_for_max_head_scores():
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 256])
+def test_decode_head_max_plans_on_the_kernels(D):
+    """One query with head scores "max" (decode_head_scores): block_scores with each head a
+    block, the best head's score, select_keys; the plan equals the reference's."""
+    q, k, _ = make_qkv(L=1, S=400, D=D)
+    config = small_config(head_scores="max")
+    with mx.stream(mx.gpu):
+        assert plan_launch(q.dtype, k.dtype, D, 1, config) is PlanLaunch.TWO
+    out = _on_gpu(kernels.select_chunks, q, _table(k, config), config, q_offset=399, window=None)
+    ref = select_chunks(q, _table(k, config), config, q_offset=399, window=None)
+    assert mx.array_equal(out.indices, ref.indices) and mx.array_equal(out.n_valid, ref.n_valid)
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("open_pieces", [False, True])
 def test_patched_model_on_kernels_generates_like_the_reference(open_pieces):
     """End to end on the GPU: sparse prefill steps and sparse decode through the kernels give

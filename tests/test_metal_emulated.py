@@ -295,6 +295,37 @@ def test_refined_decode_plans_on_the_kernels(metal, monkeypatch, fused, budget, 
     assert mx.array_equal(plans[0].n_valid, plans[1].n_valid)
 
 
+@pytest.mark.parametrize("refine", [1, 4])
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_head_max_plans_on_the_kernels(metal, monkeypatch, fused, refine):
+    """decode_head_scores="max": block_scores scores each head as a block of one query and
+    select_keys takes their best (two launches, also where the backend fuses): the plan equals
+    the pure-MLX planner's, refined or not; prefill keeps the head mean."""
+    from mlx_dhsa.planners import plan as dispatch
+
+    monkeypatch.setattr(kernels.backend(), "fused_plan", fused)
+    config = small_config(budget=48, decode_refine=refine, decode_head_scores="max")
+    S = 400
+    q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=64)
+    q = q * mx.array([0.2, 0.2, 3.0, 0.2])[None, :, None, None]  # one head dominates
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
+    launch = kernels.plan_launch(q.dtype, k.dtype, 64, 1, config)
+    plans = [
+        dispatch(q, k, config=config, table=lambda: attn.chunk_view(k), offset=S - 1,
+                 window=None, scale=SCALE, softcap=None, launch=run)  # fmt: skip
+        for run in (launch, None)
+    ]
+    assert _launched(metal) == ["block_scores", "select_keys"]
+    assert mx.array_equal(plans[0].indices, plans[1].indices)
+    assert mx.array_equal(plans[0].n_valid, plans[1].n_valid)
+    mean = dispatch(q, k, config=config.replace(decode_head_scores="mean"),
+                    table=lambda: attn.chunk_view(k), offset=S - 1, window=None, scale=SCALE,
+                    softcap=None, launch=None)  # fmt: skip
+    assert not mx.array_equal(mean.indices, plans[1].indices)  # the option changes the plan
+    prefill = kernels.plan_launch(q.dtype, k.dtype, 64, 8, config.replace(head_scores="max"))
+    assert prefill is None  # head max on the kernels: one query only
+
+
 # ---- planning over a quantized cache's table (keys from ChunkTable.keys_start on) ---------
 
 # PLAN_CASES with at least one closed segment, and decode steps (fused cases among them).

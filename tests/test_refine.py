@@ -37,11 +37,12 @@ def _forced(config, p, window):
     S=st.integers(1, 300),
     refine=st.integers(1, 5),
     window=st.sampled_from([None, 40]),
+    head=st.sampled_from(["mean", "max"]),
     seed=st.integers(0, 2**16),
 )
-def test_decode_refine_plan_invariants(method, S, refine, window, seed):
+def test_decode_refine_plan_invariants(method, S, refine, window, head, seed):
     mx.random.seed(seed)
-    config = small_config(method=method, decode_refine=refine)
+    config = small_config(method=method, decode_refine=refine, decode_head_scores=head)
     q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=16)
     plan = _plan(config, q, k, S - 1, window)
     idx, n = np.array(plan.indices)[0, 0], int(plan.n_valid[0, 0].item())
@@ -51,6 +52,21 @@ def test_decode_refine_plan_invariants(method, S, refine, window, seed):
     assert n == min(config.budget, S - lo)  # the budget is filled
     assert (np.diff(keys) > 0).all() and (keys >= lo).all() and (keys <= S - 1).all()
     assert (idx[n:] == 0).all() and forced <= set(keys.tolist())
+
+
+@pytest.mark.parametrize("refine", [1, 4])
+def test_decode_head_max_shortlists_a_one_head_needle(refine):
+    # Issue 16 at 16k: a needle that one head of four attends to ranks low by the heads'
+    # mean score, and its chunk is not shortlisted; ranked by the best head it is.
+    S, needle = 600, 200
+    q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=16)
+    v = q[0, 2, 0] / mx.linalg.norm(q[0, 2, 0])
+    q = q.at[0, :, 0].add(mx.array([-2.0, -2.0, 3.0, -2.0])[:, None] * 4 * v)  # mean: < 0
+    k = k.at[0, :, needle - 3 : needle + 3].add(6 * v)
+    config = small_config(budget=48, decode_refine=refine)
+    keep = {c: set(_plan(config.replace(decode_head_scores=c), q, k, S - 1).indices.tolist()[0][0])
+            for c in ("mean", "max")}  # fmt: skip
+    assert needle in keep["max"] and needle not in keep["mean"]
 
 
 def test_refine_over_every_key_keeps_the_most_probable_keys():

@@ -45,6 +45,8 @@ DHSA_OPTIONS = {
     "the device's, 98304 on an H200).",
     "decode_refine": "Sparse decode steps shortlist chunks for this many x budget keys, then "
     "keep the best keys by their exact logits (1: the chunk ranking alone).",
+    "decode_head_scores": "Sparse decode steps rank chunks by 'mean' (heads averaged) or 'max' "
+    "(best head) scores.",
     "use_kernel": "Use the GPU kernels when a GPU is present (else the pure-MLX reference).",
     "kv_bits": "Quantize the DHSA layers' KV cache to 4 or 8 bits (mlx-lm's quantized cache; "
     "default: the model's dtype). profile runs every method with and without it.",
@@ -55,6 +57,7 @@ _CHOICES = {
     "method": tuple(PLANNERS),
     "summary": SUMMARIES,
     "head_scores": HEAD_SCORES,
+    "decode_head_scores": HEAD_SCORES,
     "local_mode": LOCAL_MODES,
     "scoring": SCORINGS,
 }

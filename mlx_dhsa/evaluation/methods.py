@@ -18,7 +18,8 @@ from ..planners import PLANNERS
 PAPER_SELECTION = {
     k: getattr(DHSAConfig.paper(), k)
     for k in ("sink", "local", "local_mode", "summary", "scoring", "head_scores", "target_chunk",
-              "min_chunk", "nms_window", "boundary_window", "boundaries", "chunk_cap", "decode_refine")
+              "min_chunk", "nms_window", "boundary_window", "boundaries", "chunk_cap", "decode_refine",
+              "decode_head_scores")
 }  # fmt: skip
 
 # name -> DHSAConfig overrides; None = the unpatched model (mlx-lm's own attention).
@@ -52,6 +53,7 @@ METHODS: dict[str, dict | None] = {
     "dhsa_refine": {"method": "dhsa", "decode_refine": 4},
     "dhsa_refine2": {"method": "dhsa", "decode_refine": 2},
     "dhsa_chunks": {"method": "dhsa", "decode_refine": 1},
+    "dhsa_decode_max": {"method": "dhsa", "decode_head_scores": "max"},  # best head shortlists
     # Block-sparse as the issue measured it: 32-key blocks, 128 sinks.
     "block_sparse_32": {"method": "block_sparse", **PAPER_SELECTION, "local_mode": "window"},
 }

@@ -64,16 +64,19 @@ def plan_launch(
     be = backend()
     if not be.active(use_kernel):
         return None
-    if not (
-        dtype in DTYPES and dtype == keys_dtype and D % 32 == 0 and D <= 256 and L > 0
-    ) or not _config_ok(config):
+    head_max = config.head_scores == "max"  # one query only: each head scores as a block
+    if not (dtype in DTYPES and dtype == keys_dtype and D % 32 == 0 and D <= 256 and L > 0) or not (
+        _config_ok(config) and (not head_max or L == 1)
+    ):
         return None
-    launch = PlanLaunch.FUSED if be.fused_plan and L <= config.block_size else PlanLaunch.TWO
+    fused = be.fused_plan and L <= config.block_size and not head_max
+    launch = PlanLaunch.FUSED if fused else PlanLaunch.TWO
     if be.self_check:
         names = ("plan",) if launch is PlanLaunch.FUSED else ("block_scores", "select_keys")
         check = lambda: _self_check(launch, dtype, D, config)
         key = ("plan", launch, dtype, D, max_intervals(config))
         key += ("open_pieces",) if config.open_pieces else ()
+        key += ("head_max",) if head_max else ()
         if not checks.verified(be, key, names, check):
             return None
     return launch
@@ -88,7 +91,7 @@ def _self_check(launch: PlanLaunch, dtype, D: int, config: DHSAConfig) -> str | 
     S = 2 * config.chunk_limit + config.budget + 37
     if config.open_pieces:
         S += config.chunk_limit // 2
-    L = 1 if launch is PlanLaunch.FUSED else config.block_size + 5
+    L = 1 if launch is PlanLaunch.FUSED or config.head_scores == "max" else config.block_size + 5
     q = mx.random.normal((1, 2, L, D), key=mx.random.key(0)).astype(dtype)
     k = mx.random.normal((1, 1, S, D), key=mx.random.key(1)).astype(dtype)
     table = keys_from(ClosedSummaries().table(k, ClosedChunks().sync(k, config), config), -3)
@@ -106,11 +109,11 @@ def _self_check(launch: PlanLaunch, dtype, D: int, config: DHSAConfig) -> str | 
 
 @lru_cache(maxsize=64)
 def _config_ok(config: DHSAConfig) -> bool:
-    """Whether the kernels plan with these settings: the paper's scoring with mean head scores,
-    the "window" local range, and at most MAX_INTERVALS key intervals a block."""
+    """Whether the kernels plan with these settings: the paper's scoring (head scores "max"
+    for one query only: :func:`plan_launch`), the "window" local range, and at most
+    MAX_INTERVALS key intervals a block."""
     return (
-        config.head_scores == "mean"
-        and config.scoring == "paper"
+        config.scoring == "paper"
         and config.local_mode == "window"
         and max_intervals(config) is not None
     )
@@ -342,6 +345,11 @@ def run_plan(
     select = select_params(table, config, queries.shape[2], q_offset, window)
     if launch is PlanLaunch.FUSED:
         indices, n_valid = _fused(queries, table, config, select, state)
+    elif config.head_scores == "max":  # one query: each head a block of one, best head kept
+        heads = queries.transpose(0, 2, 1, 3)
+        per_head = config.replace(block_size=1, max_chunk=config.chunk_limit)
+        scores = block_scores(heads, table, per_head, state)
+        indices, n_valid = select_keys(scores.max(axis=1, keepdims=True), table, config, select)
     else:
         scores = block_scores(queries, table, config, state)
         indices, n_valid = select_keys(scores, table, config, select)
