@@ -33,6 +33,7 @@ import mlx_dhsa
 from mlx_dhsa.chunking import chunks_per_segment
 from mlx_dhsa.cli.profiling import SHAPES, random_model
 from mlx_dhsa.evaluation.floor import set_method
+from mlx_dhsa.families import GEMMA2_SLIDING_WINDOW
 from mlx_dhsa.patching import dhsa_layers
 
 
@@ -104,19 +105,24 @@ def decode_sync(model, caches, steps):
 
 
 def bytes_per_token(model, S, config, dtype_bytes):
-    """Weights + KV read for one decode step: dense reads S keys and values; sparse DHSA the
-    closed chunks' fp32 summaries, ``decode_refine x budget`` candidate keys (refinement) and
-    its plan's ``budget`` keys and values. An estimate: every layer as if global."""
+    """Weights + KV read for one decode step, an estimate. Dense (mlx-lm's Gemma2) reads S keys
+    and values on every layer. Sparse DHSA reads, on each global layer (odd index), the closed
+    chunks' fp32 summaries, ``decode_refine x budget`` candidate keys (refinement) and its
+    plan's ``budget`` keys and values; on each sliding layer its window's keys and values."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     a = model.args
     n_layers = len(model.layers)
-    row = a.num_key_value_heads * a.head_dim * dtype_bytes * n_layers  # keys or values
+    n_global = n_layers // 2
+    window = getattr(a, "sliding_window", None) or GEMMA2_SLIDING_WINDOW
+    row = a.num_key_value_heads * a.head_dim * dtype_bytes  # a key or a value of one layer
     slots = S // config.chunk_limit * chunks_per_segment(config)
-    summaries = slots * a.head_dim * 4 * n_layers
+    summaries = slots * a.head_dim * 4
     candidates = (
         min(S, config.budget * config.decode_refine) * row if config.decode_refine > 1 else 0
     )
-    return weights + 2 * S * row, weights + summaries + candidates + 2 * min(S, config.budget) * row
+    per_global = summaries + candidates + 2 * min(S, config.budget) * row
+    sliding = (n_layers - n_global) * 2 * min(S, window) * row
+    return weights + 2 * S * row * n_layers, weights + n_global * per_global + sliding
 
 
 def main():

@@ -588,12 +588,13 @@ def test_patched_model_plans_on_kernels_over_a_quantized_cache(bits):
         config = small_config(use_kernel=use_kernel, kv_bits=bits, kv_group_size=32)
         mlx_dhsa.patch(model, config)
         cache = mlx_dhsa.make_prompt_cache(model)
-        assert all(isinstance(c, QuantizedDHSACache) for c in cache)
+        assert all(isinstance(c, QuantizedDHSACache) for c in cache[1::2])  # global layers
         with mx.stream(mx.gpu):
             gen = generate_step(prompt, model, max_tokens=24, prefill_step_size=64,
                                 prompt_cache=cache)  # fmt: skip
             tokens[use_kernel] = [int(t) for t, _ in gen]
-        routes = [a.last_route for a in mlx_dhsa.patching.dhsa_layers(model)]
+        layers = mlx_dhsa.patching.dhsa_layers(model)
+        routes = [a.last_route for a in layers if a.window is None]
         assert {r.plan is not None for r in routes} == {use_kernel}
         assert {r.path for r in routes} == {
             Path.SPARSE_KERNEL if use_kernel else Path.SPARSE_REFERENCE
@@ -703,16 +704,19 @@ def test_decode_head_max_plans_on_the_kernels(D):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("open_pieces", [False, True])
-def test_patched_model_on_kernels_generates_like_the_reference(open_pieces):
+@pytest.mark.parametrize("open_pieces, window", [(False, None), (True, None), (False, 96)])
+def test_patched_model_on_kernels_generates_like_the_reference(open_pieces, window):
     """End to end on the GPU: sparse prefill steps and sparse decode through the kernels give
-    the greedy tokens of the pure-MLX path (use_kernel=False), also with open pieces."""
+    the greedy tokens of the pure-MLX path (use_kernel=False), also with open pieces, and
+    with a sliding window the prompt passes (the sliding layers' window caches rotate)."""
     from conftest import tiny_gemma2
     from mlx_lm.generate import generate_step
 
     import mlx_dhsa
 
     model = tiny_gemma2()
+    if window:
+        model.args.sliding_window = window
     prompt = mx.random.randint(0, 1024, (300,))
     tokens = {}
     for use_kernel in (True, False):
@@ -727,7 +731,8 @@ def test_patched_model_on_kernels_generates_like_the_reference(open_pieces):
                 prompt_cache=mlx_dhsa.make_prompt_cache(model),
             )
             tokens[use_kernel] = [int(t) for t, _ in gen]
-        routes = [a.last_route for a in mlx_dhsa.patching.dhsa_layers(model)]
+        layers = mlx_dhsa.patching.dhsa_layers(model)
+        routes = [a.last_route for a in layers if a.window is None]  # sliding: dense, windowed
         assert {r.path for r in routes} == {
             Path.SPARSE_KERNEL if use_kernel else Path.SPARSE_REFERENCE
         }
