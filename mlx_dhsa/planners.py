@@ -15,6 +15,7 @@ code for all of them, so comparisons differ only in what they select (design.md 
 """
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import mlx.core as mx
 
@@ -255,6 +256,14 @@ PLANNERS: dict[str, Planner] = {
 }
 
 
+@lru_cache(maxsize=64)
+def decode_step_config(config: DHSAConfig) -> DHSAConfig:
+    """The config of a decode step's chunk plan: ``decode_head_scores`` as its head scores,
+    widened to ``decode_refine x budget`` keys (``refine.widened``) when refining."""
+    step = config.replace(head_scores=config.decode_head_scores)
+    return refine.widened(step) if config.decode_refine > 1 else step
+
+
 def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
     """Dispatch to ``PLANNERS[config.method]``; arguments as :func:`plan_dhsa`.
 
@@ -267,9 +276,7 @@ def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
     if isinstance(keys, QuantizedKV) and (config.method != "dhsa" or config.scoring != "paper"):
         keys = keys.dequantize()
     if queries.shape[2] == 1:
-        step = config.replace(head_scores=config.decode_head_scores)
-        if config.decode_refine > 1:
-            step = refine.widened(step)
+        step = decode_step_config(config)
         if step != config and kwargs.get("launch") is not None:  # the kernels, if they take it
             kwargs["launch"] = kernels.plan_launch(
                 queries.dtype, queries.dtype, queries.shape[-1], 1, step

@@ -323,6 +323,13 @@ def _fused(
     return indices, n_valid
 
 
+@lru_cache(maxsize=64)
+def _one_query_blocks(config: DHSAConfig) -> DHSAConfig:
+    """``config`` with blocks of one query (the same chunk limit): block_scores then scores
+    each row of the queries it is given on its own."""
+    return config.replace(block_size=1, max_chunk=config.chunk_limit)
+
+
 def run_plan(
     launch: PlanLaunch | None,
     queries: mx.array,
@@ -347,8 +354,7 @@ def run_plan(
         indices, n_valid = _fused(queries, table, config, select, state)
     elif config.head_scores == "max":  # one query: each head a block of one, best head kept
         heads = queries.transpose(0, 2, 1, 3)
-        per_head = config.replace(block_size=1, max_chunk=config.chunk_limit)
-        scores = block_scores(heads, table, per_head, state)
+        scores = block_scores(heads, table, _one_query_blocks(config), state)
         indices, n_valid = select_keys(scores.max(axis=1, keepdims=True), table, config, select)
     else:
         scores = block_scores(queries, table, config, state)
