@@ -135,6 +135,11 @@ class DHSAConfig:
     # the best of those keys by the step's exact logits fill the scored budget
     # (mlx_dhsa.refine). 1 = off (the chunk ranking alone, as the paper).
     decode_refine: int = 4
+    # Prefill query blocks likewise: chunks for prefill_refine x budget keys, then the best
+    # of those keys by the block's exact logits (every refine_stride-th query of the block
+    # scores them). 1 = off.
+    prefill_refine: int = 1
+    refine_stride: int = 1
     # How a sparse decode step's chunk scores combine the query heads (as head_scores, which
     # prefill keeps): "max" ranks a chunk by its best head, so a needle that one head of
     # several attends to is shortlisted (issue 16, docs/accuracy/README.md).
@@ -153,6 +158,8 @@ class DHSAConfig:
             "min_chunk",
             "target_chunk",
             "decode_refine",
+            "prefill_refine",
+            "refine_stride",
         ):
             value = getattr(self, name)
             if value <= 0:
@@ -208,6 +215,13 @@ class DHSAConfig:
                 "query_groups must be a positive integer dividing "
                 f"block_size ({self.block_size}), got {self.query_groups!r}",
                 "query_groups",
+                "block_size",
+            )
+        if self.refine_stride > self.block_size:
+            raise ConfigError(
+                f"refine_stride ({self.refine_stride}) must be at most block_size "
+                f"({self.block_size}): every refine_stride-th query of a block scores its keys",
+                "refine_stride",
                 "block_size",
             )
         if self.summary not in SUMMARIES:
@@ -301,7 +315,7 @@ class DHSAConfig:
             summary="sqrt", head_scores="mean", scoring="paper", query_groups=1,
             boundary_window=4, nms_window=8, min_chunk=8, target_chunk=32, max_chunk=None, chunk_cap=None, open_pieces=False,
             boundary_threshold=None, share_boundaries=True, method="dhsa", decode_refine=1,
-            decode_head_scores="mean",
+            prefill_refine=1, refine_stride=1, decode_head_scores="mean",
         ), **overrides})  # fmt: skip
 
     @classmethod

@@ -257,11 +257,13 @@ PLANNERS: dict[str, Planner] = {
 
 
 @lru_cache(maxsize=64)
-def decode_step_config(config: DHSAConfig) -> DHSAConfig:
-    """The config of a decode step's chunk plan: ``decode_head_scores`` as its head scores,
-    widened to ``decode_refine x budget`` keys (``refine.widened``) when refining."""
-    step = config.replace(head_scores=config.decode_head_scores)
-    return refine.widened(step) if config.decode_refine > 1 else step
+def step_config(config: DHSAConfig, decode: bool) -> DHSAConfig:
+    """The config of a call's chunk plan: a decode step (one query) scores chunks with
+    ``decode_head_scores``; with refinement (``refine.factor``) the plan is widened to
+    ``f x budget`` keys (``refine.widened``)."""
+    step = config.replace(head_scores=config.decode_head_scores) if decode else config
+    f = refine.factor(config, decode)
+    return refine.widened(step, f) if f > 1 else step
 
 
 def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
@@ -269,22 +271,21 @@ def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
 
     Quantized keys (:class:`QuantizedKV`) reach the planners that read every key
     (baselines, ``scoring="softmax*"``) dequantized; DHSA's paper scoring reads only the
-    chunk table. A decode step scores chunks with ``decode_head_scores``; with
-    ``decode_refine > 1`` it plans ``decode_refine x budget`` keys (on the planning kernels
-    where ``launch`` says they run and they take the wider plan, else pure MLX) and keeps the
-    best of them by exact logits (``refine.refine_plan``, MLX)."""
+    chunk table. A decode step scores chunks with ``decode_head_scores``. With refinement
+    (``decode_refine`` for a decode step, ``prefill_refine`` for prefill blocks, > 1) the
+    planner plans ``f x budget`` keys (on the planning kernels where ``launch`` says they run
+    and they take the wider plan, else pure MLX) and the best of them by exact logits are
+    kept (``refine.refine_plan``, MLX)."""
     if isinstance(keys, QuantizedKV) and (config.method != "dhsa" or config.scoring != "paper"):
         keys = keys.dequantize()
-    if queries.shape[2] == 1:
-        step = decode_step_config(config)
-        if step != config and kwargs.get("launch") is not None:  # the kernels, if they take it
-            kwargs["launch"] = kernels.plan_launch(
-                queries.dtype, queries.dtype, queries.shape[-1], 1, step
-            )
-        plan = PLANNERS[config.method](queries, keys, config=step, **kwargs)
-        if config.decode_refine == 1:
-            return plan
-        return refine.refine_plan(
-            plan, queries, keys, config, scale=kwargs["scale"], softcap=kwargs["softcap"]
-        )
-    return PLANNERS[config.method](queries, keys, config=config, **kwargs)
+    L = queries.shape[2]
+    step = step_config(config, L == 1)
+    if step != config and kwargs.get("launch") is not None:  # the kernels, if they take it
+        kwargs["launch"] = kernels.plan_launch(queries.dtype, queries.dtype, queries.shape[-1],
+                                               L, step)  # fmt: skip
+    plan = PLANNERS[config.method](queries, keys, config=step, **kwargs)
+    if refine.factor(config, L == 1) == 1:
+        return plan
+    return refine.refine_plan(
+        plan, queries, keys, config, scale=kwargs["scale"], softcap=kwargs["softcap"]
+    )

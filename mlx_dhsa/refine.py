@@ -1,15 +1,15 @@
-"""Decode refinement (``DHSAConfig.decode_refine``): exact key scores over the best chunks.
+"""Refinement (``decode_refine``, ``prefill_refine``): exact key scores over the best chunks.
 
-At a decode step the planner first chooses chunks for ``decode_refine x budget`` keys (the
-candidates); every candidate key is then scored with the step's own query, per head, as the
+The planner first chooses chunks for ``f x budget`` keys per query block (the candidates);
+every candidate key is then scored with the block's own queries, per head, as the
 probability dense attention would give it among the candidates and the forced keys (sinks
-and local window), summed over heads; the best of them fill the scored part of the budget.
-Chunk scores only shortlist, so a needle's keys need to rank among the top ``decode_refine``
-shares of chunks instead of the top one, and the plan is chosen key by key (issue 16, long
-context: docs/accuracy/issue16/long_context.md). It reads the candidates' keys, about
-``decode_refine x budget`` of them, on top of the plan's. The widened plan runs on the
-planning kernels where they run (``kernels.planning.max_intervals`` sizes their interval
-buffer for it); the rescoring here is MLX.
+and local window), summed over heads and queries; the best of them fill the scored part of
+the budget. Chunk scores only shortlist, so what a query needs has to rank among the top
+``f`` shares of chunks instead of the top one, and the plan is chosen key by key (issue 16:
+docs/accuracy/README.md). A decode step scores with its one query; a prefill block with every
+``refine_stride``-th of its queries. The widened plan runs on the planning kernels where they
+run (``kernels.planning.max_intervals`` sizes their interval buffer for it); the rescoring
+here is MLX and reads the candidates' keys, ``f x budget`` per block.
 """
 
 import mlx.core as mx
@@ -19,10 +19,18 @@ from .plan import Plan
 from .reference import gather_rows, logits
 from .selection import block_ranges
 
+# Probabilities held at once while a prefill call scores its candidates (groups of blocks).
+MAX_REFINE_SCORES = 1 << 25
 
-def widened(config: DHSAConfig) -> DHSAConfig:
-    """The config whose plan gives the candidates: ``decode_refine x budget`` keys."""
-    return config.replace(budget=config.budget * config.decode_refine, decode_refine=1)
+
+def factor(config: DHSAConfig, decode: bool) -> int:
+    """The refinement factor of a decode step or a prefill call (1: none)."""
+    return config.decode_refine if decode else config.prefill_refine
+
+
+def widened(config: DHSAConfig, f: int) -> DHSAConfig:
+    """The config whose plan gives the candidates: ``f x budget`` keys per block."""
+    return config.replace(budget=config.budget * f, decode_refine=1, prefill_refine=1)
 
 
 def refine_plan(
@@ -34,52 +42,109 @@ def refine_plan(
     scale: float,
     softcap: float | None,
 ) -> Plan:
-    """Keep the forced keys of ``wide`` and its ``budget - forced`` best other keys.
+    """Keep the forced keys of each block of ``wide`` and its ``budget - forced`` best others.
 
     Args:
-        wide (Plan): the plan of one decode step under :func:`widened` ``(config)``, (B, 1, K').
-        queries (mx.array): the step's query, (B, H, 1, D), at ``wide.q_offset``.
+        wide (Plan): the plan of these queries under :func:`widened` ``(config, f)``,
+            (B, NB, K').
+        queries (mx.array): the planned queries, (B, H, L, D), at ``wide.q_offset``.
         keys (mx.array or QuantizedKV): all keys, (B, H_kv, S, D).
-        config (DHSAConfig): ``budget``, ``sink``, ``local``, ``local_mode``.
+        config (DHSAConfig): ``budget``, ``sink``, ``local``, ``local_mode``,
+            ``refine_stride``.
         scale (float), softcap (float or None): the layer's attention math.
 
     Returns:
-        Plan: (B, 1, budget) ascending key indices.
+        Plan: (B, NB, budget) ascending key indices.
     """
-    lo, sink_end, local_start, q1 = block_ranges(config, 1, wide.q_offset, wide.window)
-    bounds = mx.concatenate([lo, sink_end, local_start, q1])
-    rows = gather_rows(keys, wide.indices)[:, :, 0]  # (B, H_kv, K', D)
-    indices, n_valid = _keep(
-        wide.indices[:, 0], wide.n_valid[:, 0], bounds, queries, rows, config.budget, scale, softcap
-    )
-    return Plan(indices[:, None], n_valid[:, None], wide.q_offset, wide.block_size, wide.window)
+    L = queries.shape[2]
+    lo, sink_end, local_start, q1 = block_ranges(config, L, wide.q_offset, wide.window)
+    if L == 1:
+        bounds = mx.concatenate([lo, sink_end, local_start, q1])
+        rows = gather_rows(keys, wide.indices)[:, :, 0]  # (B, H_kv, K', D)
+        indices, n_valid = _keep(wide.indices[:, 0], wide.n_valid[:, 0], bounds, queries, rows,
+                                 config.budget, scale, softcap)  # fmt: skip
+        return Plan(indices[:, None], n_valid[:, None], wide.q_offset, wide.block_size, wide.window)
+    idx = wide.indices
+    valid = mx.arange(idx.shape[-1]) < wide.n_valid[..., None]
+    forced = _forced(idx, *(x[:, None] for x in (lo, sink_end, local_start, q1))) & valid
+    score = _block_scores(wide, queries, keys, valid, config.refine_stride, scale, softcap)
+    indices, n_valid = _choose(idx, valid, forced, score, config.budget)
+    return Plan(indices, n_valid, wide.q_offset, wide.block_size, wide.window)
+
+
+def _block_scores(wide: Plan, queries, keys, valid, stride: int, scale, softcap) -> mx.array:
+    """Per block and candidate slot, (B, NB, K') float32: the probability each scoring query
+    (every ``stride``-th of the block) gives the slot's key among the block's valid, causal
+    (and in-window) slots, summed over those queries and the heads."""
+    B, H, L, D = queries.shape
+    bs, (NB, Kw), H_kv = wide.block_size, wide.indices.shape[1:], keys.shape[1]
+    q = mx.pad(queries, [(0, 0), (0, 0), (0, NB * bs - L), (0, 0)])
+    q = q.reshape(B, H_kv, H // H_kv, NB, bs, D)[:, :, :, :, stride - 1 :: stride]
+    pos = mx.arange(NB)[:, None] * bs + mx.arange(stride - 1, bs, stride)  # (NB, m), relative
+    live = pos < L
+    pos = pos + wide.q_offset
+    window = mx.array(wide.window if wide.window is not None else 2**30, mx.int32)
+    group = max(1, MAX_REFINE_SCORES // (B * H * pos.shape[1] * Kw))
+    out = []
+    for b0 in range(0, NB, group):
+        b1 = min(b0 + group, NB)
+        rows = gather_rows(keys, wide.indices[:, b0:b1])  # (B, H_kv, g, K', D)
+        out.append(_group_scores(q[:, :, :, b0:b1], rows, wide.indices[:, b0:b1], valid[:, b0:b1],
+                                 pos[b0:b1], live[b0:b1], window, scale, softcap))  # fmt: skip
+        if NB > group:
+            mx.eval(out[-1])  # frees this group's probabilities before the next
+    return mx.concatenate(out, axis=1) if len(out) > 1 else out[0]
 
 
 @mx.compile
-def _keep(idx, n_wide, bounds, queries, rows, K: int, scale: float, softcap: float | None):
-    """Indices (B, K) and counts (B,) of the kept keys: ``refine_plan``'s choice among the
-    candidate keys ``idx`` (B, K') whose rows are ``rows``; one compiled graph (the step's
-    positions come in ``bounds`` = lo, sink end, local start, query; the rest is constant)."""
-    B, H, _, D = queries.shape
-    H_kv, Kw = rows.shape[1], idx.shape[-1]
-    lo, sink_end, local_start, q1 = bounds[0], bounds[1], bounds[2], bounds[3]
-    valid = mx.arange(Kw) < n_wide[:, None]
-    forced = ((idx >= lo) & (idx < sink_end)) | ((idx >= local_start) & (idx <= q1))
-    forced = forced & valid
+def _group_scores(q, rows, idx, valid, pos, live, window, scale: float, softcap: float | None):
+    """:func:`_block_scores` of a group of g blocks: q (B, H_kv, R, g, m, D), rows
+    (B, H_kv, g, K', D), idx / valid (B, g, K'), pos / live (g, m); one compiled graph."""
+    idx, p = idx[:, :, None], pos[:, :, None]  # (B, g, 1, K'), (g, m, 1)
+    # A padded query (not live) sees every slot and is dropped from the sum: no empty rows.
+    ok = (valid[:, :, None] & (idx <= p) & (idx > p - window)) | ~live[:, :, None]
+    lg = logits(q, mx.expand_dims(rows, 2), scale, softcap)  # (B, H_kv, R, g, m, K')
+    lg = mx.where(ok[:, None, None], lg, -mx.inf)  # every live query sees its own key
+    probs = mx.softmax(lg, axis=-1, precise=True)
+    return mx.where(live[:, :, None], probs, 0).astype(mx.float32).sum(axis=(1, 2, 4))
+
+
+def _forced(idx, lo, sink_end, local_start, q1):
+    """Which slots hold a sink or local-window key (positions broadcast against ``idx``)."""
+    return ((idx >= lo) & (idx < sink_end)) | ((idx >= local_start) & (idx <= q1))
+
+
+def _choose(idx, valid, forced, score, K: int):
+    """Indices (..., K) and counts (...,): the forced slots and the best-scoring others, up
+    to ``K`` keys, ascending (padding slots hold 0)."""
+    Kw = idx.shape[-1]
     cand = valid & ~forced
-    q = queries.reshape(B, H_kv, H // H_kv, 1, D)
-    lg = logits(q, mx.expand_dims(rows, 2), scale, softcap).astype(mx.float32)
-    lg = mx.where(valid[:, None, None, None], lg, -mx.inf)  # (B, H_kv, rep, 1, K')
-    probs = mx.exp(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
-    score = probs.sum(axis=(1, 2, 3))  # (B, K')
     room = K - forced.sum(-1, keepdims=True)
     order = mx.argsort(mx.where(cand, -score, mx.inf), axis=-1)
-    rank = mx.put_along_axis(mx.zeros_like(order), order, mx.arange(Kw, dtype=order.dtype), -1)
+    ranks = mx.broadcast_to(mx.arange(Kw, dtype=order.dtype), order.shape)
+    rank = mx.put_along_axis(mx.zeros_like(order), order, ranks, -1)
     keep = forced | (cand & (rank < room))
     big = mx.array(2**31 - 1, mx.int32)
     kept = mx.sort(mx.where(keep, idx, big), axis=-1)
     if Kw < K:
-        kept = mx.concatenate([kept, mx.full((B, K - Kw), big, mx.int32)], axis=-1)
-    kept = kept[:, :K]
+        pad = mx.full((*kept.shape[:-1], K - Kw), big, mx.int32)
+        kept = mx.concatenate([kept, pad], axis=-1)
+    kept = kept[..., :K]
     n_valid = keep.sum(-1).astype(mx.int32)
-    return mx.where(mx.arange(K) < n_valid[:, None], kept, 0).astype(mx.int32), n_valid
+    return mx.where(mx.arange(K) < n_valid[..., None], kept, 0).astype(mx.int32), n_valid
+
+
+@mx.compile
+def _keep(idx, n_wide, bounds, queries, rows, K: int, scale: float, softcap: float | None):
+    """Indices (B, K) and counts (B,) of a decode step's kept keys among the candidate keys
+    ``idx`` (B, K') whose rows are ``rows``; one compiled graph (the step's positions come in
+    ``bounds`` = lo, sink end, local start, query; the rest is constant)."""
+    B, H, _, D = queries.shape
+    H_kv = rows.shape[1]
+    valid = mx.arange(idx.shape[-1]) < n_wide[:, None]
+    forced = _forced(idx, bounds[0], bounds[1], bounds[2], bounds[3]) & valid
+    q = queries.reshape(B, H_kv, H // H_kv, 1, D)
+    lg = logits(q, mx.expand_dims(rows, 2), scale, softcap).astype(mx.float32)
+    lg = mx.where(valid[:, None, None, None], lg, -mx.inf)  # (B, H_kv, rep, 1, K')
+    probs = mx.exp(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
+    return _choose(idx, valid, forced, probs.sum(axis=(1, 2, 3)), K)

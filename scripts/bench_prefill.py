@@ -15,6 +15,8 @@ over that call (weights included). Methods, all on the same model in one process
 - ``floor_kv``: the floor with its attention output depending on the step's keys and values
   (as every attention's does), for nothing: how much of the floor's peak memory comes from the
   order MLX evaluates its graph in rather than from attention's work.
+- any other name of the harness's registry (``mlx_dhsa.evaluation.methods.METHODS``), e.g.
+  ``dhsa_prefill4_s8``: DHSA with those overrides on the default config.
 
 Peak memory includes the work MLX has queued but the GPU has not finished: ``eval`` encodes
 command batches ahead of the GPU until a cap on batches in flight (MAX_ACTIVE_TASKS in MLX's
@@ -34,8 +36,11 @@ import time
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
+from mlx_dhsa import DHSAConfig
 from mlx_dhsa.cli.profiling import SHAPES, random_model
-from mlx_dhsa.evaluation.floor import set_method
+from mlx_dhsa.evaluation.floor import FLOOR_METHODS
+from mlx_dhsa.evaluation.floor import set_method as _set_method
+from mlx_dhsa.evaluation.methods import METHODS
 from mlx_dhsa.evaluation.runinfo import attention_path, environment
 
 
@@ -69,6 +74,14 @@ def prefill(model, make_cache, n: int, vocab: int) -> dict:
     del cache
     mx.clear_cache()
     return row
+
+
+def set_method(model, method: str):
+    """``evaluation.floor.set_method``, also for the harness's named DHSA variants."""
+    if method == "dense" or method in FLOOR_METHODS or method not in METHODS:
+        return _set_method(model, method)
+    overrides = dict(METHODS[method])
+    return _set_method(model, overrides.pop("method"), DHSAConfig(**overrides))
 
 
 def main():

@@ -280,7 +280,7 @@ def test_refined_decode_plans_on_the_kernels(metal, monkeypatch, fused, budget, 
 
     monkeypatch.setattr(kernels.backend(), "fused_plan", fused)
     config = small_config(budget=budget, decode_refine=4)
-    assert planning.max_intervals(widened(config)) == intervals
+    assert planning.max_intervals(widened(config, config.decode_refine)) == intervals
     q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=64)
     attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
     launch = kernels.plan_launch(q.dtype, k.dtype, 64, 1, config)
@@ -293,6 +293,33 @@ def test_refined_decode_plans_on_the_kernels(metal, monkeypatch, fused, budget, 
     assert _launched(metal) == (["plan"] if fused else ["block_scores", "select_keys"])
     assert mx.array_equal(plans[0].indices, plans[1].indices)
     assert mx.array_equal(plans[0].n_valid, plans[1].n_valid)
+
+
+@pytest.mark.parametrize("stride", [1, 8])
+def test_refined_prefill_plans_on_the_kernels(metal, stride):
+    """prefill_refine's widened plan (prefill_refine x budget keys a block) runs on the planning
+    kernels (two launches) and is rescored in MLX: the refined plan equals the pure-MLX
+    planner's."""
+    from mlx_dhsa.planners import plan as dispatch
+
+    config = small_config(budget=48, prefill_refine=4, refine_stride=stride)
+    S, L = 400, 40
+    q, k, _ = make_qkv(H=4, H_kv=2, L=L, S=S, D=64)
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
+    launch = kernels.plan_launch(q.dtype, k.dtype, 64, L, config)
+    assert launch is not None
+    plans = [
+        dispatch(q, k, config=config, table=lambda: attn.chunk_view(k), offset=S - L,
+                 window=None, scale=SCALE, softcap=None, launch=run)  # fmt: skip
+        for run in (launch, None)
+    ]
+    assert _launched(metal) == ["block_scores", "select_keys"]
+    assert mx.array_equal(plans[0].indices, plans[1].indices)
+    assert mx.array_equal(plans[0].n_valid, plans[1].n_valid)
+    plain = dispatch(q, k, config=config.replace(prefill_refine=1),
+                     table=lambda: attn.chunk_view(k), offset=S - L, window=None, scale=SCALE,
+                     softcap=None, launch=None)  # fmt: skip
+    assert not mx.array_equal(plain.indices, plans[1].indices)  # the option changes the plan
 
 
 @pytest.mark.parametrize("refine", [1, 4])

@@ -1,5 +1,6 @@
-"""Decode refinement (``DHSAConfig.decode_refine``, mlx_dhsa/refine.py): a decode step's plan
-keeps the forced keys and the best candidates by exact logits, within the budget."""
+"""Refinement (``DHSAConfig.decode_refine`` / ``prefill_refine``, mlx_dhsa/refine.py): a decode
+step's or a prefill block's plan keeps the forced keys and the best candidates by exact logits,
+within the budget."""
 
 import mlx.core as mx
 import numpy as np
@@ -98,6 +99,104 @@ def test_refine_one_is_the_plain_plan_and_prefill_is_unchanged():
     assert not mx.array_equal(a.indices, b.indices).item()  # decode plans do change
 
 
+def _block_forced(config, q0, q1, window):
+    lo = max(0, q0 - window + 1) if window else 0
+    sink_end = max(lo, min(config.sink, q1 + 1))
+    return lo, set(range(lo, sink_end)) | set(range(max(q0 - config.local, lo, sink_end), q1 + 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    method=st.sampled_from(sorted(PLANNERS)),
+    S=st.integers(2, 300),
+    L=st.integers(2, 70),
+    refine=st.integers(1, 5),
+    stride=st.sampled_from([1, 3, 16]),
+    window=st.sampled_from([None, 40]),
+    seed=st.integers(0, 2**16),
+)
+def test_prefill_refine_plan_invariants(method, S, L, refine, stride, window, seed):
+    mx.random.seed(seed)
+    L = min(L, S)
+    config = small_config(method=method, prefill_refine=refine, refine_stride=stride)
+    q, k, _ = make_qkv(H=4, H_kv=2, L=L, S=S, D=16)
+    plan = _plan(config, q, k, S - L, window)
+    bs = config.block_size
+    assert plan.indices.shape == (1, -(-L // bs), config.budget)
+    for blk, (idx, n) in enumerate(zip(np.array(plan.indices)[0], plan.n_valid.tolist()[0])):
+        q0 = S - L + blk * bs
+        q1 = min(q0 + bs, S) - 1
+        lo, forced = _block_forced(config, q0, q1, window)
+        keys = idx[:n]
+        assert n == min(config.budget, q1 + 1 - lo)  # the budget is filled
+        assert (np.diff(keys) > 0).all() and (keys >= lo).all() and (keys <= q1).all()
+        assert (idx[n:] == 0).all() and forced <= set(keys.tolist())
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_prefill_refine_over_every_key_keeps_each_blocks_most_probable_keys(stride):
+    # Candidates = every key: a block's scored part is the keys of largest causal probability
+    # summed over its scoring queries (every stride-th) and heads, outside the forced keys.
+    S, L = 300, 40
+    config = small_config(prefill_refine=S, refine_stride=stride)
+    q, k, _ = make_qkv(H=4, H_kv=2, L=L, S=S, D=16, scale=1.5)
+    plan = _plan(config, q, k, S - L)
+    logits = SCALE * (q[0].reshape(2, 2, L, 16) @ k[0][:, None].swapaxes(-1, -2))  # (2, 2, L, S)
+    pos = S - L + np.arange(L)
+    logits = mx.where(mx.array(np.arange(S)[None] <= pos[:, None]), logits, -mx.inf)
+    probs = np.array(mx.softmax(logits, axis=-1).sum(axis=(0, 1)))  # (L, S)
+    bs = config.block_size
+    for blk in range(-(-L // bs)):
+        q0 = S - L + blk * bs
+        q1 = min(q0 + bs, S) - 1
+        _, forced = _block_forced(config, q0, q1, None)
+        rows = [i - (S - L) for i in range(q0 + stride - 1, q1 + 1, stride)]
+        score = probs[rows].sum(0)
+        free = [i for i in np.argsort(-score, kind="stable") if i not in forced and i <= q1]
+        n = int(plan.n_valid[0, blk].item())
+        got = set(np.array(plan.indices)[0, blk, :n].tolist())
+        assert got == forced | set(free[: config.budget - len(forced)])
+
+
+def test_prefill_refine_keeps_a_key_that_half_the_block_attends_to():
+    # Half the block's queries look for the needle (+v), half away from it (-v), so their mean
+    # does not: by chunk score (the mean query's) decoy chunks along u, which no query attends
+    # to much, outrank it and fill the budget; the needle still makes the 4 x budget shortlist,
+    # and the queries' exact logits keep it.
+    S, L, needle = 600, 16, 200
+    q, k, _ = make_qkv(H=4, H_kv=2, L=L, S=S, D=16)
+    u, v = mx.eye(16)[0], mx.eye(16)[1]
+    sign = mx.where(mx.arange(L) % 2 == 0, 1.0, -1.0)[None, None, :, None]
+    q = q + u + 4 * sign * v
+    k = k.at[0, :, 300:396].add(1.5 * u)  # 12 decoy chunks: 96 keys, the scored room is 20
+    k = k.at[0, :, needle - 3 : needle + 3].add(6 * v + 0.8 * u)
+    keep = {f: set(_plan(small_config(prefill_refine=f), q, k, S - L).indices.tolist()[0][0])
+            for f in (1, 4)}  # fmt: skip
+    assert needle in keep[4] and needle not in keep[1]
+
+
+def test_prefill_refine_in_groups_of_blocks_is_the_same_plan(monkeypatch):
+    # A long prefill scores its candidates a few blocks at a time (MAX_REFINE_SCORES).
+    from mlx_dhsa import refine
+
+    q, k, _ = make_qkv(H=4, H_kv=2, L=100, S=300, D=16)
+    config = small_config(prefill_refine=3, refine_stride=2)
+    whole = _plan(config, q, k, 200)
+    monkeypatch.setattr(refine, "MAX_REFINE_SCORES", 4 * 8 * 150 * 2)  # 2 blocks a group
+    grouped = _plan(config, q, k, 200)
+    assert mx.array_equal(whole.indices, grouped.indices).item()
+    assert mx.array_equal(whole.n_valid, grouped.n_valid).item()
+
+
+def test_prefill_refine_changes_prefill_plans_only():
+    q, k, _ = make_qkv(H=4, H_kv=2, L=40, S=200, D=16)
+    plain, refined = small_config(), small_config(prefill_refine=3, refine_stride=2)
+    a, b = (_plan(c, q, k, 160) for c in (plain, refined))
+    assert not mx.array_equal(a.indices, b.indices).item()
+    a, b = (_plan(c, q[:, :, -1:], k, 199) for c in (plain, refined))
+    assert mx.array_equal(a.indices, b.indices).item()
+
+
 def test_refined_decode_attention_matches_dense_at_full_budget():
     S = 120
     config = small_config(budget=128, decode_refine=2)
@@ -118,7 +217,7 @@ def test_refine_over_quantized_keys_equals_refine_over_their_dequantized_values(
     q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=64)
     qk = QuantizedKV.quantize(k, bits=4, group_size=32)
     attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
-    wide = PLANNERS["dhsa"](q, qk.dequantize(), config=widened(config),
+    wide = PLANNERS["dhsa"](q, qk.dequantize(), config=widened(config, config.decode_refine),
                             table=lambda: attn.chunk_view(qk.dequantize()), offset=S - 1,
                             window=None, scale=SCALE, softcap=None)  # fmt: skip
     got = refine_plan(wide, q, qk, config, scale=SCALE, softcap=None)
@@ -127,10 +226,15 @@ def test_refine_over_quantized_keys_equals_refine_over_their_dequantized_values(
     assert mx.array_equal(got.n_valid, want.n_valid).item()
 
 
-def test_decode_refine_must_be_positive():
+def test_refine_settings_are_checked():
     with pytest.raises(ConfigError, match="decode_refine must be a positive integer"):
         DHSAConfig(decode_refine=0)
+    with pytest.raises(ConfigError, match="prefill_refine must be a positive integer"):
+        DHSAConfig(prefill_refine=0)
+    with pytest.raises(ConfigError, match=r"refine_stride \(200\) must be at most block_size"):
+        DHSAConfig(refine_stride=200)
     assert DHSAConfig().decode_refine == 4 and DHSAConfig.paper().decode_refine == 1
+    assert DHSAConfig.paper().prefill_refine == 1
 
 
 def test_patched_model_decodes_with_refine():
@@ -171,3 +275,35 @@ def test_refined_decode_step_on_the_kernels_matches_the_cpu(head):
         mx.eval(cpu_logits)
     err = mx.abs(gpu_logits - cpu_logits).max().item()
     assert err <= 1e-4 * (1 + mx.abs(cpu_logits).max().item()), f"max error {err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.is_available(mx.gpu), reason="no GPU")
+@pytest.mark.parametrize("stride", [1, 8])
+def test_refined_prefill_on_the_kernels_matches_the_cpu(stride):
+    """With the kernels active a refined prefill plans its widened plan on the planning
+    kernels, rescores in MLX and attends on the sparse kernel: the plan is the CPU reference
+    planner's and the output the reference attention's over it. (A whole model's forward is
+    not compared: TF32-like rounding moves its queries, and with them near-tied keys.)"""
+    from mlx_dhsa import kernels
+    from mlx_dhsa.attention import Path
+
+    config = small_config(prefill_refine=4, refine_stride=stride)
+    L = S = 300
+    q, k, v = make_qkv(H=4, H_kv=2, L=L, S=S, D=32)
+    attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=32, scale=SCALE, softcap=None)
+    with mx.stream(mx.gpu):
+        assert kernels.plan_launch(q.dtype, k.dtype, 32, L, config) is not None
+        out = attn.attend(q, k, v, offset=0)
+        mx.eval(out)
+    assert attn.last_route.path is Path.SPARSE_KERNEL
+    plan = _plan(config, q, k, 0)  # the pure-MLX planner, on the CPU
+    with mx.stream(mx.gpu):
+        launched = dispatch(q, k, config=config, table=lambda: attn.chunk_view(k), offset=0,
+                            window=None, scale=SCALE, softcap=None,
+                            launch=kernels.plan_launch(q.dtype, k.dtype, 32, L, config))  # fmt: skip
+        mx.eval(launched.indices)
+    assert mx.array_equal(launched.indices, plan.indices).item()
+    ref = sparse_attention(q, k, v, plan, scale=SCALE)
+    err = mx.abs(out - ref).max().item()
+    assert err <= 1e-4 * (1 + mx.abs(ref).max().item()), f"max error {err:.3g}"

@@ -19,7 +19,7 @@ PAPER_SELECTION = {
     k: getattr(DHSAConfig.paper(), k)
     for k in ("sink", "local", "local_mode", "summary", "scoring", "head_scores", "target_chunk",
               "min_chunk", "nms_window", "boundary_window", "boundaries", "chunk_cap", "decode_refine",
-              "decode_head_scores")
+              "prefill_refine", "decode_head_scores")
 }  # fmt: skip
 
 # name -> DHSAConfig overrides; None = the unpatched model (mlx-lm's own attention).
@@ -54,6 +54,10 @@ METHODS: dict[str, dict | None] = {
     "dhsa_refine2": {"method": "dhsa", "decode_refine": 2},
     "dhsa_chunks": {"method": "dhsa", "decode_refine": 1},
     "dhsa_decode_max": {"method": "dhsa", "decode_head_scores": "max"},  # best head shortlists
+    # Prefill blocks refined the same way (f x budget candidates; every s-th query scores).
+    **{f"dhsa_prefill{f}" + (f"_s{s}" if s > 1 else ""): {
+        "method": "dhsa", "prefill_refine": f, "refine_stride": s}
+       for f, s in ((1, 1), (2, 1), (4, 1), (4, 8), (4, 16))},  # fmt: skip
     # Block-sparse as the issue measured it: 32-key blocks, 128 sinks.
     "block_sparse_32": {"method": "block_sparse", **PAPER_SELECTION, "local_mode": "window"},
 }
