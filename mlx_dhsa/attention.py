@@ -152,13 +152,13 @@ def route(
         quantized=quantized,
     )
     plan = tail = None
-    if config.method == "dhsa":
+    if config.method == "dhsa":  # the config the chunk plan runs (decode head scores, refine)
         plan = kernels.plan_launch(
             dtypes[0],
             dtypes[1],
             head_dim,
             n_sparse,
-            config,
+            planners.step_config(config, L == 1),
             use_kernel=use_kernel,
             quantized=quantized,
         )

@@ -271,19 +271,16 @@ def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
 
     Quantized keys (:class:`QuantizedKV`) reach the planners that read every key
     (baselines, ``scoring="softmax*"``) dequantized; DHSA's paper scoring reads only the
-    chunk table. A decode step scores chunks with ``decode_head_scores``. With refinement
-    (``decode_refine`` for a decode step, ``prefill_refine`` for prefill blocks, > 1) the
-    planner plans ``f x budget`` keys (on the planning kernels where ``launch`` says they run
-    and they take the wider plan, else pure MLX) and the best of them by exact logits are
-    kept (``refine.refine_plan``, MLX)."""
+    chunk table. The chunk plan runs :func:`step_config`: a decode step scores chunks with
+    ``decode_head_scores``; with refinement (``decode_refine`` for a decode step,
+    ``prefill_refine`` for prefill blocks, > 1) it plans ``f x budget`` keys and the best of
+    them by exact logits are kept (``refine.refine_plan``, MLX). ``launch`` is how the
+    planning kernels run that config (``kernels.plan_launch`` of it, as the layer's route
+    decides), None for pure MLX."""
     if isinstance(keys, QuantizedKV) and (config.method != "dhsa" or config.scoring != "paper"):
         keys = keys.dequantize()
     L = queries.shape[2]
-    step = step_config(config, L == 1)
-    if step != config and kwargs.get("launch") is not None:  # the kernels, if they take it
-        kwargs["launch"] = kernels.plan_launch(queries.dtype, queries.dtype, queries.shape[-1],
-                                               L, step)  # fmt: skip
-    plan = PLANNERS[config.method](queries, keys, config=step, **kwargs)
+    plan = PLANNERS[config.method](queries, keys, config=step_config(config, L == 1), **kwargs)
     if refine.factor(config, L == 1) == 1:
         return plan
     return refine.refine_plan(

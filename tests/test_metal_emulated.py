@@ -19,6 +19,7 @@ from test_kernels import SCALE, _close, _plan, _table
 from mlx_dhsa import kernels, reference
 from mlx_dhsa.attention import DHSAAttention
 from mlx_dhsa.kernels import KernelState, planning, sources
+from mlx_dhsa.planners import step_config
 from mlx_dhsa.quantized import QuantizedKV
 from mlx_dhsa.selection import block_queries, chunk_scores, key_mask, select_chunks
 
@@ -279,11 +280,11 @@ def test_refined_decode_plans_on_the_kernels(metal, monkeypatch, fused, budget, 
     from mlx_dhsa.refine import widened
 
     monkeypatch.setattr(kernels.backend(), "fused_plan", fused)
-    config = small_config(budget=budget, decode_refine=4)
+    config = small_config(budget=budget, decode_refine=4, decode_head_scores="mean")
     assert planning.max_intervals(widened(config, config.decode_refine)) == intervals
     q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=64)
     attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
-    launch = kernels.plan_launch(q.dtype, k.dtype, 64, 1, config)
+    launch = kernels.plan_launch(q.dtype, k.dtype, 64, 1, step_config(config, True))
     assert launch is not None
     plans = [
         dispatch(q, k, config=config, table=lambda: attn.chunk_view(k), offset=S - 1,
@@ -306,7 +307,7 @@ def test_refined_prefill_plans_on_the_kernels(metal, stride):
     S, L = 400, 40
     q, k, _ = make_qkv(H=4, H_kv=2, L=L, S=S, D=64)
     attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
-    launch = kernels.plan_launch(q.dtype, k.dtype, 64, L, config)
+    launch = kernels.plan_launch(q.dtype, k.dtype, 64, L, step_config(config, False))
     assert launch is not None
     plans = [
         dispatch(q, k, config=config, table=lambda: attn.chunk_view(k), offset=S - L,
@@ -336,7 +337,7 @@ def test_decode_head_max_plans_on_the_kernels(metal, monkeypatch, fused, refine)
     q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=64)
     q = q * mx.array([0.2, 0.2, 3.0, 0.2])[None, :, None, None]  # one head dominates
     attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
-    launch = kernels.plan_launch(q.dtype, k.dtype, 64, 1, config)
+    launch = kernels.plan_launch(q.dtype, k.dtype, 64, 1, step_config(config, True))
     plans = [
         dispatch(q, k, config=config, table=lambda: attn.chunk_view(k), offset=S - 1,
                  window=None, scale=SCALE, softcap=None, launch=run)  # fmt: skip

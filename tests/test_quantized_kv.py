@@ -304,8 +304,11 @@ def test_eight_bit_kv_follows_fp_given_the_same_plans(monkeypatch):
     # (layer 0 keeps its window cache in the model's dtype), plans the same keys in every call (chunk state from the pre-quantization keys, open
     # chunk included); (2) on fp's plans the 8-bit logits stay near fp's: largest per-step
     # relative error 2.0% measured here (CPU fp32; 8-bit dense attention: 1.0%, sparse
-    # averages fewer keys), an offset or group error would be O(1).
-    model = patch(tiny_gemma2(), small_config())
+    # averages fewer keys), an offset or group error would be O(1). Decode refinement is off:
+    # it rescores its candidates from their dequantized rows by design, where single keys of
+    # near-tied scores swap (seen with decode_head_scores="max": 3 of 10 steps, one key each;
+    # the chunk plans stayed equal); its quantized path is pinned in test_refine.py.
+    model = patch(tiny_gemma2(), small_config(decode_refine=1))
     tokens = mx.random.randint(0, 1024, (240,))
     first = dhsa_layers(model)[1]  # the first global layer (layer 0 attends over its window)
     plans, seen, original = [], {}, DHSAAttention.plan

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mlx_dhsa import DHSAConfig, patch
 from mlx_dhsa.attention import DHSAAttention
 from mlx_dhsa.config import ConfigError
-from mlx_dhsa.planners import PLANNERS
+from mlx_dhsa.planners import PLANNERS, step_config
 from mlx_dhsa.planners import plan as dispatch
 from mlx_dhsa.reference import dense_attention, sparse_attention
 from mlx_dhsa.selection import key_mask
@@ -301,7 +301,8 @@ def test_refined_prefill_on_the_kernels_matches_the_cpu(stride):
     with mx.stream(mx.gpu):
         launched = dispatch(q, k, config=config, table=lambda: attn.chunk_view(k), offset=0,
                             window=None, scale=SCALE, softcap=None,
-                            launch=kernels.plan_launch(q.dtype, k.dtype, 32, L, config))  # fmt: skip
+                            launch=kernels.plan_launch(q.dtype, k.dtype, 32, L,
+                                                       step_config(config, False)))  # fmt: skip
         mx.eval(launched.indices)
     assert mx.array_equal(launched.indices, plan.indices).item()
     ref = sparse_attention(q, k, v, plan, scale=SCALE)

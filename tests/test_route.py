@@ -41,14 +41,21 @@ CASES = [
         (Path.DENSE_REFERENCE, None, None, 0, None, False),
     ),
     (None, {}, dict(L=1, S=500, base=True), (Path.SPARSE_REFERENCE, None, None, 1, None, False)),
-    # CUDA: kernels, one-query steps on the decode kernel, one-block plans fused.
+    # CUDA: kernels, one-query steps on the decode kernel, one-block plans fused (a decode
+    # step's plan with decode_head_scores="max", the default, takes two launches).
     ("cuda", {}, dict(L=300, S=300), (Path.SPARSE_KERNEL, False, PlanLaunch.TWO, 292, True, False)),
+    (
+        "cuda",
+        {"decode_head_scores": "mean"},
+        dict(L=1, S=500, base=True),
+        (Path.SPARSE_KERNEL, True, PlanLaunch.FUSED, 1, None, False),
+    ),
     ("cuda", {}, dict(L=16, S=400), (Path.SPARSE_KERNEL, False, PlanLaunch.FUSED, 8, True, False)),
     (
         "cuda",
         {},
         dict(L=1, S=500, base=True),
-        (Path.SPARSE_KERNEL, True, PlanLaunch.FUSED, 1, None, False),
+        (Path.SPARSE_KERNEL, True, PlanLaunch.TWO, 1, None, False),
     ),
     ("cuda", {}, dict(L=8, S=400), (Path.DENSE_KERNEL, False, None, 0, None, True)),  # all tail
     ("cuda", {}, dict(L=64, S=64), (Path.DENSE_KERNEL, False, None, 0, None, True)),
@@ -86,13 +93,13 @@ CASES = [
         "cuda",
         {"sliding_window": False},
         dict(L=1, S=500, window=64),
-        (Path.SPARSE_KERNEL, True, PlanLaunch.FUSED, 1, None, False),
+        (Path.SPARSE_KERNEL, True, PlanLaunch.TWO, 1, None, False),
     ),
     (
         "cuda",
         {},
         dict(L=1, S=500, n_heads=16, n_kv_heads=1),  # 16 heads a KV head: tile kernel
-        (Path.SPARSE_KERNEL, False, PlanLaunch.FUSED, 1, None, False),
+        (Path.SPARSE_KERNEL, False, PlanLaunch.TWO, 1, None, False),
     ),
     (
         "cuda",
@@ -160,7 +167,7 @@ CASES = [
         "cuda",
         {},
         dict(L=1, S=500, base=True, quantized=(8, 64)),
-        (Path.SPARSE_KERNEL, True, PlanLaunch.FUSED, 1, None, False),
+        (Path.SPARSE_KERNEL, True, PlanLaunch.TWO, 1, None, False),
     ),
     (
         "cuda",

@@ -54,6 +54,7 @@ METHODS: dict[str, dict | None] = {
     "dhsa_refine2": {"method": "dhsa", "decode_refine": 2},
     "dhsa_chunks": {"method": "dhsa", "decode_refine": 1},
     "dhsa_decode_max": {"method": "dhsa", "decode_head_scores": "max"},  # best head shortlists
+    "dhsa_decode_mean": {"method": "dhsa", "decode_head_scores": "mean"},  # heads averaged
     # Prefill blocks refined the same way (f x budget candidates; every s-th query scores).
     **{f"dhsa_prefill{f}" + (f"_s{s}" if s > 1 else ""): {
         "method": "dhsa", "prefill_refine": f, "refine_stride": s}
