@@ -152,13 +152,15 @@ def route(
         quantized=quantized,
     )
     plan = tail = None
-    if config.method == "dhsa":  # the config the chunk plan runs (decode head scores, refine)
+    # The planning kernels run the config the chunk plan runs (planners.plan): one planned
+    # query plans as a decode step (decode_head_scores, decode_refine).
+    if config.method == "dhsa":
         plan = kernels.plan_launch(
             dtypes[0],
             dtypes[1],
             head_dim,
             n_sparse,
-            planners.step_config(config, L == 1),
+            planners.step_config(config, n_sparse == 1),
             use_kernel=use_kernel,
             quantized=quantized,
         )

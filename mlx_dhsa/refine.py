@@ -7,7 +7,7 @@ and local window), summed over heads and queries; the best of them fill the scor
 the budget. Chunk scores only shortlist, so what a query needs has to rank among the top
 ``f`` shares of chunks instead of the top one, and the plan is chosen key by key (issue 16:
 docs/accuracy/README.md). A decode step scores with its one query; a prefill block with every
-``refine_stride``-th of its queries. The widened plan runs on the planning kernels where they
+``refine_stride``-th of its queries, counted back from its last. The widened plan runs on the planning kernels where they
 run (``kernels.planning.max_intervals`` sizes their interval buffer for it); the rescoring
 here is MLX and reads the candidates' keys, ``f x budget`` per block.
 """
@@ -74,15 +74,19 @@ def refine_plan(
 
 def _block_scores(wide: Plan, queries, keys, valid, stride: int, scale, softcap) -> mx.array:
     """Per block and candidate slot, (B, NB, K') float32: the probability each scoring query
-    (every ``stride``-th of the block) gives the slot's key among the block's valid, causal
-    (and in-window) slots, summed over those queries and the heads."""
+    (every ``stride``-th of the block, counted back from its last, so that a short last block
+    has one) gives the slot's key among the block's valid, causal (and in-window) slots,
+    summed over those queries and the heads."""
     B, H, L, D = queries.shape
     bs, (NB, Kw), H_kv = wide.block_size, wide.indices.shape[1:], keys.shape[1]
+    n_block = mx.minimum(L - mx.arange(NB) * bs, bs)  # queries of each block
+    rel = n_block[:, None] - 1 - mx.arange(-(-bs // stride)) * stride  # (NB, m)
+    live = rel >= 0
+    rel = mx.maximum(rel, 0)
     q = mx.pad(queries, [(0, 0), (0, 0), (0, NB * bs - L), (0, 0)])
-    q = q.reshape(B, H_kv, H // H_kv, NB, bs, D)[:, :, :, :, stride - 1 :: stride]
-    pos = mx.arange(NB)[:, None] * bs + mx.arange(stride - 1, bs, stride)  # (NB, m), relative
-    live = pos < L
-    pos = pos + wide.q_offset
+    q = q.reshape(B, H_kv, H // H_kv, NB, bs, D)
+    q = mx.take_along_axis(q, rel[None, None, None, :, :, None], axis=4)  # (..., NB, m, D)
+    pos = wide.q_offset + mx.arange(NB)[:, None] * bs + rel
     window = mx.array(wide.window if wide.window is not None else 2**30, mx.int32)
     group = max(1, MAX_REFINE_SCORES // (B * H * pos.shape[1] * Kw))
     out = []
@@ -103,10 +107,10 @@ def _group_scores(q, rows, idx, valid, pos, live, window, scale: float, softcap:
     idx, p = idx[:, :, None], pos[:, :, None]  # (B, g, 1, K'), (g, m, 1)
     # A padded query (not live) sees every slot and is dropped from the sum: no empty rows.
     ok = (valid[:, :, None] & (idx <= p) & (idx > p - window)) | ~live[:, :, None]
-    lg = logits(q, mx.expand_dims(rows, 2), scale, softcap)  # (B, H_kv, R, g, m, K')
+    lg = logits(q, mx.expand_dims(rows, 2), scale, softcap).astype(mx.float32)
     lg = mx.where(ok[:, None, None], lg, -mx.inf)  # every live query sees its own key
-    probs = mx.softmax(lg, axis=-1, precise=True)
-    return mx.where(live[:, :, None], probs, 0).astype(mx.float32).sum(axis=(1, 2, 4))
+    probs = mx.softmax(lg, axis=-1)  # (B, H_kv, R, g, m, K')
+    return mx.where(live[:, :, None], probs, 0).sum(axis=(1, 2, 4))
 
 
 def _forced(idx, lo, sink_end, local_start, q1):

@@ -26,10 +26,11 @@ def _plan(config, q, k, offset, window=None):
                     window=window, scale=SCALE, softcap=None)  # fmt: skip
 
 
-def _forced(config, p, window):
-    lo = max(0, p - window + 1) if window else 0
-    local = range(max(lo, p - config.local, min(config.sink, p + 1)), p + 1)
-    return lo, set(range(lo, min(config.sink, p + 1))) | set(local)
+def _forced(config, q0, q1, window):
+    """First allowed key and the forced keys (sinks, local window) of queries q0..q1."""
+    lo = max(0, q0 - window + 1) if window else 0
+    sink_end = max(lo, min(config.sink, q1 + 1))
+    return lo, set(range(lo, sink_end)) | set(range(max(q0 - config.local, lo, sink_end), q1 + 1))
 
 
 @settings(max_examples=40, deadline=None)
@@ -47,7 +48,7 @@ def test_decode_refine_plan_invariants(method, S, refine, window, head, seed):
     q, k, _ = make_qkv(H=4, H_kv=2, L=1, S=S, D=16)
     plan = _plan(config, q, k, S - 1, window)
     idx, n = np.array(plan.indices)[0, 0], int(plan.n_valid[0, 0].item())
-    lo, forced = _forced(config, S - 1, window)
+    lo, forced = _forced(config, S - 1, S - 1, window)
     keys = idx[:n]
     assert plan.indices.shape == (1, 1, config.budget) and plan.indices.dtype == mx.int32
     assert n == min(config.budget, S - lo)  # the budget is filled
@@ -79,7 +80,7 @@ def test_refine_over_every_key_keeps_the_most_probable_keys():
     plan = _plan(config, q, k, S - 1)
     n = int(plan.n_valid[0, 0].item())
     got = set(np.array(plan.indices)[0, 0, :n].tolist())
-    _, forced = _forced(config, S - 1, None)
+    _, forced = _forced(config, S - 1, S - 1, None)
     logits = SCALE * (q.reshape(2, 2, 16) @ k[0].swapaxes(-1, -2))  # (H_kv, rep, S)
     probs = np.array(mx.softmax(logits, axis=-1).sum(axis=(0, 1)))
     free = [i for i in np.argsort(-probs, kind="stable") if i not in forced]
@@ -97,12 +98,6 @@ def test_refine_one_is_the_plain_plan_and_prefill_is_unchanged():
     a = _plan(plain, q[:, :, -1:], k, 199)
     b = _plan(refined, q[:, :, -1:], k, 199)
     assert not mx.array_equal(a.indices, b.indices).item()  # decode plans do change
-
-
-def _block_forced(config, q0, q1, window):
-    lo = max(0, q0 - window + 1) if window else 0
-    sink_end = max(lo, min(config.sink, q1 + 1))
-    return lo, set(range(lo, sink_end)) | set(range(max(q0 - config.local, lo, sink_end), q1 + 1))
 
 
 @settings(max_examples=40, deadline=None)
@@ -126,14 +121,14 @@ def test_prefill_refine_plan_invariants(method, S, L, refine, stride, window, se
     for blk, (idx, n) in enumerate(zip(np.array(plan.indices)[0], plan.n_valid.tolist()[0])):
         q0 = S - L + blk * bs
         q1 = min(q0 + bs, S) - 1
-        lo, forced = _block_forced(config, q0, q1, window)
+        lo, forced = _forced(config, q0, q1, window)
         keys = idx[:n]
         assert n == min(config.budget, q1 + 1 - lo)  # the budget is filled
         assert (np.diff(keys) > 0).all() and (keys >= lo).all() and (keys <= q1).all()
         assert (idx[n:] == 0).all() and forced <= set(keys.tolist())
 
 
-@pytest.mark.parametrize("stride", [1, 3])
+@pytest.mark.parametrize("stride", [1, 3, 16])  # 16: the last block (8 queries) has one
 def test_prefill_refine_over_every_key_keeps_each_blocks_most_probable_keys(stride):
     # Candidates = every key: a block's scored part is the keys of largest causal probability
     # summed over its scoring queries (every stride-th) and heads, outside the forced keys.
@@ -149,8 +144,8 @@ def test_prefill_refine_over_every_key_keeps_each_blocks_most_probable_keys(stri
     for blk in range(-(-L // bs)):
         q0 = S - L + blk * bs
         q1 = min(q0 + bs, S) - 1
-        _, forced = _block_forced(config, q0, q1, None)
-        rows = [i - (S - L) for i in range(q0 + stride - 1, q1 + 1, stride)]
+        _, forced = _forced(config, q0, q1, None)
+        rows = [i - (S - L) for i in range(q1, q0 - 1, -stride)]  # back from the last
         score = probs[rows].sum(0)
         free = [i for i in np.argsort(-score, kind="stable") if i not in forced and i <= q1]
         n = int(plan.n_valid[0, blk].item())
@@ -288,22 +283,20 @@ def test_refined_prefill_on_the_kernels_matches_the_cpu(stride):
     from mlx_dhsa import kernels
     from mlx_dhsa.attention import Path
 
-    config = small_config(prefill_refine=4, refine_stride=stride)
+    config = small_config(prefill_refine=4, refine_stride=stride, dense_tail=0)  # all planned
     L = S = 300
     q, k, v = make_qkv(H=4, H_kv=2, L=L, S=S, D=32)
     attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=32, scale=SCALE, softcap=None)
+    step = step_config(config, False)
     with mx.stream(mx.gpu):
-        assert kernels.plan_launch(q.dtype, k.dtype, 32, L, config) is not None
+        launch = kernels.plan_launch(q.dtype, k.dtype, 32, L, step)
+        assert launch is not None
         out = attn.attend(q, k, v, offset=0)
-        mx.eval(out)
-    assert attn.last_route.path is Path.SPARSE_KERNEL
-    plan = _plan(config, q, k, 0)  # the pure-MLX planner, on the CPU
-    with mx.stream(mx.gpu):
         launched = dispatch(q, k, config=config, table=lambda: attn.chunk_view(k), offset=0,
-                            window=None, scale=SCALE, softcap=None,
-                            launch=kernels.plan_launch(q.dtype, k.dtype, 32, L,
-                                                       step_config(config, False)))  # fmt: skip
-        mx.eval(launched.indices)
+                            window=None, scale=SCALE, softcap=None, launch=launch)  # fmt: skip
+        mx.eval(out, launched.indices)
+    assert attn.last_route.path is Path.SPARSE_KERNEL and attn.last_route.plan is launch
+    plan = _plan(config, q, k, 0)  # the pure-MLX planner, on the CPU
     assert mx.array_equal(launched.indices, plan.indices).item()
     ref = sparse_attention(q, k, v, plan, scale=SCALE)
     err = mx.abs(out - ref).max().item()

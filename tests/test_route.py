@@ -50,6 +50,13 @@ CASES = [
         dict(L=1, S=500, base=True),
         (Path.SPARSE_KERNEL, True, PlanLaunch.FUSED, 1, None, False),
     ),
+    (
+        "cuda",
+        {"decode_head_scores": "mean"},
+        dict(L=9, S=500),  # one planned query (8 in the dense tail) plans as a decode step
+        (Path.SPARSE_KERNEL, True, PlanLaunch.FUSED, 1, True, False),
+    ),
+    ("cuda", {}, dict(L=9, S=500), (Path.SPARSE_KERNEL, True, PlanLaunch.TWO, 1, True, False)),
     ("cuda", {}, dict(L=16, S=400), (Path.SPARSE_KERNEL, False, PlanLaunch.FUSED, 8, True, False)),
     (
         "cuda",

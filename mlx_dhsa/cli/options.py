@@ -47,8 +47,8 @@ DHSA_OPTIONS = {
     "keep the best keys by their exact logits (1: the chunk ranking alone).",
     "prefill_refine": "Sparse prefill blocks shortlist chunks for this many x budget keys, then "
     "keep the best keys by the block's exact logits (1: the chunk ranking alone).",
-    "refine_stride": "Every this-many-th query of a prefill block scores its shortlisted keys "
-    "(--prefill-refine).",
+    "refine_stride": "With --prefill-refine > 1: every this-many-th query of a prefill block "
+    "(counted back from its last) scores its shortlisted keys.",
     "decode_head_scores": "Sparse decode steps rank chunks by 'mean' (heads averaged) or 'max' "
     "(best head) scores.",
     "use_kernel": "Use the GPU kernels when a GPU is present (else the pure-MLX reference).",
