@@ -279,9 +279,9 @@ def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
     decides), None for pure MLX."""
     if isinstance(keys, QuantizedKV) and (config.method != "dhsa" or config.scoring != "paper"):
         keys = keys.dequantize()
-    L = queries.shape[2]
-    plan = PLANNERS[config.method](queries, keys, config=step_config(config, L == 1), **kwargs)
-    if refine.factor(config, L == 1) == 1:
+    decode = queries.shape[2] == 1
+    plan = PLANNERS[config.method](queries, keys, config=step_config(config, decode), **kwargs)
+    if refine.factor(config, decode) == 1:
         return plan
     return refine.refine_plan(
         plan, queries, keys, config, scale=kwargs["scale"], softcap=kwargs["softcap"]

@@ -7,9 +7,10 @@ and local window), summed over heads and queries; the best of them fill the scor
 the budget. Chunk scores only shortlist, so what a query needs has to rank among the top
 ``f`` shares of chunks instead of the top one, and the plan is chosen key by key (issue 16:
 docs/accuracy/README.md). A decode step scores with its one query; a prefill block with every
-``refine_stride``-th of its queries, counted back from its last. The widened plan runs on the planning kernels where they
-run (``kernels.planning.max_intervals`` sizes their interval buffer for it); the rescoring
-here is MLX and reads the candidates' keys, ``f x budget`` per block.
+``refine_stride``-th of its queries, counted back from its last. The widened plan runs on the
+planning kernels where they run (``kernels.planning.max_intervals`` sizes their interval
+buffer for it); the rescoring here is MLX and reads the candidates' keys, ``f x budget`` per
+block.
 """
 
 import mlx.core as mx

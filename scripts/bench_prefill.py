@@ -40,7 +40,7 @@ from mlx_dhsa import DHSAConfig
 from mlx_dhsa.cli.profiling import SHAPES, random_model
 from mlx_dhsa.evaluation.floor import FLOOR_METHODS
 from mlx_dhsa.evaluation.floor import set_method as _set_method
-from mlx_dhsa.evaluation.methods import METHODS
+from mlx_dhsa.evaluation.methods import METHODS, parse_methods
 from mlx_dhsa.evaluation.runinfo import attention_path, environment
 
 
@@ -80,8 +80,8 @@ def set_method(model, method: str):
     """``evaluation.floor.set_method``, also for the harness's named DHSA variants."""
     if method == "dense" or method in FLOOR_METHODS or method not in METHODS:
         return _set_method(model, method)
-    overrides = dict(METHODS[method])
-    return _set_method(model, overrides.pop("method"), DHSAConfig(**overrides))
+    config = parse_methods(method, DHSAConfig())[0].config
+    return _set_method(model, config.method, config)
 
 
 def main():
