@@ -39,6 +39,7 @@ class Route(NamedTuple):
     plan: kernels.PlanLaunch | None = None  # planning kernels (method "dhsa"); None: pure MLX
     n_sparse: int = 0  # queries attended sparsely; the rest of the call attends densely
     tail: kernels.AttentionKernel | None = None  # launch of those dense queries, if any
+    refine: kernels.RefineKernel | None = None  # prefill refinement's scores; None: pure MLX
     own_mask: bool = False  # dense: the call's own causal (+ window) mask, not the model's
 
     @property
@@ -151,7 +152,7 @@ def route(
         decode_groups=groups,
         quantized=quantized,
     )
-    plan = tail = None
+    plan = tail = refine = None
     # The planning kernels run the config the chunk plan runs (planners.plan): one planned
     # query plans as a decode step (decode_head_scores, decode_refine).
     if config.method == "dhsa":
@@ -164,12 +165,24 @@ def route(
             use_kernel=use_kernel,
             quantized=quantized,
         )
+    if n_sparse > 1 and config.prefill_refine > 1:
+        refine = kernels.refine_kernel(
+            dtypes[0],
+            dtypes[1],
+            head_dim,
+            n_heads,
+            n_kv_heads,
+            config.block_size,
+            config.refine_stride,
+            use_kernel=use_kernel,
+            quantized=quantized,
+        )
     if n_sparse < L:
         tail = kernels.attention_kernel(
             *shape, L - n_sparse, S, None, use_kernel=use_kernel, quantized=quantized
         )
     path = Path.SPARSE_KERNEL if kernel is not None else Path.SPARSE_REFERENCE
-    return Route(path, kernel, plan, n_sparse, tail)
+    return Route(path, kernel, plan, n_sparse, tail, refine=refine)
 
 
 def _quantization(cache: Any) -> tuple[int, int] | None:
@@ -496,7 +509,14 @@ class DHSAAttention(nn.Module):
         n_sparse = route.n_sparse
         q = queries if n_sparse == L else queries[:, :, :n_sparse]
         plan = self.plan(
-            q, keys, offset=offset, window=window, cache=cache, launch=route.plan, state=state
+            q,
+            keys,
+            offset=offset,
+            window=window,
+            cache=cache,
+            launch=route.plan,
+            refine=route.refine,
+            state=state,
         )
         outputs = [kernels.run_sparse(route.kernel, q, keys, values, plan, state=state, **args)]
         if n_sparse < L:
@@ -522,11 +542,12 @@ class DHSAAttention(nn.Module):
         window: int | None,
         cache: Any = None,
         launch: kernels.PlanLaunch | None = None,
+        refine: kernels.RefineKernel | None = None,
         state: kernels.KernelState | None = None,
     ) -> Plan:
         """Select keys for the query blocks of ``queries`` (B, H, L, D) at ``offset`` with the
         planner ``config.method`` names (``planners.PLANNERS``), on the planning kernels as
-        ``launch`` says (None: pure MLX)."""
+        ``launch`` says and prefill refinement's scores on ``refine`` (None: pure MLX)."""
         return planners.plan(
             queries,
             keys,
@@ -537,6 +558,7 @@ class DHSAAttention(nn.Module):
             scale=self.scale,
             softcap=self.attn_logit_softcapping,
             launch=launch,
+            refine_kernel=refine,
             state=state,
         )
 

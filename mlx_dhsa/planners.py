@@ -266,7 +266,14 @@ def step_config(config: DHSAConfig, decode: bool) -> DHSAConfig:
     return refine.widened(step, f) if f > 1 else step
 
 
-def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
+def plan(
+    queries: mx.array,
+    keys,
+    *,
+    config: DHSAConfig,
+    refine_kernel: kernels.RefineKernel | None = None,
+    **kwargs,
+) -> Plan:
     """Dispatch to ``PLANNERS[config.method]``; arguments as :func:`plan_dhsa`.
 
     Quantized keys (:class:`QuantizedKV`) reach the planners that read every key
@@ -274,9 +281,9 @@ def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
     chunk table. The chunk plan runs :func:`step_config`: a decode step scores chunks with
     ``decode_head_scores``; with refinement (``decode_refine`` for a decode step,
     ``prefill_refine`` for prefill blocks, > 1) it plans ``f x budget`` keys and the best of
-    them by exact logits are kept (``refine.refine_plan``, MLX). ``launch`` is how the
-    planning kernels run that config (``kernels.plan_launch`` of it, as the layer's route
-    decides), None for pure MLX."""
+    them by exact logits are kept (``refine.refine_plan``; a prefill call's candidates scored
+    on ``refine_kernel``, None: pure MLX). ``launch`` is how the planning kernels run that
+    config (``kernels.plan_launch`` of it); both as the layer's route decides."""
     if isinstance(keys, QuantizedKV) and (config.method != "dhsa" or config.scoring != "paper"):
         keys = keys.dequantize()
     decode = queries.shape[2] == 1
@@ -284,5 +291,11 @@ def plan(queries: mx.array, keys, *, config: DHSAConfig, **kwargs) -> Plan:
     if refine.factor(config, decode) == 1:
         return plan
     return refine.refine_plan(
-        plan, queries, keys, config, scale=kwargs["scale"], softcap=kwargs["softcap"]
+        plan,
+        queries,
+        keys,
+        config,
+        scale=kwargs["scale"],
+        softcap=kwargs["softcap"],
+        kernel=refine_kernel,
     )

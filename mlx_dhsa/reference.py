@@ -17,6 +17,8 @@ from .quantized import QuantizedKV
 
 # Scores per group of query blocks in sparse_attention; bounds its working memory.
 MAX_GROUP_SCORES = 1 << 24
+# Probabilities held at once while refine_scores scores a call's candidates (groups of blocks).
+MAX_REFINE_SCORES = 1 << 25
 
 
 def logits(q: mx.array, k: mx.array, scale: float, softcap: float | None) -> mx.array:
@@ -157,3 +159,57 @@ def sparse_attention(
         out = out * mask.any(axis=-1, keepdims=True).astype(out.dtype)
         outs.append(out.reshape(B, H, (b1 - b0) * Bq, D)[:, :, :n])
     return mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+
+
+def refine_scores(wide: Plan, queries, keys, stride: int, scale, softcap) -> mx.array:
+    """The scores of prefill refinement (``mlx_dhsa.refine``; kernel: refine_scores.metal).
+
+    Args:
+        wide (Plan): the widened plan of ``queries``, (B, NB, K') candidate keys a block.
+        queries (mx.array): (B, H, L, D) at ``wide.q_offset``.
+        keys (mx.array or QuantizedKV): all keys, (B, H_kv, S, D).
+        stride (int): every ``stride``-th query of a block scores, counted back from its last
+            (a short last block has one).
+        scale (float), softcap (float or None): the model's attention math.
+
+    Returns:
+        mx.array: (B, NB, K') float32: per block and slot, the probability each scoring
+        query gives the slot's key among the block's valid, causal (and in-window) slots,
+        summed over those queries and the heads. Blocks are scored in groups of at most
+        ``MAX_REFINE_SCORES`` probabilities.
+    """
+    B, H, L, D = queries.shape
+    bs, (NB, Kw), H_kv = wide.block_size, wide.indices.shape[1:], keys.shape[1]
+    n_block = mx.minimum(L - mx.arange(NB) * bs, bs)  # queries of each block
+    rel = n_block[:, None] - 1 - mx.arange(-(-bs // stride)) * stride  # (NB, m)
+    live = rel >= 0
+    rel = mx.maximum(rel, 0)
+    q = mx.pad(queries, [(0, 0), (0, 0), (0, NB * bs - L), (0, 0)])
+    q = q.reshape(B, H_kv, H // H_kv, NB, bs, D)
+    q = mx.take_along_axis(q, rel[None, None, None, :, :, None], axis=4)  # (..., NB, m, D)
+    pos = wide.q_offset + mx.arange(NB)[:, None] * bs + rel
+    window = mx.array(wide.window if wide.window is not None else 2**30, mx.int32)
+    valid = mx.arange(Kw) < wide.n_valid[..., None]
+    group = max(1, MAX_REFINE_SCORES // (B * H * pos.shape[1] * Kw))
+    out = []
+    for b0 in range(0, NB, group):
+        b1 = min(b0 + group, NB)
+        rows = gather_rows(keys, wide.indices[:, b0:b1])  # (B, H_kv, g, K', D)
+        out.append(_group_scores(q[:, :, :, b0:b1], rows, wide.indices[:, b0:b1], valid[:, b0:b1],
+                                 pos[b0:b1], live[b0:b1], window, scale, softcap))  # fmt: skip
+        if NB > group:
+            mx.eval(out[-1])  # frees this group's probabilities before the next
+    return mx.concatenate(out, axis=1) if len(out) > 1 else out[0]
+
+
+@mx.compile
+def _group_scores(q, rows, idx, valid, pos, live, window, scale: float, softcap: float | None):
+    """:func:`refine_scores` of a group of g blocks: q (B, H_kv, R, g, m, D), rows
+    (B, H_kv, g, K', D), idx / valid (B, g, K'), pos / live (g, m); one compiled graph."""
+    idx, p = idx[:, :, None], pos[:, :, None]  # (B, g, 1, K'), (g, m, 1)
+    # A padded query (not live) sees every slot and is dropped from the sum: no empty rows.
+    ok = (valid[:, :, None] & (idx <= p) & (idx > p - window)) | ~live[:, :, None]
+    lg = logits(q, mx.expand_dims(rows, 2), scale, softcap).astype(mx.float32)
+    lg = mx.where(ok[:, None, None], lg, -mx.inf)  # every live query sees its own key
+    probs = mx.softmax(lg, axis=-1)  # (B, H_kv, R, g, m, K')
+    return mx.where(live[:, :, None], probs, 0).sum(axis=(1, 2, 4))

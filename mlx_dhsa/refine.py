@@ -9,19 +9,18 @@ the budget. Chunk scores only shortlist, so what a query needs has to rank among
 docs/accuracy/README.md). A decode step scores with its one query; a prefill block with every
 ``refine_stride``-th of its queries, counted back from its last. The widened plan runs on the
 planning kernels where they run (``kernels.planning.max_intervals`` sizes their interval
-buffer for it); the rescoring here is MLX and reads the candidates' keys, ``f x budget`` per
-block.
+buffer for it). A prefill call's candidates are scored on refine_scores.metal where the
+kernels run (``kernels.refine_kernel``), else by ``reference.refine_scores``; a decode step's
+by MLX here (one compiled graph over its ``f x budget`` candidate rows).
 """
 
 import mlx.core as mx
 
+from . import kernels, reference
 from .config import DHSAConfig
 from .plan import Plan
 from .reference import gather_rows, logits
 from .selection import block_ranges
-
-# Probabilities held at once while a prefill call scores its candidates (groups of blocks).
-MAX_REFINE_SCORES = 1 << 25
 
 
 def factor(config: DHSAConfig, decode: bool) -> int:
@@ -42,6 +41,7 @@ def refine_plan(
     *,
     scale: float,
     softcap: float | None,
+    kernel=None,
 ) -> Plan:
     """Keep the forced keys of each block of ``wide`` and its ``budget - forced`` best others.
 
@@ -53,6 +53,9 @@ def refine_plan(
         config (DHSAConfig): ``budget``, ``sink``, ``local``, ``local_mode``,
             ``refine_stride``.
         scale (float), softcap (float or None): the layer's attention math.
+        kernel (kernels.RefineKernel, optional): the launch that scores a prefill call's
+            candidates (``kernels.refine_kernel``, as the layer's route decides); None:
+            ``reference.refine_scores``. A decode step scores in MLX.
 
     Returns:
         Plan: (B, NB, budget) ascending key indices.
@@ -68,50 +71,10 @@ def refine_plan(
     idx = wide.indices
     valid = mx.arange(idx.shape[-1]) < wide.n_valid[..., None]
     forced = _forced(idx, *(x[:, None] for x in (lo, sink_end, local_start, q1))) & valid
-    score = _block_scores(wide, queries, keys, valid, config.refine_stride, scale, softcap)
+    args = (wide, queries, keys, config.refine_stride, scale, softcap)
+    score = reference.refine_scores(*args) if kernel is None else kernels.run_refine(kernel, *args)
     indices, n_valid = _choose(idx, valid, forced, score, config.budget)
     return Plan(indices, n_valid, wide.q_offset, wide.block_size, wide.window)
-
-
-def _block_scores(wide: Plan, queries, keys, valid, stride: int, scale, softcap) -> mx.array:
-    """Per block and candidate slot, (B, NB, K') float32: the probability each scoring query
-    (every ``stride``-th of the block, counted back from its last, so that a short last block
-    has one) gives the slot's key among the block's valid, causal (and in-window) slots,
-    summed over those queries and the heads."""
-    B, H, L, D = queries.shape
-    bs, (NB, Kw), H_kv = wide.block_size, wide.indices.shape[1:], keys.shape[1]
-    n_block = mx.minimum(L - mx.arange(NB) * bs, bs)  # queries of each block
-    rel = n_block[:, None] - 1 - mx.arange(-(-bs // stride)) * stride  # (NB, m)
-    live = rel >= 0
-    rel = mx.maximum(rel, 0)
-    q = mx.pad(queries, [(0, 0), (0, 0), (0, NB * bs - L), (0, 0)])
-    q = q.reshape(B, H_kv, H // H_kv, NB, bs, D)
-    q = mx.take_along_axis(q, rel[None, None, None, :, :, None], axis=4)  # (..., NB, m, D)
-    pos = wide.q_offset + mx.arange(NB)[:, None] * bs + rel
-    window = mx.array(wide.window if wide.window is not None else 2**30, mx.int32)
-    group = max(1, MAX_REFINE_SCORES // (B * H * pos.shape[1] * Kw))
-    out = []
-    for b0 in range(0, NB, group):
-        b1 = min(b0 + group, NB)
-        rows = gather_rows(keys, wide.indices[:, b0:b1])  # (B, H_kv, g, K', D)
-        out.append(_group_scores(q[:, :, :, b0:b1], rows, wide.indices[:, b0:b1], valid[:, b0:b1],
-                                 pos[b0:b1], live[b0:b1], window, scale, softcap))  # fmt: skip
-        if NB > group:
-            mx.eval(out[-1])  # frees this group's probabilities before the next
-    return mx.concatenate(out, axis=1) if len(out) > 1 else out[0]
-
-
-@mx.compile
-def _group_scores(q, rows, idx, valid, pos, live, window, scale: float, softcap: float | None):
-    """:func:`_block_scores` of a group of g blocks: q (B, H_kv, R, g, m, D), rows
-    (B, H_kv, g, K', D), idx / valid (B, g, K'), pos / live (g, m); one compiled graph."""
-    idx, p = idx[:, :, None], pos[:, :, None]  # (B, g, 1, K'), (g, m, 1)
-    # A padded query (not live) sees every slot and is dropped from the sum: no empty rows.
-    ok = (valid[:, :, None] & (idx <= p) & (idx > p - window)) | ~live[:, :, None]
-    lg = logits(q, mx.expand_dims(rows, 2), scale, softcap).astype(mx.float32)
-    lg = mx.where(ok[:, None, None], lg, -mx.inf)  # every live query sees its own key
-    probs = mx.softmax(lg, axis=-1)  # (B, H_kv, R, g, m, K')
-    return mx.where(live[:, :, None], probs, 0).sum(axis=(1, 2, 4))
 
 
 def _forced(idx, lo, sink_end, local_start, q1):

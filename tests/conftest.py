@@ -1,6 +1,7 @@
 import copy
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx.utils import tree_map_with_path
 from mlx_lm.models import gemma2, gemma3_text, llama
@@ -9,6 +10,7 @@ from mlx_lm.models.cache import KVCache
 import mlx_dhsa
 from mlx_dhsa import DHSACache, DHSAConfig
 from mlx_dhsa.cli.profiling import TINY_SPARSE, random_model
+from mlx_dhsa.plan import Plan
 
 # Small DHSA settings that make tiny inputs exercise every part of the planner: profiling's tiny
 # sparse config, decoding sparsely too.
@@ -137,3 +139,21 @@ def open_pieces_over_cache_steps(plan_on_kernels):
         assert mx.array_equal(out.n_valid, ref.n_valid)
         assert mx.array_equal(out.indices, ref.indices)
         assert state.open_total is None
+
+
+def wide_plan(B, NB, K, L, S, block_size, window, seed=2):
+    """A random widened plan of L queries (last at S - 1): each block's slots hold its own
+    queries' keys (the local window a real plan forces) and random earlier ones, ascending;
+    the last block fewer valid slots than the rest."""
+    off = S - L
+    rng = np.random.default_rng(seed)
+    idx = np.zeros((B, NB, K), np.int32)
+    for b in range(B):
+        for blk in range(NB):
+            q0, q1 = off + blk * block_size, min(off + (blk + 1) * block_size, S)
+            own = np.arange(q0, q1)
+            rest = rng.choice(np.arange(q0), K - len(own), replace=False)
+            idx[b, blk] = np.sort(np.concatenate([rest, own]))
+    count = np.full((B, NB), K, np.int32)
+    count[:, -1] = K - 5  # (its padding slots hold real keys: the kernel must skip them)
+    return Plan(mx.array(idx), mx.array(count), off, block_size, window)

@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from mlx_dhsa import kernels
 from mlx_dhsa.kernels import attention as attn_launch
-from mlx_dhsa.kernels import planning
+from mlx_dhsa.kernels import planning, refining
 
 SHIMS = Path(__file__).parent / "shims"
 
@@ -45,6 +45,10 @@ SIGNATURES = {
             "tickets",
         ],
         ["scores", "open_sum", "indices", "n_valid"],
+    ),
+    "refine_scores": (
+        ["queries", "keys", "kv_index", "kv_count", "iparams", "fparams"],
+        ["scores"],
     ),
 }
 
@@ -112,11 +116,28 @@ def instances(name: str, backend: str, quantized: bool = False):
                     tmpl = [("T", dtype), ("D", D), ("MAX_IV", iv), ("NT", planning.SCORE_THREADS)]
                     out.append((ins, tmpl, [mx.float32, mx.float32, mx.int32, mx.int32]))
             continue
+        if name == "refine_scores":
+            out += _refine_instances(backend, dtype)
+            continue
         heads = ((256, 2), (128, 8), (64, 1))  # decode: distinct REPS, nvcc builds each
         if name == "sparse_attention":
             heads = ((64, 2), (256, 2))
         for D, reps in heads:
             out += _attention_instances(name, backend, dtype, D, None, reps)
+    return out
+
+
+def _refine_instances(backend: str, dtype) -> list:
+    """refine_scores' instances at one dtype: the geometries refining.refine_config gives
+    for head dims 64 and 256, 1-8 query heads per KV head, strides 1 and 8."""
+    out = []
+    for D, reps, stride in ((64, 1, 1), (256, 2, 8), (256, 4, 1), (128, 8, 16)):
+        kernel = refining.refine_config(backend, dtype, D, 4 * reps, 4, 128, stride)
+        ins = [mx.zeros((1, 4 * reps, 64, D), dtype), mx.zeros((1, 4, 64, D), dtype)]
+        ins += [mx.zeros((1, 1, 16), mx.int32), mx.zeros((1, 1), mx.int32)]
+        ins += [mx.zeros((len(kernels.sources.RefineParams._fields),), mx.int32), mx.zeros((2,))]
+        tmpl = [("T", dtype), ("D", D), ("BK", kernel.bk), ("WARPS", kernel.warps)]
+        out.append((ins, tmpl + [("WROWS", kernel.wrows)], [mx.float32]))
     return out
 
 

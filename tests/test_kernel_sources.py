@@ -28,6 +28,7 @@ def test_source_assembles(name, backend):
         "decode_attention": {"queries", "keys", "values"},
         "block_scores": {"queries", "keys"},
         "plan": {"queries", "keys"},
+        "refine_scores": {"queries", "keys"},
     }.get(name, set())
     for arg in SIGNATURES[name][0]:  # MLX adds shape arguments for these substrings
         assert arg + "_shape" not in source and arg + "_ndim" not in source

@@ -8,7 +8,13 @@ import itertools
 
 import mlx.core as mx
 import pytest
-from conftest import assert_within_baseline, make_qkv, open_pieces_over_cache_steps, small_config
+from conftest import (
+    assert_within_baseline,
+    make_qkv,
+    open_pieces_over_cache_steps,
+    small_config,
+    wide_plan,
+)
 
 from mlx_dhsa import kernels, reference
 from mlx_dhsa.attention import DHSAAttention, Path
@@ -837,3 +843,32 @@ def test_decode_splits_cover_every_slot_once(n_slots, heads):
     assert (n_splits - 1) * per < n_slots <= n_splits * per
     assert n_splits == 1 or n_splits * heads <= 512 + heads
     assert n_splits <= -(-n_slots // launches.DECODE_MIN_SPLIT)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize(
+    "H,H_kv,D,stride,window,cap",
+    [(8, 4, 256, 8, None, 50.0), (4, 1, 256, 1, None, None), (8, 8, 64, 16, 700, None)],
+)
+def test_refine_scores_kernel(dtype, H, H_kv, D, stride, window, cap):
+    """refine_scores.metal on the GPU against reference.refine_scores (CPU, fp32) at model
+    shapes (blocks of 128, 1024 candidates a block, a short last block); fp32 within 1e-4 of
+    the largest score, 16-bit within 2x the error of the reference in that dtype."""
+    L, S, K, block_size = 300, 2000, 1024, 128
+    q, k, _ = make_qkv(H=H, H_kv=H_kv, L=L, S=S, D=D, scale=0.5)
+    wide = wide_plan(1, -(-L // block_size), K, L, S, block_size, window)
+    args = (stride, D**-0.5, cap)
+    with mx.stream(mx.gpu):
+        kernel = kernels.refine_kernel(dtype, dtype, D, H, H_kv, block_size, stride)
+        assert kernel is not None
+        out = kernels.run_refine(kernel, wide, q.astype(dtype), k.astype(dtype), *args)
+        mx.eval(out)
+    with mx.stream(mx.cpu):
+        ref32 = reference.refine_scores(wide, q, k, *args)
+        if dtype == mx.float32:
+            _close(out, ref32)
+        else:
+            ref_lp = reference.refine_scores(wide, q.astype(dtype), k.astype(dtype), *args)
+            assert_within_baseline(out, ref32, ref_lp)

@@ -10,7 +10,13 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import assert_within_baseline, make_qkv, open_pieces_over_cache_steps, small_config
+from conftest import (
+    assert_within_baseline,
+    make_qkv,
+    open_pieces_over_cache_steps,
+    small_config,
+    wide_plan,
+)
 from kernel_builds import instances, metal_source, signature
 from metal_emulator import EmulatorError, MetalEmulator, compiler, generate_source
 from metal_emulator.hook import emulate_metal
@@ -296,11 +302,52 @@ def test_refined_decode_plans_on_the_kernels(metal, monkeypatch, fused, budget, 
     assert mx.array_equal(plans[0].n_valid, plans[1].n_valid)
 
 
+@pytest.mark.parametrize(
+    "dtype,B,H,H_kv,L,S,D,stride,window,cap",
+    [
+        (mx.float32, 1, 4, 2, 40, 200, 64, 1, None, None),
+        (mx.float32, 2, 4, 1, 37, 160, 32, 3, 50, 30.0),  # short last block, window, cap
+        (mx.float32, 1, 8, 8, 48, 300, 128, 16, None, None),  # one scoring query a block
+        (mx.float16, 1, 4, 2, 40, 200, 64, 2, None, 30.0),
+        (mx.bfloat16, 1, 6, 2, 33, 180, 64, 1, 60, None),  # 3 heads a KV head
+    ],
+)
+def test_refine_scores_kernel(metal, dtype, B, H, H_kv, L, S, D, stride, window, cap):
+    """refine_scores.metal against reference.refine_scores: every block's scoring queries
+    (counted back from its last), padding slots, causality, window and soft cap; the
+    tolerances of the attention kernels (fp32 1e-4 of the largest score; 16-bit within 2x
+    the error of the reference in the model's dtype)."""
+    from mlx_dhsa import reference
+    from mlx_dhsa.kernels import refining
+
+    block_size = 16
+    NB = -(-L // block_size)
+    q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D)
+    wide = wide_plan(B, NB, 40, L, S, block_size, window)
+    kernel = kernels.refine_kernel(dtype, dtype, D, H, H_kv, block_size, stride)
+    assert kernel == refining.refine_config("metal", dtype, D, H, H_kv, block_size, stride)
+    args = (stride, SCALE, cap)
+    out = kernels.run_refine(kernel, wide, q.astype(dtype), k.astype(dtype), *args)
+    assert _launched(metal) == ["refine_scores"]
+    ref32 = reference.refine_scores(wide, q, k, *args)
+    assert out.shape == ref32.shape == (B, NB, 40) and out.dtype == mx.float32
+    if dtype == mx.float32:
+        _close(out, ref32)
+    else:
+        ref_lp = reference.refine_scores(wide, q.astype(dtype), k.astype(dtype), *args)
+        assert_within_baseline(out, ref32, ref_lp)
+    # Each live scoring query spreads a probability of 1 per head over what it sees.
+    live = [min(block_size, L - blk * block_size) for blk in range(NB)]
+    sums = np.array(out.sum(axis=-1))
+    want = np.array([H * -(-n // stride) for n in live], np.float32)
+    np.testing.assert_allclose(sums, np.broadcast_to(want, sums.shape), rtol=1e-2)
+
+
 @pytest.mark.parametrize("stride", [1, 8])
 def test_refined_prefill_plans_on_the_kernels(metal, stride):
     """prefill_refine's widened plan (prefill_refine x budget keys a block) runs on the planning
-    kernels (two launches) and is rescored in MLX: the refined plan equals the pure-MLX
-    planner's."""
+    kernels (two launches) and its candidates are scored on refine_scores.metal: the refined
+    plan equals the pure-MLX planner's."""
     from mlx_dhsa.planners import plan as dispatch
 
     config = small_config(budget=48, prefill_refine=4, refine_stride=stride)
@@ -308,19 +355,36 @@ def test_refined_prefill_plans_on_the_kernels(metal, stride):
     q, k, _ = make_qkv(H=4, H_kv=2, L=L, S=S, D=64)
     attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
     launch = kernels.plan_launch(q.dtype, k.dtype, 64, L, step_config(config, False))
-    assert launch is not None
+    refine = kernels.refine_kernel(q.dtype, k.dtype, 64, 4, 2, config.block_size, stride)
+    assert launch is not None and refine is not None
     plans = [
         dispatch(q, k, config=config, table=lambda: attn.chunk_view(k), offset=S - L,
-                 window=None, scale=SCALE, softcap=None, launch=run)  # fmt: skip
-        for run in (launch, None)
+                 window=None, scale=SCALE, softcap=None, launch=run, refine_kernel=rk)  # fmt: skip
+        for run, rk in ((launch, refine), (None, None))
     ]
-    assert _launched(metal) == ["block_scores", "select_keys"]
+    assert _launched(metal) == ["block_scores", "select_keys", "refine_scores"]
     assert mx.array_equal(plans[0].indices, plans[1].indices)
     assert mx.array_equal(plans[0].n_valid, plans[1].n_valid)
     plain = dispatch(q, k, config=config.replace(prefill_refine=1),
                      table=lambda: attn.chunk_view(k), offset=S - L, window=None, scale=SCALE,
                      softcap=None, launch=None)  # fmt: skip
     assert not mx.array_equal(plain.indices, plans[1].indices)  # the option changes the plan
+
+
+def test_refined_prefill_layer_on_the_kernels(metal):
+    """A patched layer with prefill refinement routes the candidate scores to the kernel and
+    attends as the pure-MLX layer does (the same plans: fp32)."""
+    config = small_config(budget=48, prefill_refine=4, refine_stride=4)
+    S = 300
+    q, k, v = make_qkv(H=4, H_kv=2, L=S, S=S, D=64)
+    outs = []
+    for use_kernel in (True, False):
+        attn = DHSAAttention(config.replace(use_kernel=use_kernel), n_heads=4, n_kv_heads=2,
+                             head_dim=64, scale=SCALE, softcap=30.0)  # fmt: skip
+        outs.append(attn.attend(q, k, v, offset=0))
+        assert (attn.last_route.refine is not None) == use_kernel
+    assert "refine_scores" in _launched(metal)
+    _close(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("refine", [1, 4])

@@ -9,7 +9,7 @@ from conftest import make_qkv, small_config, tiny_gemma3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_dhsa import DHSAConfig, patch
+from mlx_dhsa import DHSAConfig, patch, reference
 from mlx_dhsa.attention import DHSAAttention
 from mlx_dhsa.config import ConfigError
 from mlx_dhsa.planners import PLANNERS, step_config
@@ -172,12 +172,10 @@ def test_prefill_refine_keeps_a_key_that_half_the_block_attends_to():
 
 def test_prefill_refine_in_groups_of_blocks_is_the_same_plan(monkeypatch):
     # A long prefill scores its candidates a few blocks at a time (MAX_REFINE_SCORES).
-    from mlx_dhsa import refine
-
     q, k, _ = make_qkv(H=4, H_kv=2, L=100, S=300, D=16)
     config = small_config(prefill_refine=3, refine_stride=2)
     whole = _plan(config, q, k, 200)
-    monkeypatch.setattr(refine, "MAX_REFINE_SCORES", 4 * 8 * 150 * 2)  # 2 blocks a group
+    monkeypatch.setattr(reference, "MAX_REFINE_SCORES", 4 * 8 * 150 * 2)  # 2 blocks a group
     grouped = _plan(config, q, k, 200)
     assert mx.array_equal(whole.indices, grouped.indices).item()
     assert mx.array_equal(whole.n_valid, grouped.n_valid).item()
@@ -277,8 +275,8 @@ def test_refined_decode_step_on_the_kernels_matches_the_cpu(head):
 @pytest.mark.parametrize("stride", [1, 8])
 def test_refined_prefill_on_the_kernels_matches_the_cpu(stride):
     """With the kernels active a refined prefill plans its widened plan on the planning
-    kernels, rescores in MLX and attends on the sparse kernel: the plan is the CPU reference
-    planner's and the output the reference attention's over it. (A whole model's forward is
+    kernels, scores its candidates on refine_scores.metal and attends on the sparse kernel:
+    the plan is the CPU reference planner's and the output the reference attention's over it. (A whole model's forward is
     not compared: TF32-like rounding moves its queries, and with them near-tied keys.)"""
     from mlx_dhsa import kernels
     from mlx_dhsa.attention import Path
@@ -292,10 +290,13 @@ def test_refined_prefill_on_the_kernels_matches_the_cpu(stride):
         launch = kernels.plan_launch(q.dtype, k.dtype, 32, L, step)
         assert launch is not None
         out = attn.attend(q, k, v, offset=0)
+        route = attn.last_route
+        assert route.refine is not None
         launched = dispatch(q, k, config=config, table=lambda: attn.chunk_view(k), offset=0,
-                            window=None, scale=SCALE, softcap=None, launch=launch)  # fmt: skip
+                            window=None, scale=SCALE, softcap=None, launch=launch,
+                            refine_kernel=route.refine)  # fmt: skip
         mx.eval(out, launched.indices)
-    assert attn.last_route.path is Path.SPARSE_KERNEL and attn.last_route.plan is launch
+    assert route.path is Path.SPARSE_KERNEL and route.plan is launch
     plan = _plan(config, q, k, 0)  # the pure-MLX planner, on the CPU
     assert mx.array_equal(launched.indices, plan.indices).item()
     ref = sparse_attention(q, k, v, plan, scale=SCALE)

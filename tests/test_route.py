@@ -261,3 +261,32 @@ def test_route_refuses_sparse_calls_with_per_sequence_masks():
             offset=0,
             **{**{k: v for k, v in BASE.items() if k != "offset"}, "per_sequence_mask": True},
         )
+
+
+# Prefill refinement's candidate scores (refine_scores.metal): (backend, config overrides,
+# call overrides) -> whether they run on the kernel.
+REFINE_CASES = [
+    ("cuda", {"prefill_refine": 4}, dict(L=300, S=300), True),
+    ("metal", {"prefill_refine": 2, "refine_stride": 8}, dict(L=300, S=300), True),
+    ("cuda", {}, dict(L=300, S=300), False),  # no refinement
+    ("cuda", {"prefill_refine": 4}, dict(L=1, S=500), False),  # a decode step: MLX
+    ("cuda", {"prefill_refine": 4}, dict(L=9, S=500), False),  # one planned query: decode
+    ("cuda", {"prefill_refine": 4}, dict(L=300, S=300, quantized=(4, 64)), False),
+    ("cuda", {"prefill_refine": 4}, dict(L=300, S=300, dtypes=(F16, F32, F16)), False),
+    ("cuda", {"prefill_refine": 4}, dict(L=300, S=300, head_dim=72), False),
+    ("cuda", {"prefill_refine": 4, "use_kernel": False}, dict(L=300, S=300), False),
+    (None, {"prefill_refine": 4}, dict(L=300, S=300), False),
+]
+
+
+@pytest.mark.parametrize("backend,config,call,want", REFINE_CASES)
+def test_route_refine_scores(backend, config, call, want):
+    call = {**BASE, **call}
+    L, S = call.pop("L"), call.pop("S")
+    call.pop("offset")
+    with kernels.use_backend(backend, lambda **kw: None, any_device=True, self_check=False):
+        r = route(small_config(**config), n_queries=L, n_keys=S, offset=S - L, **call)
+    assert (r.refine is not None) == want
+    if want:
+        reps = call["n_heads"] // call["n_kv_heads"]
+        assert reps * r.refine.qt <= r.refine.warps * r.refine.wrows

@@ -6,6 +6,7 @@
 - ``attention``: sparse and dense attention launches (query tiles, one-query decode, merge),
   over plain or quantized keys and values (:func:`accepts_quantized`).
 - ``planning``: block x chunk scores and key selection, in two launches or one.
+- ``refining``: the candidate scores of prefill refinement.
 - ``state``: :class:`KernelState`, what a layer's kernels keep between calls.
 - ``checks``: each kernel's self-check on first use; :func:`kernel_status`.
 """
@@ -23,6 +24,7 @@ from .attention import (
 )
 from .checks import kernel_status
 from .planning import PlanLaunch, plan_launch, run_plan, select_chunks
+from .refining import RefineKernel, refine_kernel, run_refine
 from .sources import (
     BACKENDS,
     KERNELS,
@@ -42,6 +44,7 @@ __all__ = [
     "Backend",
     "KernelState",
     "PlanLaunch",
+    "RefineKernel",
     "Tiles",
     "accepts_quantized",
     "attention_active",
@@ -52,8 +55,10 @@ __all__ = [
     "kernel_status",
     "metal_dir",
     "plan_launch",
+    "refine_kernel",
     "run_dense",
     "run_plan",
+    "run_refine",
     "run_sparse",
     "select_chunks",
     "set_backend",

@@ -28,6 +28,7 @@ KERNELS = (
     "block_scores",
     "select_keys",
     "plan",
+    "refine_scores",
 )
 # Kernels with a variant over quantized keys and values (mlx_dhsa.quantized.QuantizedKV): the
 # same body with DHSA_QUANTIZED_KV defined, its K/V inputs the packed words, scales and biases
@@ -107,6 +108,22 @@ class BlockScoreParams(NamedTuple):
     keys_start: int  # position of the keys input's first row (ChunkTable.keys_start)
 
 
+class RefineParams(NamedTuple):
+    """iparams of refine_scores.metal."""
+
+    n_q: int  # L
+    q_offset: int
+    window: int  # 0 = none
+    block_size: int
+    stride: int  # DHSAConfig.refine_stride
+    n_heads: int
+    n_kv: int
+    n_blocks: int  # NB of kv_index
+    n_slots_max: int  # K of kv_index
+    qt: int  # scoring queries per group
+    n_qtiles: int  # groups per block and KV head
+
+
 class SelectParams(NamedTuple):
     """iparams of select_keys.metal (``sel_params`` of ``plan``)."""
 
@@ -132,6 +149,7 @@ LAYOUTS: dict[type, str] = {  # layout -> prefix of its offsets in the kernel so
     MergeParams: "MS",
     BlockScoreParams: "BS",
     SelectParams: "SK",
+    RefineParams: "RS",
 }
 KERNEL_LAYOUTS = {
     "sparse_attention": (SparseParams, AttentionScalars),
@@ -140,6 +158,7 @@ KERNEL_LAYOUTS = {
     "block_scores": (BlockScoreParams,),
     "select_keys": (SelectParams,),
     "plan": (BlockScoreParams, SelectParams),
+    "refine_scores": (RefineParams, AttentionScalars),
 }
 
 
