@@ -60,7 +60,7 @@ METHODS: dict[str, dict | None] = {
     # Prefill blocks refined the same way (f x budget candidates; every s-th query scores).
     **{f"dhsa_prefill{f}" + (f"_s{s}" if s > 1 else ""): {
         "method": "dhsa", "prefill_refine": f, "refine_stride": s}
-       for f, s in ((2, 1), (4, 1), (4, 8), (4, 16))},  # fmt: skip
+       for f, s in ((2, 1), (4, 1), (4, 4), (4, 8), (4, 16), (8, 8))},  # fmt: skip
     # Block-sparse as the issue measured it: 32-key blocks, 128 sinks.
     "block_sparse_32": {"method": "block_sparse", **PAPER_SELECTION, "local_mode": "window"},
 }
