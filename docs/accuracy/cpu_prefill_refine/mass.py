@@ -1,6 +1,6 @@
 """Attention mass kept by DHSA, the oracles and prefill_refine variants (prefill blocks).
 
-python mass.py TASK CONTEXT SEED BUDGET INDICES F/S,... e.g.
+python mass.py TASK CONTEXT SEED BUDGET INDICES F/S,... [MODEL] e.g.
 python mass.py multikey 8192 3 1024 2 2/1,4/1,4/8,4/32,4/128,8/8 (F/S: prefill_refine /
 refine_stride). /tmp/essays as in answers.py.
 """
@@ -18,7 +18,7 @@ from mlx_dhsa.loading import load
 task, ctx, seed, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 idxs = [int(x) for x in sys.argv[5].split(",")]
 variants = [tuple(int(y) for y in x.split("/")) for x in sys.argv[6].split(",")]
-model, tok = load("gemma-3-270m", patch=False)
+model, tok = load(sys.argv[7] if len(sys.argv) > 7 else "gemma-3-270m", patch=False)
 model.set_dtype(mx.float32)
 ids = tok.encode(niah.read_haystack("/tmp/essays"), add_special_tokens=False)
 task_ids, _ = split_tokens(ids)
