@@ -343,6 +343,27 @@ def test_refine_scores_kernel(metal, dtype, B, H, H_kv, L, S, D, stride, window,
     np.testing.assert_allclose(sums, np.broadcast_to(want, sums.shape), rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_refine_self_check(metal, monkeypatch, dtype):
+    """The refine_scores self-check (run on a GPU before its first use) passes, and fails
+    on a kernel that drops the window."""
+    from mlx_dhsa.kernels import refining
+
+    for reps, stride in ((2, 8), (4, 1)):
+        kernel = refining.refine_config("metal", dtype, 64, reps, 1, 128, stride)
+        assert refining._self_check(kernel, dtype, 64, reps, 128, stride) is None
+    source = sources.kernel_source
+
+    def no_window(name, backend, *args, **kw):
+        header, body = source(name, backend, *args, **kw)
+        return header, body.replace("(window <= 0 || kp > p - window)", "true")
+
+    monkeypatch.setattr(sources, "kernel_source", no_window)
+    emulate_metal(monkeypatch, metal)  # a fresh backend: builds the planted source
+    kernel = refining.refine_config("metal", dtype, 64, 2, 1, 128, 8)
+    assert refining._self_check(kernel, dtype, 64, 2, 128, 8) is not None
+
+
 @pytest.mark.parametrize("stride", [1, 8])
 def test_refined_prefill_plans_on_the_kernels(metal, stride):
     """prefill_refine's widened plan (prefill_refine x budget keys a block) runs on the planning

@@ -84,15 +84,17 @@ def refine_kernel(
 def _self_check(
     kernel: RefineKernel, dtype, D: int, reps: int, block_size: int, stride: int
 ) -> str | None:
-    """Score tiny random candidates (two blocks, the last one short, a window) with
-    ``kernel`` and with the reference: None if they agree, else how they differ."""
-    L, S = block_size + block_size // 2 + 1, 6 * kernel.bk + block_size + 3
+    """Score tiny random candidates (every other key; two blocks, the last one short and
+    with fewer valid slots; a window) with ``kernel`` and with the reference: None if they
+    agree, else how they differ."""
+    L = block_size + block_size // 2 + 1
+    S = L + 6 * kernel.bk + 3
     q = mx.random.normal((1, reps, L, D), key=mx.random.key(0)).astype(dtype)
     k = mx.random.normal((1, 1, S, D), key=mx.random.key(1)).astype(dtype)
     K = S // 2
     index = mx.broadcast_to(mx.arange(S - 2 * K, S, 2, dtype=mx.int32), (1, 2, K))
     count = mx.array([[K, K - 3]], mx.int32)
-    wide = Plan(mx.contiguous(index), count, S - L, block_size, S - 4)
+    wide = Plan(mx.contiguous(index), count, S - L, block_size, block_size // 2 + 5)
     args = (wide, q, k, stride, D**-0.5, 30.0)
     tol = 1e-3 if dtype == mx.float32 else 5e-2
     return checks.mismatch(run_refine(kernel, *args), reference.refine_scores(*args), tol)
