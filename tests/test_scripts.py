@@ -131,3 +131,16 @@ def test_bench_quantized_runs_every_method(tmp_path, monkeypatch):
     for phase in ("decode", "prefill"):
         assert set(row[phase]) == {"dense_q", "dense_q_kernel", "dhsa_q", "dhsa_bf16"}
         assert row[phase]["dhsa_q"]["speedup_vs_dense_q"] > 0
+
+
+def test_bench_refine_runs(tmp_path, monkeypatch):
+    out = tmp_path / "refine.json"
+    _run(
+        "bench_refine",
+        ["--lengths", "700", "--budget", "384", "--settings", "2/8", "--trials", "1",
+         "--json", str(out)],
+        monkeypatch,
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["refine"], r["stride"]) for r in rows] == [(2, 8)]
+    assert rows[0]["mlx_s"] > 0 and rows[0]["kernel_s"] is None  # no GPU backend here
