@@ -9,23 +9,25 @@
 //          kv_count [B, NB] int32 (valid slots per block)
 //          iparams int32: kernels.sources.RefineParams (iparams[RS_<FIELD>]): L, q_offset,
 //                  window (0 = none), block_size, stride, H, H_kv, NB, K, qt (scoring
-//                  queries per group), n_qtiles (groups per block and KV head)
+//                  queries per query tile), n_qtiles (query tiles per block)
 //          fparams float32: kernels.sources.AttentionScalars: scale, softcap (0 = none)
-// outputs: scores [B, H_kv, n_qtiles, NB, K] float32: per slot, the probability each of the
-//          group's rows gives the slot's key among the block's visible slots, summed over
-//          the rows (0 for padding slots and keys no row sees); the caller sums over H_kv
-//          and the query tiles
+// outputs: scores [B, H_kv, NB, K] float32: per slot, the probability each scoring query of
+//          the KV head's query heads gives the slot's key among the block's slots it sees,
+//          summed over those queries and heads (0 for padding slots and keys no query
+//          sees); the caller sums over H_kv
 // template: T, D (head dim, a multiple of 16, <= 256), BK (keys per tile), WARPS, WROWS
 //          (rows per warp)
-// launch : grid (NB * n_qtiles * WARPS * 32, B * H_kv, 1), threadgroup (WARPS * 32, 1, 1).
-//          Group (block blk, tile qtile) of a KV head owns the scoring queries j = qtile qt
-//          .. + qt - 1 of the block (query n_blk - 1 - j stride of its n_blk, counted back
-//          from its last, so a short last block has one) for every query head of that KV
-//          head: row r = head (r / qt) of the GQA group, scoring query qtile qt + r % qt.
+// launch : grid (NB * WARPS * 32, B * H_kv, 1), threadgroup (WARPS * 32, 1, 1), WARPS * 32
+//          >= BK. Group (block blk, KV head) walks its query tiles in turn: tile qtile holds
+//          the scoring queries j = qtile qt .. + qt - 1 of the block (query n_blk - 1 - j
+//          stride of its n_blk, counted back from its last, so a short last block has one)
+//          for every query head of that KV head: row r = head (r / qt) of the GQA group,
+//          scoring query qtile qt + r % qt. Thread j % BK owns output slot j across the
+//          tiles (it writes it first, then adds to it): no other thread touches it.
 // math   : query at position p sees slot key k iff the slot is valid, k <= p and k > p -
 //          window (window > 0). s = softcap(scale q.k) in fp32 (log2 domain). Pass 1: each
 //          row's log-sum-exp over the slots it sees (online, as sparse_attention.metal);
-//          pass 2: exp(s - lse) per row and slot, summed over the group's rows through a
+//          pass 2: exp(s - lse) per row and slot, summed over the tile's rows through a
 //          ROWS x BK tile of shared memory. Shared memory: max(ROWS, BK) x (D + 16 /
 //          sizeof(T)) x sizeof(T) bytes (sized at launch on CUDA) + ROWS BK floats + BK ints.
 constexpr int NT = WARPS * 32;
@@ -70,13 +72,20 @@ const int bh = dhsa_gy;
 const int b = bh / n_kv;
 const int hk = bh % n_kv;
 const int reps = n_heads / n_kv;
-const int blk = dhsa_gx / n_qtiles;
-const int qtile = dhsa_gx % n_qtiles;
+const int blk = dhsa_gx;
 const int n_blk = dhsa_min(n_q - blk * block_size, block_size);  // queries of the block
 const int n_score = (n_blk + stride - 1) / stride;                // its scoring queries
+const int blk_last = q_offset + blk * block_size + n_blk - 1;     // the block's last position
+const dhsa_long idx_base = ((dhsa_long)b * n_blocks + blk) * n_slots_max;
+const dhsa_long out_base = (((dhsa_long)b * n_kv + hk) * n_blocks + blk) * n_slots_max;
+const dhsa_long k_base = b * k_st0 + hk * k_st1;
+#define DHSA_SLOT(j) int(kv_index[idx_base + (j)])
+DHSA_SMEM T* qs = reinterpret_cast<DHSA_SMEM T*>(dhsa_smem);
+DHSA_SMEM T* ks = qs;  // the key tile (a tile's queries are in registers by then)
+
+for (int qtile = 0; qtile < n_qtiles; ++qtile) {
 const int j_first = qtile * qt;                                    // this group's first
 const int j_last = dhsa_min(j_first + qt, n_score) - 1;           // and last (may be < first)
-const int blk_last = q_offset + blk * block_size + n_blk - 1;     // the block's last position
 const int pos_hi = blk_last - j_first * stride;
 const int pos_lo = blk_last - dhsa_imax(j_last, j_first) * stride;
 
@@ -94,8 +103,9 @@ for (int mt = 0; mt < MT; ++mt) {
   }
 }
 
-// Stage the group's queries through shared memory into A fragments.
-DHSA_SMEM T* qs = reinterpret_cast<DHSA_SMEM T*>(dhsa_smem);
+// Stage the tile's queries through shared memory into A fragments (the last tile's keys
+// done with the buffer).
+DHSA_BARRIER();
 DHSA_UNROLL
 for (int it = 0; it < Q_ITERS; ++it) {
   const int c = dhsa_tid + it * NT;
@@ -123,10 +133,8 @@ for (int mt = 0; mt < MT; ++mt) {
 
 // The block's valid slots; ascending, so the tiles wholly past the group's last query are a
 // suffix and those wholly left of its window a prefix: the group walks [t_lo, t_hi).
-const dhsa_long idx_base = ((dhsa_long)b * n_blocks + blk) * n_slots_max;
 const int n_slots = j_last >= j_first ? kv_count[b * n_blocks + blk] : 0;
 const int n_tiles = (n_slots + BK - 1) / BK;
-#define DHSA_SLOT(j) int(kv_index[idx_base + (j)])
 int t_lo = 0;
 int t_hi = n_tiles;
 while (t_hi > t_lo && DHSA_SLOT((t_hi - 1) * BK) > pos_hi) {
@@ -137,17 +145,15 @@ while (window > 0 && t_lo < t_hi &&
   ++t_lo;
 }
 
-// Slots outside the walked tiles: no row sees them.
-const dhsa_long out_base =
-    ((((dhsa_long)b * n_kv + hk) * n_qtiles + qtile) * n_blocks + blk) * n_slots_max;
-for (int j = dhsa_tid; j < n_slots_max; j += NT) {
-  if (j < t_lo * BK || j >= t_hi * BK) {
-    scores[out_base + j] = 0.0f;
+// The first tile writes every slot: 0 where its rows see nothing (later tiles add).
+if (qtile == 0 && dhsa_tid < BK) {
+  for (int j = dhsa_tid; j < n_slots_max; j += BK) {
+    if (j < t_lo * BK || j >= t_hi * BK) {
+      scores[out_base + j] = 0.0f;
+    }
   }
 }
 
-DHSA_SMEM T* ks = qs;  // the key tile (the queries are in registers by now)
-const dhsa_long k_base = b * k_st0 + hk * k_st1;
 // Tile t_ of the slots into shared memory: its key positions (-1 past the slots) and keys.
 #define DHSA_LOAD_KEYS(t_)                                                                \
   {                                                                                       \
@@ -306,11 +312,12 @@ for (int t = t_lo; t < t_hi; ++t) {
     }
     const int j = t * BK + dhsa_tid;
     if (j < n_slots_max) {
-      scores[out_base + j] = sum;
+      scores[out_base + j] = qtile == 0 ? sum : scores[out_base + j] + sum;
     }
   }
 }
 
 #undef DHSA_LOGITS
 #undef DHSA_LOAD_KEYS
+}  // query tiles
 #undef DHSA_SLOT

@@ -210,6 +210,9 @@ def _group_scores(q, rows, idx, valid, pos, live, window, scale: float, softcap:
     # A padded query (not live) sees every slot and is dropped from the sum: no empty rows.
     ok = (valid[:, :, None] & (idx <= p) & (idx > p - window)) | ~live[:, :, None]
     lg = logits(q, mx.expand_dims(rows, 2), scale, softcap).astype(mx.float32)
-    lg = mx.where(ok[:, None, None], lg, -mx.inf)  # every live query sees its own key
+    lg = mx.where(ok[:, None, None], lg, -mx.inf)
     probs = mx.softmax(lg, axis=-1)  # (B, H_kv, R, g, m, K')
-    return mx.where(live[:, :, None], probs, 0).sum(axis=(1, 2, 4))
+    # A live query that sees no slot (none in a real plan: the local window is forced) gives
+    # nothing, as in the kernel, instead of the NaN of an empty softmax.
+    seen = live[:, :, None] & ok.any(axis=-1, keepdims=True)  # (B, g, m, 1)
+    return mx.where(seen[:, None, None], probs, 0).sum(axis=(1, 2, 4))

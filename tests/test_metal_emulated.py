@@ -343,6 +343,33 @@ def test_refine_scores_kernel(metal, dtype, B, H, H_kv, L, S, D, stride, window,
     np.testing.assert_allclose(sums, np.broadcast_to(want, sums.shape), rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_refine_scores_kernel_strided_inputs_and_cuda_tiles(metal, dtype):
+    """Queries and keys read through their strides (a transposed buffer, a cache slice), and
+    the CUDA launch geometry (16 rows a warp, 32-key tiles: two of Metal's 8-row matrix
+    tiles a warp) on the Metal source, against the reference."""
+    from mlx_dhsa import reference
+    from mlx_dhsa.kernels import refining
+
+    B, H, H_kv, L, S, D, block_size, stride = 2, 8, 2, 70, 260, 64, 32, 2
+    q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S + 40, D=D)
+    q = mx.contiguous(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # (B, H, L, D) view
+    k = k[:, :, :S]  # a cache's keys: a slice of a longer buffer
+    wide = wide_plan(B, -(-L // block_size), 60, L, S, block_size, 90)
+    want = reference.refine_scores(wide, q, k, stride, SCALE, 30.0)
+    for backend in ("metal", "cuda"):
+        kernel = refining.refine_config(backend, dtype, D, H, H_kv, block_size, stride)
+        assert kernel.warps * 32 >= kernel.bk
+        out = kernels.run_refine(kernel, wide, q.astype(dtype), k.astype(dtype), stride,
+                                 SCALE, 30.0)  # fmt: skip
+        if dtype == F32:
+            _close(out, want)
+        else:
+            ref_lp = reference.refine_scores(wide, q.astype(dtype), k.astype(dtype), stride,
+                                             SCALE, 30.0)  # fmt: skip
+            assert_within_baseline(out, want, ref_lp)
+
+
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 def test_refine_self_check(metal, monkeypatch, dtype):
     """The refine_scores self-check (run on a GPU before its first use) passes, and fails

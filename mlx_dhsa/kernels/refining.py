@@ -25,7 +25,7 @@ class RefineKernel(NamedTuple):
     warps: int  # WARPS: warps per group
     wrows: int  # WROWS: rows per warp
     bk: int  # BK: keys per tile
-    qt: int  # scoring queries per group (qt x heads per KV head <= warps x wrows rows)
+    qt: int  # scoring queries per query tile (qt x heads per KV head <= warps x wrows rows)
     smem: int  # dynamic shared memory bytes (the query staging, then the key tile)
 
 
@@ -34,9 +34,11 @@ def refine_config(
     backend_name: str, dtype, D: int, H: int, H_kv: int, block_size: int, stride: int
 ) -> RefineKernel | None:
     """The launch geometry, or None when refine_scores.metal cannot take these shapes. The
-    tiles are the attention kernel's (``attention.TILES``); a group holds every query head of
-    a KV head and as many of a block's ``ceil(block_size / stride)`` scoring queries as fit,
-    with no more warps than those rows need."""
+    tiles are the attention kernel's (``attention.TILES``); a query tile holds every query
+    head of a KV head and as many of a block's ``ceil(block_size / stride)`` scoring queries
+    as fit, with no more warps than those rows need (but at least a thread per key of a
+    tile). All of its shared memory stays within 48 KB (CUDA's static limit) and the
+    backend's."""
     if dtype not in DTYPES or D % 16 or D > 256 or H % H_kv or stride < 1:
         return None
     warps, wrows, bk = TILES[(backend_name, dtype.size)]
@@ -44,9 +46,10 @@ def refine_config(
     if reps > warps * wrows:
         return None
     qt = min(scoring, warps * wrows // reps)
-    warps = -(-reps * qt // wrows)
+    warps = max(-(-reps * qt // wrows), -(-bk // 32))
     smem = max(warps * wrows, bk) * (D + 16 // dtype.size) * dtype.size
-    if smem + (warps * wrows * bk) * 4 > SMEM_LIMIT[backend_name]:  # + the column-sum tile
+    static = (warps * wrows * bk + bk) * 4  # the column-sum tile and the key positions
+    if smem + static > min(SMEM_LIMIT[backend_name], 48 * 1024):
         return None
     return RefineKernel(warps, wrows, bk, qt, smem)
 
@@ -84,20 +87,28 @@ def refine_kernel(
 def _self_check(
     kernel: RefineKernel, dtype, D: int, reps: int, block_size: int, stride: int
 ) -> str | None:
-    """Score tiny random candidates (every other key; two blocks, the last one short and
-    with fewer valid slots; a window) with ``kernel`` and with the reference: None if they
-    agree, else how they differ."""
+    """Score tiny random candidates (a batch of two, two KV heads; every other key; two
+    blocks, the last one short and with fewer valid slots; a window; with and without a
+    soft cap) with ``kernel`` and with the fp32 reference: None if they agree, else how
+    they differ."""
     L = block_size + block_size // 2 + 1
     S = L + 6 * kernel.bk + 3
-    q = mx.random.normal((1, reps, L, D), key=mx.random.key(0)).astype(dtype)
-    k = mx.random.normal((1, 1, S, D), key=mx.random.key(1)).astype(dtype)
+    q = mx.random.normal((2, 2 * reps, L, D), key=mx.random.key(0)).astype(dtype)
+    k = mx.random.normal((2, 2, S, D), key=mx.random.key(1)).astype(dtype)
     K = S // 2
-    index = mx.broadcast_to(mx.arange(S - 2 * K, S, 2, dtype=mx.int32), (1, 2, K))
-    count = mx.array([[K, K - 3]], mx.int32)
+    index = mx.broadcast_to(mx.arange(S - 2 * K, S, 2, dtype=mx.int32), (2, 2, K))
+    count = mx.array([[K, K - 3], [K - 1, K - 4]], mx.int32)
     wide = Plan(mx.contiguous(index), count, S - L, block_size, block_size // 2 + 5)
-    args = (wide, q, k, stride, D**-0.5, 30.0)
-    tol = 1e-3 if dtype == mx.float32 else 5e-2
-    return checks.mismatch(run_refine(kernel, *args), reference.refine_scores(*args), tol)
+    tol = 1e-3 if dtype == mx.float32 else 1e-2
+    for cap in (30.0, None):
+        out = run_refine(kernel, wide, q, k, stride, D**-0.5, cap)
+        ref = reference.refine_scores(
+            wide, q.astype(mx.float32), k.astype(mx.float32), stride, D**-0.5, cap
+        )
+        problem = checks.mismatch(out, ref, tol)
+        if problem is not None:
+            return problem
+    return None
 
 
 def run_refine(
@@ -114,7 +125,7 @@ def run_refine(
     H_kv = keys.shape[1]
     NB, K = wide.indices.shape[1:]
     scoring = -(-wide.block_size // stride)  # scoring queries of a whole block
-    n_qtiles = -(-scoring // kernel.qt)
+    n_qtiles = -(-scoring // kernel.qt)  # query tiles a group walks
     iparams = params(
         RefineParams(
             n_q=L,
@@ -149,9 +160,9 @@ def run_refine(
             ("WARPS", kernel.warps),
             ("WROWS", kernel.wrows),
         ],
-        grid=(NB * n_qtiles * kernel.warps * 32, B * H_kv, 1),
+        grid=(NB * kernel.warps * 32, B * H_kv, 1),
         threadgroup=(kernel.warps * 32, 1, 1),
-        output_shapes=[(B, H_kv, n_qtiles, NB, K)],
+        output_shapes=[(B, H_kv, NB, K)],
         output_dtypes=[mx.float32],
     )
-    return scores.sum(axis=(1, 2))
+    return scores.sum(axis=1)
