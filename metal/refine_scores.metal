@@ -84,7 +84,7 @@ DHSA_SMEM T* qs = reinterpret_cast<DHSA_SMEM T*>(dhsa_smem);
 DHSA_SMEM T* ks = qs;  // the key tile (a tile's queries are in registers by then)
 
 for (int qtile = 0; qtile < n_qtiles; ++qtile) {
-const int j_first = qtile * qt;                                    // this group's first
+const int j_first = qtile * qt;                                    // this tile's first
 const int j_last = dhsa_min(j_first + qt, n_score) - 1;           // and last (may be < first)
 const int pos_hi = blk_last - j_first * stride;
 const int pos_lo = blk_last - dhsa_imax(j_last, j_first) * stride;
@@ -131,8 +131,8 @@ for (int mt = 0; mt < MT; ++mt) {
   }
 }
 
-// The block's valid slots; ascending, so the tiles wholly past the group's last query are a
-// suffix and those wholly left of its window a prefix: the group walks [t_lo, t_hi).
+// The block's valid slots; ascending, so the key tiles wholly past this query tile's last
+// query are a suffix and those wholly left of its window a prefix: it walks [t_lo, t_hi).
 const int n_slots = j_last >= j_first ? kv_count[b * n_blocks + blk] : 0;
 const int n_tiles = (n_slots + BK - 1) / BK;
 int t_lo = 0;

@@ -41,7 +41,7 @@ def refine_plan(
     *,
     scale: float,
     softcap: float | None,
-    kernel=None,
+    kernel: kernels.RefineKernel | None = None,
 ) -> Plan:
     """Keep the forced keys of each block of ``wide`` and its ``budget - forced`` best others.
 

@@ -13,10 +13,8 @@ import mlx.core as mx
 from .. import reference
 from ..plan import Plan
 from . import checks
-from .attention import SMEM_LIMIT, TILES
+from .attention import DTYPES, SMEM_LIMIT, TILES
 from .sources import AttentionScalars, RefineParams, backend, params
-
-DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
 class RefineKernel(NamedTuple):

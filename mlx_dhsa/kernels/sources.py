@@ -120,8 +120,8 @@ class RefineParams(NamedTuple):
     n_kv: int
     n_blocks: int  # NB of kv_index
     n_slots_max: int  # K of kv_index
-    qt: int  # scoring queries per group
-    n_qtiles: int  # groups per block and KV head
+    qt: int  # scoring queries per query tile
+    n_qtiles: int  # query tiles per block (a group walks them in turn)
 
 
 class SelectParams(NamedTuple):
