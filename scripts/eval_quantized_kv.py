@@ -128,6 +128,11 @@ def main(argv=None):
     ap.add_argument("--conditions", default="dhsa:fp,dhsa:kv8,dhsa:kv4,dhsa:kv4_deq,dense:fp,"
                     "dense:kv4")  # fmt: skip
     ap.add_argument("--haystack", type=Path, default=None, help="Directory of .txt essays.")
+    ap.add_argument(
+        "--use-kernel",
+        action="store_true",
+        help="run the kernels (a GPU); default: the pure-MLX reference paths",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +145,7 @@ def main(argv=None):
             print(json.dumps({k: v for k, v in row.items() if k != "values"}), file=sys.stderr)
 
     # Sparse decode forced, as the issue-16 CPU grid: decode steps plan over the cache.
-    config = DHSAConfig(budget=args.budget, decode_dense_below=0, use_kernel=False)
+    config = DHSAConfig(budget=args.budget, decode_dense_below=0, use_kernel=args.use_kernel)
     model, tokenizer = load(args.model, patch=False)
     ids = tokenizer.encode(niah.read_haystack(args.haystack), add_special_tokens=False)
     task_ids, _ = split_tokens(ids)
