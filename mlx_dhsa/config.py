@@ -139,7 +139,8 @@ class DHSAConfig:
     decode_refine: int = 4
     # Prefill query blocks likewise: chunks for prefill_refine x budget keys, then the best
     # of those keys by the block's exact logits (every refine_stride-th query of the block
-    # scores them). 1 = off.
+    # scores them). 1 = off, the default: reading every candidate key costs about
+    # prefill_refine times the sparse attention it feeds (design.md section 3).
     prefill_refine: int = 1
     refine_stride: int = 1
     # How a sparse decode step's chunk scores combine the query heads (as head_scores, which

@@ -4,8 +4,10 @@ For a prompt of L tokens (random queries and keys of gemma-2-2b's shapes), the w
 plan of each refinement setting (``prefill_refine`` x budget candidate keys a block) is made
 once; then the candidates' scores are timed on ``refine_scores.metal`` (``kernel``, where a
 GPU backend runs) and on ``reference.refine_scores`` (``mlx``, MLX ops), beside the layer's
-sparse attention over a plan of ``budget`` keys (``attention``) for scale. Settings are
-``F/S``: refinement factor / ``refine_stride``.
+sparse attention over a plan of ``budget`` keys (``attention``) for scale, and the rest of
+a refined plan's cost: the plan of ``budget`` keys (``plan``), the widened plan (``wide_plan``)
+and choosing the kept keys from the scores (``choose``). Settings are ``F/S``: refinement
+factor / ``refine_stride``.
 
 Usage: python scripts/bench_refine.py --lengths 32768 --settings 4/8 8/8 4/4 --json r.json
 """
@@ -42,27 +44,40 @@ def run(L: int, settings: list[tuple[int, int]], budget: int, dtype, trials: int
     attn = DHSAAttention(config, n_heads=H, n_kv_heads=H_KV, head_dim=D, scale=SCALE,
                          softcap=SOFTCAP)  # fmt: skip
     table = attn.chunk_view(k)
+    mx.eval(table.summaries)
+    plan_s = _time(lambda: kernels.select_chunks(q, table, config, q_offset=0).indices, trials)
     plan = kernels.select_chunks(q, table, config, q_offset=0)
     attention = _time(lambda: kernels.sparse_attention(q, k, v, plan, scale=SCALE,
                                                        softcap=SOFTCAP), trials)  # fmt: skip
     rows = []
     for f, stride in settings:
-        wide = kernels.select_chunks(q, table, refine.widened(config, f), q_offset=0)
+        wide_config = refine.widened(config, f)
+        row = {"length": L, "budget": budget, "refine": f, "stride": stride, "plan_s": plan_s,
+               "attention_s": attention, "kernel_s": None, "max_error": None}  # fmt: skip
+        row["wide_plan_s"] = _time(
+            lambda: kernels.select_chunks(q, table, wide_config, q_offset=0).indices, trials
+        )
+        wide = kernels.select_chunks(q, table, wide_config, q_offset=0)
         mx.eval(wide.indices, wide.n_valid)
         args = (wide, q, k, stride, SCALE, SOFTCAP)
         kernel = kernels.refine_kernel(dtype, dtype, D, H, H_KV, config.block_size, stride)
-        row = {"length": L, "budget": budget, "refine": f, "stride": stride,
-               "attention_s": attention, "kernel_s": None, "max_error": None}  # fmt: skip
         row["mlx_s"] = _time(lambda: reference.refine_scores(*args), trials)
+        score = reference.refine_scores(*args)
         if kernel is not None:
             row["kernel_s"] = _time(lambda: kernels.run_refine(kernel, *args), trials)
-            ref = reference.refine_scores(*args)
-            err = mx.abs(kernels.run_refine(kernel, *args) - ref).max() / ref.max()
+            err = mx.abs(kernels.run_refine(kernel, *args) - score).max() / score.max()
             row["max_error"] = err.item()
+        valid = mx.arange(wide.indices.shape[-1]) < wide.n_valid[..., None]
+        none_forced = mx.zeros_like(valid)
+        row["choose_s"] = _time(
+            lambda: refine._choose(wide.indices, valid, none_forced, score, budget)[0], trials
+        )
         rows.append(row)
         ms = lambda x: "-" if x is None else f"{x * 1e3:8.2f} ms"  # noqa: E731
         print(f"{L:7d} tok | refine {f} stride {stride:3d} | kernel {ms(row['kernel_s'])} | "
-              f"mlx {ms(row['mlx_s'])} | sparse attention {ms(attention)}", flush=True)  # fmt: skip
+              f"mlx {ms(row['mlx_s'])} | wide plan {ms(row['wide_plan_s'])} | choose "
+              f"{ms(row['choose_s'])} | plan {ms(plan_s)} | sparse attention {ms(attention)}",
+              flush=True)  # fmt: skip
     return rows
 
 
