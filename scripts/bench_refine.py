@@ -6,7 +6,8 @@ once; then the candidates' scores are timed on ``refine_scores.metal`` (``kernel
 GPU backend runs) and on ``reference.refine_scores`` (``mlx``, MLX ops), beside the layer's
 sparse attention over a plan of ``budget`` keys (``attention``) for scale, and the rest of
 a refined plan's cost: the plan of ``budget`` keys (``plan``), the widened plan (``wide_plan``)
-and choosing the kept keys from the scores (``choose``). Settings are ``F/S``: refinement
+and ``refine.refine_plan`` on the widened plan (``refine_plan``: the scores, on the kernel
+where one runs, and choosing the kept keys). Settings are ``F/S``: refinement
 factor / ``refine_stride``.
 
 Usage: python scripts/bench_refine.py --lengths 32768 --settings 4/8 8/8 4/4 --json r.json
@@ -67,16 +68,18 @@ def run(L: int, settings: list[tuple[int, int]], budget: int, dtype, trials: int
             row["kernel_s"] = _time(lambda: kernels.run_refine(kernel, *args), trials)
             err = mx.abs(kernels.run_refine(kernel, *args) - score).max() / score.max()
             row["max_error"] = err.item()
-        valid = mx.arange(wide.indices.shape[-1]) < wide.n_valid[..., None]
-        none_forced = mx.zeros_like(valid)
-        row["choose_s"] = _time(
-            lambda: refine._choose(wide.indices, valid, none_forced, score, budget)[0], trials
+        refined = config.replace(prefill_refine=f, refine_stride=stride)
+        row["refine_plan_s"] = _time(
+            lambda: refine.refine_plan(
+                wide, q, k, refined, scale=SCALE, softcap=SOFTCAP, kernel=kernel
+            ).indices,
+            trials,
         )
         rows.append(row)
         ms = lambda x: "-" if x is None else f"{x * 1e3:8.2f} ms"  # noqa: E731
         print(f"{L:7d} tok | refine {f} stride {stride:3d} | kernel {ms(row['kernel_s'])} | "
-              f"mlx {ms(row['mlx_s'])} | wide plan {ms(row['wide_plan_s'])} | choose "
-              f"{ms(row['choose_s'])} | plan {ms(plan_s)} | sparse attention {ms(attention)}",
+              f"mlx {ms(row['mlx_s'])} | wide plan {ms(row['wide_plan_s'])} | refine_plan "
+              f"{ms(row['refine_plan_s'])} | plan {ms(plan_s)} | sparse attention {ms(attention)}",
               flush=True)  # fmt: skip
     return rows
 

@@ -1,0 +1,53 @@
+"""Attention mass kept by DHSA's prefill plans when chunk summaries are stored in fp16 or bf16.
+
+The summaries are computed in float32 as always, then rounded to the storage dtype and back
+(what a half-precision summary table would hold); ``zero`` (every summary 0) checks that the
+rounding reaches the planner. One multi-key prompt (seed 3, sample 2), budget 1024, every
+planned block of the 3 global layers of gemma-3-270m, float32, pure MLX.
+
+python summary_dtype.py 8192   (from /tmp, essays in /tmp/essays as in ../cpu_prefill_refine/)
+"""
+
+import sys
+
+import mlx.core as mx
+
+import mlx_dhsa.cache as cache_mod
+import mlx_dhsa.chunking as chunking
+from mlx_dhsa import DHSAConfig
+from mlx_dhsa.evaluation import niah
+from mlx_dhsa.evaluation.mass import capture, layer_mass
+from mlx_dhsa.evaluation.tasks import build_samples, split_tokens
+from mlx_dhsa.loading import load
+
+ctx = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
+model, tok = load("gemma-3-270m", patch=False)
+model.set_dtype(mx.float32)
+ids = tok.encode(niah.read_haystack("/tmp/essays"), add_special_tokens=False)
+task_ids, _ = split_tokens(ids)
+sample = build_samples(tok, task_ids, tasks=["multikey"], contexts=[ctx], n=3, seed=3)[2]
+base = DHSAConfig(budget=1024, decode_dense_below=0)
+layers = list(capture(model, sample.prompt))
+chunk_summaries, open_summary = chunking.chunk_summaries, cache_mod.open_summary
+STORES = {
+    "fp32": lambda x: x,
+    "fp16": lambda x: x.astype(mx.float16).astype(mx.float32),
+    "bf16": lambda x: x.astype(mx.bfloat16).astype(mx.float32),
+    "zero": lambda x: x * 0,
+}
+
+
+def stored(f, store):
+    return lambda *a, **k: store(f(*a, **k))
+
+
+for name, store in STORES.items():
+    chunking.chunk_summaries = cache_mod.chunk_summaries = stored(chunk_summaries, store)
+    cache_mod.open_summary = stored(open_summary, store)
+    cache_mod._compiled_summaries.cache_clear()
+    shares = []
+    for layer in layers:
+        shares += [
+            s for r in layer_mass(layer, {"dhsa": base}) if r.phase == "prefill" for s in r.shares
+        ]
+    print(name, ctx, "mass", round(sum(shares) / len(shares), 5), "n", len(shares), flush=True)
