@@ -2,8 +2,10 @@
 
 The summaries are computed in float32 as always, then rounded to the storage dtype and back
 (what a half-precision summary table would hold); ``zero`` (every summary 0) checks that the
-rounding reaches the planner. One multi-key prompt (seed 3, sample 2), budget 1024, every
-planned block of the 3 global layers of gemma-3-270m, float32, pure MLX.
+rounding reaches the planner. One multi-key prompt (seed 3, sample 2), budget 1024, the 3
+global layers of gemma-3-270m, float32, pure MLX: every planned prefill block, and 16 decode
+steps (single-query plans, the default decode_refine=4 and head max) spread over the prompt's
+second half.
 
 python summary_dtype.py 8192   (from /tmp, essays in /tmp/essays as in ../cpu_prefill_refine/)
 """
@@ -28,6 +30,8 @@ task_ids, _ = split_tokens(ids)
 sample = build_samples(tok, task_ids, tasks=["multikey"], contexts=[ctx], n=3, seed=3)[2]
 base = DHSAConfig(budget=1024, decode_dense_below=0)
 layers = list(capture(model, sample.prompt))
+L = len(sample.prompt)
+DECODE = [L // 2 + i * (L // 2) // 16 for i in range(16)]
 chunk_summaries, open_summary = chunking.chunk_summaries, cache_mod.open_summary
 STORES = {
     "fp32": lambda x: x,
@@ -45,9 +49,10 @@ for name, store in STORES.items():
     chunking.chunk_summaries = cache_mod.chunk_summaries = stored(chunk_summaries, store)
     cache_mod.open_summary = stored(open_summary, store)
     cache_mod._compiled_summaries.cache_clear()
-    shares = []
+    shares = {"prefill": [], "decode": []}
     for layer in layers:
-        shares += [
-            s for r in layer_mass(layer, {"dhsa": base}) if r.phase == "prefill" for s in r.shares
-        ]
-    print(name, ctx, "mass", round(sum(shares) / len(shares), 5), "n", len(shares), flush=True)
+        for r in layer_mass(layer, {"dhsa": base}, decode_positions=DECODE):
+            shares[r.phase] += r.shares
+    print(
+        name, ctx, {p: (round(sum(v) / len(v), 5), len(v)) for p, v in shares.items()}, flush=True
+    )
