@@ -1,4 +1,5 @@
 import copy
+import signal
 
 import mlx.core as mx
 import numpy as np
@@ -157,3 +158,10 @@ def wide_plan(B, NB, K, L, S, block_size, window, seed=2):
     count = np.full((B, NB), K, np.int32)
     count[:, -1] = K - 5  # (its padding slots hold real keys: the kernel must skip them)
     return Plan(mx.array(idx), mx.array(count), off, block_size, window)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a subprocess that a test stops with SIGINT: restore SIGINT's default
+    action, which a shell's background job (``cmd &``, nohup) inherits as ignored; Python then
+    installs its KeyboardInterrupt handler in the child as it does in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

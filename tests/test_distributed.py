@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import small_config, tiny_gemma2, tiny_gemma3, tiny_llama
+from conftest import default_sigint, small_config, tiny_gemma2, tiny_gemma3, tiny_llama
 
 from mlx_dhsa import make_prompt_cache, patch, unpatch
 from mlx_dhsa.distributed import ShardingError, is_pipelined, is_sharded, pipeline, shard
@@ -176,7 +176,7 @@ def start_launched(*command: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=default_sigint,
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ import time
 
 import openai
 import pytest
+from conftest import default_sigint
 from test_cli import CONTEXT, _text, model_dir  # noqa: F401  (the tiny model directory)
 
 from mlx_dhsa import DHSAConfig
@@ -173,6 +174,7 @@ def _serve_process(model_dir):  # noqa: F811
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=default_sigint,
     )
     deadline, seen = time.monotonic() + 120, ""
     while time.monotonic() < deadline and proc.poll() is None:
