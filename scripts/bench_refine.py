@@ -63,10 +63,10 @@ def run(L: int, settings: list[tuple[int, int]], budget: int, dtype, trials: int
         args = (wide, q, k, stride, SCALE, SOFTCAP)
         kernel = kernels.refine_kernel(dtype, dtype, D, H, H_KV, config.block_size, stride)
         row["mlx_s"] = _time(lambda: reference.refine_scores(*args), trials)
-        score = reference.refine_scores(*args)
         if kernel is not None:
             row["kernel_s"] = _time(lambda: kernels.run_refine(kernel, *args), trials)
-            err = mx.abs(kernels.run_refine(kernel, *args) - score).max() / score.max()
+            ref = reference.refine_scores(*args)
+            err = mx.abs(kernels.run_refine(kernel, *args) - ref).max() / ref.max()
             row["max_error"] = err.item()
         refined = config.replace(prefill_refine=f, refine_stride=stride)
         row["refine_plan_s"] = _time(
