@@ -4,7 +4,8 @@
 // the second.
 // inputs : queries [B, H, L, D] T, keys [B, H_kv, S - keys_start, D] T: any strides, last dim
 //          contiguous
-//          summaries [B, cap, D] float32 (closed chunks in slots [0, n_closed))
+//          summaries [B, cap, D] float16 (cache.SUMMARY_DTYPE; read through dhsa_to_float,
+//                  any float type works) (closed chunks in slots [0, n_closed))
 //          open_prev [B, D] float32: sum_h sum_i k_i over keys [open_start, prev_end) from
 //                  an earlier call (read only when prev_end > open_start)
 //          iparams int32: kernels.sources.BlockScoreParams (read as iparams[BS_<FIELD>]):
@@ -161,7 +162,7 @@ for (int c = c_lo + dhsa_warp; c < c_hi; c += NW) {
     const dhsa_long row = ((dhsa_long)b * cap + c) * D;
     DHSA_UNROLL
     for (int j = 0; j < DL; ++j) {
-      dot += qv[j] * summaries[row + dhsa_lane + 32 * j];
+      dot += qv[j] * dhsa_to_float(summaries[row + dhsa_lane + 32 * j]);
     }
   } else if (open_piece == 0) {
     DHSA_UNROLL

@@ -31,6 +31,12 @@ from .config import DHSAConfig
 # (and re-traces) only every CAPACITY_STEP chunks, about 32k keys at the defaults.
 CAPACITY_STEP = 1024
 
+# Closed chunks' summaries are computed in float32 and stored in float16: they are the largest
+# read of a sparse decode step after the kept keys (one D-vector per chunk, at most 8 keys),
+# and rounding them leaves the plans' attention mass unchanged (docs/accuracy/cpu_summary_dtype).
+# Every planner widens them to float32 as it reads them. The open chunk's summary stays float32.
+SUMMARY_DTYPE = mx.float16
+
 
 def _reserve(buf: mx.array | None, shape: tuple, needed: int, dtype) -> mx.array:
     """``buf`` with at least ``needed`` slots on axis 1, grown in CAPACITY_STEP units."""
@@ -53,7 +59,7 @@ class ChunkTable:
 
     starts: mx.array  # (B, cap) int32
     lengths: mx.array  # (B, cap) int32
-    summaries: mx.array  # (B, cap, D) float32
+    summaries: mx.array  # (B, cap, D) SUMMARY_DTYPE
     keys: mx.array  # (B, H_kv, n_keys - keys_start, D): the keys from keys_start on
     n_closed: int  # closed chunks
     open_start: int  # first key of the open chunk
@@ -74,11 +80,12 @@ class ChunkTable:
         return open_piece_summaries(keys, size, slots, self.summary)
 
     def materialize(self) -> tuple[Chunks, mx.array]:
-        """The (B, N_c) chunks, open chunk last, and their (B, N_c, D) summaries."""
+        """The (B, N_c) chunks, open chunk last, and their (B, N_c, D) float32 summaries."""
         n, B = self.n_closed, self.starts.shape[0]
         tail = open_chunk(self.open_start, self.n_keys, B, self.segment)
         chunks = concat_chunks(Chunks(self.starts[:, :n], self.lengths[:, :n], self.segment), tail)
-        return chunks, mx.concatenate([self.summaries[:, :n], self.open_summary], axis=1)
+        closed = self.summaries[:, :n].astype(mx.float32)
+        return chunks, mx.concatenate([closed, self.open_summary], axis=1)
 
 
 class ClosedChunks:
@@ -129,7 +136,8 @@ class ClosedChunks:
 
 
 class ClosedSummaries:
-    """Summaries (B, cap, D) of one layer's closed chunks, kept in step with a ClosedChunks."""
+    """Summaries (B, cap, D) of one layer's closed chunks, kept in step with a ClosedChunks
+    (``SUMMARY_DTYPE``)."""
 
     def __init__(self):
         self.n_keys = 0
@@ -156,11 +164,11 @@ class ClosedSummaries:
                 closed.lengths[:, a:b],
                 mx.array(self.n_keys, mx.int32),
             )
-            self.summaries = _reserve(self.summaries, (B, D), b + 1, mx.float32)
-            self.summaries[:, a:b] = new
+            self.summaries = _reserve(self.summaries, (B, D), b + 1, SUMMARY_DTYPE)
+            self.summaries[:, a:b] = new.astype(SUMMARY_DTYPE)
             self.n_keys = closed.n_keys
             mx.async_eval(self.summaries)  # see ClosedChunks.sync
-        self.summaries = _reserve(self.summaries, (B, D), closed.starts.shape[1], mx.float32)
+        self.summaries = _reserve(self.summaries, (B, D), closed.starts.shape[1], SUMMARY_DTYPE)
         return ChunkTable(
             starts=closed.starts,
             lengths=closed.lengths,

@@ -182,6 +182,7 @@ def select_chunks(
 def _select_fn(config: DHSAConfig, window: int | None, n_queries: int, segment: int):
     def fn(queries, summaries, starts, lengths, open_part, scalars):
         n_closed, open_start, S, q_offset = scalars[0], scalars[1], scalars[2], scalars[3]
+        summaries = summaries.astype(mx.float32)  # stored as cache.SUMMARY_DTYPE
         slot = mx.arange(starts.shape[1])
         per_head = config.head_scores == "max"
         qb = block_queries(queries, config.block_size, per_head=per_head)

@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 import mlx_dhsa
+from mlx_dhsa.cache import SUMMARY_DTYPE
 from mlx_dhsa.chunking import chunks_per_segment
 from mlx_dhsa.cli.profiling import SHAPES, random_model
 from mlx_dhsa.evaluation.floor import set_method
@@ -107,7 +108,7 @@ def decode_sync(model, caches, steps):
 def bytes_per_token(model, S, config, dtype_bytes):
     """Weights + KV read for one decode step, an estimate. Dense (mlx-lm's Gemma2) reads S keys
     and values on every layer. Sparse DHSA reads, on each global layer (odd index), the closed
-    chunks' fp32 summaries, ``decode_refine x budget`` candidate keys (refinement) and its
+    chunks' summaries (``cache.SUMMARY_DTYPE``), ``decode_refine x budget`` candidate keys (refinement) and its
     plan's ``budget`` keys and values; on each sliding layer its window's keys and values."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     a = model.args
@@ -116,7 +117,7 @@ def bytes_per_token(model, S, config, dtype_bytes):
     window = getattr(a, "sliding_window", None) or GEMMA2_SLIDING_WINDOW
     row = a.num_key_value_heads * a.head_dim * dtype_bytes  # a key or a value of one layer
     slots = S // config.chunk_limit * chunks_per_segment(config)
-    summaries = slots * a.head_dim * 4
+    summaries = slots * a.head_dim * SUMMARY_DTYPE.size
     candidates = (
         min(S, config.budget * config.decode_refine) * row if config.decode_refine > 1 else 0
     )

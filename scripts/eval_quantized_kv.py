@@ -17,6 +17,7 @@ Two measurements on one model, every condition on the same seeded samples:
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,14 +34,21 @@ from mlx_dhsa.patching import patch, unpatch
 from mlx_dhsa.quantized import QuantizedKV
 from mlx_dhsa.quantized_cache import QuantizedDHSACache
 
-# name -> (kv_bits, chunk_source); None bits: the model's dtype.
-CACHES = {
-    "fp": (None, None),
-    "kv8": (8, "keys"),
-    "kv4": (4, "keys"),
-    "kv8_deq": (8, "dequantized"),
-    "kv4_deq": (4, "dequantized"),
-}
+# A cache name: "fp" (the model's dtype) or kv<bits>[g<group>][_deq], e.g. "kv4", "kv4g32",
+# "kv4_deq" (chunk state from the dequantized keys). No group: --group-size.
+CACHE = re.compile(r"kv(?P<bits>4|8)(?:g(?P<group>32|64|128))?(?P<deq>_deq)?")
+
+
+def parse_cache(name: str, group: int) -> tuple[int | None, int, str]:
+    """(kv_bits, kv_group_size, chunk_source) of a cache name; None bits: the model's dtype."""
+    if name == "fp":
+        return None, group, "keys"
+    m = CACHE.fullmatch(name)
+    if m is None:
+        raise SystemExit(f"unknown cache {name!r}: use fp or kv4 / kv8, optionally with g32 / "
+                         "g64 / g128 and _deq (e.g. kv4g32, kv8_deq)")  # fmt: skip
+    bits, deq = int(m["bits"]), m["deq"]
+    return bits, int(m["group"] or group), "dequantized" if deq else "keys"
 
 
 def _fake(keys: mx.array, bits: int, group: int) -> mx.array:
@@ -92,15 +100,15 @@ def niah_run(model, tokenizer, samples, config: DHSAConfig, conditions, group: i
     scores = {}
     for cond in conditions:
         method, cache = cond.split(":")
-        bits, source = CACHES[cache]
+        bits, group_size, source = parse_cache(cache, group)
         unpatch(model)
         cfg = (
             config
             if method == "dhsa"
             else config.replace(dense_below=1 << 30, decode_dense_below=1 << 30)
         )
-        patch(model, cfg.replace(kv_bits=bits, kv_group_size=group))
-        QuantizedDHSACache.chunk_source = source or "keys"
+        patch(model, cfg.replace(kv_bits=bits, kv_group_size=group_size))
+        QuantizedDHSACache.chunk_source = source
         xs = []
         tic = time.perf_counter()
         for s in samples:
@@ -135,6 +143,12 @@ def main(argv=None):
     )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    conds = [c for c in args.conditions.split(",") if c]
+    for c in conds:
+        method, _, cache = c.partition(":")
+        if method not in ("dhsa", "dense"):
+            raise SystemExit(f"condition {c!r}: use dhsa:<cache> or dense:<cache>")
+        parse_cache(cache, args.group_size)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = open(args.out / "results.jsonl", "a")
 
@@ -160,7 +174,6 @@ def main(argv=None):
     if args.niah:
         samples = build_samples(tokenizer, task_ids, tasks=["niah"], contexts=[args.context],
                                 n=args.niah, seed=0)  # fmt: skip
-        conds = [c for c in args.conditions.split(",") if c]
         scores = niah_run(model, tokenizer, samples, config, conds, args.group_size, log)
         result["niah"] = {c: dict(interval=str(bootstrap(x)), scores=x) for c, x in scores.items()}
         base = {"dhsa": "dhsa:fp", "dense": "dense:fp"}

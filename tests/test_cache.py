@@ -16,6 +16,8 @@ from mlx_lm.models.cache import (
 import mlx_dhsa
 from mlx_dhsa import DHSACache, patch, unpatch
 from mlx_dhsa.attention import DHSAAttention
+from mlx_dhsa.cache import SUMMARY_DTYPE
+from mlx_dhsa.chunking import Chunks, chunk_summaries
 from mlx_dhsa.patching import dhsa_layers
 
 
@@ -122,6 +124,24 @@ def test_incremental_state_equals_recomputed(ops, seed):
         assert mx.array_equal(chunks.starts, want_chunks.starts)
         assert mx.array_equal(chunks.lengths, want_chunks.lengths)
         assert mx.allclose(sums, want_sums, atol=1e-5)
+
+
+def test_closed_summaries_are_the_float32_summaries_rounded_to_summary_dtype():
+    """The cache stores closed chunks' summaries in SUMMARY_DTYPE (float16): exactly the
+    float32 summaries of the same chunks rounded once; the open chunk's stays float32."""
+    mx.random.seed(3)
+    cfg = small_config()
+    attn = DHSAAttention(cfg, n_heads=2, n_kv_heads=2, head_dim=8, scale=1.0, softcap=None)
+    keys = 4 * mx.random.normal((1, 2, 3 * cfg.chunk_limit + 5, 8))
+    table = attn.chunk_view(keys, DHSACache())
+    n = table.n_closed
+    assert table.summaries.dtype == SUMMARY_DTYPE == mx.float16 and n > 0
+    closed = Chunks(table.starts[:, :n], table.lengths[:, :n], table.segment)
+    want = chunk_summaries(keys, closed, summary=cfg.summary)
+    assert want.dtype == mx.float32
+    assert mx.array_equal(table.summaries[:, :n], want.astype(SUMMARY_DTYPE))
+    chunks, sums = table.materialize()
+    assert sums.dtype == mx.float32 and table.open_summary.dtype == mx.float32
 
 
 def test_cache_grows_geometrically_and_saves_only_its_keys():

@@ -183,8 +183,9 @@ def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _Sco
     carried = None
     if state is not None and not piece:
         carried = state.carried_sum(table.open_start, table.n_keys, B)
-    summaries = table.summaries  # a contiguous buffer: also the placeholder of open_prev
-    prev, prev_end = carried if carried is not None else (summaries, table.open_start)
+    # Without a carried sum open_prev is not read: any float32 buffer stands in (one dtype,
+    # so one compiled variant).
+    prev, prev_end = carried if carried is not None else (_no_prev(), table.open_start)
     iparams = BlockScoreParams(
         n_q=L,
         n_heads=H,
@@ -202,11 +203,17 @@ def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _Sco
         keys_start=table.keys_start,
     )
     return _ScoreLaunch(
-        [queries, keys, summaries, prev, params(iparams)],
+        [queries, keys, table.summaries, prev, params(iparams)],
         (tiles * SCORE_THREADS, NB, B),
         [(B, NB, N), (B, D)],
         piece > 0,
     )
+
+
+@lru_cache(maxsize=1)
+def _no_prev() -> mx.array:
+    """block_scores' open_prev when nothing was carried (never read)."""
+    return mx.zeros((1,), mx.float32)
 
 
 def _carry(state: KernelState | None, table: ChunkTable, launch: _ScoreLaunch, open_sum, L: int):

@@ -5,9 +5,12 @@ layer the post-RoPE queries, keys and values go through mx.quantize / mx.dequant
 per-token storage), and the relative (Frobenius) error of causal dense attention's output is
 printed for: plain keys; keys rotated by a Hadamard transform of the head dim (queries
 rotated alike, so q.k is unchanged); keys minus their per-channel mean over the prefix (the
-softmax does not see the shift). Values are quantized plainly in every case.
+softmax does not see the shift); keys minus the mean of their first F keys only, F the second
+argument (what a cache could fix after its first prefill step). Values are quantized plainly in
+every case.
 
-python key_error.py 2048   (from /tmp, essays in /tmp/essays; about a minute on 2 cores)
+python key_error.py 2048        (from /tmp, essays in /tmp/essays; about a minute on 2 cores)
+python key_error.py 8192 2048   (about 8 minutes)
 """
 
 import sys
@@ -20,6 +23,7 @@ from mlx_dhsa import load
 from mlx_dhsa.evaluation import niah
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+F = int(sys.argv[2]) if len(sys.argv) > 2 else None
 model, tok = load("gemma-3-270m", patch=False)
 ids = tok.encode(niah.read_haystack("/tmp/essays"), add_special_tokens=False)[:N]
 captured = []
@@ -61,6 +65,9 @@ for i in glob:
                      mx.hadamard_transform(k, scale=D**-0.5), 0.0),
         "minus mean": (q, k - mean, mean),
     }  # fmt: skip
+    if F is not None:
+        first = k[:, :, :F].mean(axis=2, keepdims=True)
+        variants[f"first {F}"] = (q, k - first, first)
     for name, (qx, kx, shift) in variants.items():
         row = [f"layer {i:2d} {name:10s}"]
         for bits, group in ((4, 64), (4, 32), (8, 64)):
