@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 # Type of every field that is not a plain positive int (checked before the values).
 _OPTIONAL_INTS = (
+    "kv_group_size",
     "dense_below",
     "max_chunk",
     "chunk_cap",
@@ -149,9 +150,11 @@ class DHSAConfig:
     # at 16k against it (issue 16, docs/accuracy/README.md).
     decode_head_scores: str = "max"
     # Quantized KV cache of the DHSA layers (mlx-lm's QuantizedKVCache storage): bits per
-    # element (4 or 8; None: the model's dtype) and elements per scale/bias group.
+    # element (4 or 8; None: the model's dtype) and elements per scale/bias group (None: 32 at
+    # 4 bits, where group 64 lost NIAH needles that group 32 keeps, docs/accuracy/quantized_kv;
+    # 64 at 8 bits, mlx-lm's default). See kv_group.
     kv_bits: int | None = None
-    kv_group_size: int = 64
+    kv_group_size: int | None = None
 
     def __post_init__(self):
         check_types(self)
@@ -247,9 +250,10 @@ class DHSAConfig:
             raise ConfigError(
                 f"kv_bits must be one of {KV_BITS} or None, got {self.kv_bits}", "kv_bits"
             )
-        if self.kv_group_size not in KV_GROUP_SIZES:
+        if self.kv_group_size is not None and self.kv_group_size not in KV_GROUP_SIZES:
             raise ConfigError(
-                f"kv_group_size must be one of {KV_GROUP_SIZES}, got {self.kv_group_size}",
+                f"kv_group_size must be one of {KV_GROUP_SIZES} or None, "
+                f"got {self.kv_group_size}",
                 "kv_group_size",
             )
         if self.method not in METHODS:
@@ -299,6 +303,14 @@ class DHSAConfig:
         if limit is None:
             limit = device_tuning().decode_dense_below
         return n_keys > max(limit, self.dense_limit)
+
+    @property
+    def kv_group(self) -> int:
+        """Elements per scale and bias of the quantized KV cache: ``kv_group_size``, or 32 at
+        4 bits and 64 otherwise when it is None."""
+        if self.kv_group_size is not None:
+            return self.kv_group_size
+        return 32 if self.kv_bits == 4 else 64
 
     @property
     def chunk_limit(self) -> int:

@@ -71,7 +71,7 @@ def patch(model: nn.Module, config: DHSAConfig | None = None, **overrides) -> nn
 def _quantized_cache_problem(model: nn.Module) -> str | None:
     """Why the patched layers' ``kv_bits`` cache cannot be built, or None."""
     for attn in dhsa_layers(model):
-        group = attn.config.kv_group_size
+        group = attn.config.kv_group
         if attn.config.kv_bits is not None and attn.head_dim % group:
             sizes = [g for g in (32, 64, 128) if attn.head_dim % g == 0]
             return (
@@ -138,7 +138,7 @@ def make_prompt_cache(model: nn.Module, max_kv_size: int | None = None) -> list[
         elif attn.window is not None and attn.config.sliding_window:
             out.append(WindowKVCache(max_size=attn.window))
         elif attn.config.kv_bits is not None:
-            group = attn.config.kv_group_size
+            group = attn.config.kv_group
             if attn.head_dim % group:
                 raise ValueError(
                     f"kv_group_size ({group}) must divide the head dimension ({attn.head_dim})"

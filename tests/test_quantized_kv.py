@@ -216,6 +216,16 @@ def test_kv_group_size_that_does_not_divide_head_dim_is_refused_at_patch():
     assert not dhsa_layers(model)  # left as it was
 
 
+@pytest.mark.parametrize("bits, group", [(4, 32), (8, 64)])
+def test_kv_group_size_defaults_to_32_at_4_bits_and_64_at_8(bits, group):
+    config = DHSAConfig(kv_bits=bits)
+    assert config.kv_group_size is None and config.kv_group == group
+    assert config.replace(kv_group_size=128).kv_group == 128
+    if bits == 4:  # the tiny model's head dim (32) takes the 4-bit default
+        cache = mlx_dhsa.make_prompt_cache(patch(tiny_gemma2(), small_config(kv_bits=4)))
+        assert {(c.bits, c.group_size) for c in cache[1::2]} == {(4, 32)}
+
+
 @pytest.mark.parametrize("bad", [dict(kv_bits=3), dict(kv_bits=16), dict(kv_group_size=48)])
 def test_bad_kv_settings_are_config_errors(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):

@@ -305,7 +305,7 @@ def profile(
     if config.kv_bits is not None:  # every method with and without the quantized cache
         base = config.replace(kv_bits=None)
         chosen = methods_from(methods, base)
-        chosen = with_quantized_kv(chosen, base, config.kv_bits, config.kv_group_size)
+        chosen = with_quantized_kv(chosen, base, config.kv_bits, config.kv_group)
     shape = shape or sizes.profile_shape
     if model is None and shape not in profiling.SHAPES:
         raise typer.BadParameter(f"choose from {', '.join(profiling.SHAPES)}", param_hint="--shape")
