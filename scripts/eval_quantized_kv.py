@@ -34,12 +34,13 @@ from mlx_dhsa.patching import patch, unpatch
 from mlx_dhsa.quantized import QuantizedKV
 from mlx_dhsa.quantized_cache import QuantizedDHSACache
 
-# A cache name: "fp" (the model's dtype) or kv<bits>[g<group>][_deq], e.g. "kv4", "kv4g32",
-# "kv4_deq" (chunk state from the dequantized keys). No group: --group-size.
+# A cache name: "fp" (the model's dtype) or kv<bits>[g<group>][_deq], e.g. "kv4", "kv4g64",
+# "kv4_deq" (chunk state from the dequantized keys). No group: --group-size, or if that is not
+# given DHSAConfig's default for the bit width (DHSAConfig.kv_group: 32 at 4 bits, 64 at 8).
 CACHE = re.compile(r"kv(?P<bits>4|8)(?:g(?P<group>32|64|128))?(?P<deq>_deq)?")
 
 
-def parse_cache(name: str, group: int) -> tuple[int | None, int, str]:
+def parse_cache(name: str, group: int | None) -> tuple[int | None, int | None, str]:
     """(kv_bits, kv_group_size, chunk_source) of a cache name; None bits: the model's dtype."""
     if name == "fp":
         return None, group, "keys"
@@ -48,14 +49,14 @@ def parse_cache(name: str, group: int) -> tuple[int | None, int, str]:
         raise SystemExit(f"unknown cache {name!r}: use fp or kv4 / kv8, optionally with g32 / "
                          "g64 / g128 and _deq (e.g. kv4g32, kv8_deq)")  # fmt: skip
     bits, deq = int(m["bits"]), m["deq"]
-    return bits, int(m["group"] or group), "dequantized" if deq else "keys"
+    return bits, int(m["group"]) if m["group"] else group, "dequantized" if deq else "keys"
 
 
 def _fake(keys: mx.array, bits: int, group: int) -> mx.array:
     return QuantizedKV.quantize(keys, bits, group).dequantize()
 
 
-def mass(model, prompts, config: DHSAConfig, n_decode: int, group: int, log) -> dict:
+def mass(model, prompts, config: DHSAConfig, n_decode: int, group: int | None, log) -> dict:
     """Kept mass of plans from model-dtype keys vs dequantized keys, per block and step."""
     sources = {"keys": None, "deq8": 8, "deq4": 4}
     shares = {(s, ph): [] for s in sources for ph in ("prefill", "decode")}
@@ -74,7 +75,8 @@ def mass(model, prompts, config: DHSAConfig, n_decode: int, group: int, log) -> 
             weight = mx.array([(q1[b] - b * config.block_size) * H for b in range(NB)], mx.float32)
             selective = [b for b in range(NB) if q1[b] > B]
             for name, bits in sources.items():
-                kk = k if bits is None else _fake(k, bits, group)
+                g = DHSAConfig(kv_bits=bits, kv_group_size=group).kv_group
+                kk = k if bits is None else _fake(k, bits, g)
                 share = kept_share(plan_layer(config, layer, q, kk, 0), m, weight).mean(0)
                 shares[(name, "prefill")] += [share[b].item() for b in selective]
                 for p in positions:
@@ -95,7 +97,7 @@ def mass(model, prompts, config: DHSAConfig, n_decode: int, group: int, log) -> 
     return out
 
 
-def niah_run(model, tokenizer, samples, config: DHSAConfig, conditions, group: int, log) -> dict:
+def niah_run(model, tokenizer, samples, config: DHSAConfig, conditions, group, log) -> dict:
     """Greedy NIAH scores per condition (method x cache)."""
     scores = {}
     for cond in conditions:
@@ -129,7 +131,8 @@ def main(argv=None):
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--budget", type=int, default=1024)
-    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="for cache names without g<group>; default: DHSAConfig's by bits")  # fmt: skip
     ap.add_argument("--mass-prompts", type=int, default=2)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--niah", type=int, default=16, help="NIAH samples per condition (0: none)")
