@@ -35,7 +35,9 @@ CAPACITY_STEP = 1024
 # read of a sparse decode step after the kept keys (one D-vector per chunk, at most 8 keys),
 # and rounding them leaves the plans' attention mass unchanged (docs/accuracy/cpu_summary_dtype).
 # Every planner widens them to float32 as it reads them. The open chunk's summary stays float32.
+# Stored values are clipped to float16's range, so keys past it rank as the largest, not inf.
 SUMMARY_DTYPE = mx.float16
+_SUMMARY_MAX = 65504.0
 
 
 def _reserve(buf: mx.array | None, shape: tuple, needed: int, dtype) -> mx.array:
@@ -165,7 +167,7 @@ class ClosedSummaries:
                 mx.array(self.n_keys, mx.int32),
             )
             self.summaries = _reserve(self.summaries, (B, D), b + 1, SUMMARY_DTYPE)
-            self.summaries[:, a:b] = new.astype(SUMMARY_DTYPE)
+            self.summaries[:, a:b] = mx.clip(new, -_SUMMARY_MAX, _SUMMARY_MAX).astype(SUMMARY_DTYPE)
             self.n_keys = closed.n_keys
             mx.async_eval(self.summaries)  # see ClosedChunks.sync
         self.summaries = _reserve(self.summaries, (B, D), closed.starts.shape[1], SUMMARY_DTYPE)

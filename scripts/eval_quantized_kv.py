@@ -109,7 +109,8 @@ def niah_run(model, tokenizer, samples, config: DHSAConfig, conditions, group, l
             if method == "dhsa"
             else config.replace(dense_below=1 << 30, decode_dense_below=1 << 30)
         )
-        patch(model, cfg.replace(kv_bits=bits, kv_group_size=group_size))
+        cfg = cfg.replace(kv_bits=bits, kv_group_size=group_size)
+        patch(model, cfg)
         QuantizedDHSACache.chunk_source = source
         xs = []
         tic = time.perf_counter()
@@ -119,8 +120,9 @@ def niah_run(model, tokenizer, samples, config: DHSAConfig, conditions, group, l
             log(dict(kind="niah", condition=cond, index=s.index, depth=round(s.depth, 4),
                      score=xs[-1], reply=reply, attention=path))  # fmt: skip
         scores[cond] = xs
-        log(dict(kind="niah_done", condition=cond, seconds=round(time.perf_counter() - tic, 1),
-                 interval=str(bootstrap(xs))))  # fmt: skip
+        log(dict(kind="niah_done", condition=cond, bits=bits,
+                 group_size=None if bits is None else cfg.kv_group,
+                 seconds=round(time.perf_counter() - tic, 1), interval=str(bootstrap(xs))))  # fmt: skip
     QuantizedDHSACache.chunk_source = "keys"
     unpatch(model)
     return scores
@@ -146,6 +148,8 @@ def main(argv=None):
     )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.group_size is not None and args.group_size not in (32, 64, 128):
+        raise SystemExit(f"--group-size must be 32, 64 or 128, got {args.group_size}")
     conds = [c for c in args.conditions.split(",") if c]
     for c in conds:
         method, _, cache = c.partition(":")

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_dhsa import kernels
+from mlx_dhsa.cache import SUMMARY_DTYPE
 from mlx_dhsa.kernels import attention as attn_launch
 from mlx_dhsa.kernels import planning, refining
 
@@ -61,6 +62,7 @@ QUANT_CASES = [
     (mx.float16, 8, 128, 256),
     (mx.bfloat16, 4, 128, 128),
     (mx.bfloat16, 8, 64, 256),
+    (mx.float16, 4, 32, 128),  # DHSAConfig's default group at 4 bits
 ]
 BOTH = ((False, False), (False, True), (True, False), (True, True))
 
@@ -98,8 +100,8 @@ def instances(name: str, backend: str, quantized: bool = False):
                 ins = [
                     mx.zeros((1, 8, 64, D), dtype),
                     mx.zeros((1, 4, 64, D), dtype),
-                    mx.zeros((1, 8, D)),
-                    mx.zeros((1, D)),
+                    mx.zeros((1, 8, D), SUMMARY_DTYPE),  # as the cache stores them
+                    mx.zeros((1, D)),  # open_prev: a carried sum, or planning's placeholder
                     mx.zeros((len(kernels.sources.BlockScoreParams._fields),), mx.int32),
                 ]
                 if name == "block_scores":

@@ -142,6 +142,9 @@ def test_closed_summaries_are_the_float32_summaries_rounded_to_summary_dtype():
     assert mx.array_equal(table.summaries[:, :n], want.astype(SUMMARY_DTYPE))
     chunks, sums = table.materialize()
     assert sums.dtype == mx.float32 and table.open_summary.dtype == mx.float32
+    # Past float16's range they saturate instead of becoming inf (and NaN scores).
+    big = attn.chunk_view(1e6 * keys, DHSACache()).summaries[:, :n]
+    assert mx.isfinite(big).all() and mx.abs(big).max().item() == 65504.0
 
 
 def test_cache_grows_geometrically_and_saves_only_its_keys():

@@ -262,9 +262,9 @@ def test_kernels_low_precision(dtype, cap, mode, L, S):
 QUANT_GRID = [
     (bits, group, D)
     for bits in (4, 8)
-    for group in (64, 128)
+    for group in (32, 64, 128)
     for D in (64, 128, 256)
-    if D % group == 0
+    if D % group == 0 and (group != 32 or bits == 4)  # 32: DHSAConfig's default at 4 bits
 ]
 
 

@@ -212,8 +212,11 @@ def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _Sco
 
 @lru_cache(maxsize=1)
 def _no_prev() -> mx.array:
-    """block_scores' open_prev when nothing was carried (never read)."""
-    return mx.zeros((1,), mx.float32)
+    """block_scores' open_prev when nothing was carried (never read), made once. 8 elements:
+    MLX's Metal kernels take smaller inputs in the constant address space, a second variant."""
+    x = mx.zeros((8,), mx.float32)
+    mx.eval(x)
+    return x
 
 
 def _carry(state: KernelState | None, table: ChunkTable, launch: _ScoreLaunch, open_sum, L: int):
