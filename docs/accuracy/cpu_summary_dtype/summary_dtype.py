@@ -1,13 +1,18 @@
 """Attention mass kept by DHSA's prefill plans when chunk summaries are stored in fp16 or bf16.
 
-The summaries are computed in float32 as always, then rounded to the storage dtype and back
-(what a half-precision summary table would hold); ``zero`` (every summary 0) checks that the
-rounding reaches the planner. One multi-key prompt (seed 3, sample 2), budget 1024, the 3
-global layers of gemma-3-270m, float32, pure MLX: every planned prefill block, and 16 decode
-steps (single-query plans, the default decode_refine=4 and head max) spread over the prompt's
-second half.
+The summaries are computed in float32 as always, then stored by the cache in each dtype
+(``mlx_dhsa.cache.SUMMARY_DTYPE``, float16 since stop 32: set per row here); ``zero`` (every
+summary 0, open chunk's included) checks that the storage reaches the planner. One multi-key
+prompt (seed 3, sample 2), budget 1024, the global layers of the model (gemma-3-270m: 3;
+smollm2-135m, a Llama without key norms: all 30), float32, pure MLX: every planned prefill
+block, and 16 decode steps (single-query plans, the default decode_refine=4 and head max)
+spread over the prompt's second half.
 
-python summary_dtype.py 8192   (from /tmp, essays in /tmp/essays as in ../cpu_prefill_refine/)
+python summary_dtype.py 8192 [gemma-3-270m | smollm2-135m]   (from /tmp, essays in
+/tmp/essays as in ../cpu_prefill_refine/)
+
+Before stop 32 the rows rounded inside ``chunk_summaries`` and ``open_summary`` (float32
+storage); the cache now keeps the open chunk's summary in float32, as here.
 """
 
 import sys
@@ -23,7 +28,7 @@ from mlx_dhsa.evaluation.tasks import build_samples, split_tokens
 from mlx_dhsa.loading import load
 
 ctx = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
-model, tok = load("gemma-3-270m", patch=False)
+model, tok = load(sys.argv[2] if len(sys.argv) > 2 else "gemma-3-270m", patch=False)
 model.set_dtype(mx.float32)
 ids = tok.encode(niah.read_haystack("/tmp/essays"), add_special_tokens=False)
 task_ids, _ = split_tokens(ids)
@@ -33,21 +38,18 @@ layers = list(capture(model, sample.prompt))
 L = len(sample.prompt)
 DECODE = [L // 2 + i * (L // 2) // 16 for i in range(16)]
 chunk_summaries, open_summary = chunking.chunk_summaries, cache_mod.open_summary
-STORES = {
-    "fp32": lambda x: x,
-    "fp16": lambda x: x.astype(mx.float16).astype(mx.float32),
-    "bf16": lambda x: x.astype(mx.bfloat16).astype(mx.float32),
-    "zero": lambda x: x * 0,
-}
+STORES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16, "zero": None}
 
 
-def stored(f, store):
-    return lambda *a, **k: store(f(*a, **k))
+def zeroed(f):
+    return lambda *a, **k: f(*a, **k) * 0
 
 
-for name, store in STORES.items():
-    chunking.chunk_summaries = cache_mod.chunk_summaries = stored(chunk_summaries, store)
-    cache_mod.open_summary = stored(open_summary, store)
+for name, dtype in STORES.items():
+    cache_mod.SUMMARY_DTYPE = dtype or mx.float32
+    if dtype is None:
+        chunking.chunk_summaries = cache_mod.chunk_summaries = zeroed(chunk_summaries)
+        cache_mod.open_summary = zeroed(open_summary)
     cache_mod._compiled_summaries.cache_clear()
     shares = {"prefill": [], "decode": []}
     for layer in layers:
