@@ -6,6 +6,8 @@
 //          contiguous
 //          summaries [B, cap, D] float16 (cache.SUMMARY_DTYPE; read through dhsa_to_float,
 //                  any float type works) (closed chunks in slots [0, n_closed))
+//          spreads [B, cap, D] float16 (as summaries): the closed chunks' key variances
+//                  (DHSAConfig.key_spread; read only when fparams[0] != 0)
 //          open_prev [B, D] float32: sum_h sum_i k_i over keys [open_start, prev_end) from
 //                  an earlier call (read only when prev_end > open_start)
 //          iparams int32: kernels.sources.BlockScoreParams (read as iparams[BS_<FIELD>]):
@@ -15,8 +17,10 @@
 //                  keys_start: key position p is row p - keys_start of `keys` (0, or at
 //                  most open_start: a quantized cache's table holds model-dtype keys from
 //                  its first unchunked one on); only keys from open_start on are read
+//          fparams float32: [spread factor w = key_spread * scale / 2; 0: no spread term]
 // outputs: scores [B, NB, n_closed + n_open] float32: S_bc = q_b . k_c with q_b the mean of
-//          block b's queries over queries and heads, k_c the closed summaries and, in the
+//          block b's queries over queries and heads, k_c the closed summaries (plus
+//          w * q_b^2 . v_c, v_c their spreads, when w != 0) and, in the
 //          slots from n_closed on, the open part [open_start, S) summarised here as
 //          sum_i mean_h k_i / sqrt(n) (or / n); 0 when empty. One open chunk (open_piece 0):
 //          only keys [prev_end, S) are read, the rest of the sum comes from open_prev. Open
@@ -151,6 +155,7 @@ if (has_open) {
 }
 DHSA_BARRIER();
 
+const float spread_w = fparams[0];
 float qv[DL];
 DHSA_UNROLL
 for (int j = 0; j < DL; ++j) {
@@ -163,6 +168,14 @@ for (int c = c_lo + dhsa_warp; c < c_hi; c += NW) {
     DHSA_UNROLL
     for (int j = 0; j < DL; ++j) {
       dot += qv[j] * dhsa_to_float(summaries[row + dhsa_lane + 32 * j]);
+    }
+    if (spread_w != 0.0f) {
+      float spread = 0.0f;
+      DHSA_UNROLL
+      for (int j = 0; j < DL; ++j) {
+        spread += qv[j] * qv[j] * dhsa_to_float(spreads[row + dhsa_lane + 32 * j]);
+      }
+      dot += spread_w * spread;
     }
   } else if (open_piece == 0) {
     DHSA_UNROLL

@@ -18,6 +18,7 @@ from mlx_lm.models.cache import KVCache
 
 from .chunking import (
     Chunks,
+    chunk_spreads,
     chunk_summaries,
     chunks_per_segment,
     concat_chunks,
@@ -62,6 +63,7 @@ class ChunkTable:
     starts: mx.array  # (B, cap) int32
     lengths: mx.array  # (B, cap) int32
     summaries: mx.array  # (B, cap, D) SUMMARY_DTYPE
+    spreads: mx.array | None  # (B, cap, D) SUMMARY_DTYPE key variances (key_spread > 0) or None
     keys: mx.array  # (B, H_kv, n_keys - keys_start, D): the keys from keys_start on
     n_closed: int  # closed chunks
     open_start: int  # first key of the open chunk
@@ -139,11 +141,12 @@ class ClosedChunks:
 
 class ClosedSummaries:
     """Summaries (B, cap, D) of one layer's closed chunks, kept in step with a ClosedChunks
-    (``SUMMARY_DTYPE``)."""
+    (``SUMMARY_DTYPE``), and with ``key_spread`` their keys' variances (``chunk_spreads``)."""
 
     def __init__(self):
         self.n_keys = 0
         self.summaries: mx.array | None = None
+        self.spreads: mx.array | None = None
 
     def table(
         self, keys: mx.array, closed: ClosedChunks, config: DHSAConfig, start: int = 0
@@ -153,28 +156,39 @@ class ClosedSummaries:
         B, _, S, D = keys.shape
         S += start
         seg, per = config.chunk_limit, chunks_per_segment(config)
-        if self.summaries is not None and self.summaries.shape[0] != B:
+        spread = config.key_spread > 0
+        if self.summaries is not None and (
+            self.summaries.shape[0] != B or (self.spreads is not None) != spread
+        ):
             self.__init__()
         self.trim(closed.n_keys, config)
         if closed.n_keys > self.n_keys:
             a, b = self.n_keys // seg * per, closed.n_chunks
             if self.n_keys < start:
                 raise ValueError(f"keys from {start} on cannot extend summaries of {self.n_keys}")
-            new = _compiled_summaries(seg, config.summary)(
+            new = _compiled_summaries(seg, config.summary, spread)(
                 keys[:, :, self.n_keys - start : closed.n_keys - start],
                 closed.starts[:, a:b],
                 closed.lengths[:, a:b],
                 mx.array(self.n_keys, mx.int32),
             )
             self.summaries = _reserve(self.summaries, (B, D), b + 1, SUMMARY_DTYPE)
-            self.summaries[:, a:b] = mx.clip(new, -_SUMMARY_MAX, _SUMMARY_MAX).astype(SUMMARY_DTYPE)
+            self.summaries[:, a:b] = _stored(new[0])
+            if spread:
+                self.spreads = _reserve(self.spreads, (B, D), b + 1, SUMMARY_DTYPE)
+                self.spreads[:, a:b] = _stored(new[1])
             self.n_keys = closed.n_keys
-            mx.async_eval(self.summaries)  # see ClosedChunks.sync
+            mx.async_eval(
+                self.summaries, *([self.spreads] if spread else [])
+            )  # see ClosedChunks.sync
         self.summaries = _reserve(self.summaries, (B, D), closed.starts.shape[1], SUMMARY_DTYPE)
+        if spread:
+            self.spreads = _reserve(self.spreads, (B, D), closed.starts.shape[1], SUMMARY_DTYPE)
         return ChunkTable(
             starts=closed.starts,
             lengths=closed.lengths,
             summaries=self.summaries,
+            spreads=self.spreads,
             keys=keys,
             n_closed=closed.n_chunks,
             open_start=closed.n_keys,
@@ -189,13 +203,22 @@ class ClosedSummaries:
         self.n_keys = min(self.n_keys, n_keys // seg * seg)
 
 
+def _stored(x: mx.array) -> mx.array:
+    """``x`` as the table stores it: SUMMARY_DTYPE, clipped to its range."""
+    return mx.clip(x, -_SUMMARY_MAX, _SUMMARY_MAX).astype(SUMMARY_DTYPE)
+
+
 @lru_cache(maxsize=8)
-def _compiled_summaries(segment: int, summary: str):
-    """chunk_summaries as one compiled graph (one trace per prefill step size)."""
+def _compiled_summaries(segment: int, summary: str, spread: bool):
+    """chunk_summaries (and with ``spread`` chunk_spreads) as one compiled graph (one trace
+    per prefill step size)."""
 
     def fn(keys, starts, lengths, offset):
         chunks = Chunks(starts, lengths, segment)
-        return chunk_summaries(keys, chunks, offset=offset, summary=summary)
+        out = [chunk_summaries(keys, chunks, offset=offset, summary=summary)]
+        if spread:
+            out.append(chunk_spreads(keys, chunks, offset=offset))
+        return out
 
     return mx.compile(fn)
 

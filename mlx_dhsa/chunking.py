@@ -260,6 +260,29 @@ def chunk_summaries(
     return total / _norm(n, summary)[..., None]
 
 
+def chunk_spreads(keys: mx.array, chunks: Chunks, *, offset: int = 0) -> mx.array:
+    """Per-channel variance of each chunk's keys within a KV head, averaged over the heads:
+    ``v_cd = mean_h (mean_{i in c} k_hid^2 - (mean_{i in c} k_hid)^2)``
+    (``DHSAConfig.key_spread``). The heads' means differing from each other is no spread of
+    one head's keys, so it is left out (on smollm2-135m's 3 KV heads it cost attention mass).
+
+    Args and segments as :func:`chunk_summaries`.
+
+    Returns:
+        mx.array: (B, N_c, D) float32, >= 0; zero for zero-length chunks.
+    """
+    B, H_kv, S, D = keys.shape
+    k = keys.astype(mx.float32)
+    square = chunk_summaries(k * k, chunks, offset=offset, summary="mean")  # mean_h, i k^2
+    heads = Chunks(
+        mx.repeat(chunks.starts, H_kv, axis=0), mx.repeat(chunks.lengths, H_kv, axis=0),
+        chunks.segment,
+    )  # fmt: skip
+    mean = chunk_summaries(k.reshape(B * H_kv, 1, S, D), heads, offset=offset, summary="mean")
+    mean_sq = (mean * mean).reshape(B, H_kv, -1, D).mean(axis=1)  # mean_h (mean_i k)^2
+    return mx.maximum(square - mean_sq, 0.0)
+
+
 def open_piece_summaries(keys: mx.array, size: int, slots: int, summary: str = "sqrt"):
     """Summaries of the open pieces (:func:`split_open`): ``sum_{i in p} mean_h k_i`` over
     each piece of ``size`` keys, divided as :func:`chunk_summaries` does; a direct sum (the

@@ -71,6 +71,9 @@ def check_types(config) -> None:
             ok, want = value is None or _is_int(value), "an integer or None"
         elif f.type is int:
             ok, want = _is_int(value), "an integer"
+        elif f.type is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok, want = ok and math.isfinite(value), "a finite number"
         else:
             continue  # a field this check does not know yet: its value check decides
         if not ok:
@@ -86,7 +89,8 @@ class DHSAConfig:
     (design.md section 3) except where issue 16's attention-mass diagnostic measured better
     selection at the same budget (docs/accuracy/README.md): 8-key chunks (the paper: 32),
     longer chunks cut into pieces of at most 8 keys (``chunk_cap``; the paper: none),
-    plain-mean chunk summaries (the paper: mean x sqrt(n)) and 16 sinks (the paper: 128);
+    plain-mean chunk summaries (the paper: mean x sqrt(n)), 16 sinks (the paper: 128) and
+    prefill chunk scores that add their keys' spread (``key_spread``; the paper: none);
     and where its task harness did: sparse decode steps refined by exact logits
     (``decode_refine=4``) with chunks ranked by their best head (``decode_head_scores``).
     ``DHSAConfig.paper()`` is the released configuration exactly.
@@ -134,6 +138,14 @@ class DHSAConfig:
     # chunks (mlx_dhsa.scoring); "softmax_spread" adds the chunk's key spread to its logit.
     scoring: str = "paper"
     query_groups: int = 1  # scoring="softmax*": representatives per query block and head
+    # Prefill plans of the "paper" scoring add a chunk's key spread to its score:
+    # q_b . k_c + key_spread * scale / 2 * sum_d q_bd^2 v_cd, v_c the per-channel variance of
+    # its keys (chunking.chunk_spreads; the log-mean-exp of Gaussian logits, divided by the
+    # layer's logit scale): a chunk whose keys vary along the query may hold a key well above
+    # its mean. 0 = the paper's score. Decode steps ignore it (they refine by exact logits).
+    # Issue 16: +0.017 of the attention mass prefill plans keep on gemma-3-270m at 8k, +0.026
+    # on smollm2-135m at 4k (docs/accuracy/README.md).
+    key_spread: float = 1.0
     # Sparse decode steps: the planner chooses chunks for decode_refine x budget keys, then
     # the best of those keys by the step's exact logits fill the scored budget
     # (mlx_dhsa.refine). 1 = off (the chunk ranking alone, as the paper).
@@ -214,6 +226,11 @@ class DHSAConfig:
                 raise ConfigError(
                     f"{name} must be one of {choices}, got {getattr(self, name)!r}", name
                 )
+        if self.key_spread < 0:
+            raise ConfigError(
+                f"key_spread must be >= 0 (0: the paper's chunk score), got {self.key_spread!r}",
+                "key_spread",
+            )
         groups = self.query_groups
         if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
             groups = None
@@ -328,7 +345,7 @@ class DHSAConfig:
         return cls(**{**dict(
             budget=budget, block_size=128, sink=128, local=128, local_mode="recent",
             dense_tail=64, dense_below=budget, decode_dense_below=None, boundaries="shift",
-            summary="sqrt", head_scores="mean", scoring="paper", query_groups=1,
+            summary="sqrt", head_scores="mean", scoring="paper", query_groups=1, key_spread=0.0,
             boundary_window=4, nms_window=8, min_chunk=8, target_chunk=32, max_chunk=None, chunk_cap=None, open_pieces=False,
             boundary_threshold=None, share_boundaries=True, method="dhsa", decode_refine=1,
             prefill_refine=1, refine_stride=1, decode_head_scores="mean",

@@ -80,7 +80,7 @@ def plan_dhsa(
             config, table(), queries, keys=keys, offset=offset, window=window, scale=scale
         )
     return kernels.run_plan(
-        launch, queries, table(), config, q_offset=offset, window=window, state=state
+        launch, queries, table(), config, q_offset=offset, window=window, scale=scale, state=state
     )
 
 
@@ -259,9 +259,11 @@ PLANNERS: dict[str, Planner] = {
 @lru_cache(maxsize=64)
 def step_config(config: DHSAConfig, decode: bool) -> DHSAConfig:
     """The config of a call's chunk plan: a decode step (one query) scores chunks with
-    ``decode_head_scores``; with refinement (``refine.factor``) the plan is widened to
-    ``f x budget`` keys (``refine.widened``)."""
-    step = config.replace(head_scores=config.decode_head_scores) if decode else config
+    ``decode_head_scores`` and no ``key_spread``; with refinement (``refine.factor``) the plan
+    is widened to ``f x budget`` keys (``refine.widened``)."""
+    step = config
+    if decode:
+        step = config.replace(head_scores=config.decode_head_scores, key_spread=0.0)
     f = refine.factor(config, decode)
     return refine.widened(step, f) if f > 1 else step
 

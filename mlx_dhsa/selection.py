@@ -144,6 +144,7 @@ def select_chunks(
     *,
     q_offset: int,
     window: int | None = None,
+    scale: float | None = None,
 ) -> Plan:
     """Block representatives, chunk scores and :func:`select` over a chunk table.
 
@@ -154,7 +155,9 @@ def select_chunks(
     over thousands of queries.
 
     With ``config.open_pieces`` the open chunk is scored as ``target_chunk``-key pieces
-    (``ChunkTable.open_pieces``), in slots after the table's.
+    (``ChunkTable.open_pieces``), in slots after the table's. With ``config.key_spread`` a
+    closed chunk's score adds ``key_spread * scale / 2 * q_b^2 . v_c`` (:func:`spread_weight`;
+    the open chunk and open pieces have no stored spread and add nothing).
 
     Args:
         queries (mx.array): the planned queries, (B, H, L, D), at positions ``q_offset..``.
@@ -162,11 +165,14 @@ def select_chunks(
         config (DHSAConfig): selection settings.
         q_offset (int): position of the first query.
         window (int, optional): sliding window of the layer. Default: ``None``.
+        scale (float, optional): the layer's logit scale, for ``key_spread``. Default:
+            ``D ** -0.5``.
 
     Returns:
         Plan: as :func:`select` returns it.
     """
-    fn = _select_fn(config, window, queries.shape[2], table.segment)
+    weight = spread_weight(config, table, scale, queries.shape[-1])
+    fn = _select_fn(config, window, queries.shape[2], table.segment, weight != 0)
     if queries.shape[2] == 1:
         fn = _compiled(fn)
     scalars = mx.array([table.n_closed, table.open_start, table.n_keys, q_offset], mx.int32)
@@ -174,18 +180,35 @@ def select_chunks(
         open_part = table.open_pieces(config.target_chunk, open_slots(config))
     else:
         open_part = table.open_summary
-    indices, n_valid = fn(queries, table.summaries, table.starts, table.lengths, open_part, scalars)
+    spreads = table.spreads if weight else table.summaries  # not read without a weight
+    indices, n_valid = fn(
+        queries, table.summaries, spreads, table.starts, table.lengths, open_part, scalars,
+        mx.array(weight, mx.float32),
+    )  # fmt: skip
     return Plan(indices, n_valid, q_offset=q_offset, block_size=config.block_size, window=window)
 
 
+def spread_weight(config: DHSAConfig, table: ChunkTable, scale: float | None, D: int) -> float:
+    """The factor of a closed chunk's spread term, ``key_spread * scale / 2``: 0 without
+    ``key_spread`` or stored spreads (``ChunkTable.spreads``), or for per-head scores (decode
+    steps, which ignore it: ``planners.step_config``)."""
+    if not config.key_spread or table.spreads is None or config.head_scores == "max":
+        return 0.0
+    return 0.5 * config.key_spread * (D**-0.5 if scale is None else scale)
+
+
 @lru_cache(maxsize=128)
-def _select_fn(config: DHSAConfig, window: int | None, n_queries: int, segment: int):
-    def fn(queries, summaries, starts, lengths, open_part, scalars):
+def _select_fn(config: DHSAConfig, window: int | None, n_queries: int, segment: int, spread: bool):
+    def fn(queries, summaries, spreads, starts, lengths, open_part, scalars, weight):
         n_closed, open_start, S, q_offset = scalars[0], scalars[1], scalars[2], scalars[3]
         summaries = summaries.astype(mx.float32)  # stored as cache.SUMMARY_DTYPE
         slot = mx.arange(starts.shape[1])
         per_head = config.head_scores == "max"
         qb = block_queries(queries, config.block_size, per_head=per_head)
+        spread_term = 0.0  # the closed chunks' spread term (none in unused and open slots)
+        if spread:
+            closed = mx.where((slot < n_closed)[:, None], spreads.astype(mx.float32), 0.0)
+            spread_term = weight * chunk_scores(qb * qb, closed)
         if config.open_pieces:
             # The open pieces (open_part: their summaries) go in slots after the table's.
             size, B, P = config.target_chunk, starts.shape[0], open_part.shape[1]
@@ -195,14 +218,14 @@ def _select_fn(config: DHSAConfig, window: int | None, n_queries: int, segment: 
             starts = mx.concatenate([starts, mx.broadcast_to(piece, (B, P))], axis=1)
             lengths = mx.concatenate([lengths, mx.broadcast_to(piece_n, (B, P))], axis=1)
             scores = mx.concatenate(
-                [chunk_scores(qb, summaries), chunk_scores(qb, open_part)], axis=-1
+                [chunk_scores(qb, summaries) + spread_term, chunk_scores(qb, open_part)], axis=-1
             )
         else:
             is_open = slot == n_closed  # the open chunk goes in the first unused slot
             starts = mx.where(is_open, open_start, starts)
             lengths = mx.where(is_open, S - open_start, mx.where(slot < n_closed, lengths, 0))
             summaries = mx.where(is_open[:, None], open_part, summaries)
-            scores = chunk_scores(qb, summaries)
+            scores = chunk_scores(qb, summaries) + spread_term
         plan = select(scores, Chunks(starts, lengths, segment), config, n_queries=n_queries,
                       q_offset=q_offset, window=window)  # fmt: skip
         return plan.indices, plan.n_valid

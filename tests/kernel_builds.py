@@ -29,7 +29,7 @@ SIGNATURES = {
     ),
     "merge_splits": (["part", "lse", "iparams"], ["out"]),
     "block_scores": (
-        ["queries", "keys", "summaries", "open_prev", "iparams"],
+        ["queries", "keys", "summaries", "spreads", "open_prev", "iparams", "fparams"],
         ["scores", "open_sum"],
     ),
     "select_keys": (["scores", "starts", "lengths", "iparams"], ["indices", "n_valid"]),
@@ -38,8 +38,10 @@ SIGNATURES = {
             "queries",
             "keys",
             "summaries",
+            "spreads",
             "open_prev",
             "iparams",
+            "fparams",
             "starts",
             "lengths",
             "sel_params",
@@ -101,8 +103,10 @@ def instances(name: str, backend: str, quantized: bool = False):
                     mx.zeros((1, 8, 64, D), dtype),
                     mx.zeros((1, 4, 64, D), dtype),
                     mx.zeros((1, 8, D), SUMMARY_DTYPE),  # as the cache stores them
+                    mx.zeros((1, 8, D), SUMMARY_DTYPE),  # spreads, likewise
                     mx.zeros((1, D)),  # open_prev: a carried sum, or planning's placeholder
                     mx.zeros((len(kernels.sources.BlockScoreParams._fields),), mx.int32),
+                    mx.zeros((1,)),  # fparams: the spread factor
                 ]
                 if name == "block_scores":
                     tmpl = [("T", dtype), ("D", D), ("NT", planning.SCORE_THREADS)]

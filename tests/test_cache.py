@@ -2,6 +2,7 @@ import copy
 import math
 
 import mlx.core as mx
+import numpy as np
 from conftest import plain_caches, small_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +18,7 @@ import mlx_dhsa
 from mlx_dhsa import DHSACache, patch, unpatch
 from mlx_dhsa.attention import DHSAAttention
 from mlx_dhsa.cache import SUMMARY_DTYPE
-from mlx_dhsa.chunking import Chunks, chunk_summaries
+from mlx_dhsa.chunking import Chunks, chunk_spreads, chunk_summaries
 from mlx_dhsa.patching import dhsa_layers
 
 
@@ -145,6 +146,43 @@ def test_closed_summaries_are_the_float32_summaries_rounded_to_summary_dtype():
     # Past float16's range they saturate instead of becoming inf (and NaN scores).
     big = attn.chunk_view(1e6 * keys, DHSACache()).summaries[:, :n]
     assert mx.isfinite(big).all() and mx.abs(big).max().item() == 65504.0
+
+
+def test_key_spread_stores_the_closed_chunks_key_variances():
+    """With key_spread the table holds each closed chunk's within-head key variance
+    (chunk_spreads), rounded once to SUMMARY_DTYPE, kept across calls; without it none."""
+    mx.random.seed(4)
+    cfg = small_config(key_spread=1.0)
+    attn = DHSAAttention(cfg, n_heads=4, n_kv_heads=2, head_dim=8, scale=1.0, softcap=None)
+    keys = 3 * mx.random.normal((1, 2, 3 * cfg.chunk_limit + 5, 8))
+    cache = DHSACache()
+    attn.chunk_view(keys[:, :, : cfg.chunk_limit + 3], cache)  # one segment, then the rest
+    table = attn.chunk_view(keys, cache)
+    n = table.n_closed
+    assert n > 0 and table.spreads.dtype == SUMMARY_DTYPE
+    closed = Chunks(table.starts[:, :n], table.lengths[:, :n], table.segment)
+    want = chunk_spreads(keys, closed)
+    assert (want >= 0).all() and want.max().item() > 1.0
+    assert mx.array_equal(table.spreads[:, :n], want.astype(SUMMARY_DTYPE))
+    plain = DHSAAttention(small_config(key_spread=0.0), n_heads=4, n_kv_heads=2, head_dim=8, scale=1.0,
+                          softcap=None)  # fmt: skip
+    assert plain.chunk_view(keys, DHSACache()).spreads is None
+
+
+def test_chunk_spreads_are_the_within_head_variances():
+    """chunk_spreads: per head, the variance of the chunk's keys; then the heads' mean (the
+    spread of the heads' means is not counted)."""
+    keys = mx.random.normal((2, 3, 40, 8))
+    keys[:, 1] += 5.0  # head 1's keys sit far from the others': no spread within a head
+    starts = mx.array([[0, 5, 13, 32], [0, 8, 16, 24]], mx.int32)
+    lengths = mx.array([[5, 8, 19, 8], [8, 8, 8, 1]], mx.int32)
+    got = chunk_spreads(keys, Chunks(starts, lengths, 64))
+    k = np.array(keys)
+    for b in range(2):
+        for c in range(4):
+            s0, n = int(starts[b, c]), int(lengths[b, c])
+            want = k[b, :, s0 : s0 + n].var(axis=1).mean(axis=0)
+            np.testing.assert_allclose(np.array(got[b, c]), want, rtol=1e-4, atol=1e-5)
 
 
 def test_cache_grows_geometrically_and_saves_only_its_keys():

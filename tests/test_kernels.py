@@ -439,6 +439,17 @@ def test_plan_kernels_match_reference(fused, dtype, B, H, H_kv, L, S, D, off, wi
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("B,H,H_kv,L,S,D,off,window,budget", PLAN_CASES)
+def test_plan_kernels_with_key_spread(fused, B, H, H_kv, L, S, D, off, window, budget):
+    """key_spread: block_scores adds the closed chunks' spread term (bf16 queries and keys,
+    float16 summaries and spreads): the reference's plan."""
+    config = small_config(budget=budget, key_spread=1.0)
+    _plan_matches_reference(fused, mx.bfloat16, B, H, H_kv, L, S, D, off, window, config)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("D", [64, 256])
 def test_wide_decode_plans_match_reference(fused, D):
     """A decode plan past 1024 key intervals (decode_refine's widened plans: select_keys'
@@ -459,7 +470,7 @@ def test_wide_decode_plans_match_reference(fused, D):
 def test_plan_kernels_open_pieces(fused, dtype, B, H, H_kv, L, S, D, off, window, budget):
     """open_pieces (the open chunk as target_chunk-key pieces, summed by the kernel): the
     reference's plan, on either launch."""
-    config = small_config(budget=budget, open_pieces=True)
+    config = small_config(budget=budget, open_pieces=True, key_spread=0.0)
     _plan_matches_reference(fused, dtype, B, H, H_kv, L, S, D, off, window, config)
 
 
@@ -642,7 +653,7 @@ def test_block_scores_carry_the_open_chunk_sum():
     """A DHSACache keeps the open chunk's key sum between calls (the kernel reads only new
     keys): over prefill steps, decode steps, a segment closing and a trim, the scores equal
     those of the chunk table rebuilt from scratch."""
-    config = small_config()
+    config = small_config(key_spread=0.0)  # the summaries' scores alone
     attn = DHSAAttention(config, n_heads=4, n_kv_heads=2, head_dim=64, scale=SCALE, softcap=None)
     cache = DHSACache()
     carried = 0

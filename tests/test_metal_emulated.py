@@ -175,6 +175,37 @@ def test_plan_kernels(metal, dtype, B, H, H_kv, L, S, D, off, window, budget):
     assert mx.array_equal(out.indices, ref.indices)
 
 
+@pytest.mark.parametrize("dtype,B,H,H_kv,L,S,D,off,window,budget", PLAN_CASES)
+def test_plan_kernels_with_key_spread(metal, dtype, B, H, H_kv, L, S, D, off, window, budget):
+    """key_spread on the two launches: the reference's selection (block_scores reads the
+    closed chunks' spreads and adds their term)."""
+    q, k, _ = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, D=D, dtype=dtype)
+    config = small_config(budget=budget, key_spread=2.0)
+    table = _table(k, config)
+    ref = select_chunks(q, table, config, q_offset=off, window=window, scale=0.3)
+    out = kernels.select_chunks(q, table, config, q_offset=off, window=window, scale=0.3)
+    assert _launched(metal) == ["block_scores", "select_keys"]
+    assert mx.array_equal(out.n_valid, ref.n_valid)
+    assert mx.array_equal(out.indices, ref.indices)
+
+
+@pytest.mark.parametrize("L,S", [(37, 333), (1, 1230)])
+def test_block_scores_add_the_spread_term(metal, L, S):
+    """block_scores with a spread factor w: q_b . k_c + w * q_b^2 . v_c over the closed
+    chunks within 1e-4 of the reference's math; the open chunk's score has no term."""
+    config = small_config(key_spread=1.0)
+    q, k, _ = make_qkv(B=2, H=4, H_kv=2, L=L, S=S, D=64)
+    table = _table(k, config)
+    n = table.n_closed
+    out = planning.block_scores(q, table, config, scale=0.4)
+    qb = block_queries(q, config.block_size)
+    closed = table.summaries[:, :n].astype(mx.float32)
+    spread = chunk_scores(qb * qb, table.spreads[:, :n].astype(mx.float32))
+    _close(out[..., :n], chunk_scores(qb, closed) + 0.2 * spread)
+    _close(out[..., n:], chunk_scores(qb, table.open_summary))
+    assert mx.abs(spread).max().item() > 0.1  # the term is there to be missed
+
+
 # PLAN_CASES and two decode steps: an empty open part (S a whole number of segments), and
 # open pieces that straddle two groups' chunk tiles.
 OPEN_PIECE_CASES = PLAN_CASES + [
@@ -199,7 +230,7 @@ def test_plan_kernels_open_pieces(metal, dtype, B, H, H_kv, L, S, D, off, window
     """open_pieces (the open chunk as target_chunk-key pieces) on the two launches: the
     reference's selection (test_planners.test_open_pieces_change_plans: the pieces change
     such plans)."""
-    config = small_config(budget=budget, open_pieces=True)
+    config = small_config(budget=budget, open_pieces=True, key_spread=0.0)
     _plan_case(metal, config, dtype, B, H, H_kv, L, S, D, off, window)
     assert _launched(metal) == ["block_scores", "select_keys"]
     assert planning.open_layout(config) == (8, 8)  # chunk_limit 64, target_chunk 8
@@ -241,7 +272,7 @@ def test_block_scores_open_pieces(metal, dtype, L, S):
     """block_scores' scores with open pieces (each summed whole by one warp) within 1e-4 of
     the reference's: the closed summaries' scores, then the pieces' (ChunkTable.open_pieces),
     the empty ones 0."""
-    config = small_config(open_pieces=True)
+    config = small_config(open_pieces=True, key_spread=0.0)  # the summaries alone
     q, k, _ = make_qkv(B=2, H=4, H_kv=2, L=L, S=S, D=64, dtype=dtype)
     table = _table(k, config)
     out = planning.block_scores(q, table, config)
@@ -506,7 +537,7 @@ def test_block_scores_read_keys_from_keys_start(metal, open_pieces):
     scores (closed summaries, then the open chunk or its pieces) within 1e-4 of the
     reference's over the whole table; a table that does not hold the open keys (or holds
     them in another dtype) is one clear error."""
-    config = small_config(open_pieces=open_pieces)
+    config = small_config(open_pieces=open_pieces, key_spread=0.0)  # the summaries alone
     q, k, _ = make_qkv(B=2, H=4, H_kv=2, L=37, S=333, D=64)
     whole = _table(k, config)
     table = planning.keys_from(whole, -7)

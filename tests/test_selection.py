@@ -126,3 +126,66 @@ def test_ranking_only_the_chunks_a_block_can_take_changes_nothing(monkeypatch):
     monkeypatch.setattr(selection, "max_chunks_taken", lambda config: 1 << 30)
     full = select(scores, chunks, cfg, n_queries=320, q_offset=1180)
     assert mx.array_equal(fast.indices, full.indices) and mx.array_equal(fast.n_valid, full.n_valid)
+
+
+def _spread_layer(key_spread: float, **overrides):
+    from mlx_dhsa import DHSACache
+    from mlx_dhsa.attention import DHSAAttention
+
+    cfg = small_config(key_spread=key_spread, summary="mean", **overrides)
+    attn = DHSAAttention(cfg, n_heads=2, n_kv_heads=1, head_dim=8, scale=0.5, softcap=None)
+    return cfg, attn, DHSACache()
+
+
+def test_key_spread_adds_the_chunks_spread_term_to_their_scores():
+    """select_chunks with key_spread plans from q_b . k_c + key_spread * scale / 2 *
+    q_b^2 . v_c over the closed chunks (the open chunk adds nothing): the plan of select()
+    over those scores, computed here in numpy."""
+    mx.random.seed(5)
+    cfg, attn, cache = _spread_layer(1.5)
+    S, L = 3 * cfg.chunk_limit + 20, 40
+    keys = mx.random.normal((1, 1, S, 8))
+    q = mx.random.normal((1, 2, L, 8))
+    table = attn.chunk_view(keys, cache)
+    got = selection.select_chunks(q, table, cfg, q_offset=S - L, scale=0.5)
+    chunks, means = table.materialize()
+    n = table.n_closed
+    qb = np.array(block_queries(q, cfg.block_size))[0]  # (NB, D)
+    spreads = np.array(table.spreads[0, :n].astype(mx.float32))
+    scores = qb @ np.array(means[0]).T
+    scores[:, :n] += 1.5 * 0.5 / 2 * (qb * qb) @ spreads.T
+    want = select(mx.array(scores)[None], chunks, cfg, n_queries=L, q_offset=S - L)
+    assert mx.array_equal(got.indices, want.indices) and mx.array_equal(got.n_valid, want.n_valid)
+    # The term changes this plan, and key_spread 0 is the paper's score.
+    cfg0 = cfg.replace(key_spread=0.0)
+    table0 = attn.chunk_view(keys, cache)
+    plain = selection.select_chunks(q, table0, cfg0, q_offset=S - L, scale=0.5)
+    want0 = select(mx.array(qb @ np.array(means[0]).T)[None], chunks, cfg, n_queries=L,
+                   q_offset=S - L)  # fmt: skip
+    assert mx.array_equal(plain.indices, want0.indices)
+    assert not mx.array_equal(plain.indices, got.indices)
+
+
+def test_key_spread_takes_the_chunk_that_hides_a_key_along_the_query():
+    """Two chunks with the same mean: one's keys all equal it, the other's alternate +-x
+    along the query. The paper's score ties them; with key_spread the spread one ranks first
+    (the one that holds the key the query attends to most)."""
+    # 8-key chunks at multiples of 8; room for one chunk besides the forced keys (4 + 8 + 16).
+    cfg, attn, cache = _spread_layer(1.0, boundaries="fixed", budget=36)
+    S = cfg.chunk_limit + 256
+    keys = 0.01 * mx.random.normal((1, 1, S, 8))
+    direction = mx.zeros((8,)).at[0].add(1.0)
+    keys[0, 0, 104:112] = 0.5 * direction  # flat chunk
+    keys[0, 0, 200:208] = 0.5 * direction + mx.array([1.0, -1.0] * 4)[:, None] * 3 * direction
+    q = mx.broadcast_to(direction, (1, 2, 1, 8)) * 4.0
+    q = mx.concatenate([q] * cfg.block_size, axis=2)
+    table = attn.chunk_view(keys, cache)
+    starts = table.starts[0, : table.n_closed].tolist()
+    assert {104, 112, 200, 208} <= set(starts)  # whole chunks
+    off = S - cfg.block_size
+    spread = selection.select_chunks(q, table, cfg, q_offset=off, scale=0.5)
+    plain = selection.select_chunks(q, table, cfg.replace(key_spread=0.0), q_offset=off, scale=0.5)
+    kept = set(spread.indices[0, 0, : spread.n_valid[0, 0].item()].tolist())
+    assert set(range(200, 208)) <= kept and not set(range(104, 112)) & kept
+    kept0 = set(plain.indices[0, 0, : plain.n_valid[0, 0].item()].tolist())
+    assert set(range(104, 112)) <= kept0 or set(range(200, 208)) <= kept0  # a tie

@@ -19,7 +19,7 @@ PAPER_SELECTION = {
     k: getattr(DHSAConfig.paper(), k)
     for k in ("sink", "local", "local_mode", "summary", "scoring", "head_scores", "target_chunk",
               "min_chunk", "nms_window", "boundary_window", "boundaries", "chunk_cap", "decode_refine",
-              "prefill_refine", "decode_head_scores")
+              "prefill_refine", "decode_head_scores", "key_spread")
 }  # fmt: skip
 
 # name -> DHSAConfig overrides; None = the unpatched model (mlx-lm's own attention).
@@ -61,6 +61,10 @@ METHODS: dict[str, dict | None] = {
     **{f"dhsa_prefill{f}" + (f"_s{s}" if s > 1 else ""): {
         "method": "dhsa", "prefill_refine": f, "refine_stride": s}
        for f, s in ((2, 1), (4, 1), (4, 4), (4, 8), (4, 16), (8, 8))},  # fmt: skip
+    # Prefill chunk scores without the keys' spread (the paper's score; the default before
+    # stop 33), and with twice the Gaussian estimate's weight.
+    "dhsa_nospread": {"method": "dhsa", "key_spread": 0.0},
+    "dhsa_spread2": {"method": "dhsa", "key_spread": 2.0},
     # Block-sparse as the issue measured it: 32-key blocks, 128 sinks.
     "block_sparse_32": {"method": "block_sparse", **PAPER_SELECTION, "local_mode": "window"},
 }

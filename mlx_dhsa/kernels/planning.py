@@ -76,6 +76,7 @@ def plan_launch(
         check = lambda: _self_check(launch, dtype, D, config)
         key = ("plan", launch, dtype, D, max_intervals(config))
         key += ("open_pieces",) if config.open_pieces else ()
+        key += ("key_spread",) if config.key_spread and L > 1 else ()
         key += ("head_max",) if head_max else ()
         if not checks.verified(be, key, names, check):
             return None
@@ -154,7 +155,9 @@ class _ScoreLaunch(NamedTuple):
     pieces: bool  # the open chunk as pieces: open_sum is not written
 
 
-def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _ScoreLaunch:
+def _score_launch(
+    queries, table: ChunkTable, config: DHSAConfig, state, scale: float | None = None
+) -> _ScoreLaunch:
     """block_scores.metal's inputs, grid and output shapes for these queries."""
     B, H, L, D = queries.shape
     keys, cap = table.keys, table.starts.shape[1]
@@ -202,12 +205,24 @@ def _score_launch(queries, table: ChunkTable, config: DHSAConfig, state) -> _Sco
         open_piece=piece,
         keys_start=table.keys_start,
     )
+    # The closed chunks' spread term: its factor (0: none, spreads then not read: the
+    # summaries stand in, so the launch keeps one signature).
+    weight = selection.spread_weight(config, table, scale, D)
+    spreads = table.spreads if weight else table.summaries
     return _ScoreLaunch(
-        [queries, keys, table.summaries, prev, params(iparams)],
+        [queries, keys, table.summaries, spreads, prev, params(iparams), _weight(weight)],
         (tiles * SCORE_THREADS, NB, B),
         [(B, NB, N), (B, D)],
         piece > 0,
     )
+
+
+@lru_cache(maxsize=64)
+def _weight(weight: float) -> mx.array:
+    """block_scores' fparams, [spread factor] (float32, made once a value)."""
+    x = mx.array([weight], mx.float32)
+    mx.eval(x)
+    return x
 
 
 @lru_cache(maxsize=1)
@@ -230,15 +245,19 @@ def _carry(state: KernelState | None, table: ChunkTable, launch: _ScoreLaunch, o
         mx.async_eval(open_sum)
 
 
-_SCORE_INPUTS = ["queries", "keys", "summaries", "open_prev", "iparams"]
+_SCORE_INPUTS = ["queries", "keys", "summaries", "spreads", "open_prev", "iparams", "fparams"]
 
 
 def block_scores(
-    queries, table: ChunkTable, config: DHSAConfig, state: KernelState | None = None
+    queries,
+    table: ChunkTable,
+    config: DHSAConfig,
+    state: KernelState | None = None,
+    scale: float | None = None,
 ) -> mx.array:
-    """(B, NB, n_closed + n_open) block x chunk scores, the open chunk (or its pieces) last
-    (block_scores.metal)."""
-    launch = _score_launch(queries, table, config, state)
+    """(B, NB, n_closed + n_open) block x chunk scores, the open chunk (or its pieces) last,
+    the closed chunks' with their spread term (``selection.spread_weight``; block_scores.metal)."""
+    launch = _score_launch(queries, table, config, state, scale)
     kernel = backend().kernel(
         "block_scores",
         _SCORE_INPUTS,
@@ -300,10 +319,15 @@ def select_keys(
 
 
 def _fused(
-    queries, table: ChunkTable, config: DHSAConfig, select: mx.array, state: KernelState | None
+    queries,
+    table: ChunkTable,
+    config: DHSAConfig,
+    select: mx.array,
+    state: KernelState | None,
+    scale: float | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Scores and selection in one launch (``plan``): (indices, n_valid) as select_keys."""
-    launch = _score_launch(queries, table, config, state)
+    launch = _score_launch(queries, table, config, state, scale)
     B, NB, _ = launch.shapes[0]
     if state is not None:
         tickets = state.tickets("plan", B * NB)
@@ -348,6 +372,7 @@ def run_plan(
     *,
     q_offset: int,
     window: int | None = None,
+    scale: float | None = None,
     state: KernelState | None = None,
 ) -> Plan:
     """:func:`mlx_dhsa.selection.select_chunks` as ``launch`` says (None: that function).
@@ -358,16 +383,18 @@ def run_plan(
     as they are.
     """
     if launch is None:
-        return selection.select_chunks(queries, table, config, q_offset=q_offset, window=window)
+        return selection.select_chunks(
+            queries, table, config, q_offset=q_offset, window=window, scale=scale
+        )
     select = select_params(table, config, queries.shape[2], q_offset, window)
     if launch is PlanLaunch.FUSED:
-        indices, n_valid = _fused(queries, table, config, select, state)
+        indices, n_valid = _fused(queries, table, config, select, state, scale)
     elif config.head_scores == "max":  # one query: each head a block of one, best head kept
         heads = queries.transpose(0, 2, 1, 3)
         scores = block_scores(heads, table, _one_query_blocks(config), state)
         indices, n_valid = select_keys(scores.max(axis=1, keepdims=True), table, config, select)
     else:
-        scores = block_scores(queries, table, config, state)
+        scores = block_scores(queries, table, config, state, scale)
         indices, n_valid = select_keys(scores, table, config, select)
     if state is not None:
         state.planned(indices)
@@ -381,6 +408,7 @@ def select_chunks(
     *,
     q_offset: int,
     window: int | None = None,
+    scale: float | None = None,
     use_kernel: bool = True,
     state: KernelState | None = None,
 ) -> Plan:
@@ -397,4 +425,6 @@ def select_chunks(
         config,
         use_kernel=use_kernel,
     )
-    return run_plan(launch, queries, table, config, q_offset=q_offset, window=window, state=state)
+    return run_plan(
+        launch, queries, table, config, q_offset=q_offset, window=window, scale=scale, state=state
+    )
