@@ -287,3 +287,29 @@ def test_open_pieces_change_plans():
         pieces = _run("dhsa", config.replace(open_pieces=True), q, k, offset=S - 1)
         differ += not mx.array_equal(one.indices, pieces.indices).item()
     assert differ >= 2
+
+
+@pytest.mark.parametrize("mean_heads", [False, True])
+def test_key_spread_changes_prefill_plans_only(mean_heads):
+    """planners.plan: key_spread changes prefill plans (of this seed) and never a decode
+    step's, whose chunk plan runs without it (step_config), whatever decode_head_scores."""
+    from mlx_dhsa import planners
+
+    mx.random.seed(7)
+    base = small_config(decode_refine=1)
+    if mean_heads:
+        base = base.replace(decode_head_scores="mean")
+    q, k, _ = make_qkv(H=4, H_kv=2, L=64, S=400, D=16, scale=2.0)
+
+    def plan(config, queries, offset):
+        attn = _attn(config)
+        return planners.plan(queries, k, config=config, table=lambda: attn.chunk_view(k),
+                             offset=offset, window=None, scale=attn.scale,
+                             softcap=None)  # fmt: skip
+
+    with_spread, without = base.replace(key_spread=2.0), base.replace(key_spread=0.0)
+    assert not mx.array_equal(plan(with_spread, q, 336).indices, plan(without, q, 336).indices)
+    for t in (0, 17, 63):
+        step = q[:, :, t : t + 1]
+        a, b = plan(with_spread, step, 336 + t), plan(without, step, 336 + t)
+        assert mx.array_equal(a.indices, b.indices) and mx.array_equal(a.n_valid, b.n_valid)
