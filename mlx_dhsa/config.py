@@ -142,10 +142,11 @@ class DHSAConfig:
     # q_b . k_c + key_spread * scale / 2 * sum_d q_bd^2 v_cd, v_c the per-channel variance of
     # its keys (chunking.chunk_spreads; the log-mean-exp of Gaussian logits, divided by the
     # layer's logit scale): a chunk whose keys vary along the query may hold a key well above
-    # its mean. 0 = the paper's score. Decode steps ignore it (they refine by exact logits).
-    # Issue 16: +0.017 of the attention mass prefill plans keep on gemma-3-270m at 8k, +0.026
-    # on smollm2-135m at 4k (docs/accuracy/README.md).
-    key_spread: float = 1.0
+    # its mean. 0 = the paper's score; 1 = the Gaussian estimate; 2 (the default) kept the
+    # most attention at 8k on gemma-3-270m, and within 0.005 of the most on smollm2-135m
+    # (issue 16: +0.021 and +0.038 over 0, docs/accuracy/README.md). Decode steps ignore it
+    # (they refine by exact logits).
+    key_spread: float = 2.0
     # Sparse decode steps: the planner chooses chunks for decode_refine x budget keys, then
     # the best of those keys by the step's exact logits fill the scored budget
     # (mlx_dhsa.refine). 1 = off (the chunk ranking alone, as the paper).
