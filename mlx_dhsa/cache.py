@@ -178,9 +178,8 @@ class ClosedSummaries:
                 self.spreads = _reserve(self.spreads, (B, D), b + 1, SUMMARY_DTYPE)
                 self.spreads[:, a:b] = _stored(new[1])
             self.n_keys = closed.n_keys
-            mx.async_eval(
-                self.summaries, *([self.spreads] if spread else [])
-            )  # see ClosedChunks.sync
+            stored = [self.summaries, self.spreads] if spread else [self.summaries]
+            mx.async_eval(*stored)  # see ClosedChunks.sync
         self.summaries = _reserve(self.summaries, (B, D), closed.starts.shape[1], SUMMARY_DTYPE)
         if spread:
             self.spreads = _reserve(self.spreads, (B, D), closed.starts.shape[1], SUMMARY_DTYPE)
