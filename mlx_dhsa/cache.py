@@ -156,7 +156,7 @@ class ClosedSummaries:
         B, _, S, D = keys.shape
         S += start
         seg, per = config.chunk_limit, chunks_per_segment(config)
-        spread = config.key_spread > 0
+        spread = config.spread_scores
         if self.summaries is not None and (
             self.summaries.shape[0] != B or (self.spreads is not None) != spread
         ):

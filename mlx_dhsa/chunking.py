@@ -272,7 +272,10 @@ def chunk_spreads(keys: mx.array, chunks: Chunks, *, offset: int = 0) -> mx.arra
         mx.array: (B, N_c, D) float32, >= 0; zero for zero-length chunks.
     """
     B, H_kv, S, D = keys.shape
+    # Variances ignore a constant shift: centring each head's channels keeps E[k^2] - E[k]^2
+    # exact in float32 for keys with large means (outlier channels).
     k = keys.astype(mx.float32)
+    k = k - k.mean(axis=2, keepdims=True)
     square = chunk_summaries(k * k, chunks, offset=offset, summary="mean")  # mean_h, i k^2
     heads = Chunks(
         mx.repeat(chunks.starts, H_kv, axis=0), mx.repeat(chunks.lengths, H_kv, axis=0),

@@ -145,7 +145,9 @@ class DHSAConfig:
     # its mean. 0 = the paper's score; 1 = the Gaussian estimate; 2 (the default) kept the
     # most attention at 8k on gemma-3-270m, and within 0.005 of the most on smollm2-135m
     # (issue 16: +0.021 and +0.038 over 0, docs/accuracy/README.md). Decode steps ignore it
-    # (they refine by exact logits).
+    # (they refine by exact logits), as do head_scores="max" and the other planners and
+    # scorings (spread_scores). It assumes plain-mean summaries: with summary="sqrt" the two
+    # terms are on different scales.
     key_spread: float = 2.0
     # Sparse decode steps: the planner chooses chunks for decode_refine x budget keys, then
     # the best of those keys by the step's exact logits fill the scored budget
@@ -321,6 +323,18 @@ class DHSAConfig:
         if limit is None:
             limit = device_tuning().decode_dense_below
         return n_keys > max(limit, self.dense_limit)
+
+    @property
+    def spread_scores(self) -> bool:
+        """Whether prefill plans add the key-spread term (``key_spread``): DHSA's planner with
+        the paper's scoring and head-averaged scores (per-head scores, as decode steps use, and
+        the other planners and scorings have no such term), so the cache stores spreads."""
+        return (
+            self.key_spread > 0
+            and self.method == "dhsa"
+            and self.scoring == "paper"
+            and self.head_scores == "mean"
+        )
 
     @property
     def kv_group(self) -> int:

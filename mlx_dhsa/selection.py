@@ -189,10 +189,10 @@ def select_chunks(
 
 
 def spread_weight(config: DHSAConfig, table: ChunkTable, scale: float | None, D: int) -> float:
-    """The factor of a closed chunk's spread term, ``key_spread * scale / 2``: 0 without
-    ``key_spread`` or stored spreads (``ChunkTable.spreads``), or for per-head scores (decode
-    steps, which ignore it: ``planners.step_config``)."""
-    if not config.key_spread or table.spreads is None or config.head_scores == "max":
+    """The factor of a closed chunk's spread term, ``key_spread * scale / 2``: 0 where
+    ``config.spread_scores`` is False (decode steps: ``planners.step_config``) or the table
+    holds no spreads."""
+    if not config.spread_scores or table.spreads is None:
         return 0.0
     return 0.5 * config.key_spread * (D**-0.5 if scale is None else scale)
 

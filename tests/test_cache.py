@@ -174,6 +174,7 @@ def test_chunk_spreads_are_the_within_head_variances():
     spread of the heads' means is not counted)."""
     keys = mx.random.normal((2, 3, 40, 8))
     keys[:, 1] += 5.0  # head 1's keys sit far from the others': no spread within a head
+    keys[..., 3] += 300.0  # an outlier channel: float32 E[k^2] - E[k]^2 would lose it
     starts = mx.array([[0, 5, 13, 32], [0, 8, 16, 24]], mx.int32)
     lengths = mx.array([[5, 8, 19, 8], [8, 8, 8, 1]], mx.int32)
     got = chunk_spreads(keys, Chunks(starts, lengths, 64))

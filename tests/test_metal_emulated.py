@@ -256,6 +256,23 @@ def test_plan_kernels_take_the_planted_open_pieces(metal, monkeypatch, fused):
     assert _launched(metal) == (["plan"] if fused else ["block_scores", "select_keys"])
 
 
+def test_plan_self_check_catches_a_dropped_spread_term(metal, monkeypatch):
+    """The planning self-check with key_spread compares block scores, not only plans (a
+    kernel that ignores the spreads keeps most of a random plan's keys): it passes, and
+    fails once block_scores drops the term."""
+    config = small_config(key_spread=2.0)
+    assert config.spread_scores
+    assert planning._self_check(kernels.PlanLaunch.TWO, F32, 64, config) is None
+    real = planning.block_scores
+    monkeypatch.setattr(
+        planning,
+        "block_scores",
+        lambda q, table, cfg, *a, **k: real(q, table, cfg.replace(key_spread=0.0), *a, **k),
+    )
+    why = planning._self_check(kernels.PlanLaunch.TWO, F32, 64, config)
+    assert why is not None and "key-spread" in why
+
+
 @pytest.mark.parametrize("open_pieces", [False, True])
 def test_plan_self_check(metal, monkeypatch, open_pieces):
     """The planning self-check (run on a GPU before a launch's first use) passes on both

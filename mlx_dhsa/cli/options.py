@@ -38,7 +38,7 @@ DHSA_OPTIONS = {
     "per key, per head) or 'softmax_spread' (plus the chunk's key spread; pure-MLX planner).",
     "query_groups": "Query representatives per block and head for --scoring softmax*.",
     "key_spread": "Weight of the chunk's key spread in prefill chunk scores (0: the paper's "
-    "q_b . summary; 1: a Gaussian estimate of its best keys' logit).",
+    "q_b . summary; 1: the log-mean-exp of Gaussian logits over the chunk's keys).",
     "boundary_window": "Keys averaged on each side of a gap to score it.",
     "target_chunk": "Average chunk length the boundaries aim at.",
     "min_chunk": "Shortest chunk.",

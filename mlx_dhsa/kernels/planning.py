@@ -76,7 +76,7 @@ def plan_launch(
         check = lambda: _self_check(launch, dtype, D, config)
         key = ("plan", launch, dtype, D, max_intervals(config))
         key += ("open_pieces",) if config.open_pieces else ()
-        key += ("key_spread",) if config.key_spread and L > 1 else ()
+        key += ("key_spread",) if config.spread_scores else ()
         key += ("head_max",) if head_max else ()
         if not checks.verified(be, key, names, check):
             return None
@@ -88,7 +88,9 @@ def _self_check(launch: PlanLaunch, dtype, D: int, config: DHSAConfig) -> str | 
     reference: None if they agree (up to near-ties in the scores), else how they differ.
     With open pieces, half a segment more keys: pieces before the local window compete.
     The table holds its keys from a few before the open chunk on, as a quantized cache's
-    does (``ChunkTable.keys_start``): the kernels must read the open keys at that offset."""
+    does (``ChunkTable.keys_start``): the kernels must read the open keys at that offset.
+    With the key-spread term (which moves few keys of random plans) the closed chunks'
+    scores must also match the reference's within 1e-3."""
     S = 2 * config.chunk_limit + config.budget + 37
     if config.open_pieces:
         S += config.chunk_limit // 2
@@ -100,6 +102,16 @@ def _self_check(launch: PlanLaunch, dtype, D: int, config: DHSAConfig) -> str | 
     ref = selection.select_chunks(q, table, config, q_offset=S - L)
     if not mx.array_equal(out.n_valid, ref.n_valid).item():
         return "key counts differ from the reference"
+    weight = selection.spread_weight(config, table, None, D)
+    if weight and launch is PlanLaunch.TWO:
+        # The spread term moves few keys of random plans: check the closed chunks' scores.
+        n = table.n_closed
+        qb = selection.block_queries(q, config.block_size)
+        want = selection.chunk_scores(qb, table.summaries[:, :n].astype(mx.float32))
+        want += weight * selection.chunk_scores(qb * qb, table.spreads[:, :n].astype(mx.float32))
+        err = mx.abs(block_scores(q, table, config)[..., :n] - want).max().item()
+        if not err <= 1e-3 * (1.0 + mx.abs(want).max().item()):
+            return f"block scores with the key-spread term are off by {err:.3g}"
     got, want = out.indices.tolist()[0], ref.indices.tolist()[0]
     for blk, n in enumerate(ref.n_valid.tolist()[0]):
         shared = len(set(got[blk][:n]) & set(want[blk][:n]))
