@@ -313,3 +313,34 @@ def test_key_spread_changes_prefill_plans_only(mean_heads):
         step = q[:, :, t : t + 1]
         a, b = plan(with_spread, step, 336 + t), plan(without, step, 336 + t)
         assert mx.array_equal(a.indices, b.indices) and mx.array_equal(a.n_valid, b.n_valid)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    S=st.integers(1, 400),
+    frac=st.floats(0.0, 1.0),
+    key_spread=st.sampled_from([0.0, 0.5, 2.0, 50.0]),
+    key_scale=st.sampled_from([0.1, 1.0, 30.0]),
+    open_pieces=st.booleans(),
+    window=st.sampled_from([None, 5, 40]),
+    seed=st.integers(0, 2**16),
+)
+def test_key_spread_plan_invariants(S, frac, key_spread, key_scale, open_pieces, window, seed):
+    """Whatever the spread weight and key magnitude: the budget is filled, keys ascend inside
+    each block's range, sinks and local window are kept (the term only reorders chunks)."""
+    mx.random.seed(seed)
+    n_queries = max(1, int(frac * S))
+    config = small_config(key_spread=key_spread, open_pieces=open_pieces)
+    q, k, _ = make_qkv(H=4, H_kv=2, L=n_queries, S=S, D=16)
+    offset = S - n_queries
+    _, idx, n_valid = _sets(_run("dhsa", config, q, key_scale * k, offset=offset, window=window))
+    for b in range(len(n_valid)):
+        q0 = offset + b * config.block_size
+        q1 = min(q0 + config.block_size, S) - 1
+        lo = max(0, q0 - window + 1) if window else 0
+        keys = idx[b, : n_valid[b]]
+        assert n_valid[b] == min(config.budget, q1 - lo + 1)
+        assert (np.diff(keys) > 0).all() and (keys >= lo).all() and (keys <= q1).all()
+        must = set(range(lo, min(config.sink, q1 + 1)))
+        must |= set(range(max(lo, q0 - config.local), q1 + 1))
+        assert must <= set(keys.tolist())
