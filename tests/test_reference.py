@@ -108,6 +108,8 @@ def test_peak_memory_grows_like_L_times_budget(monkeypatch):
     # Small groups so that the L x budget terms dominate, as at real sizes.
     monkeypatch.setattr(reference, "MAX_GROUP_SCORES", 1 << 16)
     cfg = small_config(budget=64, block_size=16)
-    small, large = _peak_bytes(8192, cfg), _peak_bytes(16384, cfg)
-    assert 1.5 < large / small < 2.5, (small, large)  # L x S would give ~4x
+    # 4x the queries: about 2.6x the peak (fixed terms included), L x S would give ~16x. At
+    # 2x the allocator's noise put the ratio on either side of a tight bound (1.48 once).
+    small, large = _peak_bytes(4096, cfg), _peak_bytes(16384, cfg)
+    assert 1.5 < large / small < 6, (small, large)
     assert large < 4 * 16384 * 16384 * 4 / 64  # far below one fp32 (H, L, S) score tensor
