@@ -4,7 +4,8 @@ from conftest import small_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_dhsa import selection
+from mlx_dhsa import DHSACache, selection
+from mlx_dhsa.attention import DHSAAttention
 from mlx_dhsa.chunking import Chunks, chunk_boundaries
 from mlx_dhsa.selection import block_queries, chunk_scores, intervals_to_indices, select
 
@@ -129,9 +130,6 @@ def test_ranking_only_the_chunks_a_block_can_take_changes_nothing(monkeypatch):
 
 
 def _spread_layer(key_spread: float, **overrides):
-    from mlx_dhsa import DHSACache
-    from mlx_dhsa.attention import DHSAAttention
-
     cfg = small_config(key_spread=key_spread, summary="mean", **overrides)
     attn = DHSAAttention(cfg, n_heads=2, n_kv_heads=1, head_dim=8, scale=0.5, softcap=None)
     return cfg, attn, DHSACache()
@@ -157,9 +155,8 @@ def test_key_spread_adds_the_chunks_spread_term_to_their_scores():
     want = select(mx.array(scores)[None], chunks, cfg, n_queries=L, q_offset=S - L)
     assert mx.array_equal(got.indices, want.indices) and mx.array_equal(got.n_valid, want.n_valid)
     # The term changes this plan, and key_spread 0 is the paper's score.
-    cfg0 = cfg.replace(key_spread=0.0)
-    table0 = attn.chunk_view(keys, cache)
-    plain = selection.select_chunks(q, table0, cfg0, q_offset=S - L, scale=0.5)
+    plain = selection.select_chunks(q, table, cfg.replace(key_spread=0.0), q_offset=S - L,
+                                    scale=0.5)  # fmt: skip
     want0 = select(mx.array(qb @ np.array(means[0]).T)[None], chunks, cfg, n_queries=L,
                    q_offset=S - L)  # fmt: skip
     assert mx.array_equal(plain.indices, want0.indices)
