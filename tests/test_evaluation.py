@@ -189,6 +189,7 @@ def test_report_renders_tables_and_plot_from_rows(tmp_path):
     assert "-0.250" in text  # paired difference to dense on the same samples
     assert "+1.0%" in text  # exp(0.01) - 1
     assert (tmp_path / "mass.png").stat().st_size > 1000
+    assert (tmp_path / "tasks.png").stat().st_size > 1000
     assert (tmp_path / "results.md").read_text() == text
 
 

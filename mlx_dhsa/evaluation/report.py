@@ -139,8 +139,47 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def plot_tasks(rows: list[dict], path: Path) -> Path | None:
+    """Share answered vs context with bootstrap intervals, one panel per (model, task), one
+    line per (method, setting)."""
+    tasks = [r for r in rows if r["kind"] == "task"]
+    if not tasks:
+        return None
+    from matplotlib.figure import Figure
+
+    panels = sorted({(r["model"], r["task"]) for r in tasks})
+    lines = sorted({(r["method"], r["setting"]) for r in tasks}, key=lambda k: (k[0] != "dense", k))
+    fig = Figure(figsize=(3.6 * len(panels) + 2.6, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (model, task) in zip(axes, panels):
+        sel = [r for r in tasks if (r["model"], r["task"]) == (model, task)]
+        for i, line in enumerate(lines):
+            ctx = sorted({r["context"] for r in sel if (r["method"], r["setting"]) == line})
+            ys = [bootstrap([r["score"] for r in sel if (r["method"], r["setting"]) == line
+                             and r["context"] == c]) for c in ctx]  # fmt: skip
+            if not ys:
+                continue
+            ax.errorbar([c * 1.03**i for c in ctx], [y.mean for y in ys],
+                        yerr=[[y.mean - y.lo for y in ys], [y.hi - y.mean for y in ys]],
+                        marker="o", capsize=3, color=f"C{i % 10}")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("share answered")
+        ax.set_title(f"{model}: {task}")
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=f"C{i % 10}", marker="o", label=m if s == "-" else f"{m} ({s})")
+        for i, (m, s) in enumerate(lines)
+    ]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def render(out: Path, rows: list[dict]) -> str:
-    """Write OUT/results.md and OUT/mass.png; return the markdown."""
+    """Write OUT/results.md, OUT/mass.png and OUT/tasks.png (each plot where its rows are);
+    return the markdown."""
     meta = next((r for r in rows if r["kind"] == "meta"), {})
     env = meta.get("environment", {})
     models = {r["model"]: r.get("dtype") for r in rows if r["kind"] == "model"}
@@ -151,4 +190,5 @@ def render(out: Path, rows: list[dict]) -> str:
     text = "\n".join(lines)
     (out / "results.md").write_text(text)
     plot(rows, out / "mass.png")
+    plot_tasks(rows, out / "tasks.png")
     return text
