@@ -142,13 +142,14 @@ class DHSAConfig:
     # q_b . k_c + key_spread * scale / 2 * sum_d q_bd^2 v_cd, v_c the per-channel variance of
     # its keys (chunking.chunk_spreads; the log-mean-exp of Gaussian logits, divided by the
     # layer's logit scale): a chunk whose keys vary along the query may hold a key well above
-    # its mean. 0 = the paper's score; 1 = the Gaussian estimate; 2 (the default) kept the
-    # most attention at 8k on gemma-3-270m, and within 0.005 of the most on smollm2-135m
-    # (issue 16: +0.021 and +0.038 over 0, docs/accuracy/README.md). Decode steps ignore it
-    # (they refine by exact logits), as do head_scores="max" and the other planners and
-    # scorings (spread_scores). It assumes plain-mean summaries: with summary="sqrt" the two
-    # terms are on different scales.
-    key_spread: float = 2.0
+    # its mean. 0 = the paper's score; 1 (the default) = the Gaussian estimate. A larger
+    # weight keeps more attention mass and costs perplexity (issue 16, gemma-3-270m, budget
+    # 1024, docs/accuracy/README.md): at 0 / 1 / 2, prefill mass at 8k 0.799 / 0.816 / 0.820,
+    # perplexity at 8k +1.73% / +1.90% / +2.27% over dense; task scores did not separate 0
+    # from 2. Decode steps ignore it (they refine by exact logits), as do head_scores="max"
+    # and the other planners and scorings (spread_scores). It assumes plain-mean summaries:
+    # with summary="sqrt" the two terms are on different scales.
+    key_spread: float = 1.0
     # Sparse decode steps: the planner chooses chunks for decode_refine x budget keys, then
     # the best of those keys by the step's exact logits fill the scored budget
     # (mlx_dhsa.refine). 1 = off (the chunk ranking alone, as the paper).

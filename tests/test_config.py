@@ -8,7 +8,7 @@ def test_defaults_are_the_papers_but_issue_16s_selection():
     assert (c.budget, c.block_size, c.sink, c.local, c.dense_tail) == (2048, 128, 16, 128, 64)
     assert (c.boundary_window, c.nms_window, c.min_chunk, c.target_chunk) == (4, 4, 4, 8)
     assert (c.summary, c.scoring, c.local_mode) == ("mean", "paper", "window")
-    assert c.key_spread == 2.0 and DHSAConfig.paper().key_spread == 0.0
+    assert c.key_spread == 1.0 and DHSAConfig.paper().key_spread == 0.0
     assert (
         c.chunk_limit == 4 * c.block_size and c.share_boundaries and c.dense_limit == 2 * c.budget
     )

@@ -62,9 +62,11 @@ METHODS: dict[str, dict | None] = {
         "method": "dhsa", "prefill_refine": f, "refine_stride": s}
        for f, s in ((2, 1), (4, 1), (4, 4), (4, 8), (4, 16), (8, 8))},  # fmt: skip
     # Prefill chunk scores without the keys' spread (the paper's score; the default before
-    # stop 33), and with the Gaussian estimate's weight (the default is twice it).
+    # stop 33), at the Gaussian estimate's weight (the default since stop 34) and at twice
+    # it (the default of stop 33).
     "dhsa_nospread": {"method": "dhsa", "key_spread": 0.0},
     "dhsa_spread1": {"method": "dhsa", "key_spread": 1.0},
+    "dhsa_spread2": {"method": "dhsa", "key_spread": 2.0},
     # Block-sparse as the issue measured it: 32-key blocks, 128 sinks.
     "block_sparse_32": {"method": "block_sparse", **PAPER_SELECTION, "local_mode": "window"},
 }
