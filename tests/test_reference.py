@@ -31,7 +31,9 @@ def test_sparse_equals_dense_with_the_plan_as_mask(L, offset, H, H_kv, window):
     mask = indices_to_mask(plan, L, S)  # (B, L, S)
     sparse = reference.sparse_attention(q, k, v, plan, scale=SCALE, softcap=CAP)
     dense = reference.dense_attention(q, k, v, mask=mask[:, None], scale=SCALE, softcap=CAP)
-    assert mx.allclose(sparse, dense, atol=1e-5), mx.abs(sparse - dense).max()
+    # fp32, two summation orders (gathered rows vs masked full rows; the BLAS decides): up to
+    # 1.3e-5 apart under OpenBLAS. A wrong or missing key moves outputs by ~0.1.
+    assert mx.allclose(sparse, dense, atol=3e-5), mx.abs(sparse - dense).max()
 
 
 def test_softcap_is_active_in_these_inputs():
