@@ -3,8 +3,10 @@ block-sparse, all with decode_refine=4 (as ks.py), pure MLX float32.
 python dec.py TASK CONTEXT SEED BUDGET INDEX NSTEPS [MODEL]"""
 
 import sys
+
 import mlx.core as mx
 import numpy as np
+
 from mlx_dhsa import DHSAConfig
 from mlx_dhsa.evaluation import niah
 from mlx_dhsa.evaluation.mass import block_key_mass, capture, kept_share, plan_layer
