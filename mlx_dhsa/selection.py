@@ -172,7 +172,7 @@ def select_chunks(
         Plan: as :func:`select` returns it.
     """
     weight = spread_weight(config, table, scale, queries.shape[-1])
-    fn = _select_fn(config, window, queries.shape[2], table.segment, weight != 0)
+    fn = _select_fn(config, window, queries.shape[2], table.segment, weight)
     if queries.shape[2] == 1:
         fn = _compiled(fn)
     scalars = mx.array([table.n_closed, table.open_start, table.n_keys, q_offset], mx.int32)
@@ -182,9 +182,8 @@ def select_chunks(
         open_part = table.open_summary
     spreads = table.spreads if weight else table.summaries  # not read without a weight
     indices, n_valid = fn(
-        queries, table.summaries, spreads, table.starts, table.lengths, open_part, scalars,
-        mx.array(weight, mx.float32),
-    )  # fmt: skip
+        queries, table.summaries, spreads, table.starts, table.lengths, open_part, scalars
+    )
     return Plan(indices, n_valid, q_offset=q_offset, block_size=config.block_size, window=window)
 
 
@@ -198,15 +197,15 @@ def spread_weight(config: DHSAConfig, table: ChunkTable, scale: float | None, D:
 
 
 @lru_cache(maxsize=128)
-def _select_fn(config: DHSAConfig, window: int | None, n_queries: int, segment: int, spread: bool):
-    def fn(queries, summaries, spreads, starts, lengths, open_part, scalars, weight):
+def _select_fn(config: DHSAConfig, window: int | None, n_queries: int, segment: int, weight: float):
+    def fn(queries, summaries, spreads, starts, lengths, open_part, scalars):
         n_closed, open_start, S, q_offset = scalars[0], scalars[1], scalars[2], scalars[3]
         summaries = summaries.astype(mx.float32)  # stored as cache.SUMMARY_DTYPE
         slot = mx.arange(starts.shape[1])
         per_head = config.head_scores == "max"
         qb = block_queries(queries, config.block_size, per_head=per_head)
         spread_term = 0.0  # the closed chunks' spread term (none in unused and open slots)
-        if spread:
+        if weight:
             closed = mx.where((slot < n_closed)[:, None], spreads.astype(mx.float32), 0.0)
             spread_term = weight * chunk_scores(qb * qb, closed)
         if config.open_pieces:
